@@ -1,0 +1,3 @@
+"""tlrun: a hardened launcher for Celery workers."""
+
+__version__ = "0.1.0"

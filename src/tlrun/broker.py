@@ -1,0 +1,115 @@
+"""Talking to the broker from the launcher, on a connection of its own (never inside the worker).
+
+Celery is imported here and only here, lazily: commands that do not talk to a broker start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from tlrun.config import Settings
+from tlrun.errors import AppImportError, BrokerError
+from tlrun.redact import redact_url
+
+CONNECT_TIMEOUT = 3.0
+
+
+def resolve_broker_url(settings: Settings) -> str:
+    """The configured URL; when none is, the app's own setting (this imports the app, here only)."""
+    if settings.broker_url:
+        return settings.broker_url
+    app = load_app(settings)
+    url = app.conf.broker_url or "amqp://guest@localhost//"
+    return str(url)
+
+
+def load_app(settings: Settings) -> Any:
+    root = str(settings.project_root)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from celery.app.utils import find_app
+
+    try:
+        return find_app(settings.app)
+    except SyntaxError as exc:
+        raise AppImportError(
+            f"app {settings.app!r} has a syntax error: {exc.filename}:{exc.lineno}: {exc.msg}"
+        ) from None
+    except Exception as exc:  # any error the app raises while importing is the user's to see
+        raise AppImportError(f"app {settings.app!r} does not import: {type(exc).__name__}: {exc}") from None
+
+
+class Broker:
+    """A throwaway Celery app used only for control messages (ping) and connection checks."""
+
+    def __init__(self, url: str, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        from celery import Celery
+
+        self.url = url
+        self._app = Celery("tlrun-probe", broker=url, set_as_current=False)
+        self._app.conf.update(
+            broker_connection_timeout=connect_timeout,
+            broker_connection_retry=False,
+            broker_transport_options={
+                "socket_connect_timeout": connect_timeout,
+                "socket_timeout": max(connect_timeout, 5.0),
+            },
+        )
+        self._timeout = connect_timeout
+        self._conn: Any = None
+
+    def _fail(self, exc: BaseException, started: float) -> BrokerError:
+        waited = time.monotonic() - started
+        reason = str(exc).strip() or type(exc).__name__
+        if isinstance(exc, (KeyError, ImportError)) or "transport" in reason.lower():
+            return BrokerError(
+                f"broker URL {redact_url(self.url)} has an unsupported scheme ({reason})",
+                hint="use redis://host:port/db or amqp://user:password@host:port/vhost",
+            )
+        return BrokerError(
+            f"broker {redact_url(self.url)} did not answer after {waited:.1f} s: {reason}",
+            hint="is the broker running? check CELERY_BROKER_URL (or REDIS_URL) and its password",
+        )
+
+    def connect(self) -> None:
+        """Open the connection or raise BrokerError within about the connect timeout."""
+        started = time.monotonic()
+        try:
+            conn = self._app.connection_for_write()
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=self._timeout)
+        except Exception as exc:
+            raise self._fail(exc, started) from None
+        self._conn = conn
+
+    def ping(self, destination: list[str] | None = None, timeout: float = 1.0) -> list[str]:
+        """Node names of the raw ping replies: a name that answers twice appears twice."""
+        if self._conn is None:
+            self.connect()
+        started = time.monotonic()
+        try:
+            replies = self._app.control.ping(destination=destination, timeout=timeout, connection=self._conn)
+        except Exception as exc:
+            raise self._fail(exc, started) from None
+        return [name for reply in replies or [] for name in reply]
+
+    def shutdown_nodes(self, names: list[str]) -> None:
+        """Ask the named nodes to shut down (warm) through the broker."""
+        if self._conn is None:
+            self.connect()
+        self._app.control.broadcast("shutdown", destination=names, connection=self._conn)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.release()
+            except Exception:
+                pass
+            self._conn = None
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

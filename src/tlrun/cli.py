@@ -1,0 +1,165 @@
+"""The command line: parse, call one core function, render, map errors to exit codes.
+
+The only module that imports click. Celery is never imported here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from tlrun import __version__
+from tlrun.errors import EXIT_CODES, INTERRUPTED_EXIT_CODE, TlrunError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, hint: str | None, code: int) -> None:
+    click.echo(f"tlrun: error: {message}", err=True)
+    if hint:
+        click.echo(f"tlrun: hint: {hint}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """TlrunError -> one line and its exit code; anything else -> one line, exit 1 (traceback with -v)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        verbose = bool(click.get_current_context().find_root().params.get("verbose"))
+        try:
+            return func(*args, **kwargs)
+        except TlrunError as exc:
+            if verbose:
+                logging.getLogger("tlrun").exception("error")
+            _fail(str(exc), exc.hint, exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("tlrun: interrupted", err=True)
+            sys.exit(INTERRUPTED_EXIT_CODE)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:
+            if verbose:
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {exc}", "run again with -v for the traceback", 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _exit_codes_epilog() -> str:
+    return "Exit codes:\n\n" + "\n\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tlrun")
+@click.option("-v", "--verbose", is_flag=True, help="Log every step; show tracebacks.")
+def cli(verbose: bool) -> None:
+    """tlrun: exactly one worker of your Celery app, running your current code."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="tlrun: %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def project_options(func: F) -> F:
+    """Options every project-scoped command shares."""
+    options = [
+        click.option("-A", "--app", help="Celery app, e.g. proj.celery (env CELERY_APP)."),
+        click.option("-b", "--broker", help="Broker URL (env CELERY_BROKER_URL, then REDIS_URL)."),
+        click.option(
+            "--project-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Project root (default: the current directory); its .env is read.",
+        ),
+        click.option("--grace", "stop_grace", type=click.FloatRange(min=0), help="Stop grace period, seconds (30)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _settings(params: dict[str, Any]) -> Any:
+    from tlrun.config import load_settings
+
+    project_dir = params.pop("project_dir", None)
+    return load_settings(params, project_dir)
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@project_options
+@click.option("--node-prefix", help="Node name prefix: <prefix><pid>@<host> (default api).")
+@click.option("--log-dir", type=click.Path(file_okay=False), help="Worker log directory (default logs/).")
+@click.option("--expected", "expected_workers", type=click.IntRange(min=1), help="Workers expected (1).")
+@click.option("--ready-timeout", type=click.FloatRange(min=0.5), help="Seconds to wait for the first pong (30).")
+@click.option("--ping-window", type=click.FloatRange(min=0.1), help="Reply window of the census ping (1.0).")
+@click.option("--strict", is_flag=True, default=None, help="Fail unless exactly the expected workers answer.")
+@click.option("--no-sweep", "sweep", flag_value=False, default=None, help="Do not stop stray workers first.")
+@click.option("--replace", is_flag=True, default=None, help="Stop the running launcher of this project, take over.")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Pool size.")
+@click.option("-Q", "--queues", help="Comma-separated queues to consume.")
+@click.option("-P", "--pool", type=click.Choice(["prefork", "solo", "threads", "gevent", "eventlet"]))
+@click.option(
+    "-l",
+    "--loglevel",
+    type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False),
+)
+@click.option("--max-tasks-per-child", type=click.IntRange(min=1))
+@click.option("--max-memory-per-child", type=click.IntRange(min=1), help="KiB.")
+@click.option("--prefetch-multiplier", type=click.IntRange(min=0))
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True))
+@click.option("--soft-time-limit", type=click.FloatRange(min=0, min_open=True))
+@click.option("-E", "--events", is_flag=True, default=None, help="Send task events (for Flower).")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+@handle_errors
+def worker(**params: Any) -> None:
+    """Run one supervised worker: guard, sweep strays, spawn, verify, supervise.
+
+    Anything after `--` is passed to `celery worker` verbatim, e.g.
+
+        tlrun worker -A proj.celery --concurrency=2 -- --without-heartbeat
+    """
+    from tlrun.launcher import run_worker
+    from tlrun.render import ConsoleRenderer
+
+    settings = _settings(params)
+    sys.exit(run_worker(settings, ConsoleRenderer()))
+
+
+@cli.command("sweep")
+@project_options
+@click.option("--dry-run", is_flag=True, help="Show what would be stopped; stop nothing.")
+@handle_errors
+def sweep_cmd(dry_run: bool, **params: Any) -> None:
+    """Stop this project's stray workers (those no live launcher owns)."""
+    from tlrun import sweep
+    from tlrun.errors import StopError
+    from tlrun.events import StrayFound
+    from tlrun.render import ConsoleRenderer
+
+    settings = _settings(params)
+    render = ConsoleRenderer()
+    result = sweep.sweep(
+        settings.project_id,
+        settings.app,
+        settings.project_root,
+        settings.stop_grace,
+        dry_run=dry_run,
+        on_found=lambda stray: render(StrayFound(stray, dry_run)),
+    )
+    if not result.found:
+        click.echo("tlrun: no stray workers")
+    if result.survivors:
+        raise StopError(f"still alive after SIGKILL: {', '.join(map(str, result.survivors))}")
+
+
+def main() -> None:
+    cli(prog_name="tlrun")
+
+
+main.__doc__ = _exit_codes_epilog()

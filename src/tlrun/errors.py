@@ -1,0 +1,98 @@
+"""One error hierarchy; each class carries the exit code the CLI uses for it.
+
+The table in README.md ("Exit codes") is generated from EXIT_CODES below; keep them together.
+"""
+
+from __future__ import annotations
+
+
+class TlrunError(Exception):
+    """Base class: a failure tlrun explains in one message, without a traceback."""
+
+    exit_code = 1
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class ConfigError(TlrunError):
+    """A bad option value, a malformed .env, a missing app."""
+
+    exit_code = 3
+
+
+class AppImportError(TlrunError):
+    """The Celery app could not be loaded (the worker said so, or tlrun tried to import it)."""
+
+    exit_code = 4
+
+
+class BrokerError(TlrunError):
+    """The broker did not answer, refused the credentials, or has an unknown scheme."""
+
+    exit_code = 5
+
+
+class LockHeldError(TlrunError):
+    """Another live launcher holds this project's lock."""
+
+    exit_code = 6
+
+
+class NestedLaunchError(TlrunError):
+    """tlrun was started from inside a worker that tlrun launched."""
+
+    exit_code = 7
+
+
+class WorkerStartError(TlrunError):
+    """The worker exited or stayed silent before it answered its first ping."""
+
+    exit_code = 8
+
+
+class DuplicateNodeError(TlrunError):
+    """More than one worker answers with our node name, or --strict saw the wrong count."""
+
+    exit_code = 9
+
+
+class StopError(TlrunError):
+    """A process we had to stop is still alive after the whole stop ladder."""
+
+    exit_code = 10
+
+
+class UnsafeStateError(TlrunError):
+    """The runtime directory or lock file is not what tlrun created (a symlink, another owner)."""
+
+    exit_code = 11
+
+
+class LogError(TlrunError):
+    """The log directory or file cannot be written."""
+
+    exit_code = 12
+
+
+USAGE_EXIT_CODE = 2  # click's own code for unknown options and bad values on the command line
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, when the launcher is interrupted before the worker runs
+
+EXIT_CODES: dict[int, str] = {
+    0: "success (the worker stopped cleanly, or the command did what it was asked)",
+    1: "unexpected internal error (run with -v for the traceback)",
+    USAGE_EXIT_CODE: "bad command line: unknown option or invalid value",
+    ConfigError.exit_code: "bad configuration: missing app, bad value in the environment, malformed .env",
+    AppImportError.exit_code: "the Celery app does not import",
+    BrokerError.exit_code: "broker unreachable, wrong credentials, or unsupported URL",
+    LockHeldError.exit_code: "another tlrun launcher runs this project (use --replace to take over)",
+    NestedLaunchError.exit_code: "tlrun was started from inside a worker it launched",
+    WorkerStartError.exit_code: "the worker exited or did not answer before the readiness timeout",
+    DuplicateNodeError.exit_code: "duplicate node name, or --strict and the worker count is not the expected one",
+    StopError.exit_code: "a process survived the stop ladder",
+    UnsafeStateError.exit_code: "the lock path or runtime directory is unsafe (symlink, wrong owner)",
+    LogError.exit_code: "the log directory or file cannot be written",
+}

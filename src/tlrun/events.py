@@ -1,0 +1,53 @@
+"""What the launch path tells its caller as it goes. The core never prints; the CLI renders these."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlrun.sweep import Stray
+from tlrun.verify import ReadyReport
+
+
+@dataclass(frozen=True)
+class Notice:
+    message: str
+    level: str = "info"  # "info" | "warning"
+
+
+@dataclass(frozen=True)
+class StrayFound:
+    stray: Stray
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Spawned:
+    node: str
+    pid: int
+    log_path: Path
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Ready:
+    report: ReadyReport
+
+
+@dataclass(frozen=True)
+class WorkerOutput:
+    node: str
+    line: str
+
+
+@dataclass(frozen=True)
+class Exited:
+    node: str
+    status: int
+    requested: bool  # True when the stop was asked for (signal), False when the worker ended on its own
+    tail: tuple[str, ...] = ()
+
+
+Event = Notice | StrayFound | Spawned | Ready | WorkerOutput | Exited
+Reporter = Callable[[Event], None]

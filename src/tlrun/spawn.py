@@ -1,0 +1,129 @@
+"""Step 3 of the launch path: name the worker, build its argv and environment, start it.
+
+argv and environment are built by pure functions. The worker runs in its own session (so a terminal's
+Ctrl-C reaches only the launcher, which decides what the worker gets), behind the pdeathsig shim, with the
+broker URL in its environment and never on its command line.
+"""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from tlrun.config import ENV_BROKER, ENV_GUARD, ENV_MARKER, ENV_NODE, Settings
+from tlrun.logfiles import WorkerLog
+from tlrun.procs import Identity
+from tlrun.redact import Redactor
+
+
+def node_name(prefix: str, pid: int, hostname: str, suffix: int = 0) -> str:
+    """`api4242@host`; with a suffix, `api4242-2@host` (used when the plain name already answers)."""
+    tail = f"-{suffix}" if suffix else ""
+    return f"{prefix}{pid}{tail}@{hostname}"
+
+
+def unique_node_name(prefix: str, pid: int, hostname: str, taken: set[str]) -> str:
+    suffix = 0
+    while node_name(prefix, pid, hostname, suffix) in taken:
+        suffix += 1
+    return node_name(prefix, pid, hostname, suffix)
+
+
+def worker_argv(settings: Settings, node: str, python: str = sys.executable) -> list[str]:
+    """`python -m celery -A <app> worker -n <node> ...`: the options tlrun knows, then `--` extras verbatim."""
+    opts = settings.worker
+    argv = [python, "-m", "celery", "-A", settings.app, "worker", "-n", node, "--loglevel", opts.loglevel]
+    named: list[tuple[str, object]] = [
+        ("--concurrency", opts.concurrency),
+        ("--queues", opts.queues),
+        ("--pool", opts.pool),
+        ("--max-tasks-per-child", opts.max_tasks_per_child),
+        ("--max-memory-per-child", opts.max_memory_per_child),
+        ("--prefetch-multiplier", opts.prefetch_multiplier),
+        ("--time-limit", opts.time_limit),
+        ("--soft-time-limit", opts.soft_time_limit),
+    ]
+    for flag, value in named:
+        if value is not None:
+            argv += [flag, str(value)]
+    if opts.events:
+        argv.append("--events")
+    argv += list(opts.extra)
+    return argv
+
+
+def worker_env(settings: Settings, node: str, launcher: Identity, broker_url: str | None) -> dict[str, str]:
+    env = dict(settings.environ)
+    if broker_url:
+        # Celery reads this before the app's own broker setting: launcher and worker agree on the broker.
+        env[ENV_BROKER] = broker_url
+    env[ENV_GUARD] = launcher.encode()
+    env[ENV_MARKER] = settings.project_id
+    env[ENV_NODE] = node
+    env["PYTHONUNBUFFERED"] = "1"  # lines reach the log as they are written
+    return env
+
+
+def spawn(argv: list[str], env: Mapping[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    """Start argv in a new session behind the pdeathsig shim. Must run on the main thread: the kernel
+    sends the parent-death signal when the thread that forked exits."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("tlrun spawns workers from the main thread only")
+    import os
+
+    shim = [sys.executable, "-m", "tlrun._child", str(os.getpid()), "--", *argv]
+    return subprocess.Popen(
+        shim,
+        cwd=cwd,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        close_fds=True,
+    )
+
+
+class OutputPump:
+    """Copies a child's output, line by line and redacted, to its log file and to a callback.
+
+    Keeps the last lines for error reports. Runs on a daemon thread: the launcher never blocks on it.
+    """
+
+    def __init__(
+        self,
+        child: subprocess.Popen[bytes],
+        log: WorkerLog,
+        redact: Redactor,
+        on_line: Callable[[str], None] | None = None,
+        keep: int = 40,
+    ) -> None:
+        self._child = child
+        self._log = log
+        self._redact = redact
+        self._on_line = on_line
+        self.tail: collections.deque[str] = collections.deque(maxlen=keep)
+        self._thread = threading.Thread(target=self._run, name=f"tlrun-output-{child.pid}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        stream = self._child.stdout
+        assert stream is not None
+        for raw in iter(stream.readline, b""):
+            line = self._redact(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+            self.tail.append(line)
+            try:
+                self._log.write(line)
+            except OSError:
+                pass  # a full disk must not stop the worker; the console still gets the line
+            if self._on_line:
+                self._on_line(line)
+
+    def close(self, timeout: float = 2.0) -> None:
+        # The pipe ends when every process holding it exits; a task's background process might keep it.
+        self._thread.join(timeout)
+        self._log.close()

@@ -1,0 +1,113 @@
+"""Step 4 of the launch path: the new node answers, and exactly the expected workers answer.
+
+Counting uses raw ping replies (`control.ping()` returns a list); `inspect().ping()` folds replies into
+a dict keyed by node name and would hide a duplicate. The census broadcast is sent just before the worker
+is spawned, so its full reply window overlaps the worker's start-up instead of adding to it; the new worker
+cannot answer it (it is not subscribed yet), so the census counts everything *else* on the broker.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from tlrun.broker import Broker
+from tlrun.errors import BrokerError
+
+READY_POLL = 0.5  # one readiness ping returns as soon as the node answers, or after this long
+
+
+@dataclass(frozen=True)
+class NodeSeen:
+    name: str
+    replies: int
+    local_pids: tuple[int, ...]  # processes on this host with that node name
+
+    @property
+    def duplicated(self) -> bool:
+        return self.replies > 1
+
+
+@dataclass(frozen=True)
+class ReadyReport:
+    node: str
+    worker_pid: int
+    seconds: float
+    own_replies: int
+    others: tuple[NodeSeen, ...]
+    expected: int
+    renamed_from: str | None = None
+
+    @property
+    def answering(self) -> int:
+        return self.own_replies + sum(o.replies for o in self.others)
+
+    @property
+    def as_expected(self) -> bool:
+        return self.own_replies == 1 and self.answering == self.expected
+
+
+class Census:
+    """One broadcast ping over a full reply window, on its own connection and thread."""
+
+    def __init__(self, url: str, window: float) -> None:
+        self._url = url
+        self._window = window
+        self.replies: list[str] = []
+        self.error: BrokerError | None = None
+        self._thread = threading.Thread(target=self._run, name="tlrun-census", daemon=True)
+
+    def start(self) -> Census:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            with Broker(self._url) as broker:
+                self.replies = broker.ping(timeout=self._window)
+        except BrokerError as exc:
+            self.error = exc
+
+    def result(self, should_stop: Callable[[], bool] = lambda: False) -> list[str]:
+        while self._thread.is_alive() and not should_stop():
+            self._thread.join(0.05)
+        if self.error is not None:
+            raise self.error
+        return self.replies
+
+
+def wait_ready(
+    broker: Broker,
+    node: str,
+    deadline: float,
+    still_running: Callable[[], bool],
+    should_stop: Callable[[], bool],
+) -> bool:
+    """Ping the node until it answers (True); False when the worker exited, a stop was asked, or time ran out."""
+    while True:
+        if should_stop() or not still_running():
+            return False
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if broker.ping(destination=[node], timeout=min(READY_POLL, remaining)):
+            return True
+
+
+def build_report(
+    node: str,
+    worker_pid: int,
+    seconds: float,
+    census: Sequence[str],
+    expected: int,
+    local_nodes: Mapping[str, Iterable[int]],
+    renamed_from: str | None = None,
+) -> ReadyReport:
+    """Pure: our node answered once (readiness); the census adds every other reply, duplicates kept."""
+    counts = collections.Counter(census)
+    own = 1 + counts.pop(node, 0)
+    others = tuple(NodeSeen(name, n, tuple(sorted(local_nodes.get(name, ())))) for name, n in sorted(counts.items()))
+    return ReadyReport(node, worker_pid, seconds, own, others, expected, renamed_from)
