@@ -77,7 +77,9 @@ class Broker:
         """Open the connection or raise BrokerError within about the connect timeout."""
         started = time.monotonic()
         try:
-            conn = self._app.connection_for_write()
+            # The URL is passed explicitly: Celery's conf prefers CELERY_BROKER_URL from the environment
+            # over the constructor's broker, which would make `-b` lose to the shell's variable.
+            conn = self._app.connection_for_write(self.url)
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=self._timeout)
         except Exception as exc:
             raise self._fail(exc, started) from None

@@ -148,7 +148,8 @@ def run_worker(settings: Settings, report: Reporter) -> int:
         lock.write(record)
         broker_url = resolve_broker_url(settings)
         # Fail on a dead broker before anything is stopped or started.
-        Broker(broker_url).connect()
+        with Broker(broker_url) as probe:
+            probe.connect()
         if settings.sweep:
             result = sweep.sweep(
                 settings.project_id,

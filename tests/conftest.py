@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import Project, RedisServer, processes_under  # noqa: E402
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def project(tmp_path: Path, redis_server: RedisServer) -> Iterator[Project]:
+    """A unique project on a private Redis. Teardown stops what the test started, then fails the test
+    if anything that ran in the project's directories is still alive (after killing it, by pid)."""
+    base = tmp_path / "projects"
+    proj = Project(base, redis_server.url())
+    try:
+        yield proj
+    finally:
+        proj.cleanup()
+        leftovers = processes_under(base)
+        for proc in leftovers:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(leftovers, timeout=5)
+        if leftovers:
+            pytest.fail(f"test left processes running: {[p.pid for p in leftovers]}")
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith(("TL_CELERY", "TLRUN_")):
+            monkeypatch.delenv(key)

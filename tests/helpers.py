@@ -1,0 +1,251 @@
+"""Test helpers: real processes, polled with deadlines, always reaped."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+PY = sys.executable
+T = TypeVar("T")
+
+APP_SOURCE = '''
+import os
+import time
+
+from celery import Celery
+
+app = Celery("{name}")
+app.conf.update(
+    result_backend=os.environ.get("TEST_RESULT_BACKEND"),
+    broker_connection_retry_on_startup=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+)
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task
+def sleep(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task
+def whoami():
+    return os.getpid()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll until predicate() is truthy; fail with `what` after the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def reap(proc: subprocess.Popen[Any], first: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    """Stop a process the test started (and its session's group), and reap it."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(first)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # start_new_session=True: the group is the process's own
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
+        self.port = free_port()
+        self.password = password
+        workdir.mkdir(parents=True, exist_ok=True)
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(workdir)]
+        if password:
+            argv += ["--requirepass", password]
+        self.proc = subprocess.Popen(argv, cwd=workdir, stdout=subprocess.DEVNULL, start_new_session=True)
+        wait_for(self._listening, 10, f"redis-server on port {self.port}")
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"redis-server exited with {self.proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return True
+        except OSError:
+            return False
+
+    def url(self, db: int = 0) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        reap(self.proc)
+
+
+def ping_replies(url: str, timeout: float = 1.0) -> list[str]:
+    """Raw broadcast ping replies, counted the way tlrun counts them (duplicates kept)."""
+    from celery import Celery
+
+    app = Celery("test-probe", broker=url, set_as_current=False)
+    try:
+        return [name for reply in app.control.ping(timeout=timeout) for name in reply]
+    finally:
+        app.close()
+
+
+class Launched:
+    """A background process whose output goes to a file, for polling."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str], out: Path) -> None:
+        self.argv = argv
+        self.out = out
+        self._fh = out.open("wb")
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid = self.proc.pid
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def wait_output(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        def found() -> re.Match[str] | None:
+            match = re.search(pattern, self.output())
+            if match is None and self.proc.poll() is not None:
+                match = re.search(pattern, self.output())
+                if match is None:
+                    raise AssertionError(
+                        f"process exited ({self.proc.returncode}) before printing {pattern!r}:\n{self.output()}"
+                    )
+            return match
+
+        return wait_for(found, timeout, f"{pattern!r} in output of {self.argv[:4]}")
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def send(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def reap(self, first: int = signal.SIGINT) -> None:
+        reap(self.proc, first)
+        self._fh.close()
+
+
+class Project:
+    """A throwaway project: unique directory and unique app module, its own runtime dir and broker."""
+
+    def __init__(self, base: Path, broker_url: str, name: str | None = None, dirname: str = "proj") -> None:
+        self.base = base
+        self.app = name or f"tlapp_{uuid.uuid4().hex[:10]}"
+        self.root = base / dirname
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / f"{self.app}.py").write_text(APP_SOURCE.format(name=self.app))
+        self.runtime = base / "run"
+        self.runtime.mkdir(mode=0o700, exist_ok=True)
+        self.broker_url = broker_url
+        self.started: list[Launched] = []
+        self._n = 0
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CELERY_", "TLRUN_", "TL_CELERY")) and k not in ("REDIS_URL", "DEBUG_MODE")}
+        env.update(XDG_RUNTIME_DIR=str(self.runtime), CELERY_BROKER_URL=self.broker_url, NO_COLOR="1",
+                   TEST_RESULT_BACKEND=self.broker_url, PYTHONUNBUFFERED="1")
+        env.update(extra)
+        return env
+
+    def _out(self, label: str) -> Path:
+        self._n += 1
+        return self.base / f"out-{self._n}-{label}.txt"
+
+    def tlrun_argv(self, command: str, *args: str, fast: bool = True) -> list[str]:
+        argv = [PY, "-m", "tlrun", command, "-A", self.app, *args]
+        if command == "worker" and fast:
+            argv += ["--", "--without-mingle", "--without-gossip"]
+        return argv
+
+    def launch(self, *args: str, env: dict[str, str] | None = None, fast: bool = True) -> Launched:
+        launched = Launched(self.tlrun_argv("worker", *args, fast=fast), self.root, env or self.env(),
+                            self._out("tlrun"))
+        self.started.append(launched)
+        return launched
+
+    def run(self, command: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PY, "-m", "tlrun", command, *args], cwd=cwd or self.root, env=env or self.env(),
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def hand_worker(self, node: str, app: str | None = None, cwd: Path | None = None,
+                    extra: tuple[str, ...] = ()) -> Launched:
+        """A worker started by hand (as an IDE or a shell would), not by tlrun."""
+        argv = [PY, "-m", "celery", "-A", app or self.app, "worker", "-n", node, "--pool", "solo",
+                "--without-mingle", "--without-gossip", "--loglevel", "info", *extra]
+        launched = Launched(argv, cwd or self.root, self.env(), self._out("celery"))
+        self.started.append(launched)
+        return launched
+
+    def other_project(self, dirname: str) -> Project:
+        """Another directory with the same app module name (for the "same app, other directory" decoy)."""
+        other = Project(self.base, self.broker_url, name=self.app, dirname=dirname)
+        return other
+
+    def cleanup(self) -> None:
+        for launched in reversed(self.started):
+            launched.reap()
+
+
+def processes_under(base: Path) -> list[psutil.Process]:
+    """Every live process whose working directory is inside `base` (the test's own processes)."""
+    found = []
+    base_str = str(base)
+    for proc in psutil.process_iter(["pid", "cwd", "status"]):
+        cwd = proc.info.get("cwd") or ""
+        if proc.info.get("status") == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+            continue
+        if cwd == base_str or cwd.startswith(base_str + os.sep):
+            found.append(proc)
+    return found
+
+
+def gone(pids: list[int]) -> bool:
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            continue
+    return True
