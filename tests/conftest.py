@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import Project, RedisServer, processes_under  # noqa: E402
+from helpers import Project, RedisServer, processes_under
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import psutil
 PY = sys.executable
 T = TypeVar("T")
 
-APP_SOURCE = '''
+APP_SOURCE = """
 import os
 import time
 
@@ -49,7 +49,7 @@ def sleep(seconds):
 @app.task
 def whoami():
     return os.getpid()
-'''
+"""
 
 
 def free_port() -> int:
@@ -92,8 +92,19 @@ class RedisServer:
         self.port = free_port()
         self.password = password
         workdir.mkdir(parents=True, exist_ok=True)
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(workdir)]
+        argv = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ]
         if password:
             argv += ["--requirepass", password]
         self.proc = subprocess.Popen(argv, cwd=workdir, stdout=subprocess.DEVNULL, start_new_session=True)
@@ -134,8 +145,15 @@ class Launched:
         self.argv = argv
         self.out = out
         self._fh = out.open("wb")
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.pid = self.proc.pid
 
     def output(self) -> str:
@@ -181,10 +199,18 @@ class Project:
         self._n = 0
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("CELERY_", "TLRUN_", "TL_CELERY")) and k not in ("REDIS_URL", "DEBUG_MODE")}
-        env.update(XDG_RUNTIME_DIR=str(self.runtime), CELERY_BROKER_URL=self.broker_url, NO_COLOR="1",
-                   TEST_RESULT_BACKEND=self.broker_url, PYTHONUNBUFFERED="1")
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("CELERY_", "TLRUN_", "TL_CELERY")) and k not in ("REDIS_URL", "DEBUG_MODE")
+        }
+        env.update(
+            XDG_RUNTIME_DIR=str(self.runtime),
+            CELERY_BROKER_URL=self.broker_url,
+            NO_COLOR="1",
+            TEST_RESULT_BACKEND=self.broker_url,
+            PYTHONUNBUFFERED="1",
+        )
         env.update(extra)
         return env
 
@@ -199,21 +225,46 @@ class Project:
         return argv
 
     def launch(self, *args: str, env: dict[str, str] | None = None, fast: bool = True) -> Launched:
-        launched = Launched(self.tlrun_argv("worker", *args, fast=fast), self.root, env or self.env(),
-                            self._out("tlrun"))
+        launched = Launched(
+            self.tlrun_argv("worker", *args, fast=fast), self.root, env or self.env(), self._out("tlrun")
+        )
         self.started.append(launched)
         return launched
 
-    def run(self, command: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PY, "-m", "tlrun", command, *args], cwd=cwd or self.root, env=env or self.env(),
-                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    def run(
+        self, command: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PY, "-m", "tlrun", command, *args],
+            cwd=cwd or self.root,
+            env=env or self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
 
-    def hand_worker(self, node: str, app: str | None = None, cwd: Path | None = None,
-                    extra: tuple[str, ...] = ()) -> Launched:
+    def hand_worker(
+        self, node: str, app: str | None = None, cwd: Path | None = None, extra: tuple[str, ...] = ()
+    ) -> Launched:
         """A worker started by hand (as an IDE or a shell would), not by tlrun."""
-        argv = [PY, "-m", "celery", "-A", app or self.app, "worker", "-n", node, "--pool", "solo",
-                "--without-mingle", "--without-gossip", "--loglevel", "info", *extra]
+        argv = [
+            PY,
+            "-m",
+            "celery",
+            "-A",
+            app or self.app,
+            "worker",
+            "-n",
+            node,
+            "--pool",
+            "solo",
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel",
+            "info",
+            *extra,
+        ]
         launched = Launched(argv, cwd or self.root, self.env(), self._out("celery"))
         self.started.append(launched)
         return launched

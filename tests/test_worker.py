@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import PY, Launched, Project, RedisServer, gone, ping_replies, wait_for
 
+from helpers import PY, Launched, Project, RedisServer, gone, ping_replies, wait_for
 from tlrun.config import project_id
 
 pytestmark = pytest.mark.timeout(90)
@@ -69,10 +69,14 @@ def test_stray_worker_is_swept_and_decoys_survive(project: Project, tmp_path: Pa
     stray.wait_output(r"stray@\S+ ready", 30)
     # Decoys: a sleep whose arguments mention `celery worker`, a worker of another app in this directory,
     # a worker of the same app in another directory.
-    sleeper = subprocess.Popen(["sh", "-c", "exec sleep 300", "celery", "worker", "-A", project.app],
-                               cwd=project.root, start_new_session=True)
-    pydecoy = subprocess.Popen([PY, "-c", "import time; time.sleep(300)", "-m", "celery", "-A", project.app,
-                                "worker"], cwd=project.root, start_new_session=True)
+    sleeper = subprocess.Popen(
+        ["sh", "-c", "exec sleep 300", "celery", "worker", "-A", project.app], cwd=project.root, start_new_session=True
+    )
+    pydecoy = subprocess.Popen(
+        [PY, "-c", "import time; time.sleep(300)", "-m", "celery", "-A", project.app, "worker"],
+        cwd=project.root,
+        start_new_session=True,
+    )
     other_app = Project(project.base, project.broker_url, dirname="proj")  # same dir, new app name
     other_app_worker = other_app.hand_worker(f"otherapp@{HOST}")
     other_dir = project.other_project("elsewhere")
@@ -117,8 +121,11 @@ def test_duplicate_node_names_are_reported(project: Project) -> None:
     try:
         launched = project.launch()
         ready(launched)
-        assert re.search(rf"also answering: twin@{re.escape(HOST)} \(pid \d+, \d+ on this host, DUPLICATE: 2 "
-                         r"replies\)", launched.output())
+        assert re.search(
+            rf"also answering: twin@{re.escape(HOST)} \(pid \d+, \d+ on this host, DUPLICATE: 2 "
+            r"replies\)",
+            launched.output(),
+        )
         assert "3 workers answer" in launched.output()
         launched.send(signal.SIGINT)
         assert launched.wait(20) == 0
@@ -133,9 +140,15 @@ def test_taken_node_name_is_made_unique(project: Project) -> None:
     # Learn the launcher's pid before it runs: a shell that prints its pid, waits, then execs tlrun.
     argv = project.tlrun_argv("worker")
     script = 'echo $$; read _; exec "$@"'
-    holder = subprocess.Popen(["sh", "-c", script, "sh", *argv], cwd=project.root, env=project.env(),
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    holder = subprocess.Popen(
+        ["sh", "-c", script, "sh", *argv],
+        cwd=project.root,
+        env=project.env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdin is not None
         pid = int(holder.stdout.readline())
@@ -177,7 +190,7 @@ def test_second_launcher_is_refused_and_replace_takes_over(project: Project) -> 
     assert "Traceback" not in second.stderr
 
     third = project.launch("--replace", "--grace", "10")
-    new_node, new_worker = ready(third)
+    new_node, _new_worker = ready(third)
     assert new_node == f"api{third.pid}@{HOST}"
     assert first.wait(20) == 0, "the replaced launcher stopped its worker gracefully"
     assert gone([first_worker])
@@ -237,7 +250,7 @@ def test_password_never_appears(tmp_path: Path) -> None:
         )
         launched = proj.launch()
         _, worker_pid = ready(launched)
-        cmdlines = [" ".join(psutil.Process(pid).cmdline()) for pid in worker_tree(worker_pid) + [launched.pid]]
+        cmdlines = [" ".join(psutil.Process(pid).cmdline()) for pid in [*worker_tree(worker_pid), launched.pid]]
         assert all(secret not in line for line in cmdlines)
         launched.send(signal.SIGINT)
         launched.wait(20)

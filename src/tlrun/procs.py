@@ -79,7 +79,7 @@ def _celery_index(argv: Sequence[str]) -> int | None:
     head = os.path.basename(argv[0])
     if head == "celery":
         return 1
-    if not head.startswith("python"):
+    if not head.startswith(("python", "pypy")):
         return None
     i = 1
     while i < len(argv):

@@ -1,0 +1,231 @@
+"""Pure logic: settings precedence, .env parsing, argv parsing and building, node names, redaction."""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tlrun import procs, spawn
+from tlrun.config import Settings, build_settings, project_id, read_dotenv, validate_prefix
+from tlrun.errors import ConfigError
+from tlrun.procs import CeleryProcess, expand_node_name, parse_celery_argv, project_match
+from tlrun.redact import Redactor, redact_url
+from tlrun.verify import build_report
+
+ROOT = Path("/srv/proj")
+
+
+def settings_from(
+    cli: dict[str, object] | None = None, env: dict[str, str] | None = None, dotenv: dict[str, str] | None = None
+) -> Settings:
+    return build_settings(cli or {}, env or {}, dotenv or {}, ROOT)
+
+
+# -- precedence -------------------------------------------------------------------------------------
+def test_precedence_cli_over_env_over_dotenv_over_default() -> None:
+    dotenv = {"CELERY_APP": "from_dotenv", "TLRUN_NODE_PREFIX": "dot", "TLRUN_STOP_GRACE": "7"}
+    env = {"CELERY_APP": "from_env", "TLRUN_NODE_PREFIX": "envp"}
+    s = settings_from({"app": "from_cli"}, env, dotenv)
+    assert s.app == "from_cli"
+    assert s.node_prefix == "envp"
+    assert s.stop_grace == 7.0
+    assert s.ready_timeout == 30.0  # default
+    assert settings_from({}, env, dotenv).app == "from_env"
+    assert settings_from({}, {}, dotenv).app == "from_dotenv"
+
+
+def test_broker_falls_back_to_redis_url() -> None:
+    assert settings_from({"app": "a"}, {"REDIS_URL": "redis://r"}).broker_url == "redis://r"
+    both = {"REDIS_URL": "redis://r", "CELERY_BROKER_URL": "amqp://b"}
+    assert settings_from({"app": "a"}, both).broker_url == "amqp://b"
+    assert settings_from({"app": "a", "broker": "redis://cli"}, both).broker_url == "redis://cli"
+    # .env's CELERY_BROKER_URL loses to the process environment's REDIS_URL? No: each key resolves on the
+    # merged environment, where the process environment wins key by key.
+    assert (
+        settings_from({"app": "a"}, {"REDIS_URL": "redis://env"}, {"CELERY_BROKER_URL": "redis://dot"}).broker_url
+        == "redis://dot"
+    )
+
+
+def test_worker_environment_keeps_process_values_over_dotenv() -> None:
+    s = settings_from({"app": "a"}, {"X": "env"}, {"X": "dot", "Y": "dot"})
+    assert s.environ["X"] == "env" and s.environ["Y"] == "dot"
+
+
+def test_missing_app_and_bad_values_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="no Celery app"):
+        settings_from()
+    with pytest.raises(ConfigError, match="TLRUN_EXPECTED_WORKERS='zero': expected a int"):
+        settings_from({"app": "a"}, {"TLRUN_EXPECTED_WORKERS": "zero"})
+    with pytest.raises(ConfigError, match="TLRUN_CONCURRENCY='0': must be at least 1"):
+        settings_from({"app": "a"}, {"TLRUN_CONCURRENCY": "0"})
+    with pytest.raises(ConfigError, match="TLRUN_POOL"):
+        settings_from({"app": "a"}, {"TLRUN_POOL": "fork"})
+
+
+def test_log_dir_is_relative_to_project_root() -> None:
+    assert settings_from({"app": "a"}).log_dir == ROOT / "logs"
+    assert settings_from({"app": "a", "log_dir": "/var/log/x"}).log_dir == Path("/var/log/x")
+
+
+# -- .env ---------------------------------------------------------------------------------------------
+def test_dotenv_values_and_malformed_line(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("# comment\nCELERY_APP=proj.celery\nexport REDIS_URL='redis://x:1/0'\n")
+    assert read_dotenv(env) == {"CELERY_APP": "proj.celery", "REDIS_URL": "redis://x:1/0"}
+    env.write_text("A=1\nB=2\nthis is not an assignment secretvalue\nC=3\n")
+    with pytest.raises(ConfigError) as info:
+        read_dotenv(env)
+    assert f"{env}:3: malformed line" in str(info.value)
+    assert "secretvalue" not in str(info.value)
+    assert read_dotenv(tmp_path / "missing.env") == {}
+
+
+_keys = st.text(alphabet=string.ascii_uppercase + "_", min_size=1, max_size=12).filter(lambda k: k[0] != "_")
+_values = st.text(alphabet=string.ascii_letters + string.digits + "/:@._-", max_size=30)
+
+
+@given(st.dictionaries(_keys, _values, max_size=8))
+@settings(max_examples=60, deadline=None)
+def test_dotenv_round_trip(tmp_path_factory: pytest.TempPathFactory, values: dict[str, str]) -> None:
+    path = tmp_path_factory.mktemp("env") / ".env"
+    path.write_text("".join(f'{k}="{v}"\n' for k, v in values.items()))
+    assert read_dotenv(path) == values
+
+
+# -- node names ----------------------------------------------------------------------------------------
+def test_node_names() -> None:
+    assert spawn.node_name("api", 4242, "host") == "api4242@host"
+    assert spawn.unique_node_name("api", 1, "h", {"api1@h", "api1-1@h"}) == "api1-2@h"
+    assert expand_node_name(None, "box.example.com") == "celery@box.example.com"
+    assert expand_node_name("w1@%h", "box.example.com") == "w1@box.example.com"
+    assert expand_node_name("w@%n.%d", "box.example.com") == "w@box.example.com"
+    assert expand_node_name("w1", "box") == "w1@box"
+
+
+@given(st.text(min_size=1, max_size=80))
+def test_prefix_validation_accepts_only_safe_names(prefix: str) -> None:
+    try:
+        validate_prefix(prefix)
+    except ConfigError as exc:
+        assert len(str(exc)) < 300  # an extremely long prefix is cut in the message
+    else:
+        assert len(prefix) <= 40 and set(prefix) <= set(string.ascii_letters + string.digits + "_.-")
+        assert "@" not in spawn.node_name(prefix, 1, "h")[:-2]
+
+
+# -- argv ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["/v/bin/python", "-m", "celery", "-A", "proj", "worker", "-n", "w1@h"], ("proj", "worker", "w1@h")),
+        (["/v/bin/celery", "--app=proj.celery", "worker", "--hostname=x@%h"], ("proj.celery", "worker", "x@%h")),
+        (["python3", "/v/bin/celery", "-Aproj", "beat"], ("proj", "beat", None)),
+        (["python", "-u", "-X", "dev", "-m", "celery", "-b", "redis://", "-A", "p", "worker"], ("p", "worker", None)),
+        (["python", "-mcelery", "-A", "p", "worker", "-nw@h"], ("p", "worker", "w@h")),
+        (["sh", "-c", "sleep 300", "celery", "worker", "-A", "p"], None),
+        (["sleep", "300", "celery", "worker"], None),
+        (["python", "-c", "import time", "-m", "celery", "-A", "p", "worker"], None),
+        (["python", "-m", "tlrun", "worker", "-A", "p"], None),
+        (["celery", "-A", "p"], None),
+        ([], None),
+    ],
+)
+def test_parse_celery_argv(argv: list[str], expected: tuple[str, str, str | None] | None) -> None:
+    cmd = parse_celery_argv(argv)
+    if expected is None:
+        assert cmd is None
+    else:
+        assert cmd is not None and (cmd.app, cmd.subcommand, cmd.node) == expected
+
+
+@given(st.lists(st.text(alphabet=string.printable, max_size=20), max_size=12))
+def test_parse_celery_argv_never_raises(argv: list[str]) -> None:
+    parse_celery_argv(argv)
+
+
+@given(st.lists(st.text(alphabet=string.ascii_letters + string.digits + "-=_.@%", min_size=1, max_size=15), max_size=6))
+def test_extra_args_pass_through_verbatim_and_last(extra: list[str]) -> None:
+    s = build_settings({"app": "proj", "extra": tuple(extra), "concurrency": 2}, {}, {}, ROOT)
+    argv = spawn.worker_argv(s, "api1@h", python="/v/bin/python3.11")
+    assert argv[:8] == ["/v/bin/python3.11", "-m", "celery", "-A", "proj", "worker", "-n", "api1@h"]
+    assert argv[len(argv) - len(extra) :] == extra
+    assert "--concurrency" in argv and argv[argv.index("--concurrency") + 1] == "2"
+    cmd = parse_celery_argv(argv)
+    assert cmd is not None and cmd.app == "proj" and cmd.subcommand == "worker"
+
+
+def test_worker_env_has_markers_and_broker_never_in_argv() -> None:
+    s = settings_from({"app": "proj", "broker": "redis://:pw@h/0"})
+    env = spawn.worker_env(s, "api1@h", procs.Identity(10, 123.0), s.broker_url)
+    assert env["CELERY_BROKER_URL"] == "redis://:pw@h/0"
+    assert env["TLRUN_PROJECT"] == s.project_id and env["TLRUN_NODE"] == "api1@h"
+    assert env["TL_CELERY_STARTED"] == "10:123.00"
+    assert not any("pw" in a for a in spawn.worker_argv(s, "api1@h"))
+
+
+# -- project matching ----------------------------------------------------------------------------------
+def _proc(**kw: object) -> CeleryProcess:
+    base: dict[str, object] = dict(
+        pid=100,
+        ppid=1,
+        create_time=1.0,
+        uid=os.getuid(),
+        role="worker",
+        app="proj",
+        node="w@h",
+        cwd=str(ROOT),
+        marker=None,
+        launcher=None,
+    )
+    base.update(kw)
+    return CeleryProcess(**base)  # type: ignore[arg-type]
+
+
+def test_project_match() -> None:
+    pid = project_id(ROOT, "proj")
+    uid = os.getuid()
+    assert project_match(_proc(), pid, "proj", ROOT, uid)  # by app and directory
+    assert not project_match(_proc(app="other"), pid, "proj", ROOT, uid)
+    assert not project_match(_proc(cwd="/srv/other"), pid, "proj", ROOT, uid)
+    assert not project_match(_proc(uid=uid + 1), pid, "proj", ROOT, uid)
+    assert project_match(_proc(marker=pid, cwd="/anywhere"), pid, "proj", ROOT, uid)  # by marker
+    # A marker wins over the directory: another project's worker started from here is not ours.
+    assert not project_match(_proc(marker="0" * 16), pid, "proj", ROOT, uid)
+    assert project_id(ROOT, "proj") != project_id(ROOT, "proj2") != project_id(Path("/srv/x"), "proj")
+
+
+def test_main_processes_excludes_pool_children() -> None:
+    rows = [_proc(pid=10, ppid=1), _proc(pid=11, ppid=10), _proc(pid=12, ppid=10), _proc(pid=20, ppid=99)]
+    assert [p.pid for p in procs.main_processes(rows)] == [10, 20]
+
+
+# -- verification report -------------------------------------------------------------------------------
+def test_report_counts_raw_replies() -> None:
+    report = build_report("api1@h", 2, 1.5, ["x@h", "x@h", "y@other"], 1, {"x@h": [7, 8]})
+    assert report.own_replies == 1 and report.answering == 4 and not report.as_expected
+    x = report.others[0]
+    assert (x.name, x.replies, x.local_pids, x.duplicated) == ("x@h", 2, (7, 8), True)
+    assert build_report("api1@h", 2, 1.0, [], 1, {}).as_expected
+    assert build_report("api1@h", 2, 1.0, ["api1@h"], 1, {}).own_replies == 2
+
+
+# -- redaction -----------------------------------------------------------------------------------------
+def test_redaction() -> None:
+    assert redact_url("redis://:secret@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact_url("amqp://user:secret@h//") == "amqp://user:***@h//"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert Redactor(["secret", None])("url redis://:secret@h and secret again") == "url redis://:***@h and *** again"
+
+
+@given(st.text(alphabet=string.ascii_letters + string.digits + "!$&'()*+,;=-._~", min_size=1, max_size=30))
+def test_redacted_url_never_contains_password(password: str) -> None:
+    from urllib.parse import urlsplit
+
+    redacted = urlsplit(redact_url(f"redis://user:{password}@host:6379/0"))
+    assert (redacted.username, redacted.password, redacted.hostname, redacted.port) == ("user", "***", "host", 6379)
