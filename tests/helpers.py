@@ -300,3 +300,11 @@ def gone(pids: list[int]) -> bool:
         except psutil.NoSuchProcess:
             continue
     return True
+
+
+def send_task(url: str, name: str, *args: Any) -> Any:
+    """Send a task by name through a throwaway app (results in the same Redis)."""
+    from celery import Celery
+
+    app = Celery("test-client", broker=url, backend=url, set_as_current=False)
+    return app.send_task(name, args=args)

@@ -308,3 +308,33 @@ def test_python_m_tlrun_and_help_do_not_import_celery() -> None:
     assert subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=30).stdout.strip() == "ok"
     result = subprocess.run([PY, "-m", "tlrun", "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and "worker" in result.stdout
+
+
+def test_malformed_dotenv_is_reported_with_file_and_line(project: Project) -> None:
+    (project.root / ".env").write_text("CELERY_APP=x\nnot an assignment at all\n")
+    result = project.run("worker", "-A", project.app, timeout=30)
+    assert result.returncode == 3
+    assert f"{project.root / '.env'}:2: malformed line" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_option_value_is_a_usage_error(project: Project) -> None:
+    result = project.run("worker", "-A", project.app, "--concurrency=0", timeout=30)
+    assert result.returncode == 2
+    assert "--concurrency" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_second_interrupt_turns_warm_shutdown_cold(project: Project) -> None:
+    from helpers import send_task
+
+    launched = project.launch("--concurrency=1", "--grace", "60")
+    ready(launched)
+    send_task(project.broker_url, f"{project.app}.sleep", 60)
+    launched.wait_output(r"Task \S+\.sleep\[\S+\] received", 20)
+    launched.send(signal.SIGINT)
+    launched.wait_output("warm shutdown: SIGTERM to worker", 10)
+    with pytest.raises(subprocess.TimeoutExpired):
+        launched.wait(1.5)  # a warm shutdown waits for the running task
+    launched.send(signal.SIGINT)
+    launched.wait_output("cold shutdown: SIGQUIT to worker", 10)
+    launched.wait(15)
