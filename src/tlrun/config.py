@@ -201,6 +201,16 @@ def build_settings(
     )
 
 
+DEV_QUIET_FLAGS = ("--without-mingle", "--without-gossip")
+
+
+def dev_extra(extra: tuple[str, ...] | list[str], chatter: bool) -> tuple[str, ...]:
+    """Dev defaults for `celery worker`: skip the cluster start-up chatter unless asked (or already given)."""
+    if chatter:
+        return tuple(extra)
+    return tuple(flag for flag in DEV_QUIET_FLAGS if flag not in extra) + tuple(extra)
+
+
 def load_settings(cli: Mapping[str, Any], project_root: Path | None = None) -> Settings:
     """Read the real sources: the project's .env and os.environ."""
     root = Path(project_root or os.getcwd()).resolve()

@@ -24,6 +24,7 @@ class StrayFound:
 
 @dataclass(frozen=True)
 class Spawned:
+    role: str  # "worker" or "beat"
     node: str
     pid: int
     log_path: Path
@@ -36,18 +37,25 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Reloaded:
+    changes: tuple[str, ...]
+    seconds: float
+    report: ReadyReport
+
+
+@dataclass(frozen=True)
 class WorkerOutput:
-    node: str
+    node: str  # the node name, or "beat"
     line: str
 
 
 @dataclass(frozen=True)
 class Exited:
-    node: str
+    node: str  # the node name, or "beat"
     status: int
     requested: bool  # True when the stop was asked for (signal), False when the worker ended on its own
     tail: tuple[str, ...] = ()
 
 
-Event = Notice | StrayFound | Spawned | Ready | WorkerOutput | Exited
+Event = Notice | StrayFound | Spawned | Ready | Reloaded | WorkerOutput | Exited
 Reporter = Callable[[Event], None]

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Mapping
 from typing import TextIO
 
-from tlrun.events import Event, Exited, Notice, Ready, Spawned, StrayFound, WorkerOutput
+from tlrun.events import Event, Exited, Notice, Ready, Reloaded, Spawned, StrayFound, WorkerOutput
 from tlrun.verify import ReadyReport
+
+_CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
+
+
+def use_color(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    if environ.get("NO_COLOR"):
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def verdict(report: ReadyReport) -> list[str]:
@@ -31,37 +45,54 @@ def verdict(report: ReadyReport) -> list[str]:
 class ConsoleRenderer:
     """Prints events as they come: tlrun's own lines prefixed `tlrun:`, worker lines with its node."""
 
-    def __init__(self, out: TextIO | None = None, err: TextIO | None = None, quiet_worker: bool = False) -> None:
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None, color: bool | None = None) -> None:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
-        self.quiet_worker = quiet_worker
+        self.color = use_color(self.out) if color is None else color
 
-    def _say(self, line: str, stream: TextIO | None = None) -> None:
-        stream = stream or self.out
-        stream.write(line + "\n")
+    def _paint(self, text: str, *styles: str) -> str:
+        if not self.color or not styles:
+            return text
+        return f"\033[{';'.join(_CODES[s] for s in styles)}m{text}\033[0m"
+
+    def _say(self, line: str, *styles: str, err: bool = False) -> None:
+        stream = self.err if err else self.out
+        stream.write(self._paint(line, *styles) + "\n")
         stream.flush()
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, Notice):
-            prefix = "tlrun: warning: " if event.level == "warning" else "tlrun: "
-            self._say(prefix + event.message, self.err if event.level == "warning" else None)
+            if event.level == "warning":
+                self._say("tlrun: warning: " + event.message, "yellow", err=True)
+            else:
+                self._say("tlrun: " + event.message, "cyan")
         elif isinstance(event, StrayFound):
             verb = "would stop" if event.dry_run else "stopping"
-            self._say(f"tlrun: {verb} stray {event.stray.describe()}")
+            self._say(f"tlrun: {verb} stray {event.stray.describe()}", "yellow")
         elif isinstance(event, Spawned):
-            self._say(f"tlrun: starting {event.node} (pid {event.pid}), log {event.log_path}")
+            what = event.node if event.role == "worker" else event.role
+            self._say(f"tlrun: starting {what} (pid {event.pid}), log {event.log_path}", "cyan")
         elif isinstance(event, Ready):
-            for line in verdict(event.report):
-                self._say("tlrun: " + line)
+            for i, line in enumerate(verdict(event.report)):
+                self._say("tlrun: " + line, *(("green", "bold") if i == 0 else ("yellow",)))
+        elif isinstance(event, Reloaded):
+            shown = ", ".join(event.changes[:3]) + (
+                f" (+{len(event.changes) - 3} more)" if len(event.changes) > 3 else ""
+            )
+            self._say(
+                f"tlrun: reloaded: {shown or 'files'} changed; new worker {event.report.node} (pid "
+                f"{event.report.worker_pid}) ready, swap took {event.seconds:.1f} s",
+                "green",
+            )
         elif isinstance(event, WorkerOutput):
-            if not self.quiet_worker:
-                self._say(f"[{event.node.split('@', 1)[0]}] {event.line}")
+            self.out.write(self._paint(f"[{event.node.split('@', 1)[0]}]", "dim") + " " + event.line + "\n")
+            self.out.flush()
         elif isinstance(event, Exited):
             if event.requested:
-                self._say(f"tlrun: {event.node} stopped (status {event.status})")
+                self._say(f"tlrun: {event.node} stopped (status {event.status})", "cyan")
             else:
-                self._say(f"tlrun: {event.node} exited on its own with status {event.status}", self.err)
+                self._say(f"tlrun: {event.node} exited on its own with status {event.status}", "red", err=True)
                 if event.tail:
-                    self._say("tlrun: last lines of its log:", self.err)
+                    self._say("tlrun: last lines of its log:", err=True)
                     for line in event.tail[-15:]:
-                        self._say("  " + line, self.err)
+                        self._say("  " + line, err=True)

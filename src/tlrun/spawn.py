@@ -19,6 +19,8 @@ from tlrun.logfiles import WorkerLog
 from tlrun.procs import Identity
 from tlrun.redact import Redactor
 
+PYTHON = sys.executable
+
 
 def node_name(prefix: str, pid: int, hostname: str, suffix: int = 0) -> str:
     """`api4242@host`; with a suffix, `api4242-2@host` (used when the plain name already answers)."""
@@ -107,6 +109,7 @@ class OutputPump:
         self._redact = redact
         self._on_line = on_line
         self.tail: collections.deque[str] = collections.deque(maxlen=keep)
+        self.log_path = log.path
         self._thread = threading.Thread(target=self._run, name=f"tlrun-output-{child.pid}", daemon=True)
         self._thread.start()
 

@@ -1,8 +1,9 @@
-"""Step 5 of the launch path: stay in the foreground and own the worker's life.
+"""Step 5 of the launch path: stay in the foreground and own the children's lives.
 
-SIGINT, SIGTERM and SIGHUP ask for a warm shutdown (SIGTERM to the worker's main process only); a second
-one asks for a cold shutdown (SIGQUIT); when the grace period is over the worker's whole process group gets
-SIGKILL. Every child is reaped, and the group is emptied before the main process is reaped.
+Children are named ("worker", "beat", "broker"). SIGINT, SIGTERM and SIGHUP ask for a warm shutdown
+(SIGTERM to each child's main process only: prefork pool children die mid-task if they get it); a second
+one asks for a cold shutdown (SIGQUIT); when a child's grace period is over its whole process group gets
+SIGKILL. Every child is reaped, and its group is emptied before the main process is reaped.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -29,16 +31,23 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+@dataclass
+class _Child:
+    name: str
+    popen: subprocess.Popen[bytes]
+    stop_order: int  # lower stops first: the worker before the broker it needs for a warm shutdown
+    kill_at: float | None = None
+
+
 class Supervisor:
-    """Holds at most one child at a time; use as a context manager so the child never outlives it."""
+    """Holds named children; use as a context manager so that no child outlives it."""
 
     def __init__(self, grace: float, on_step: Callable[[str], None] | None = None) -> None:
         self.grace = grace
         self._step = on_step or (lambda _msg: None)
-        self.child: subprocess.Popen[bytes] | None = None
+        self._children: dict[str, _Child] = {}
         self.stop_signal: int | None = None
         self._requests = 0
-        self._kill_at: float | None = None
         self._saved: dict[int, Any] = {}
 
     # -- signals -------------------------------------------------------------------------------------
@@ -49,8 +58,7 @@ class Supervisor:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            if self.child is not None and self.child.returncode is None:
-                self.stop()
+            self.stop_all()
         finally:
             for sig, handler in self._saved.items():
                 signal.signal(sig, handler)
@@ -62,56 +70,101 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._requests += 1
         self.stop_signal = self.stop_signal or signum
-        self._escalate()
+        for child in self._children.values():
+            self._escalate(child)
 
-    def _escalate(self) -> None:
-        """Apply the current stop request to the running child (first: warm, then: cold)."""
-        child = self.child
-        if child is None or signals.child_exited(child):
-            return
-        if self._requests == 1 and self._kill_at is None:
-            self._kill_at = time.monotonic() + self.grace
-            signals.signal_child(child, signal.SIGTERM)
-            self._step(f"warm shutdown: SIGTERM to worker pid {child.pid}, grace {self.grace:g} s")
+    def _escalate(self, child: _Child) -> None:
+        """Apply the current stop request to one child (first: warm, then: cold)."""
+        if signals.child_exited(child.popen) or child.stop_order > 0:
+            return  # helpers (the managed broker) are stopped last, by stop_all
+        pid = child.popen.pid
+        if self._requests == 1 and child.kill_at is None:
+            child.kill_at = time.monotonic() + self.grace
+            signals.signal_child(child.popen, signal.SIGTERM)
+            self._step(f"warm shutdown: SIGTERM to {child.name} pid {pid}, grace {self.grace:g} s")
         elif self._requests >= 2:
-            signals.signal_child(child, signal.SIGQUIT)
-            self._step(f"cold shutdown: SIGQUIT to worker pid {child.pid}")
+            signals.signal_child(child.popen, signal.SIGQUIT)
+            self._step(f"cold shutdown: SIGQUIT to {child.name} pid {pid}")
 
-    # -- the child -----------------------------------------------------------------------------------
-    def start(self, argv: list[str], env: Mapping[str, str], cwd: Path) -> subprocess.Popen[bytes]:
-        if self.child is not None and self.child.returncode is None:
-            raise RuntimeError("a worker is already running under this supervisor")
-        self._kill_at = None
-        self.child = spawn.spawn(argv, env, cwd)
+    # -- children ------------------------------------------------------------------------------------
+    def start(
+        self, name: str, argv: list[str], env: Mapping[str, str], cwd: Path, stop_order: int = 0
+    ) -> subprocess.Popen[bytes]:
+        if self.running(name):
+            raise RuntimeError(f"a {name} is already running under this supervisor")
+        child = _Child(name, spawn.spawn(argv, env, cwd), stop_order)
+        self._children[name] = child
         if self.stop_requested:  # a signal came while we were spawning
-            self._escalate()
-        return self.child
+            self._escalate(child)
+        return child.popen
 
-    def running(self) -> bool:
-        return self.child is not None and not signals.child_exited(self.child)
+    def running(self, name: str) -> bool:
+        child = self._children.get(name)
+        return child is not None and not signals.child_exited(child.popen)
 
-    def wait(self) -> int:
-        """Until the child has exited; apply the grace deadline; reap; return the exit status."""
-        child = self.child
-        assert child is not None
-        while not signals.child_exited(child):
-            if self._kill_at is not None and time.monotonic() >= self._kill_at:
-                self._step(f"grace period over: SIGKILL to process group {child.pid}")
-                signals.kill_child_group(child)
-                self._kill_at = None
-            time.sleep(POLL)
+    def pid(self, name: str) -> int | None:
+        child = self._children.get(name)
+        return child.popen.pid if child else None
+
+    def _reap(self, child: _Child) -> int:
         # The main process is dead but unreaped: empty its group (a task's subprocess, an orphaned pool
-        # child) while the group id cannot yet be reused, then reap.
-        signals.kill_child_group(child)
-        returncode = child.wait()
-        return exit_status(returncode)
+        # child) while the group id cannot be reused, then reap.
+        signals.kill_child_group(child.popen)
+        status = exit_status(child.popen.wait())
+        del self._children[child.name]
+        return status
 
-    def stop(self, cold: bool = False) -> int:
-        """Stop the child ourselves (reload, failed start, takeover) with the same ladder."""
-        child = self.child
-        assert child is not None
-        if not signals.child_exited(child):
-            self._kill_at = time.monotonic() + self.grace
-            sig = signal.SIGQUIT if cold else signal.SIGTERM
-            signals.signal_child(child, sig)
-        return self.wait()
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for child in self._children.values():
+            if child.kill_at is not None and now >= child.kill_at and not signals.child_exited(child.popen):
+                self._step(f"grace period over: SIGKILL to {child.name} process group {child.popen.pid}")
+                signals.kill_child_group(child.popen)
+                child.kill_at = None
+
+    def wait(self, interrupt: Callable[[], bool] | None = None) -> tuple[str, int] | None:
+        """Until a child exits: reap it and return (name, status). None when `interrupt()` turns true
+        first, or (without `interrupt`) when there is no child left."""
+        while self._children or interrupt is not None:
+            for child in list(self._children.values()):
+                if signals.child_exited(child.popen):
+                    return child.name, self._reap(child)
+            if interrupt is not None and interrupt():
+                return None
+            self._enforce_deadlines()
+            time.sleep(POLL)
+        return None
+
+    def _begin_stop(self, child: _Child, cold: bool) -> None:
+        if not signals.child_exited(child.popen):
+            child.kill_at = time.monotonic() + self.grace
+            signals.signal_child(child.popen, signal.SIGQUIT if cold else signal.SIGTERM)
+
+    def _finish_stop(self, child: _Child) -> int:
+        while not signals.child_exited(child.popen):
+            self._enforce_deadlines()
+            time.sleep(POLL)
+        return self._reap(child)
+
+    def stop(self, name: str, cold: bool = False) -> int | None:
+        """Stop one child ourselves (reload, failed start, takeover) with the same ladder; wait for it."""
+        child = self._children.get(name)
+        if child is None:
+            return None
+        self._begin_stop(child, cold)
+        return self._finish_stop(child)
+
+    def stop_all(self) -> dict[str, int]:
+        """Stop every child: workers and beat together first, helpers (stop_order > 0) after them."""
+        statuses: dict[str, int] = {}
+        for order in sorted({c.stop_order for c in self._children.values()}):
+            group = [c for c in self._children.values() if c.stop_order == order]
+            for child in group:
+                self._begin_stop(child, cold=False)
+            for child in group:
+                statuses[child.name] = self._finish_stop(child)
+        return statuses
+
+    def has_running(self, max_order: int = 0) -> bool:
+        """Is any child with stop_order <= max_order (workers, beat) still running?"""
+        return any(c.stop_order <= max_order and not signals.child_exited(c.popen) for c in self._children.values())

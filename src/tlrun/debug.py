@@ -1,0 +1,76 @@
+"""Debug mode: the worker runs inside the tlrun process (solo pool), so a breakpoint in a task stops in the
+IDE's debugger with no subprocess-following setting.
+
+Guard and sweep have run already. Verification runs on a thread with a connection of its own (never the
+worker's), and it only reports: a worker paused at a breakpoint does not answer pings, and nothing here
+treats that as dead.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from tlrun import procs, spawn, verify
+from tlrun.broker import Broker, load_app
+from tlrun.config import Settings
+from tlrun.errors import BrokerError
+from tlrun.events import Notice, Ready, Reporter
+
+
+def worker_args(settings: Settings, node: str) -> list[str]:
+    """The `celery worker` arguments for the in-process worker: solo pool, our node name, extras last."""
+    argv = spawn.worker_argv(settings, node)
+    args = argv[argv.index("worker") :]
+    if "--pool" in args:  # only the solo pool runs tasks in this very process
+        i = args.index("--pool")
+        del args[i : i + 2]
+    return [*args, "--pool", "solo"]
+
+
+def _verify_in_background(settings: Settings, node: str, url: str, report: Reporter, started: float) -> None:
+    census = verify.Census(url, settings.ping_window).start()
+    try:
+        with Broker(url) as broker:
+            deadline = time.monotonic() + settings.ready_timeout
+            answered = verify.wait_ready(broker, node, deadline, lambda: True, lambda: False)
+        if not answered:
+            report(
+                Notice(
+                    f"{node} has not answered a ping within {settings.ready_timeout:g} s (paused in the "
+                    "debugger? tlrun leaves it alone)",
+                    "warning",
+                )
+            )
+            return
+        replies = census.result()
+        report(
+            Ready(
+                verify.build_report(
+                    node, os.getpid(), time.monotonic() - started, replies, settings.expected_workers, {}
+                )
+            )
+        )
+    except BrokerError as exc:
+        report(Notice(f"verification skipped: {exc}", "warning"))
+
+
+def run_in_process(settings: Settings, report: Reporter, node: str, broker_url: str) -> int:
+    started = time.monotonic()
+    # The same environment a spawned worker gets: markers for the sweep and the nested-launch guard.
+    os.environ.update(spawn.worker_env(settings, node, procs.Identity.of_self(), broker_url))
+    app = load_app(settings)
+    report(Notice(f"debug mode: worker {node} runs in this process (pid {os.getpid()}, solo pool)"))
+    threading.Thread(
+        target=_verify_in_background,
+        args=(settings, node, broker_url, report, started),
+        name="tlrun-verify",
+        daemon=True,
+    ).start()
+    try:
+        app.worker_main(argv=worker_args(settings, node))
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
