@@ -222,6 +222,25 @@ def sweep_cmd(dry_run: bool, **params: Any) -> None:
         raise StopError(f"still alive after SIGKILL: {', '.join(map(str, result.survivors))}")
 
 
+@cli.command()
+@click.argument("editor", type=click.Choice(["pycharm", "vscode"]))
+@project_options
+@click.option("--force", is_flag=True, help="Overwrite configurations you have edited.")
+@handle_errors
+def ide(editor: str, force: bool, **params: Any) -> None:
+    """Write run configurations: PyCharm's .run/*.run.xml or VS Code's .vscode/launch.json.
+
+    Two entries, "tlrun dev" and "tlrun dev (debug)", run the module tlrun in the project root with
+    the .env loaded. Files you edited are kept unless --force.
+    """
+    from tlrun import ide as ide_mod
+
+    settings = _settings(params)
+    writer = ide_mod.write_pycharm if editor == "pycharm" else ide_mod.write_vscode
+    for written in writer(settings.project_root, settings.app, force):
+        click.echo(f"tlrun: {written.path.relative_to(settings.project_root)}: {written.action}")
+
+
 def main() -> None:
     cli(prog_name="tlrun")
 

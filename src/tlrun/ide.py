@@ -1,0 +1,132 @@
+"""IDE run configurations that run `python -m tlrun dev` in the project root with its .env loaded.
+
+They rely on tlrun, not on the IDE's "kill process tree" option: the IDE's Stop sends SIGINT (tlrun stops
+the worker warm) and a second click SIGKILL (the parent-death signal takes the worker down).
+A file the user edited is never overwritten without `force`; VS Code's launch.json is merged by entry name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+from tlrun.errors import ConfigError
+
+CONFIGS = (("tlrun dev", ()), ("tlrun dev (debug)", ("--debug",)))
+
+
+@dataclass(frozen=True)
+class Written:
+    path: Path
+    action: str  # "created" | "updated" | "unchanged" | "kept (edited; --force to overwrite)" | "merged"
+
+
+def _args(app: str, extra: tuple[str, ...]) -> list[str]:
+    return ["dev", "-A", app, *extra]
+
+
+def pycharm_xml(name: str, app: str, extra: tuple[str, ...]) -> str:
+    params = " ".join(_args(app, extra))
+    return f"""<component name="ProjectRunConfigurationManager">
+  <configuration default="false" name={quoteattr(name)} type="PythonConfigurationType" factoryName="Python">
+    <option name="ENV_FILES" value="$PROJECT_DIR$/.env" />
+    <option name="INTERPRETER_OPTIONS" value="" />
+    <option name="PARENT_ENVS" value="true" />
+    <envs>
+      <env name="PYTHONUNBUFFERED" value="1" />
+    </envs>
+    <option name="SDK_HOME" value="" />
+    <option name="WORKING_DIRECTORY" value="$PROJECT_DIR$" />
+    <option name="IS_MODULE_SDK" value="true" />
+    <option name="ADD_CONTENT_ROOTS" value="true" />
+    <option name="ADD_SOURCE_ROOTS" value="true" />
+    <option name="SCRIPT_NAME" value="tlrun" />
+    <option name="PARAMETERS" value={quoteattr(params)} />
+    <option name="SHOW_COMMAND_LINE" value="false" />
+    <option name="EMULATE_TERMINAL" value="false" />
+    <option name="MODULE_MODE" value="true" />
+    <option name="REDIRECT_INPUT" value="false" />
+    <option name="INPUT_FILE" value="" />
+    <method v="2" />
+  </configuration>
+</component>
+"""
+
+
+def vscode_entry(name: str, app: str, extra: tuple[str, ...]) -> dict[str, object]:
+    return {
+        "name": name,
+        "type": "debugpy",
+        "request": "launch",
+        "module": "tlrun",
+        "args": _args(app, extra),
+        "cwd": "${workspaceFolder}",
+        "envFile": "${workspaceFolder}/.env",
+        "console": "integratedTerminal",
+        "justMyCode": False,
+    }
+
+
+def _write_if_safe(path: Path, text: str, force: bool) -> Written:
+    if path.exists():
+        if path.read_text(encoding="utf-8") == text:
+            return Written(path, "unchanged")
+        if not force:
+            return Written(path, "kept (edited; --force to overwrite)")
+        action = "updated"
+    else:
+        action = "created"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return Written(path, action)
+
+
+def write_pycharm(root: Path, app: str, force: bool = False) -> list[Written]:
+    results = []
+    for name, extra in CONFIGS:
+        filename = name.replace(" ", "_").replace("(", "").replace(")", "") + ".run.xml"
+        results.append(_write_if_safe(root / ".run" / filename, pycharm_xml(name, app, extra), force))
+    return results
+
+
+def write_vscode(root: Path, app: str, force: bool = False) -> list[Written]:
+    path = root / ".vscode" / "launch.json"
+    document: dict[str, object] = {"version": "0.2.0", "configurations": []}
+    if path.exists():
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(loaded, dict) or not isinstance(loaded.get("configurations", []), list):
+                raise ValueError("no configurations list")
+            document = loaded
+        except ValueError as exc:
+            if not force:
+                raise ConfigError(
+                    f"{path} is not plain JSON ({exc}); tlrun will not rewrite it",
+                    hint="add the two entries by hand (README, IDE section), or use --force to replace the file",
+                ) from None
+    configurations: list[dict[str, object]] = list(document.get("configurations", []))  # type: ignore[call-overload]
+    changed, kept = False, False
+    for name, extra in CONFIGS:
+        entry = vscode_entry(name, app, extra)
+        existing = next(
+            (i for i, c in enumerate(configurations) if isinstance(c, dict) and c.get("name") == name), None
+        )
+        if existing is None:
+            configurations.append(entry)
+            changed = True
+        elif configurations[existing] != entry:
+            if force:
+                configurations[existing] = entry
+                changed = True
+            else:
+                kept = True
+    document["configurations"] = configurations
+    if not changed:
+        return [Written(path, "kept (edited; --force to overwrite)" if kept else "unchanged")]
+    result = _write_if_safe(path, json.dumps(document, indent=2) + "\n", force=True)
+    return [Written(path, "merged" if result.action == "updated" else result.action)]
