@@ -224,9 +224,11 @@ class Project:
             argv += ["--", "--without-mingle", "--without-gossip"]
         return argv
 
-    def launch(self, *args: str, env: dict[str, str] | None = None, fast: bool = True) -> Launched:
+    def launch(
+        self, *args: str, env: dict[str, str] | None = None, fast: bool = True, command: str = "worker"
+    ) -> Launched:
         launched = Launched(
-            self.tlrun_argv("worker", *args, fast=fast), self.root, env or self.env(), self._out("tlrun")
+            self.tlrun_argv(command, *args, fast=fast), self.root, env or self.env(), self._out("tlrun")
         )
         self.started.append(launched)
         return launched

@@ -1,0 +1,221 @@
+"""`tlrun dev`, `tlrun beat` and `tlrun ide`: real broker, real workers, real file changes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from helpers import Launched, Project, free_port, gone, send_task, wait_for
+from tlrun import procs
+from tlrun.config import project_id
+
+pytestmark = pytest.mark.timeout(120)
+
+DEV_APP = """
+import os
+import time
+
+from celery import Celery
+
+VALUE = {value}
+
+app = Celery("{name}")
+app.conf.update(result_backend=os.environ.get("TEST_RESULT_BACKEND"), broker_connection_retry_on_startup=True)
+app.conf.beat_schedule = {{"tick": {{"task": "{name}.tick", "schedule": 0.5}}}}
+
+
+@app.task
+def value():
+    return VALUE
+
+
+@app.task
+def whoami():
+    return os.getpid()
+
+
+@app.task
+def sleep(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task
+def tick():
+    print("TICK", flush=True)
+"""
+
+READY = r"tlrun: \d+ workers? ready: (\S+) \(pid (\d+)\)"
+
+
+def write_app(project: Project, value: int | str) -> None:
+    (project.root / f"{project.app}.py").write_text(DEV_APP.format(name=project.app, value=value))
+
+
+def call(project: Project, task: str, *args: object, timeout: float = 20) -> object:
+    return send_task(project.broker_url, f"{project.app}.{task}", *args).get(timeout=timeout)
+
+
+def dev(project: Project, *args: str) -> Launched:
+    return project.launch(*args, command="dev", fast=False)
+
+
+@pytest.fixture
+def dev_project(project: Project) -> Project:
+    write_app(project, 1)
+    return project
+
+
+def test_dev_starts_a_private_broker_when_none_answers(tmp_path: Path) -> None:
+    port = free_port()
+    proj = Project(tmp_path / "projects", f"redis://127.0.0.1:{port}/0")
+    write_app(proj, 1)
+    try:
+        launched = dev(proj)
+        match = launched.wait_output(r"started a private redis-server \(pid (\d+), no persistence\)", 30)
+        redis_pid = int(match.group(1))
+        launched.wait_output(READY, 30)
+        assert call(proj, "value") == 1
+        launched.send(signal.SIGINT)
+        assert launched.wait(30) == 0
+        assert gone([redis_pid])
+    finally:
+        proj.cleanup()
+
+
+def test_debug_mode_runs_tasks_in_the_launcher_and_never_kills_a_busy_worker(dev_project: Project) -> None:
+    # A long task waits in the queue: the solo worker takes it at once and cannot answer pings meanwhile.
+    busy = send_task(dev_project.broker_url, f"{dev_project.app}.sleep", 4)
+    launched = dev(dev_project, "--debug", "--ready-timeout", "1")
+    launched.wait_output(r"debug mode: worker \S+ runs in this process", 30)
+    launched.wait_output(r"has not answered a ping within 1 s \(paused in the debugger\? tlrun leaves it alone\)")
+    assert busy.get(timeout=30) == 4
+    assert call(dev_project, "whoami") == launched.pid
+    assert launched.proc.poll() is None
+    launched.send(signal.SIGINT)
+    assert launched.wait(30) == 0
+
+
+def test_debug_mode_from_environment(dev_project: Project) -> None:
+    launched = dev_project.launch(command="dev", fast=False, env=dev_project.env(DEBUG_MODE="1"))
+    launched.wait_output(r"debug mode: worker", 30)
+    launched.wait_output(READY, 30)
+    assert call(dev_project, "whoami") == launched.pid
+
+
+def _worker_mains(project: Project) -> int:
+    pid = project_id(project.root, project.app)
+    rows = [p for p in procs.scan(("worker",)) if p.marker == pid]
+    return len(procs.main_processes(rows))
+
+
+def test_reload_swaps_to_new_code_never_two_at_once_and_survives_a_syntax_error(dev_project: Project) -> None:
+    launched = dev(dev_project, "--reload", "--concurrency", "1")
+    launched.wait_output(READY, 30)
+    assert call(dev_project, "value") == 1
+
+    most = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal most
+        while not stop.is_set():
+            most = max(most, _worker_mains(dev_project))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        write_app(dev_project, 2)
+        launched.wait_output(
+            rf"reloaded: {dev_project.app}\.py changed; new worker \S+ \(pid \d+\) ready, swap took", 30
+        )
+        assert call(dev_project, "value") == 2
+
+        write_app(dev_project, "(")  # a syntax error
+        launched.wait_output(r"reload failed: app '\S+' does not import: SyntaxError", 30)
+        assert launched.proc.poll() is None
+        write_app(dev_project, 3)
+        wait_for(lambda: launched.output().count("reloaded:") >= 2, 30, "the reload after the fix")
+        assert call(dev_project, "value") == 3
+    finally:
+        stop.set()
+        sampler.join(5)
+    assert most == 1, f"saw {most} worker main processes of the project at once during reloads"
+
+
+def test_beat_runs_periodic_tasks_and_a_second_beat_is_refused(dev_project: Project) -> None:
+    launched = dev(dev_project, "--beat")
+    launched.wait_output(READY, 30)
+    launched.wait_output(r"starting beat \(pid \d+\)", 10)
+    launched.wait_output(r"TICK", 20)
+    second = dev_project.run("beat", "-A", dev_project.app, timeout=30)
+    assert second.returncode == 6
+    assert f"tlrun launcher pid {launched.pid}" in second.stderr
+    schedule = dev_project.runtime / "tlrun" / f"{project_id(dev_project.root, dev_project.app)}.celerybeat-schedule"
+    assert any(p.name.startswith(schedule.name) for p in schedule.parent.iterdir())
+    assert not any("celerybeat" in p.name for p in dev_project.root.iterdir())
+
+
+def test_ide_stop_sigint_then_sigkill_leaves_nothing(tmp_path: Path) -> None:
+    proj = Project(tmp_path / "projects", f"redis://127.0.0.1:{free_port()}/0")
+    write_app(proj, 1)
+    try:
+        launched = dev(proj, "--beat", "--concurrency", "2")
+        redis_pid = int(launched.wait_output(r"private redis-server \(pid (\d+)", 30).group(1))
+        worker_pid = int(launched.wait_output(READY, 30).group(2))
+        beat_pid = int(launched.wait_output(r"starting beat \(pid (\d+)\)", 10).group(1))
+        launched.send(signal.SIGINT)  # first click on Stop
+        launched.send(signal.SIGKILL)  # second click
+        launched.wait(5)
+        wait_for(lambda: gone([worker_pid, beat_pid, redis_pid]), 10, "worker, beat and redis-server gone")
+    finally:
+        proj.cleanup()
+
+
+def test_ide_configurations(project: Project) -> None:
+    result = project.run("ide", "pycharm", "-A", project.app)
+    assert result.returncode == 0, result.stderr
+    run_dir = project.root / ".run"
+    configs = {}
+    for path in sorted(run_dir.glob("*.run.xml")):
+        conf = ET.parse(path).getroot().find("configuration")
+        assert conf is not None and conf.get("type") == "PythonConfigurationType"
+        options = {o.get("name"): o.get("value") for o in conf.findall("option")}
+        configs[conf.get("name")] = options
+    assert set(configs) == {"tlrun dev", "tlrun dev (debug)"}
+    for name, options in configs.items():
+        assert options["MODULE_MODE"] == "true" and options["SCRIPT_NAME"] == "tlrun"
+        assert options["WORKING_DIRECTORY"] == "$PROJECT_DIR$"
+        assert options["ENV_FILES"] == "$PROJECT_DIR$/.env"
+        expected = f"dev -A {project.app}" + (" --debug" if "debug" in name else "")
+        assert options["PARAMETERS"] == expected
+    # An edited file is kept without --force.
+    edited = run_dir / "tlrun_dev.run.xml"
+    edited.write_text(edited.read_text().replace("PYTHONUNBUFFERED", "PYTHONUNBUFFERED_EDITED"))
+    again = project.run("ide", "pycharm", "-A", project.app)
+    assert "tlrun_dev.run.xml: kept (edited; --force to overwrite)" in again.stdout
+    assert "EDITED" in edited.read_text()
+    project.run("ide", "pycharm", "-A", project.app, "--force")
+    assert "EDITED" not in edited.read_text()
+
+    launch = project.root / ".vscode" / "launch.json"
+    launch.parent.mkdir()
+    mine = {"name": "my own", "type": "debugpy", "request": "launch", "program": "x.py"}
+    launch.write_text(json.dumps({"version": "0.2.0", "configurations": [mine]}))
+    result = project.run("ide", "vscode", "-A", project.app)
+    assert result.returncode == 0 and "merged" in result.stdout
+    entries = {c["name"]: c for c in json.loads(launch.read_text())["configurations"]}
+    assert entries["my own"] == mine
+    assert entries["tlrun dev"]["module"] == "tlrun" and entries["tlrun dev"]["args"] == ["dev", "-A", project.app]
+    assert entries["tlrun dev (debug)"]["args"][-1] == "--debug"
+    assert entries["tlrun dev"]["cwd"] == "${workspaceFolder}"
+    launch.write_text("// a comment\n" + launch.read_text())
+    refused = project.run("ide", "vscode", "-A", project.app)
+    assert refused.returncode == 3 and "not plain JSON" in refused.stderr
