@@ -208,7 +208,7 @@ class Project:
             XDG_RUNTIME_DIR=str(self.runtime),
             CELERY_BROKER_URL=self.broker_url,
             NO_COLOR="1",
-            TEST_RESULT_BACKEND=self.broker_url,
+            TEST_RESULT_BACKEND=self.broker_url if self.broker_url.startswith("redis") else "rpc://",
             PYTHONUNBUFFERED="1",
         )
         env.update(extra)

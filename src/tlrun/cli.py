@@ -241,6 +241,167 @@ def ide(editor: str, force: bool, **params: Any) -> None:
         click.echo(f"tlrun: {written.path.relative_to(settings.project_root)}: {written.action}")
 
 
+def _emit_json(data: Any) -> None:
+    import json
+
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@cli.command()
+@project_options
+@click.option("--expected", "expected_workers", type=click.IntRange(min=1), help="Workers expected (1).")
+@click.option("--ping-window", type=click.FloatRange(min=0.1), help="Reply window of the census ping (1.0).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report (schema: docs/doctor.schema.json).")
+@click.option("--fix", is_flag=True, help="Stop local strays and duplicates of this project (stop ladder).")
+@click.option("--remote", is_flag=True, help="With --fix: also ask remote duplicate nodes to shut down.")
+@handle_errors
+def doctor(as_json: bool, fix: bool, remote: bool, **params: Any) -> None:
+    """Find duplicates, strays and risky settings, locally and on the broker.
+
+    Exit codes: 0 healthy, 13 warnings only, 9 duplicates or strays, 5 broker unreachable, 4 app does not
+    import. For CI:  tlrun doctor --json > doctor.json || exit $?
+    """
+    from tlrun import control
+    from tlrun import doctor as doctor_mod
+    from tlrun.render import doctor_report
+
+    if remote and not fix:
+        raise click.UsageError("--remote goes with --fix")
+    settings = _settings(params)
+    report = doctor_mod.diagnose(settings)
+    if fix:
+        stopped = control.stop_project_strays(settings)
+        remote_nodes = [n.name for n in report.nodes if n.replies > 1 and not n.this_host]
+        if remote and remote_nodes:
+            control.shutdown_remote(settings, remote_nodes)
+        if not as_json:
+            for stray in stopped.found:
+                click.echo(f"tlrun: stopped stray {stray.describe()}")
+            for name in remote_nodes if remote else []:
+                click.echo(f"tlrun: asked remote node {name} to shut down")
+        report = doctor_mod.diagnose(settings)
+    if as_json:
+        _emit_json(report.as_dict())
+    else:
+        for line in doctor_report(report):
+            click.echo(line)
+    sys.exit(report.exit_code)
+
+
+@cli.command()
+@project_options
+@click.option("--all", "everything", is_flag=True, help="Every Celery worker and beat of the current user.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per process, in a list.")
+@handle_errors
+def ps(everything: bool, as_json: bool, **params: Any) -> None:
+    """This project's workers and beats: pid, node, state, uptime, memory, CPU, pool, launcher."""
+    from tlrun import inventory
+    from tlrun.render import ps_table
+
+    settings = None if everything and not (params.get("app") or _env_app()) else _settings(params)
+    rows = inventory.local_processes(settings, everything=everything)
+    if as_json:
+        _emit_json([row.as_dict() for row in rows])
+    else:
+        for line in ps_table(rows):
+            click.echo(line)
+
+
+def _env_app() -> str | None:
+    import os
+
+    return os.environ.get("CELERY_APP")
+
+
+@cli.command()
+@project_options
+@click.option("--timeout", type=click.FloatRange(min=0), help="Grace period before SIGKILL (default: --grace, 30).")
+@handle_errors
+def stop(timeout: float | None, **params: Any) -> None:
+    """Stop this project's workers and beats: through their launcher, or (strays) with the stop ladder.
+
+    Exits non-zero (10) if anything survived.
+    """
+    from tlrun import control
+    from tlrun.errors import StopError
+
+    settings = _settings(params)
+    report = control.stop_project(settings, settings.stop_grace if timeout is None else timeout)
+    for pid in report.launchers:
+        click.echo(f"tlrun: stopped launcher pid {pid} (it stopped its worker warm)")
+    for stray in report.strays:
+        click.echo(f"tlrun: stopped stray {stray.describe()}")
+    if report.killed:
+        click.echo(f"tlrun: needed SIGKILL after the grace period: {', '.join(map(str, report.killed))}")
+    if not report.launchers and not report.strays:
+        click.echo("tlrun: nothing of this project was running")
+    if report.survivors:
+        raise StopError(f"still alive after SIGKILL: {', '.join(map(str, report.survivors))}")
+
+
+@cli.command()
+@project_options
+@click.argument("name", required=False)
+@click.option("--log-dir", type=click.Path(file_okay=False), help="Log directory (default logs/).")
+@click.option("--list", "list_only", is_flag=True, help="List the log files, newest first.")
+@click.option("--rotated", is_flag=True, help="Include rotated files (.log.1 ...).")
+@click.option("-n", "--lines", type=click.IntRange(min=0), default=50, show_default=True, help="Lines to show.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (survives rotation).")
+@handle_errors
+def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: bool, **params: Any) -> None:
+    """Show or follow a worker's log file (default: the newest)."""
+    from tlrun import logfiles
+    from tlrun.errors import LogError
+
+    settings = _settings(params)
+    files = logfiles.log_files(settings.log_dir, rotated=rotated or list_only)
+    if list_only:
+        for path in files:
+            click.echo(f"{path.stat().st_size:>10}  {path}")
+        return
+    if name:
+        chosen = [
+            p for p in files + logfiles.log_files(settings.log_dir, rotated=True) if p.name == name or str(p) == name
+        ]
+        if not chosen:
+            raise LogError(f"no log file named {name} in {settings.log_dir}", hint="tlrun logs --list")
+        path = chosen[0]
+    elif files:
+        path = files[0]
+    else:
+        raise LogError(f"no log files in {settings.log_dir}", hint="start a worker with tlrun worker or tlrun dev")
+    for line in logfiles.tail_lines(path, lines):
+        click.echo(line)
+    if follow:
+        try:
+            for line in logfiles.follow(path):
+                click.echo(line)
+        except KeyboardInterrupt:
+            pass
+
+
+@cli.command()
+@project_options
+@click.option("--node", help="Node name to probe (default: this host's tlrun node of the project).")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="Per attempt.")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True)
+@handle_errors
+def health(node: str | None, timeout: float, retries: int, **params: Any) -> None:
+    """Liveness/readiness probe: exit 0 if and only if the node answers a ping.
+
+    Exit 14 ("unknown") when its process exists here but does not answer (stopped, busy, in a debugger),
+    15 ("dead") when nothing answers and no such process runs here.
+    """
+    from tlrun import control
+    from tlrun.errors import HEALTH_DEAD_EXIT_CODE, HEALTH_UNKNOWN_EXIT_CODE
+
+    settings = _settings(params)
+    result = control.probe(settings, node or control.default_node(settings), timeout, retries)
+    click.echo(f"tlrun: {result.node}: {result.state} ({result.detail}, {result.seconds:.1f} s)")
+    codes = {"alive": 0, "unknown": HEALTH_UNKNOWN_EXIT_CODE, "dead": HEALTH_DEAD_EXIT_CODE}
+    sys.exit(codes[result.state])
+
+
 def main() -> None:
     cli(prog_name="tlrun")
 

@@ -78,6 +78,9 @@ class LogError(TlrunError):
     exit_code = 12
 
 
+DOCTOR_WARNINGS_EXIT_CODE = 13  # doctor found warnings only
+HEALTH_UNKNOWN_EXIT_CODE = 14  # health: the node's process exists here but does not answer (stopped, busy)
+HEALTH_DEAD_EXIT_CODE = 15  # health: no answer and no such process here
 USAGE_EXIT_CODE = 2  # click's own code for unknown options and bad values on the command line
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, when the launcher is interrupted before the worker runs
 
@@ -95,4 +98,7 @@ EXIT_CODES: dict[int, str] = {
     StopError.exit_code: "a process survived the stop ladder",
     UnsafeStateError.exit_code: "the lock path or runtime directory is unsafe (symlink, wrong owner)",
     LogError.exit_code: "the log directory or file cannot be written",
+    DOCTOR_WARNINGS_EXIT_CODE: "doctor: warnings only (configuration risks, unexpected worker count)",
+    HEALTH_UNKNOWN_EXIT_CODE: "health: the node's process exists here but does not answer (stopped or busy)",
+    HEALTH_DEAD_EXIT_CODE: "health: the node does not answer and no such process runs here",
 }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tlrun.errors import LogError
@@ -49,9 +51,58 @@ def open_log(log_dir: Path, stem: str) -> WorkerLog:
     return log
 
 
-def log_files(log_dir: Path, prefix: str = "celery_") -> list[Path]:
-    """Log files (current and rotated) in the directory, newest first."""
+def log_files(log_dir: Path, rotated: bool = False) -> list[Path]:
+    """tlrun's log files in the directory (worker, beat, private broker), newest first; rotated ones
+    (`.log.1` ...) only when asked."""
     if not log_dir.is_dir():
         return []
-    files = [p for p in log_dir.iterdir() if p.name.startswith(prefix) and ".log" in p.name]
+    files = [
+        p
+        for p in log_dir.iterdir()
+        if p.name.startswith(("celery_", "redis_")) and (p.name.endswith(".log") or (rotated and ".log." in p.name))
+    ]
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def tail_lines(path: Path, count: int) -> list[str]:
+    """The last `count` lines of a file (reads from the end; log files can be large)."""
+    with path.open("rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        block, data = 8192, b""
+        while size > 0 and data.count(b"\n") <= count:
+            step = min(block, size)
+            size -= step
+            fh.seek(size)
+            data = fh.read(step) + data
+    return data.decode("utf-8", errors="replace").splitlines()[-count:] if count > 0 else []
+
+
+def follow(path: Path, poll: float = 0.2, stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+    """Yield lines appended to `path`, like `tail -F`: reopens it when it is rotated or truncated."""
+    fh = path.open("rb")
+    fh.seek(0, os.SEEK_END)
+    inode = os.fstat(fh.fileno()).st_ino
+    pending = b""
+    try:
+        while not stop():
+            chunk = fh.read()
+            if chunk:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    yield line.decode("utf-8", errors="replace")
+                continue
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                time.sleep(poll)
+                continue
+            if st.st_ino != inode or st.st_size < fh.tell():  # rotated, or truncated
+                fh.close()
+                fh = path.open("rb")
+                inode = os.fstat(fh.fileno()).st_ino
+                continue
+            time.sleep(poll)
+    finally:
+        fh.close()

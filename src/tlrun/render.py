@@ -7,7 +7,10 @@ import sys
 from collections.abc import Mapping
 from typing import TextIO
 
+from tlrun.doctor import DoctorReport
 from tlrun.events import Event, Exited, Notice, Ready, Reloaded, Spawned, StrayFound, WorkerOutput
+from tlrun.inventory import LocalProcess
+from tlrun.sweep import format_age
 from tlrun.verify import ReadyReport
 
 _CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
@@ -96,3 +99,54 @@ class ConsoleRenderer:
                     self._say("tlrun: last lines of its log:", err=True)
                     for line in event.tail[-15:]:
                         self._say("  " + line, err=True)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1048576:.0f}M"
+
+
+def ps_table(rows: list[LocalProcess]) -> list[str]:
+    if not rows:
+        return ["no Celery workers or beats"]
+    header = ("PID", "ROLE", "NODE", "STATE", "UPTIME", "RSS", "CPU", "POOL", "LAUNCHER")
+    body = [
+        (
+            str(p.pid),
+            p.role,
+            p.node or "-",
+            p.state,
+            format_age(p.uptime_s),
+            _mib(p.rss_bytes),
+            f"{p.cpu_s:.1f}s",
+            str(p.pool_children),
+            str(p.launcher_pid) if p.launcher_pid else ("STRAY" if p.stray else "-"),
+        )
+        for p in rows
+    ]
+    widths = [max(len(r[i]) for r in (header, *body)) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in (header, *body)]
+
+
+def doctor_report(report: DoctorReport) -> list[str]:
+    problems = [f for f in report.findings if f.severity in ("error", "warning")]
+    notes = len(report.findings) - len(problems)
+    answering = sum(n.replies for n in report.nodes)
+    if not problems:
+        names = ", ".join(n.name for n in report.nodes) or "none"
+        extra = f"; {notes} note(s) in --json" if notes else ""
+        return [
+            f"tlrun doctor: healthy: {answering} worker(s) answer ({names}), no strays, {report.seconds:.1f} s{extra}"
+        ]
+    lines = [f"tlrun doctor: {report.status}: {len(problems)} problem(s) for app {report.app} in {report.project_root}"]
+    lines.append(f"  broker {report.broker_url}: " + ("reachable" if report.broker_reachable else "UNREACHABLE"))
+    for node in report.nodes:
+        pids = f", pid {', '.join(map(str, node.local_pids))}" if node.local_pids else ""
+        # The node name decides: a name naming another host is remote, even if a process here carries it.
+        where = f"this host{pids}" if node.this_host else f"remote host {node.host}{pids}"
+        dup = f", {node.replies} replies" if node.replies > 1 else ""
+        lines.append(f"  node {node.name} ({where}{dup})")
+    for finding in report.findings:
+        lines.append(f"  {finding.severity.upper():7} {finding.code}: {finding.message}")
+        if finding.fix:
+            lines.append(f"          fix: {finding.fix}")
+    return lines

@@ -1,0 +1,137 @@
+"""Everyday controls: stop this project's processes, probe a node's health, apply doctor's fixes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from tlrun import guard, procs, signals, sweep
+from tlrun.broker import Broker, resolve_broker_url
+from tlrun.config import Settings
+from tlrun.errors import BrokerError, ConfigError
+
+
+@dataclass(frozen=True)
+class StopReport:
+    launchers: tuple[int, ...]  # tlrun launchers asked to stop (they stop their own children)
+    strays: tuple[sweep.Stray, ...]
+    stopped: tuple[int, ...]
+    killed: tuple[int, ...]
+    survivors: tuple[int, ...]
+
+
+def _project_launchers(settings: Settings) -> list[psutil.Process]:
+    """Live tlrun launchers of this project: lock holders, and launchers named by the project's processes."""
+    identities: set[procs.Identity] = set()
+    try:
+        state = guard.runtime_dir(os.environ)
+    except Exception:
+        state = None
+    if state is not None:
+        for kind in ("worker", "beat"):
+            holder = guard.holder_identity(guard.read_record(state / f"{settings.project_id}.{kind}.lock"))
+            if holder is not None:
+                identities.add(holder)
+    uid = os.getuid()
+    for proc in procs.scan(("worker", "beat")):
+        if proc.launcher and procs.project_match(proc, settings.project_id, settings.app, settings.project_root, uid):
+            named = procs.Identity.decode(proc.launcher)
+            if named is not None:
+                identities.add(named)
+    found: dict[int, psutil.Process] = {}
+    for identity in identities:
+        launcher = signals.process_for(identity)
+        try:
+            if launcher is not None and "tlrun" in " ".join(launcher.cmdline()):
+                found[launcher.pid] = launcher
+        except psutil.Error:
+            continue
+    return list(found.values())
+
+
+def stop_project(settings: Settings, timeout: float) -> StopReport:
+    """Launchers first (SIGTERM: each stops its children warm; after `timeout` the ladder kills the rest of
+    its tree), then the strays, with the same ladder."""
+    launchers = _project_launchers(settings)
+    first = signals.stop_ladder(launchers, timeout) if launchers else signals.StopResult((), (), ())
+    swept = sweep.sweep(settings.project_id, settings.app, settings.project_root, timeout, roles=("worker", "beat"))
+    return StopReport(
+        launchers=tuple(p.pid for p in launchers),
+        strays=swept.found,
+        stopped=first.stopped + swept.stopped,
+        killed=first.killed + swept.killed,
+        survivors=first.survivors + swept.survivors,
+    )
+
+
+def stop_project_strays(settings: Settings) -> sweep.SweepResult:
+    """doctor --fix: the strays only (project processes no live launcher owns); launchers are left alone."""
+    return sweep.sweep(
+        settings.project_id, settings.app, settings.project_root, settings.stop_grace, roles=("worker", "beat")
+    )
+
+
+@dataclass(frozen=True)
+class Health:
+    node: str
+    state: str  # "alive" | "unknown" | "dead"
+    detail: str
+    attempts: int
+    seconds: float
+
+
+def default_node(settings: Settings) -> str:
+    record = guard.read_record(guard.runtime_dir(os.environ) / f"{settings.project_id}.worker.lock")
+    holder = guard.holder_identity(record)
+    if record and holder is not None and holder.is_alive() and record.get("node"):
+        return str(record["node"])
+    raise ConfigError(
+        f"no tlrun worker of app {settings.app} runs on this host ({socket.gethostname()})",
+        hint="pass --node NAME@HOST to probe a given node",
+    )
+
+
+def probe(settings: Settings, node: str, timeout: float, retries: int) -> Health:
+    started = time.monotonic()
+    url = resolve_broker_url(settings)
+    attempts = 0
+    with Broker(url) as broker:
+        for attempts in range(1, retries + 2):
+            try:
+                if node in broker.ping(destination=[node], timeout=timeout):
+                    return Health(node, "alive", "answered a ping", attempts, time.monotonic() - started)
+            except BrokerError as exc:
+                return Health(node, "unknown", f"broker unreachable: {exc}", attempts, time.monotonic() - started)
+    # No answer. A local process with that name may be stopped or busy (a solo pool running a task, a
+    # debugger): that is not the same as dead.
+    for proc in procs.scan(("worker",)):
+        if proc.node == node:
+            try:
+                state = psutil.Process(proc.pid).status()
+            except psutil.Error:
+                continue
+            why = "stopped (SIGSTOP)" if state == psutil.STATUS_STOPPED else f"{state}, busy or not ready"
+            return Health(
+                node,
+                "unknown",
+                f"pid {proc.pid} exists here but did not answer: {why}",
+                attempts,
+                time.monotonic() - started,
+            )
+    return Health(
+        node,
+        "dead",
+        f"no answer in {attempts} attempt(s) and no such process here",
+        attempts,
+        time.monotonic() - started,
+    )
+
+
+def shutdown_remote(settings: Settings, nodes: list[str]) -> None:
+    """Ask nodes on other hosts to shut down (warm), through the broker. Only on explicit request."""
+    with Broker(resolve_broker_url(settings)) as broker:
+        broker.shutdown_nodes(nodes)

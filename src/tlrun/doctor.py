@@ -1,0 +1,369 @@
+"""`tlrun doctor`: why do my tasks run twice, run old code, or never run?
+
+Joins the local view (inventory) and the broker's view (one broadcast ping, counted from the raw reply list)
+with the app's configuration, and returns findings, each with a severity, a sentence and a fix. Takes about
+one ping window: the app is imported while the census ping is in flight.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from tlrun import guard, inventory, verify
+from tlrun.broker import load_app, resolve_broker_url
+from tlrun.config import ENV_GUARD, Settings
+from tlrun.errors import DOCTOR_WARNINGS_EXIT_CODE, AppImportError, BrokerError, DuplicateNodeError, TlrunError
+from tlrun.procs import Identity
+from tlrun.redact import redact_url
+
+SCHEMA_VERSION = 1
+RECOMMENDED = "see README: Recommended Celery settings"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str  # stable identifier, e.g. DUPLICATE_NODE
+    severity: str  # "error" | "warning" | "info"
+    message: str
+    fix: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    replies: int
+    host: str
+    this_host: bool
+    local_pids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    project_root: str
+    app: str
+    project_id: str
+    broker_url: str  # redacted
+    broker_reachable: bool
+    ping_window_s: float
+    expected_workers: int
+    nodes: tuple[NodeView, ...]
+    local: tuple[inventory.LocalProcess, ...]
+    findings: tuple[Finding, ...]
+    exit_code: int
+    status: str  # "healthy" | "warnings" | "problems" | "failure"
+    seconds: float
+    schema_version: int = field(default=SCHEMA_VERSION)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["nodes"] = [asdict(n) for n in self.nodes]
+        data["local"] = [p.as_dict() for p in self.local]
+        data["findings"] = [asdict(f) for f in self.findings]
+        return data
+
+
+# Findings whose presence decides the exit code, most serious first.
+_EXIT_BY_CODE = {
+    "BROKER_UNREACHABLE": BrokerError.exit_code,
+    "APP_IMPORT": AppImportError.exit_code,
+    "DUPLICATE_NODE": DuplicateNodeError.exit_code,
+    "STRAY_PROCESS": DuplicateNodeError.exit_code,
+    "MULTIPLE_BEATS": DuplicateNodeError.exit_code,
+}
+
+
+def exit_code_for(findings: list[Finding]) -> tuple[int, str]:
+    for code in _EXIT_BY_CODE:
+        if any(f.code == code for f in findings):
+            exit_code = _EXIT_BY_CODE[code]
+            return exit_code, "failure" if exit_code in (4, 5) else "problems"
+    if any(f.severity in ("warning", "error") for f in findings):
+        return DOCTOR_WARNINGS_EXIT_CODE, "warnings"
+    return 0, "healthy"
+
+
+def node_views(replies: list[str], local: list[inventory.LocalProcess], hostname: str) -> list[NodeView]:
+    counts = collections.Counter(replies)
+    local_by_node: dict[str, list[int]] = {}
+    for proc in local:
+        if proc.node:
+            local_by_node.setdefault(proc.node, []).append(proc.pid)
+    views = []
+    for name, n in sorted(counts.items()):
+        host = name.split("@", 1)[1] if "@" in name else ""
+        views.append(NodeView(name, n, host, host == hostname, tuple(sorted(local_by_node.get(name, ())))))
+    return views
+
+
+def config_findings(conf: Any, broker_url: str, running_as_root: bool) -> list[Finding]:
+    """Settings that lose or repeat tasks. `conf` is a Celery app's conf (or any mapping-like object)."""
+    found = []
+
+    def get(key: str, default: Any = None) -> Any:
+        try:
+            return conf.get(key, default)
+        except Exception:
+            return default
+
+    if not get("task_acks_late"):
+        found.append(
+            Finding(
+                "ACKS_EARLY",
+                "warning",
+                "task_acks_late is off: a task running when its worker dies is lost",
+                RECOMMENDED,
+            )
+        )
+    prefetch = get("worker_prefetch_multiplier", 4)
+    if isinstance(prefetch, int) and prefetch > 1:
+        found.append(
+            Finding(
+                "PREFETCH",
+                "warning",
+                f"worker_prefetch_multiplier is {prefetch}: with long tasks, messages wait behind a busy "
+                "worker and come back late when it dies",
+                RECOMMENDED,
+            )
+        )
+    accept = get("accept_content") or ["json"]
+    if "pickle" in accept or "application/x-python-serialize" in accept:
+        found.append(
+            Finding(
+                "PICKLE",
+                "warning",
+                "accept_content allows pickle: a message on the broker can run arbitrary code",
+                'accept_content=["json"]',
+            )
+        )
+    time_limit = get("task_time_limit")
+    if not time_limit:
+        found.append(
+            Finding(
+                "NO_TIME_LIMIT", "info", "no task_time_limit: a stuck task holds its worker slot forever", RECOMMENDED
+            )
+        )
+    parts = urlsplit(broker_url)
+    if parts.scheme in ("redis", "rediss"):
+        options = get("broker_transport_options") or {}
+        visibility = options.get("visibility_timeout") if isinstance(options, dict) else None
+        if visibility is None:
+            found.append(
+                Finding(
+                    "VISIBILITY_DEFAULT",
+                    "warning",
+                    "Redis visibility_timeout is left at its default (1 h): an unacked task of a killed "
+                    "worker comes back only after an hour",
+                    RECOMMENDED,
+                )
+            )
+        elif time_limit and visibility < time_limit:
+            found.append(
+                Finding(
+                    "VISIBILITY_SHORT",
+                    "warning",
+                    f"Redis visibility_timeout ({visibility} s) is shorter than task_time_limit "
+                    f"({time_limit} s): long tasks are delivered twice",
+                    RECOMMENDED,
+                )
+            )
+        if not parts.password and parts.hostname not in LOOPBACK:
+            found.append(
+                Finding(
+                    "REDIS_NO_PASSWORD",
+                    "warning",
+                    f"the Redis broker on {parts.hostname} has no password",
+                    "set requirepass and put the password in CELERY_BROKER_URL",
+                )
+            )
+    if running_as_root:
+        # C_FORCE_ROOT is Celery's own "yes, I mean it": then this is a note, not a warning.
+        forced = bool(os.environ.get("C_FORCE_ROOT"))
+        found.append(
+            Finding(
+                "RUNNING_AS_ROOT",
+                "info" if forced else "warning",
+                "workers run as root: a task can do anything to this machine"
+                + (" (C_FORCE_ROOT is set)" if forced else ""),
+                "run workers as an unprivileged user",
+            )
+        )
+    return found
+
+
+def _state_findings(settings: Settings) -> list[Finding]:
+    found = []
+    raw = os.environ.get(ENV_GUARD)
+    if raw:
+        launcher = Identity.decode(raw)
+        alive = launcher is not None and launcher.is_alive()
+        found.append(
+            Finding(
+                "GUARD_IN_ENVIRONMENT",
+                "warning",
+                f"{ENV_GUARD} is set in this shell ({'its launcher is alive' if alive else 'stale'}): "
+                "it leaked from a worker's environment",
+                f"unset {ENV_GUARD}",
+            )
+        )
+    try:
+        state_dir = guard.runtime_dir(os.environ)
+    except TlrunError:
+        return found
+    for kind in ("worker", "beat"):
+        path = state_dir / f"{settings.project_id}.{kind}.lock"
+        lock = guard.ProjectLock.try_acquire(path) if path.exists() else None
+        if lock is None:
+            continue
+        record = guard.read_record(path)
+        lock.release()
+        if record:
+            found.append(
+                Finding(
+                    "STALE_LOCK",
+                    "info",
+                    f"the {kind} lock names pid {record.get('pid')}, which died without releasing it; "
+                    "the kernel already did (harmless, cleared now)",
+                    None,
+                )
+            )
+    return found
+
+
+def diagnose(settings: Settings) -> DoctorReport:
+    started = time.monotonic()
+    hostname = socket.gethostname()
+    findings: list[Finding] = []
+    everyone = inventory.local_processes(settings, everything=True)  # to put pids on node names
+    local = [p for p in everyone if p.project]
+    app: Any = None
+    try:
+        broker_url = resolve_broker_url(settings)
+    except AppImportError as exc:
+        return _failed(settings, started, [Finding("APP_IMPORT", "error", str(exc), "fix the import error")], local)
+    census = verify.Census(broker_url, settings.ping_window).start()
+    try:
+        app = load_app(settings)
+    except AppImportError as exc:
+        findings.append(Finding("APP_IMPORT", "error", str(exc), "fix the import error, then run doctor again"))
+    try:
+        replies = census.result()
+        reachable = True
+    except BrokerError as exc:
+        replies, reachable = [], False
+        findings.append(Finding("BROKER_UNREACHABLE", "error", str(exc), exc.hint))
+    nodes = node_views(replies, everyone, hostname)
+    project_nodes = {p.node for p in local if p.project}
+    for node in nodes:
+        if node.replies > 1:
+            where = (
+                f"{len(node.local_pids)} on this host (pid {', '.join(map(str, node.local_pids))})"
+                if node.local_pids
+                else "on other hosts"
+                if not node.this_host
+                else "on this host, another user"
+            )
+            fix = "tlrun doctor --fix" if node.name in project_nodes else "tlrun doctor --fix --remote"
+            findings.append(
+                Finding(
+                    "DUPLICATE_NODE",
+                    "error",
+                    f"{node.replies} workers answer as {node.name} ({where}): tasks are split and "
+                    "control commands reach only one of them",
+                    fix,
+                )
+            )
+    answering = sum(n.replies for n in nodes)
+    if reachable and answering > settings.expected_workers:
+        here = [n.name for n in nodes if n.this_host]
+        findings.append(
+            Finding(
+                "TOO_MANY_WORKERS",
+                "warning",
+                f"{answering} workers answer on this broker, expected {settings.expected_workers} "
+                f"({len(here)} on this host: {', '.join(here) or 'none'})",
+                "tlrun ps --all, then tlrun stop or tlrun doctor --fix",
+            )
+        )
+    if reachable and answering == 0:
+        findings.append(
+            Finding("NO_WORKERS", "warning", "no worker answers on this broker: tasks will wait", "tlrun worker")
+        )
+    for proc in local:
+        if proc.stray:
+            findings.append(
+                Finding(
+                    "STRAY_PROCESS",
+                    "error",
+                    f"stray {proc.role} pid {proc.pid} ({proc.node or 'no node name'}) runs this "
+                    "project's code with no tlrun launcher: it may run old code",
+                    "tlrun doctor --fix",
+                )
+            )
+    beats = [p for p in local if p.project and p.role == "beat"]
+    if len(beats) > 1:
+        findings.append(
+            Finding(
+                "MULTIPLE_BEATS",
+                "error",
+                f"{len(beats)} beats run for this project (pids {', '.join(str(b.pid) for b in beats)}): "
+                "every periodic task runs more than once",
+                "tlrun doctor --fix",
+            )
+        )
+    for proc in local:
+        if proc.project and proc.state == "stopped":
+            findings.append(
+                Finding(
+                    "STOPPED_PROCESS",
+                    "warning",
+                    f"{proc.role} pid {proc.pid} is stopped (SIGSTOP): it takes no tasks",
+                    f"kill -CONT {proc.pid}, or tlrun stop",
+                )
+            )
+    findings.extend(_state_findings(settings))
+    if app is not None:
+        findings.extend(config_findings(app.conf, broker_url, os.geteuid() == 0))
+    exit_code, status = exit_code_for(findings)
+    return DoctorReport(
+        project_root=str(settings.project_root),
+        app=settings.app,
+        project_id=settings.project_id,
+        broker_url=redact_url(broker_url),
+        broker_reachable=reachable,
+        ping_window_s=settings.ping_window,
+        expected_workers=settings.expected_workers,
+        nodes=tuple(nodes),
+        local=tuple(local),
+        findings=tuple(findings),
+        exit_code=exit_code,
+        status=status,
+        seconds=round(time.monotonic() - started, 2),
+    )
+
+
+def _failed(
+    settings: Settings, started: float, findings: list[Finding], local: list[inventory.LocalProcess]
+) -> DoctorReport:
+    exit_code, status = exit_code_for(findings)
+    return DoctorReport(
+        project_root=str(settings.project_root),
+        app=settings.app,
+        project_id=settings.project_id,
+        broker_url=redact_url(settings.broker_url),
+        broker_reachable=False,
+        ping_window_s=settings.ping_window,
+        expected_workers=settings.expected_workers,
+        nodes=(),
+        local=tuple(local),
+        findings=tuple(findings),
+        exit_code=exit_code,
+        status=status,
+        seconds=round(time.monotonic() - started, 2),
+    )

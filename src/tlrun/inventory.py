@@ -1,0 +1,90 @@
+"""The local view: this project's workers and beats (or every Celery process of the user) with their state,
+as plain rows for `ps`, `doctor` and `stop`."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psutil
+
+from tlrun import procs
+from tlrun.config import Settings
+
+
+@dataclass(frozen=True)
+class LocalProcess:
+    pid: int
+    role: str  # "worker" | "beat"
+    node: str | None
+    app: str | None
+    cwd: str | None
+    state: str  # psutil status: running, sleeping, stopped, zombie, ...
+    uptime_s: float
+    rss_bytes: int
+    cpu_s: float  # user + system CPU time of the main process
+    pool_children: int
+    launcher_pid: int | None  # the tlrun launcher that started it, when alive
+    project: bool  # belongs to the project asked about
+    stray: bool  # a project process that no live launcher owns
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _stats(pid: int) -> tuple[str, int, float, int]:
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            times = proc.cpu_times()
+            children = [c for c in proc.children() if c.cmdline() == proc.cmdline()]
+            return proc.status(), proc.memory_info().rss, times.user + times.system, len(children)
+    except (psutil.Error, OSError):
+        return "gone", 0, 0.0, 0
+
+
+def _live_launcher(proc: procs.CeleryProcess) -> int | None:
+    launcher = procs.Identity.decode(proc.launcher) if proc.launcher else None
+    if launcher is None or not launcher.is_alive():
+        return None
+    return launcher.pid
+
+
+def local_processes(
+    settings: Settings | None, everything: bool = False, table: Sequence[procs.CeleryProcess] | None = None
+) -> list[LocalProcess]:
+    """Main processes of Celery workers and beats of the current user: the project's, or all of them.
+    (A debug-mode worker runs inside `python -m tlrun`: the broker sees it, the process table does not.)"""
+    rows = procs.scan(("worker", "beat")) if table is None else table
+    uid = os.getuid()
+    now = time.time()
+    out = []
+    for proc in procs.main_processes([p for p in rows if p.uid == uid]):
+        is_project = settings is not None and procs.project_match(
+            proc, settings.project_id, settings.app, settings.project_root, uid
+        )
+        if not (everything or is_project):
+            continue
+        state, rss, cpu, children = _stats(proc.pid)
+        launcher = _live_launcher(proc)
+        out.append(
+            LocalProcess(
+                pid=proc.pid,
+                role=proc.role,
+                node=proc.node,
+                app=proc.app,
+                cwd=proc.cwd,
+                state=state,
+                uptime_s=round(now - proc.create_time, 1),
+                rss_bytes=rss,
+                cpu_s=round(cpu, 2),
+                pool_children=children,
+                launcher_pid=launcher,
+                project=is_project,
+                stray=is_project and launcher is None,
+            )
+        )
+    return sorted(out, key=lambda p: (p.role, p.pid))
