@@ -29,10 +29,32 @@ app = Celery("{name}")
 app.conf.update(
     result_backend=os.environ.get("TEST_RESULT_BACKEND"),
     broker_connection_retry_on_startup=True,
-    task_acks_late=True,
+    task_acks_late=os.environ.get("TEST_ACKS_LATE", "1") == "1",
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
+    broker_transport_options={{
+        "visibility_timeout": float(os.environ.get("TEST_VISIBILITY", "3600")),
+        # kombu 5.7 looks for expired unacked messages every interval, but scans only every throttle-th time
+        # (defaults 10 s and 10: up to ~100 s late). Scan every second in tests.
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }},
 )
+
+
+@app.task
+def record(i, seconds=0.2):
+    # Sleep, then note that task i completed (a list: duplicates stay visible).
+    import redis
+
+    time.sleep(seconds)
+    redis.Redis.from_url(os.environ["TEST_RESULT_BACKEND"]).rpush("runs", i)
+    return i
+
+
+@app.task
+def crash(code):
+    os._exit(code)
 
 
 @app.task
@@ -92,6 +114,7 @@ class RedisServer:
         self.port = free_port()
         self.password = password
         workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
         argv = [
             "redis-server",
             "--port",
@@ -125,6 +148,14 @@ class RedisServer:
 
     def stop(self) -> None:
         reap(self.proc)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (nothing is persisted)."""
+        reap(self.proc)
+        self.proc = subprocess.Popen(
+            self.proc.args, cwd=self.workdir, stdout=subprocess.DEVNULL, start_new_session=True
+        )
+        wait_for(self._listening, 10, f"redis-server back on port {self.port}")
 
 
 def ping_replies(url: str, timeout: float = 1.0) -> list[str]:

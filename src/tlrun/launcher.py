@@ -182,7 +182,9 @@ class Session:
         redactor = Redactor([url_password(self.broker_url), url_password(self.s.broker_url)])
         tag = label or name
         on_line = (lambda line: self.report(WorkerOutput(tag, line))) if echo else None
-        self.pumps[name] = spawn.OutputPump(child, out, redactor, on_line)
+        self.pumps[name] = spawn.OutputPump(
+            child, out, redactor, on_line, on_log_error=lambda msg: self.report(Notice(msg, "warning"))
+        )
 
     def finish_pump(self, name: str) -> tuple[str, ...]:
         pump = self.pumps.pop(name, None)

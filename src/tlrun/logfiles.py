@@ -32,11 +32,20 @@ class WorkerLog:
         self._handler.setFormatter(logging.Formatter("%(message)s"))
 
     def write(self, line: str) -> None:
+        """Append one line; raises OSError (a full disk) instead of logging's print-and-carry-on."""
         record = logging.LogRecord("tlrun.worker", logging.INFO, "", 0, line, None, None)
-        self._handler.emit(record)
+        handler = self._handler
+        if handler.shouldRollover(record):
+            handler.doRollover()
+        assert handler.stream is not None
+        handler.stream.write(line + "\n")
+        handler.stream.flush()
 
     def close(self) -> None:
-        self._handler.close()
+        try:
+            self._handler.close()
+        except OSError:
+            pass  # the last flush onto a full disk: already reported when the first write failed
 
 
 def open_log(log_dir: Path, stem: str) -> WorkerLog:

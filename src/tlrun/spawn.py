@@ -103,11 +103,14 @@ class OutputPump:
         redact: Redactor,
         on_line: Callable[[str], None] | None = None,
         keep: int = 40,
+        on_log_error: Callable[[str], None] | None = None,
     ) -> None:
         self._child = child
         self._log = log
         self._redact = redact
         self._on_line = on_line
+        self._on_log_error = on_log_error
+        self._log_failed = False
         self.tail: collections.deque[str] = collections.deque(maxlen=keep)
         self.log_path = log.path
         self._thread = threading.Thread(target=self._run, name=f"tlrun-output-{child.pid}", daemon=True)
@@ -121,8 +124,11 @@ class OutputPump:
             self.tail.append(line)
             try:
                 self._log.write(line)
-            except OSError:
-                pass  # a full disk must not stop the worker; the console still gets the line
+            except OSError as exc:
+                # A full disk must not stop the worker: the console still gets every line. Say so once.
+                if not self._log_failed and self._on_log_error:
+                    self._on_log_error(f"cannot write {self.log_path} ({exc.strerror}): console output continues")
+                self._log_failed = True
             if self._on_line:
                 self._on_line(line)
 
