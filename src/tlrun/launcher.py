@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -73,6 +74,9 @@ def _local_nodes() -> dict[str, list[int]]:
     return nodes
 
 
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
 def start_failure(app: str, ready_timeout: float, status: int | None, tail: list[str], timeout: bool) -> Exception:
     """Turn a worker that never answered into the error that explains it."""
     text = "\n".join(tail)
@@ -81,7 +85,10 @@ def start_failure(app: str, ready_timeout: float, status: int | None, tail: list
             (ln.strip() for ln in reversed(tail) if ln.strip() and not ln.startswith(("Usage:", "Try "))),
             "unknown error",
         )
-        return AppImportError(f"app {app!r} does not import: {reason}")
+        # The innermost frame of the traceback that is not Python's own import machinery: the user's line.
+        frames = [m.groups() for m in _FRAME.finditer(text) if "<frozen" not in m.group(1)]
+        where = f" ({frames[-1][0]}, line {frames[-1][1]})" if frames else ""
+        return AppImportError(f"app {app!r} does not import: {reason}{where}")
     if timeout:
         return WorkerStartError(
             f"the worker did not answer a ping within {ready_timeout:g} s",
