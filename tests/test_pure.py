@@ -229,3 +229,64 @@ def test_redacted_url_never_contains_password(password: str) -> None:
 
     redacted = urlsplit(redact_url(f"redis://user:{password}@host:6379/0"))
     assert (redacted.username, redacted.password, redacted.hostname, redacted.port) == ("user", "***", "host", 6379)
+
+
+# -- restart policy ------------------------------------------------------------------------------------
+def test_restart_backoff_grows_is_capped_and_gives_up() -> None:
+    from tlrun.restart import RestartPolicy, RestartSettings
+
+    now = [0.0]
+    policy = RestartPolicy(
+        RestartSettings(first_delay=1, max_delay=5, give_up_crashes=5, give_up_window=100, jitter=0.25),
+        clock=lambda: now[0],
+        rand=lambda: 1.0,
+    )
+    delays = []
+    for _ in range(4):
+        now[0] += 1
+        delays.append(policy.on_crash())
+    assert delays == [1.25, 2.5, 5.0, 6.25]  # doubled, capped at 5, jitter 25 % on top
+    now[0] += 1
+    assert policy.on_crash() is None and "5 crashes within 100 s" in policy.why_given_up()
+
+
+def test_restart_window_forgets_old_crashes_and_max_restarts() -> None:
+    from tlrun.restart import RestartPolicy, RestartSettings
+
+    now = [0.0]
+    policy = RestartPolicy(
+        RestartSettings(first_delay=1, give_up_crashes=2, give_up_window=10, jitter=0), clock=lambda: now[0]
+    )
+    for _ in range(5):
+        now[0] += 20  # crashes far apart never add up to the give-up rule
+        assert policy.on_crash() == 1
+    capped = RestartPolicy(RestartSettings(max_restarts=2, give_up_crashes=99, jitter=0), clock=lambda: now[0])
+    assert capped.on_crash() is not None and capped.on_crash() is not None
+    assert capped.on_crash() is None and "--max-restarts" in capped.why_given_up()
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1000), min_size=1, max_size=30), st.floats(0, 1))
+def test_restart_delay_is_bounded(gaps: list[float], jitter_draw: float) -> None:
+    from tlrun.restart import RestartPolicy, RestartSettings
+
+    now = [0.0]
+    s = RestartSettings(first_delay=0.5, max_delay=30, give_up_crashes=1000, give_up_window=60)
+    policy = RestartPolicy(s, clock=lambda: now[0], rand=lambda: jitter_draw)
+    for gap in gaps:
+        now[0] += gap
+        delay = policy.on_crash()
+        assert delay is not None and s.first_delay <= delay <= s.max_delay * (1 + s.jitter)
+
+
+def test_census_imports_celery_on_the_calling_thread() -> None:
+    # Regression: a census thread importing Celery while the main thread imported the user's app failed
+    # with "cannot import name 'Celery'" (Celery's package replaces itself during import).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from tlrun.verify import Census; assert 'celery' not in sys.modules; "
+        "Census('redis://127.0.0.1:1/0', 0.1); assert 'celery' in sys.modules; print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "ok", result.stderr

@@ -124,7 +124,7 @@ def worker_options(func: F) -> F:
     return func
 
 
-def _launch(params: dict[str, Any], **opts: bool) -> None:
+def _launch(params: dict[str, Any], **opts: Any) -> None:
     from tlrun.launcher import LaunchOptions, run
     from tlrun.render import ConsoleRenderer
 
@@ -135,15 +135,68 @@ def _launch(params: dict[str, Any], **opts: bool) -> None:
 @cli.command()
 @project_options
 @worker_options
+@click.option("--restart", is_flag=True, help="Restart the worker when it crashes, with exponential backoff.")
+@click.option(
+    "--restart-delay",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="First backoff delay, seconds.",
+)
+@click.option(
+    "--restart-max-delay",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Longest backoff delay, seconds.",
+)
+@click.option(
+    "--give-up-crashes",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Give up after this many crashes ...",
+)
+@click.option(
+    "--give-up-window",
+    type=click.FloatRange(min=1),
+    default=300.0,
+    show_default=True,
+    help="... within this many seconds.",
+)
+@click.option(
+    "--max-restarts",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Give up after this many restarts in total (0: no limit).",
+)
 @handle_errors
-def worker(**params: Any) -> None:
+def worker(
+    restart: bool,
+    restart_delay: float,
+    restart_max_delay: float,
+    give_up_crashes: int,
+    give_up_window: float,
+    max_restarts: int,
+    **params: Any,
+) -> None:
     """Run one supervised worker: guard, sweep strays, spawn, verify, supervise.
 
     Anything after `--` is passed to `celery worker` verbatim, e.g.
 
         tlrun worker -A proj.celery --concurrency=2 -- --without-heartbeat
+
+    With --restart, a worker that exits abnormally is started again (guard, sweep, spawn, verify) after a
+    delay that doubles with each crash, plus up to 25 % jitter; a clean exit or a stop request is never
+    restarted. Exit 16 when the give-up rule or --max-restarts ends it.
     """
-    _launch(params)
+    from tlrun.restart import RestartSettings
+
+    policy = None
+    if restart:
+        policy = RestartSettings(restart_delay, restart_max_delay, give_up_crashes, give_up_window, max_restarts)
+    _launch(params, restart=policy)
 
 
 @cli.command()
@@ -252,10 +305,22 @@ def _emit_json(data: Any) -> None:
 @click.option("--expected", "expected_workers", type=click.IntRange(min=1), help="Workers expected (1).")
 @click.option("--ping-window", type=click.FloatRange(min=0.1), help="Reply window of the census ping (1.0).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report (schema: docs/doctor.schema.json).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["human", "json", "prometheus"]),
+    default=None,
+    help="Report format; prometheus prints metrics in the text exposition format.",
+)
+@click.option(
+    "--textfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write Prometheus metrics atomically to this file (node_exporter's textfile collector).",
+)
 @click.option("--fix", is_flag=True, help="Stop local strays and duplicates of this project (stop ladder).")
 @click.option("--remote", is_flag=True, help="With --fix: also ask remote duplicate nodes to shut down.")
 @handle_errors
-def doctor(as_json: bool, fix: bool, remote: bool, **params: Any) -> None:
+def doctor(as_json: bool, fmt: str | None, textfile: Path | None, fix: bool, remote: bool, **params: Any) -> None:
     """Find duplicates, strays and risky settings, locally and on the broker.
 
     Exit codes: 0 healthy, 13 warnings only, 9 duplicates or strays, 5 broker unreachable, 4 app does not
@@ -280,9 +345,18 @@ def doctor(as_json: bool, fix: bool, remote: bool, **params: Any) -> None:
             for name in remote_nodes if remote else []:
                 click.echo(f"tlrun: asked remote node {name} to shut down")
         report = doctor_mod.diagnose(settings)
-    if as_json:
+    fmt = fmt or ("json" if as_json else "human")
+    if textfile is not None:
+        from tlrun.metrics import prometheus, write_textfile
+
+        write_textfile(textfile, prometheus(report))
+    if fmt == "json":
         _emit_json(report.as_dict())
-    else:
+    elif fmt == "prometheus":
+        from tlrun.metrics import prometheus
+
+        click.echo(prometheus(report), nl=False)
+    elif textfile is None:
         for line in doctor_report(report):
             click.echo(line)
     sys.exit(report.exit_code)
@@ -400,6 +474,38 @@ def health(node: str | None, timeout: float, retries: int, **params: Any) -> Non
     click.echo(f"tlrun: {result.node}: {result.state} ({result.detail}, {result.seconds:.1f} s)")
     codes = {"alive": 0, "unknown": HEALTH_UNKNOWN_EXIT_CODE, "dead": HEALTH_DEAD_EXIT_CODE}
     sys.exit(codes[result.state])
+
+
+@cli.command("export")
+@click.argument("kind", type=click.Choice(["systemd", "supervisor", "procfile"]))
+@project_options
+@click.option("--node-prefix", help="Node name prefix (default api).")
+@click.option("--beat", is_flag=True, help="Also run beat (a second unit or program).")
+@click.option("--user", help="Run as this user (systemd User=, supervisor user=).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write the file(s) into this directory instead of printing.",
+)
+@handle_errors
+def export_cmd(kind: str, beat: bool, user: str | None, output: Path | None, **params: Any) -> None:
+    """Service configuration that runs tlrun for this project and stops Celery the right way.
+
+    systemd: KillMode=mixed with TimeoutStopSec above the grace period; supervisor: stopasgroup=false,
+    killasgroup=true, stopwaitsecs above the grace period; procfile: one line per process.
+    """
+    from tlrun import export
+
+    settings = _settings(params)
+    files = export.RENDERERS[kind](export.spec_for(settings, beat=beat, user=user))
+    for name, text in files.items():
+        if output is None:
+            click.echo(text, nl=False)
+        else:
+            output.mkdir(parents=True, exist_ok=True)
+            (output / name).write_text(text)
+            click.echo(f"tlrun: wrote {output / name}")
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tlrun import guard, inventory, verify
-from tlrun.broker import load_app, resolve_broker_url
+from tlrun.broker import Broker, load_app, resolve_broker_url
 from tlrun.config import ENV_GUARD, Settings
 from tlrun.errors import DOCTOR_WARNINGS_EXIT_CODE, AppImportError, BrokerError, DuplicateNodeError, TlrunError
 from tlrun.procs import Identity
@@ -51,6 +51,7 @@ class DoctorReport:
     project_id: str
     broker_url: str  # redacted
     broker_reachable: bool
+    broker_connect_s: float | None  # time to open a connection; None when it failed
     ping_window_s: float
     expected_workers: int
     nodes: tuple[NodeView, ...]
@@ -236,6 +237,16 @@ def _state_findings(settings: Settings) -> list[Finding]:
     return found
 
 
+def _connect_time(url: str) -> float | None:
+    started = time.monotonic()
+    try:
+        with Broker(url) as broker:
+            broker.connect()
+    except BrokerError:
+        return None
+    return round(time.monotonic() - started, 4)
+
+
 def diagnose(settings: Settings) -> DoctorReport:
     started = time.monotonic()
     hostname = socket.gethostname()
@@ -248,6 +259,7 @@ def diagnose(settings: Settings) -> DoctorReport:
     except AppImportError as exc:
         return _failed(settings, started, [Finding("APP_IMPORT", "error", str(exc), "fix the import error")], local)
     census = verify.Census(broker_url, settings.ping_window).start()
+    connect_s = _connect_time(broker_url)
     try:
         app = load_app(settings)
     except AppImportError as exc:
@@ -337,6 +349,7 @@ def diagnose(settings: Settings) -> DoctorReport:
         project_id=settings.project_id,
         broker_url=redact_url(broker_url),
         broker_reachable=reachable,
+        broker_connect_s=connect_s,
         ping_window_s=settings.ping_window,
         expected_workers=settings.expected_workers,
         nodes=tuple(nodes),
@@ -358,6 +371,7 @@ def _failed(
         project_id=settings.project_id,
         broker_url=redact_url(settings.broker_url),
         broker_reachable=False,
+        broker_connect_s=None,
         ping_window_s=settings.ping_window,
         expected_workers=settings.expected_workers,
         nodes=(),

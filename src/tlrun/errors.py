@@ -78,6 +78,12 @@ class LogError(TlrunError):
     exit_code = 12
 
 
+class RestartGiveUpError(TlrunError):
+    """worker --restart: the worker crashed too often (the give-up rule or --max-restarts)."""
+
+    exit_code = 16
+
+
 DOCTOR_WARNINGS_EXIT_CODE = 13  # doctor found warnings only
 HEALTH_UNKNOWN_EXIT_CODE = 14  # health: the node's process exists here but does not answer (stopped, busy)
 HEALTH_DEAD_EXIT_CODE = 15  # health: no answer and no such process here
@@ -101,4 +107,5 @@ EXIT_CODES: dict[int, str] = {
     DOCTOR_WARNINGS_EXIT_CODE: "doctor: warnings only (configuration risks, unexpected worker count)",
     HEALTH_UNKNOWN_EXIT_CODE: "health: the node's process exists here but does not answer (stopped or busy)",
     HEALTH_DEAD_EXIT_CODE: "health: the node does not answer and no such process runs here",
+    RestartGiveUpError.exit_code: "worker --restart gave up: too many crashes (give-up rule or --max-restarts)",
 }

@@ -18,6 +18,7 @@ from tlrun.config import Settings
 @dataclass(frozen=True)
 class LocalProcess:
     pid: int
+    ppid: int
     role: str  # "worker" | "beat"
     node: str | None
     app: str | None
@@ -73,6 +74,7 @@ def local_processes(
         out.append(
             LocalProcess(
                 pid=proc.pid,
+                ppid=proc.ppid,
                 role=proc.role,
                 node=proc.node,
                 app=proc.app,

@@ -21,11 +21,19 @@ from typing import Any
 from tlrun import brokerd, guard, procs, signals, spawn, sweep, verify
 from tlrun.broker import Broker, resolve_broker_url
 from tlrun.config import Settings
-from tlrun.errors import AppImportError, DuplicateNodeError, LockHeldError, StopError, WorkerStartError
+from tlrun.errors import (
+    AppImportError,
+    DuplicateNodeError,
+    LockHeldError,
+    RestartGiveUpError,
+    StopError,
+    WorkerStartError,
+)
 from tlrun.events import Exited, Notice, Ready, Reloaded, Reporter, Spawned, StrayFound, WorkerOutput
 from tlrun.logfiles import open_log
 from tlrun.redact import Redactor, url_password
 from tlrun.reload import Watcher
+from tlrun.restart import RestartPolicy, RestartSettings
 from tlrun.supervise import Supervisor
 
 log = logging.getLogger(__name__)
@@ -38,6 +46,7 @@ class LaunchOptions:
     reload: bool = False
     managed_broker: bool = False  # start a private redis-server when nothing answers (dev)
     debug: bool = False  # run the worker inside this process (dev --debug)
+    restart: RestartSettings | None = None  # restart a crashed worker with backoff (worker --restart)
 
 
 def lock_path(settings: Settings, kind: str) -> Path:
@@ -111,6 +120,7 @@ class Session:
         self.pumps: dict[str, spawn.OutputPump] = {}
         self.census: list[str] | verify.Census = []
         self.watcher: Watcher | None = None
+        self.policy = RestartPolicy(opts.restart) if opts.restart is not None else None
         self._record: dict[str, Any] = {}
         self._locks: list[guard.ProjectLock] = []
 
@@ -292,6 +302,33 @@ class Session:
         if ready is not None:
             self.report(Reloaded(tuple(changes), time.monotonic() - started, ready))
 
+    def restart_after_crash(self, code: int) -> None:
+        """Back off, then guard, sweep, spawn and verify again; RestartGiveUpError when the policy says so."""
+        assert self.policy is not None
+        delay = self.policy.on_crash()
+        if delay is None:
+            raise RestartGiveUpError(f"giving up on the worker after {self.policy.why_given_up()}")
+        self.report(
+            Notice(f"worker exited with status {code}: restart {self.policy.restarts} in {delay:.1f} s", "warning")
+        )
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and not self.sup.stop_requested:
+            time.sleep(0.05)
+        if self.sup.stop_requested:
+            return
+        note = guard.check_env_guard(os.environ)  # the lock is still ours; the guard is checked again
+        if note is not None:
+            self.report(Notice(note.message, "warning"))
+        self.sweep()
+        try:
+            ready = self.start_worker(time.monotonic(), allow_rename=False)
+        except (AppImportError, WorkerStartError) as exc:
+            self.report(Notice(f"restart failed: {exc}", "warning"))
+            self.restart_after_crash(WorkerStartError.exit_code)
+            return
+        if ready is not None:
+            self.report(Ready(ready))
+
     def supervise(self) -> int:
         """Until every worker and beat has stopped; returns the exit status."""
         status = 0
@@ -317,7 +354,10 @@ class Session:
             if self.watcher is not None and name == "worker":
                 self.report(Notice("waiting for a change to start the worker again"))
                 continue
-            status = code or 1
+            if name == "worker" and code != 0 and self.policy is not None:
+                self.restart_after_crash(code)
+                continue
+            status = code  # a clean exit of its own (a remote shutdown) is not a crash
             break
         self.sup.stop_all()
         return status

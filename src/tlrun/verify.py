@@ -54,7 +54,10 @@ class Census:
     """One broadcast ping over a full reply window, on its own connection and thread."""
 
     def __init__(self, url: str, window: float) -> None:
-        self._url = url
+        # Built here, on the caller's thread: Celery's package swaps itself for a lazy module while it is
+        # imported, and a second thread importing it at the same moment (the user's app, in doctor) fails
+        # with "cannot import name 'Celery'". Import first, then start threads.
+        self._broker = Broker(url)
         self._window = window
         self.replies: list[str] = []
         self.error: BrokerError | None = None
@@ -66,7 +69,7 @@ class Census:
 
     def _run(self) -> None:
         try:
-            with Broker(self._url) as broker:
+            with self._broker as broker:
                 self.replies = broker.ping(timeout=self._window)
         except BrokerError as exc:
             self.error = exc
