@@ -85,11 +85,11 @@ def project_options(func: F) -> F:
     return func
 
 
-def _settings(params: dict[str, Any]) -> Any:
+def _settings(params: dict[str, Any], ping_window_default: float = 1.0) -> Any:
     from tlrun.config import load_settings
 
     project_dir = params.pop("project_dir", None)
-    return load_settings(params, project_dir)
+    return load_settings(params, project_dir, ping_window_default)
 
 
 def worker_options(func: F) -> F:
@@ -124,11 +124,11 @@ def worker_options(func: F) -> F:
     return func
 
 
-def _launch(params: dict[str, Any], **opts: Any) -> None:
+def _launch(params: dict[str, Any], ping_window_default: float = 1.0, **opts: Any) -> None:
     from tlrun.launcher import LaunchOptions, run
     from tlrun.render import ConsoleRenderer
 
-    settings = _settings(params)
+    settings = _settings(params, ping_window_default)
     sys.exit(run(settings, ConsoleRenderer(), LaunchOptions(**opts)))
 
 
@@ -230,7 +230,8 @@ def dev(debug: bool | None, reload: bool, beat: bool, no_broker: bool, chatter: 
     if debug and reload:
         raise click.UsageError("--debug and --reload do not go together: the debugger owns the process")
     params["extra"] = dev_extra(params.get("extra") or (), chatter)
-    _launch(params, reload=reload, beat=beat, managed_broker=not no_broker, debug=bool(debug))
+    # One developer, a local broker: replies come within milliseconds, so a half-second census will do.
+    _launch(params, 0.5, reload=reload, beat=beat, managed_broker=not no_broker, debug=bool(debug))
 
 
 @cli.command()

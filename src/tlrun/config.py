@@ -132,6 +132,7 @@ def build_settings(
     environ: Mapping[str, str],
     dotenv: Mapping[str, str],
     project_root: Path,
+    ping_window_default: float = 1.0,
 ) -> Settings:
     """Merge the sources. `cli` holds only the options given on the command line (None means not given)."""
     merged_env: dict[str, str] = {**dotenv, **environ}  # the process environment wins over .env
@@ -192,7 +193,7 @@ def build_settings(
         expected_workers=num("expected_workers", ENV_EXPECTED, int, 1, 1),
         ready_timeout=num("ready_timeout", ENV_READY_TIMEOUT, float, 30.0, 0.5),
         stop_grace=num("stop_grace", ENV_GRACE, float, 30.0, 0),
-        ping_window=num("ping_window", ENV_PING_WINDOW, float, 1.0, 0.1),
+        ping_window=num("ping_window", ENV_PING_WINDOW, float, ping_window_default, 0.1),
         strict=bool(cli.get("strict")),
         sweep=cli.get("sweep", True) is not False,
         replace=bool(cli.get("replace")),
@@ -211,9 +212,11 @@ def dev_extra(extra: tuple[str, ...] | list[str], chatter: bool) -> tuple[str, .
     return tuple(flag for flag in DEV_QUIET_FLAGS if flag not in extra) + tuple(extra)
 
 
-def load_settings(cli: Mapping[str, Any], project_root: Path | None = None) -> Settings:
+def load_settings(
+    cli: Mapping[str, Any], project_root: Path | None = None, ping_window_default: float = 1.0
+) -> Settings:
     """Read the real sources: the project's .env and os.environ."""
     root = Path(project_root or os.getcwd()).resolve()
     if not root.is_dir():
         raise ConfigError(f"project directory {root} does not exist")
-    return build_settings(cli, os.environ, read_dotenv(root / ".env"), root)
+    return build_settings(cli, os.environ, read_dotenv(root / ".env"), root, ping_window_default)

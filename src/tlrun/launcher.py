@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tlrun import brokerd, guard, procs, signals, spawn, sweep, verify
-from tlrun.broker import Broker, resolve_broker_url
+from tlrun.broker import Broker, check_reachable, resolve_broker_url
 from tlrun.config import Settings
 from tlrun.errors import (
     AppImportError,
@@ -118,7 +118,7 @@ class Session:
         self.node = spawn.node_name(settings.node_prefix, os.getpid(), self.hostname)
         self.broker_url = ""
         self.pumps: dict[str, spawn.OutputPump] = {}
-        self.census: list[str] | verify.Census = []
+        self.census: list[str] | verify.Census | None = None
         self.watcher: Watcher | None = None
         self.policy = RestartPolicy(opts.restart) if opts.restart is not None else None
         self._record: dict[str, Any] = {}
@@ -161,8 +161,7 @@ class Session:
                 self._start_private_redis(url, argv)
         self.broker_url = url or resolve_broker_url(self.s)
         # Fail on a dead broker before anything is stopped or started.
-        with Broker(self.broker_url) as probe:
-            probe.connect()
+        check_reachable(self.broker_url)
 
     def _start_private_redis(self, url: str, argv: list[str]) -> None:
         address = brokerd.local_redis_address(url)
@@ -221,6 +220,10 @@ class Session:
         child = self.sup.start("worker", argv, env, self.s.project_root)
         self._pump("worker", child, f"celery_worker_{os.getpid()}", label=node)
         self.report(Spawned("worker", node, child.pid, self.pumps["worker"].log_path, tuple(argv)))
+        if self.census is None:
+            # Right after the spawn, so that importing Celery overlaps the worker's own start-up. The new
+            # worker cannot answer it: it subscribes to its mailbox only after its own imports (> 0.3 s).
+            self.start_census()
         deadline = time.monotonic() + self.s.ready_timeout
         with Broker(self.broker_url) as broker:
             ok = verify.wait_ready(
@@ -234,8 +237,8 @@ class Session:
             tail = list(self.finish_pump("worker"))
             raise start_failure(self.s.app, self.s.ready_timeout, status, tail, timed_out)
         census = self.census
-        replies = census if isinstance(census, list) else census.result(lambda: self.sup.stop_requested)
-        self.census = replies
+        assert census is not None
+        replies = self.census = census if isinstance(census, list) else census.result(lambda: self.sup.stop_requested)
         if node in replies and allow_rename:
             # A worker elsewhere already answers to our name: stop ours and come back under a unique one.
             new = spawn.unique_node_name(self.s.node_prefix, os.getpid(), self.hostname, set(replies))
@@ -246,8 +249,14 @@ class Session:
             report = self.start_worker(started, allow_rename=False)
             return None if report is None else verify.ReadyReport(**{**report.__dict__, "renamed_from": node})
         self._update_record(node=node, worker_pid=child.pid)
+        others = [name for name in replies if name != node]
         return verify.build_report(
-            node, child.pid, time.monotonic() - started, replies, self.s.expected_workers, _local_nodes()
+            node,
+            child.pid,
+            time.monotonic() - started,
+            replies,
+            self.s.expected_workers,
+            _local_nodes() if others else {},
         )
 
     def _reap_exited(self, name: str) -> int | None:
@@ -383,7 +392,6 @@ def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None)
             session.watcher = Watcher(settings.project_root, [settings.log_dir]).start()
             stack.callback(session.watcher.close)
         if opts.worker:
-            session.start_census()
             try:
                 ready = session.start_worker(started)
             except (AppImportError, WorkerStartError) as exc:

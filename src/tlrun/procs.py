@@ -211,10 +211,15 @@ def scan(roles: Iterable[str] = ("worker", "beat"), hostname: str | None = None)
     wanted = set(roles)
     host = hostname or socket.gethostname()
     found: list[CeleryProcess] = []
-    for proc in psutil.process_iter(["pid", "ppid", "cmdline", "create_time", "uids"]):
-        info = proc.info
-        cmd = parse_celery_argv(info.get("cmdline") or ())
-        if cmd is None or cmd.subcommand not in wanted or info.get("uids") is None:
+    # argv only for every process (one read of /proc/<pid>/cmdline); the rest only for Celery ones.
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = parse_celery_argv(proc.info.get("cmdline") or ())
+        if cmd is None or cmd.subcommand not in wanted:
+            continue
+        try:
+            with proc.oneshot():
+                ppid, create_time, uid = proc.ppid(), proc.create_time(), proc.uids().real
+        except (psutil.Error, OSError):
             continue
         env = _read_env(proc)
         try:
@@ -226,10 +231,10 @@ def scan(roles: Iterable[str] = ("worker", "beat"), hostname: str | None = None)
         node = env.get(ENV_NODE) or (expand_node_name(cmd.node, host) if cmd.subcommand == "worker" else None)
         found.append(
             CeleryProcess(
-                pid=info["pid"],
-                ppid=info.get("ppid") or 0,
-                create_time=info["create_time"],
-                uid=info["uids"].real,
+                pid=proc.pid,
+                ppid=ppid,
+                create_time=create_time,
+                uid=uid,
                 role=cmd.subcommand,
                 app=cmd.app,
                 node=node,

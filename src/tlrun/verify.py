@@ -1,7 +1,7 @@
 """Step 4 of the launch path: the new node answers, and exactly the expected workers answer.
 
 Counting uses raw ping replies (`control.ping()` returns a list); `inspect().ping()` folds replies into
-a dict keyed by node name and would hide a duplicate. The census broadcast is sent just before the worker
+a dict keyed by node name and would hide a duplicate. The census broadcast is sent right after the worker
 is spawned, so its full reply window overlaps the worker's start-up instead of adding to it; the new worker
 cannot answer it (it is not subscribed yet), so the census counts everything *else* on the broker.
 """
@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from tlrun.broker import Broker
 from tlrun.errors import BrokerError
 
-READY_POLL = 0.5  # one readiness ping returns as soon as the node answers, or after this long
+# One readiness ping returns as soon as the node answers, or after this long. A ping sent before the new
+# worker subscribed to its mailbox is lost (fanout), so a short poll keeps that loss to 0.1 s.
+READY_POLL = 0.1
 
 
 @dataclass(frozen=True)

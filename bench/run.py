@@ -1,0 +1,391 @@
+"""tlrun against bare Celery, measured side by side in one run.
+
+    scripts/bench.sh [--pairs N]
+
+Each measure alternates tlrun (A) and its baseline (B): A B A B ... Times are taken from outside, polling
+every 10 ms; both sides import the same modules from a warm page cache (one untimed warm-up run of each
+side first). Writes bench/results.md (the README's Performance table) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
+POLL = 0.01
+APP = """
+import os, time
+from celery import Celery
+app = Celery("benchapp")
+app.conf.update(broker_connection_retry_on_startup=True, task_acks_late=True, worker_prefetch_multiplier=1)
+VALUE = 1
+
+@app.task
+def value():
+    return VALUE
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark step timed out")
+        time.sleep(POLL)
+
+
+def tree_gone(pids: list[int]) -> bool:
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
+
+
+def family(pid: int) -> list[int]:
+    try:
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return [pid]
+
+
+class Bench:
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        (workdir / "benchapp.py").write_text(APP)
+        self.runtime = workdir / "run"
+        self.runtime.mkdir(mode=0o700)
+        self.port = free_port()
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        wait_until(lambda: self._listening())
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "TLRUN_", "TL_CELERY"))}
+        self.env.update(
+            CELERY_BROKER_URL=self.url, XDG_RUNTIME_DIR=str(self.runtime), NO_COLOR="1", PYTHONUNBUFFERED="1"
+        )
+        self.started: list[subprocess.Popen[bytes]] = []
+        from celery import Celery  # the harness's own probe: one connection, reused
+
+        self.probe = Celery("bench-probe", broker=self.url, set_as_current=False)
+        self.conn = self.probe.connection_for_write(self.url)
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), 0.1).close()
+            return True
+        except OSError:
+            return False
+
+    def spawn(self, argv: list[str], out: Path | None = None) -> subprocess.Popen[bytes]:
+        fh = open(out, "wb") if out else subprocess.DEVNULL  # noqa: SIM115
+        proc = subprocess.Popen(
+            argv, cwd=self.dir, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.started.append(proc)
+        return proc
+
+    def answers(self, node: str) -> bool:
+        return bool(self.probe.control.ping(destination=[node], timeout=0.05, connection=self.conn))
+
+    def output_has(self, path: Path, pattern: str) -> re.Match[str] | None:
+        try:
+            return re.search(pattern, path.read_text(errors="replace"))
+        except FileNotFoundError:
+            return None
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+        pids = family(proc.pid)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        wait_until(lambda: tree_gone(pids), 60)
+
+    def close(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(10)
+        self.conn.release()
+        self.redis.terminate()
+        self.redis.wait(10)
+
+    # -- the two sides of each measure ------------------------------------------------------------------
+    def celery_ready(self) -> float:
+        """Bare `celery worker`: start until its first own ping reply (polled from outside)."""
+        t0 = time.monotonic()
+        proc = self.spawn([PY, "-m", "celery", "-A", "benchapp", "worker", "-n", "bare@bench", "-c", "2"])
+        wait_until(lambda: self.answers("bare@bench"))
+        elapsed = time.monotonic() - t0
+        self.stop(proc)
+        return elapsed
+
+    def tlrun_ready(self, command: str) -> float:
+        out = self.dir / f"{command}.out"
+        t0 = time.monotonic()
+        proc = self.spawn([PY, "-m", "tlrun", command, "-A", "benchapp", "-c", "2"], out)
+        wait_until(lambda: self.output_has(out, r"worker ready:"))
+        elapsed = time.monotonic() - t0
+        self.stop(proc, signal.SIGINT)
+        return elapsed
+
+    def _start_tlrun(self, *extra: str) -> tuple[subprocess.Popen[bytes], int, Path]:
+        out = self.dir / "held.out"
+        proc = self.spawn([PY, "-m", "tlrun", "worker", "-A", "benchapp", "-c", "2", *extra], out)
+        wait_until(lambda: self.output_has(out, r"worker ready:"))
+        match = self.output_has(out, r"\(pid (\d+)\)")
+        assert match is not None
+        return proc, int(match.group(1)), out
+
+    def tlrun_stop(self) -> float:
+        proc, worker, _ = self._start_tlrun()
+        pids = family(proc.pid) + family(worker)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        wait_until(lambda: tree_gone(pids))
+        proc.wait(10)
+        return time.monotonic() - t0
+
+    def celery_stop(self) -> float:
+        proc = self.spawn([PY, "-m", "celery", "-A", "benchapp", "worker", "-n", "bare@bench", "-c", "2"])
+        wait_until(lambda: self.answers("bare@bench"))
+        pids = family(proc.pid)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: tree_gone(pids))
+        proc.wait(10)
+        return time.monotonic() - t0
+
+    def tlrun_sigkill(self) -> float:
+        proc, worker, _ = self._start_tlrun()
+        pids = family(worker)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        wait_until(lambda: tree_gone(pids))
+        proc.wait(10)
+        return time.monotonic() - t0
+
+    def tlrun_doctor(self) -> float:
+        t0 = time.monotonic()
+        subprocess.run(
+            [PY, "-m", "tlrun", "doctor", "-A", "benchapp"],
+            cwd=self.dir,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+        return time.monotonic() - t0
+
+    def celery_inspect(self) -> float:
+        t0 = time.monotonic()
+        subprocess.run(
+            [PY, "-m", "celery", "-A", "benchapp", "inspect", "ping"],
+            cwd=self.dir,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+        return time.monotonic() - t0
+
+    def help(self, tool: str) -> float:
+        t0 = time.monotonic()
+        argv = [PY, "-m", tool, "--help"]
+        subprocess.run(argv, cwd=self.dir, env=self.env, stdout=subprocess.DEVNULL, timeout=60, check=True)
+        return time.monotonic() - t0
+
+    def sweep_scan(self, crowd: int) -> float:
+        """In-process: one sweep scan (find_strays) with `crowd` unrelated processes running."""
+        from tlrun import sweep
+        from tlrun.config import project_id
+
+        t0 = time.perf_counter()
+        sweep.find_strays(project_id(self.dir, "benchapp"), "benchapp", self.dir, ("worker", "beat"))
+        return time.perf_counter() - t0
+
+    def reload(self) -> float:
+        out = self.dir / "reload.out"
+        proc = self.spawn([PY, "-m", "tlrun", "dev", "-A", "benchapp", "-c", "2", "--reload"], out)
+        wait_until(lambda: self.output_has(out, r"worker ready:"))
+        app = self.dir / "benchapp.py"
+        times = []
+        for n in range(3):
+            before = out.read_text().count("reloaded:")
+            t0 = time.monotonic()
+            app.write_text(APP.replace("VALUE = 1", f"VALUE = {n + 2}"))
+            wait_until(lambda b=before: out.read_text().count("reloaded:") > b)
+            times.append(time.monotonic() - t0)
+        self.stop(proc, signal.SIGINT)
+        app.write_text(APP)
+        return statistics.median(times)
+
+    def launcher_rss(self) -> float:
+        proc, _, _ = self._start_tlrun()
+        time.sleep(1.0)  # a second of supervising, not synchronisation: the figure is the steady state
+        rss = psutil.Process(proc.pid).memory_info().rss / 1048576
+        self.stop(proc, signal.SIGINT)
+        return rss
+
+
+def pairs(n: int, a: Callable[[], float], b: Callable[[], float] | None) -> tuple[list[float], list[float]]:
+    a()  # warm-up, untimed
+    if b:
+        b()
+    xs, ys = [], []
+    for _ in range(n):
+        xs.append(a())
+        if b:
+            ys.append(b())
+    return xs, ys
+
+
+def crowd(n: int) -> list[subprocess.Popen[bytes]]:
+    return [subprocess.Popen(["sleep", "600"], start_new_session=True) for _ in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
+    args = parser.parse_args()
+    if shutil.which("redis-server") is None:
+        sys.exit("bench: redis-server is not on PATH")
+    rows: list[tuple[str, str, float, float | None, str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="tlrun-bench-") as tmp:
+        bench = Bench(Path(tmp))
+        try:
+            n = args.pairs
+
+            def ratio_row(name: str, base: str, a: Callable[[], float], b: Callable[[], float], target: str) -> None:
+                xs, ys = pairs(n, a, b)
+                ma, mb = statistics.median(xs), statistics.median(ys)
+                rows.append((name, base, ma, mb, f"{ma / mb:.2f}", target))
+                summary = f"tlrun {ma:.3f} s, baseline {mb:.3f} s, ratio {ma / mb:.2f}"
+                print(f"{name}: {summary} (target {target})", flush=True)
+
+            def abs_row(name: str, a: Callable[[], float], unit: str, target: str) -> None:
+                xs, _ = pairs(n, a, None)
+                m = statistics.median(xs)
+                rows.append((name, "-", m, None, f"{m:.3f} {unit}" if unit == "s" else f"{m:.0f} {unit}", target))
+                print(f"{name}: {m:.3f} {unit} (target {target})", flush=True)
+
+            ratio_row(
+                "start to verified ready, `tlrun dev`",
+                "`celery worker` start to first own pong",
+                lambda: bench.tlrun_ready("dev"),
+                bench.celery_ready,
+                "<= 0.8",
+            )
+            ratio_row(
+                "start to verified ready, `tlrun worker`",
+                "`celery worker` start to first own pong",
+                lambda: bench.tlrun_ready("worker"),
+                bench.celery_ready,
+                "<= 1.1",
+            )
+            ratio_row(
+                "stop an idle worker (SIGINT to tlrun until the tree is gone)",
+                "SIGTERM to `celery worker` until gone",
+                bench.tlrun_stop,
+                bench.celery_stop,
+                "<= 1.1",
+            )
+            abs_row("launcher SIGKILLed until the worker tree is gone", bench.tlrun_sigkill, "s", "<= 1 s")
+            ratio_row(
+                "`tlrun doctor`, healthy project with one worker",
+                "`celery inspect ping`",
+                lambda: _with_worker(bench, bench.tlrun_doctor),
+                lambda: _with_worker(bench, bench.celery_inspect),
+                "<= 1.0",
+            )
+            held = _HELD.pop("worker", None)
+            if held is not None:
+                bench.stop(held, signal.SIGINT)  # the next measures run their own launcher of this project
+            ratio_row(
+                "`tlrun --help`", "`celery --help`", lambda: bench.help("tlrun"), lambda: bench.help("celery"), "<= 0.5"
+            )
+            sleepers = crowd(2000)
+            try:
+                abs_row(
+                    "sweep scan with 2,000 unrelated processes",
+                    lambda: bench.sweep_scan(2000) * 1000,
+                    "ms",
+                    "<= 200 ms",
+                )
+            finally:
+                for s in sleepers:
+                    s.kill()
+                for s in sleepers:
+                    s.wait()
+            abs_row("reload: file saved until the new worker answers", bench.reload, "s", "<= 2 s")
+            abs_row("launcher's own RSS while supervising", bench.launcher_rss, "MB", "<= 50 MB")
+        finally:
+            bench.close()
+    write_table(args.out, rows, n)
+
+
+_HELD: dict[str, subprocess.Popen[bytes]] = {}
+
+
+def _with_worker(bench: Bench, measure: Callable[[], float]) -> float:
+    """A healthy project: one tlrun worker runs for the whole doctor/inspect comparison."""
+    if "worker" not in _HELD:
+        _HELD["worker"], _, _ = bench._start_tlrun()
+    return measure()
+
+
+def write_table(path: Path, rows: list[tuple[str, str, float, float | None, str, str]], n: int) -> None:
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores ({cpu}), Linux {platform.release()}, "
+        f"Python {platform.python_version()}; medians of {n} alternating pairs (`scripts/bench.sh`).",
+        "",
+        "| measure | baseline | tlrun | baseline | ratio or value | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, base, a, b, value, target in rows:
+        a_s = f"{a:.3f} s" if b is not None else "-"
+        b_s = f"{b:.3f} s" if b is not None else "-"
+        lines.append(f"| {name} | {base} | {a_s} | {b_s} | {value} | {target} |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
