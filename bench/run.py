@@ -375,7 +375,7 @@ def write_table(path: Path, rows: list[tuple[str, str, float, float | None, str,
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores ({cpu}), Linux {platform.release()}, "
         f"Python {platform.python_version()}; medians of {n} alternating pairs (`scripts/bench.sh`).",
         "",
-        "| measure | baseline | tlrun | baseline | ratio or value | target |",
+        "| measure | baseline command | tlrun | baseline | ratio or value | target |",
         "|---|---|---|---|---|---|",
     ]
     for name, base, a, b, value, target in rows:
