@@ -171,33 +171,28 @@ class Bench:
         assert match is not None
         return proc, int(match.group(1)), out
 
+    @staticmethod
+    def _time_until_gone(proc: subprocess.Popen[bytes], sig: int, pids: list[int]) -> float:
+        """Send `sig` to `proc`; seconds until every pid in `pids` is gone."""
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        wait_until(lambda: tree_gone(pids))
+        elapsed = time.monotonic() - t0
+        proc.wait(10)
+        return elapsed
+
     def tlrun_stop(self) -> float:
         proc, worker, _ = self._start_tlrun()
-        pids = family(proc.pid) + family(worker)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        wait_until(lambda: tree_gone(pids))
-        proc.wait(10)
-        return time.monotonic() - t0
+        return self._time_until_gone(proc, signal.SIGINT, family(proc.pid) + family(worker))
 
     def celery_stop(self) -> float:
         proc = self.spawn([PY, "-m", "celery", "-A", "benchapp", "worker", "-n", "bare@bench", "-c", "2"])
         wait_until(lambda: self.answers("bare@bench"))
-        pids = family(proc.pid)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        wait_until(lambda: tree_gone(pids))
-        proc.wait(10)
-        return time.monotonic() - t0
+        return self._time_until_gone(proc, signal.SIGTERM, family(proc.pid))
 
     def tlrun_sigkill(self) -> float:
         proc, worker, _ = self._start_tlrun()
-        pids = family(worker)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGKILL)
-        wait_until(lambda: tree_gone(pids))
-        proc.wait(10)
-        return time.monotonic() - t0
+        return self._time_until_gone(proc, signal.SIGKILL, family(worker))
 
     def tlrun_doctor(self) -> float:
         t0 = time.monotonic()
