@@ -102,11 +102,16 @@ def test_debug_mode_runs_tasks_in_the_launcher_and_never_kills_a_busy_worker(dev
     assert launched.wait(30) == 0
 
 
-def test_debug_mode_from_environment(dev_project: Project) -> None:
-    launched = dev_project.launch(command="dev", fast=False, env=dev_project.env(DEBUG_MODE="1"))
+def test_debug_mode_from_environment_with_beat(dev_project: Project) -> None:
+    launched = dev_project.launch("--beat", command="dev", fast=False, env=dev_project.env(DEBUG_MODE="1"))
     launched.wait_output(r"debug mode: worker", 30)
     launched.wait_output(READY, 30)
     assert call(dev_project, "whoami") == launched.pid
+    beat_pid = int(launched.wait_output(r"starting beat \(pid (\d+)\)", 10).group(1))
+    launched.wait_output(r"TICK", 20)  # the beat child sends, the in-process worker runs
+    launched.send(signal.SIGINT)
+    assert launched.wait(30) == 0
+    assert gone([beat_pid])
 
 
 def _worker_mains(project: Project) -> int:

@@ -254,7 +254,7 @@ def beat(**params: Any) -> None:
 @click.option("--dry-run", is_flag=True, help="Show what would be stopped; stop nothing.")
 @handle_errors
 def sweep_cmd(dry_run: bool, **params: Any) -> None:
-    """Stop this project's stray workers (those no live launcher owns)."""
+    """Stop this project's stray workers and beats (those no live launcher owns)."""
     from tlrun import sweep
     from tlrun.errors import StopError
     from tlrun.events import StrayFound
@@ -267,11 +267,12 @@ def sweep_cmd(dry_run: bool, **params: Any) -> None:
         settings.app,
         settings.project_root,
         settings.stop_grace,
+        roles=("worker", "beat"),
         dry_run=dry_run,
         on_found=lambda stray: render(StrayFound(stray, dry_run)),
     )
     if not result.found:
-        click.echo("tlrun: no stray workers")
+        click.echo("tlrun: no stray workers or beats")
     if result.survivors:
         raise StopError(f"still alive after SIGKILL: {', '.join(map(str, result.survivors))}")
 

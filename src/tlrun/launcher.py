@@ -387,6 +387,8 @@ def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None)
         if opts.debug:
             from tlrun import debug
 
+            if opts.beat:  # beat stays a supervised child; the worker runs here, in the debugger's process
+                session.start_beat()
             return debug.run_in_process(settings, report, session.node, session.broker_url)
         if opts.reload:
             session.watcher = Watcher(settings.project_root, [settings.log_dir]).start()
