@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import Project, RedisServer, processes_under
+from helpers import Project, RedisServer, close_clients, processes_under
 
 
 @pytest.fixture
@@ -20,6 +20,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     try:
         yield server
     finally:
+        close_clients()
         server.stop()
 
 

@@ -335,9 +335,36 @@ def gone(pids: list[int]) -> bool:
     return True
 
 
-def send_task(url: str, name: str, *args: Any) -> Any:
-    """Send a task by name through a throwaway app (results in the same Redis)."""
+_CLIENTS: dict[str, Any] = {}
+
+
+def client(url: str) -> Any:
+    """One Celery client app per broker (results in the same Redis), closed by close_clients()."""
     from celery import Celery
 
-    app = Celery("test-client", broker=url, backend=url, set_as_current=False)
-    return app.send_task(name, args=args)
+    if url not in _CLIENTS:
+        backend = url if url.startswith("redis") else "rpc://"
+        _CLIENTS[url] = Celery("test-client", broker=url, backend=backend, set_as_current=False)
+    return _CLIENTS[url]
+
+
+def close_clients() -> None:
+    """Close the client apps' connections: broker pool, result backend pool, result pub/sub."""
+    for app in _CLIENTS.values():
+        try:
+            backend = app.backend
+            pubsub = getattr(getattr(backend, "result_consumer", None), "_pubsub", None)
+            if pubsub is not None:
+                pubsub.close()
+            redis_client = getattr(backend, "client", None)
+            if redis_client is not None:
+                redis_client.connection_pool.disconnect()
+        except Exception:
+            pass
+        app.close()
+    _CLIENTS.clear()
+
+
+def send_task(url: str, name: str, *args: Any) -> Any:
+    """Send a task by name; its result comes back through the same Redis."""
+    return client(url).send_task(name, args=args)

@@ -53,10 +53,9 @@ def test_clean_stop_and_clean_exit_are_not_restarted(project: Project) -> None:
 
     again = project.launch("--restart", "--restart-delay", "0.2")
     node = again.wait_output(READY, 30).group(1)
-    from celery import Celery
+    from helpers import client
 
-    app = Celery("test-control", broker=project.broker_url, set_as_current=False)
-    app.control.broadcast("shutdown", destination=[node])  # a clean exit of the worker's own
+    client(project.broker_url).control.broadcast("shutdown", destination=[node])  # a clean exit of its own
     assert again.wait(30) == 0
     assert "restart 1" not in again.output()
 
