@@ -12,7 +12,7 @@ import psutil
 from tlrun import guard, procs, signals, sweep
 from tlrun.broker import Broker, resolve_broker_url
 from tlrun.config import Settings
-from tlrun.errors import BrokerError, ConfigError
+from tlrun.errors import BrokerError, ConfigError, TlrunError
 
 
 @dataclass(frozen=True)
@@ -27,15 +27,13 @@ class StopReport:
 def _project_launchers(settings: Settings) -> list[psutil.Process]:
     """Live tlrun launchers of this project: lock holders, and launchers named by the project's processes."""
     identities: set[procs.Identity] = set()
-    try:
-        state = guard.runtime_dir(os.environ)
-    except Exception:
-        state = None
-    if state is not None:
-        for kind in ("worker", "beat"):
-            holder = guard.holder_identity(guard.read_record(state / f"{settings.project_id}.{kind}.lock"))
-            if holder is not None:
-                identities.add(holder)
+    for kind in ("worker", "beat"):
+        try:
+            holder = guard.holder_identity(guard.read_record(guard.lock_path(settings.project_id, kind)))
+        except TlrunError:  # an unsafe runtime directory: no record to trust
+            holder = None
+        if holder is not None:
+            identities.add(holder)
     uid = os.getuid()
     for proc in procs.scan(("worker", "beat")):
         if proc.launcher and procs.project_match(proc, settings.project_id, settings.app, settings.project_root, uid):
@@ -85,7 +83,7 @@ class Health:
 
 
 def default_node(settings: Settings) -> str:
-    record = guard.read_record(guard.runtime_dir(os.environ) / f"{settings.project_id}.worker.lock")
+    record = guard.read_record(guard.lock_path(settings.project_id, "worker"))
     holder = guard.holder_identity(record)
     if record and holder is not None and holder.is_alive() and record.get("node"):
         return str(record["node"])

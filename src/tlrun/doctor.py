@@ -213,13 +213,12 @@ def _state_findings(settings: Settings) -> list[Finding]:
                 f"unset {ENV_GUARD}",
             )
         )
-    try:
-        state_dir = guard.runtime_dir(os.environ)
-    except TlrunError:
-        return found
     for kind in ("worker", "beat"):
-        path = state_dir / f"{settings.project_id}.{kind}.lock"
-        lock = guard.ProjectLock.try_acquire(path) if path.exists() else None
+        try:
+            path = guard.lock_path(settings.project_id, kind)
+            lock = guard.ProjectLock.try_acquire(path) if path.exists() else None
+        except TlrunError:  # an unsafe runtime directory: the launch path reports it
+            return found
         if lock is None:
             continue
         record = guard.read_record(path)

@@ -74,6 +74,11 @@ def runtime_dir(environ: Mapping[str, str]) -> Path:
     return base
 
 
+def lock_path(project_id: str, kind: str, environ: Mapping[str, str] | None = None) -> Path:
+    """The lock file of a project's worker or beat (`kind`), in the per-user runtime directory."""
+    return runtime_dir(os.environ if environ is None else environ) / f"{project_id}.{kind}.lock"
+
+
 def _open_nofollow(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

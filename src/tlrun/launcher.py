@@ -50,7 +50,7 @@ class LaunchOptions:
 
 
 def lock_path(settings: Settings, kind: str) -> Path:
-    return guard.runtime_dir(os.environ) / f"{settings.project_id}.{kind}.lock"
+    return guard.lock_path(settings.project_id, kind)
 
 
 def beat_schedule_path(settings: Settings) -> Path:
@@ -233,7 +233,7 @@ class Session:
             return None
         if not ok:
             timed_out = self.sup.running("worker")
-            status = self.sup.stop("worker") if timed_out else self._reap_exited("worker")
+            status = self.sup.stop("worker") if timed_out else self.sup.reap("worker")
             tail = list(self.finish_pump("worker"))
             raise start_failure(self.s.app, self.s.ready_timeout, status, tail, timed_out)
         census = self.census
@@ -258,10 +258,6 @@ class Session:
             self.s.expected_workers,
             _local_nodes() if others else {},
         )
-
-    def _reap_exited(self, name: str) -> int | None:
-        got = self.sup.wait(interrupt=lambda: not self.sup.running(name))
-        return got[1] if got else None
 
     def start_beat(self) -> None:
         schedule = beat_schedule_path(self.s)
@@ -406,7 +402,3 @@ def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None)
         if opts.beat and not sup.stop_requested:
             session.start_beat()
         return session.supervise()
-
-
-def run_worker(settings: Settings, report: Reporter) -> int:
-    return run(settings, report, LaunchOptions())

@@ -114,6 +114,13 @@ class Supervisor:
         del self._children[child.name]
         return status
 
+    def reap(self, name: str) -> int | None:
+        """Reap one child that has exited (or is about to): its status, or None when there is no such child."""
+        child = self._children.get(name)
+        if child is None:
+            return None
+        return self._finish_stop(child)
+
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
         for child in self._children.values():
