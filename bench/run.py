@@ -194,10 +194,11 @@ class Bench:
         proc, worker, _ = self._start_tlrun()
         return self._time_until_gone(proc, signal.SIGKILL, family(worker))
 
-    def tlrun_doctor(self) -> float:
+    def time_command(self, *args: str) -> float:
+        """Seconds for `python -m <args>` to run to completion in the bench project."""
         t0 = time.monotonic()
         subprocess.run(
-            [PY, "-m", "tlrun", "doctor", "-A", "benchapp"],
+            [PY, "-m", *args],
             cwd=self.dir,
             env=self.env,
             stdout=subprocess.DEVNULL,
@@ -205,24 +206,15 @@ class Bench:
             timeout=60,
         )
         return time.monotonic() - t0
+
+    def tlrun_doctor(self) -> float:
+        return self.time_command("tlrun", "doctor", "-A", "benchapp")
 
     def celery_inspect(self) -> float:
-        t0 = time.monotonic()
-        subprocess.run(
-            [PY, "-m", "celery", "-A", "benchapp", "inspect", "ping"],
-            cwd=self.dir,
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=60,
-        )
-        return time.monotonic() - t0
+        return self.time_command("celery", "-A", "benchapp", "inspect", "ping")
 
     def help(self, tool: str) -> float:
-        t0 = time.monotonic()
-        argv = [PY, "-m", tool, "--help"]
-        subprocess.run(argv, cwd=self.dir, env=self.env, stdout=subprocess.DEVNULL, timeout=60, check=True)
-        return time.monotonic() - t0
+        return self.time_command(tool, "--help")
 
     def sweep_scan(self, crowd: int) -> float:
         """In-process: one sweep scan (find_strays) with `crowd` unrelated processes running."""
