@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,10 +79,8 @@ def test_exported_systemd_unit_stops_celery_correctly(project: Project) -> None:
     assert service["KillMode"] == "mixed" and service["KillSignal"] == "SIGTERM"
     assert int(service["TimeoutStopSec"]) > 40
     assert service["WorkingDirectory"] == str(project.root)
-    assert (
-        service["ExecStart"].startswith(f"{os.path.realpath(os.sys.executable)} -m tlrun worker")
-        or "-m tlrun worker" in service["ExecStart"]
-    )
+    # shlex.join quotes only what needs it: the interpreter path and the app name come out as they are.
+    assert service["ExecStart"].startswith(f"{sys.executable} -m tlrun worker -A {project.app} ")
     assert "--restart" in service["ExecStart"] and "--grace 40" in service["ExecStart"]
     assert service["RestartPreventExitStatus"] == "16"
     if shutil.which("systemd-analyze") is None:

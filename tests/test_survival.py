@@ -95,10 +95,9 @@ def test_sigkilled_launcher_tree_gone_and_lock_free(project: Project) -> None:
     # The parent-death SIGTERM gives the worker a warm shutdown, which an idle prefork worker of Celery 5.7
     # takes about 2.05 s to finish here (bench/results.md): allow twice that.
     wait_for(lambda: gone(family), 4.0, "worker tree gone after the launcher's SIGKILL")
-    lock = fcntl.flock  # the lock is free at once: take it without blocking, then let go
-    with lock_file(project).open("a") as fh:
-        lock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        lock(fh, fcntl.LOCK_UN)
+    with lock_file(project).open("a") as fh:  # the lock is free at once: take it without blocking
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # 3, 4 ----------------------------------------------------------------------------------------------

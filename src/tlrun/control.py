@@ -40,14 +40,7 @@ def _project_launchers(settings: Settings) -> list[psutil.Process]:
             named = procs.Identity.decode(proc.launcher)
             if named is not None:
                 identities.add(named)
-    found: dict[int, psutil.Process] = {}
-    for identity in identities:
-        launcher = signals.process_for(identity)
-        try:
-            if launcher is not None and "tlrun" in " ".join(launcher.cmdline()):
-                found[launcher.pid] = launcher
-        except psutil.Error:
-            continue
+    found = {p.pid: p for p in map(signals.launcher_for, identities) if p is not None}
     return list(found.values())
 
 

@@ -7,6 +7,7 @@ hands over to debug.py after the same guard and sweep.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -59,18 +60,12 @@ def beat_schedule_path(settings: Settings) -> Path:
 
 def _stop_holder(holder: procs.Identity, report: Reporter) -> None:
     """--replace: ask the launcher holding the lock for a graceful stop (it stops its own worker)."""
-    proc = signals.process_for(holder)
+    proc = signals.launcher_for(holder)
     if proc is None:
         raise LockHeldError(
-            f"the lock names pid {holder.pid}, which is gone or is not the process that took it",
+            f"the lock names pid {holder.pid}, which is gone, reused, or not a tlrun launcher: not stopping it",
             hint="the real holder is still alive; find it with `tlrun ps`",
         )
-    try:
-        cmdline = " ".join(proc.cmdline())
-    except Exception:
-        cmdline = ""
-    if "tlrun" not in cmdline:
-        raise LockHeldError(f"the lock names pid {holder.pid}, which is not a tlrun launcher: not stopping it")
     report(Notice(f"--replace: asking launcher pid {holder.pid} to stop"))
     signals.send(proc, signal.SIGTERM)
 
@@ -247,7 +242,7 @@ class Session:
             self.finish_pump("worker")
             self.node = new
             report = self.start_worker(started, allow_rename=False)
-            return None if report is None else verify.ReadyReport(**{**report.__dict__, "renamed_from": node})
+            return None if report is None else dataclasses.replace(report, renamed_from=node)
         self._update_record(node=node, worker_pid=child.pid)
         others = [name for name in replies if name != node]
         return verify.build_report(
@@ -375,11 +370,14 @@ def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None)
     with contextlib.ExitStack() as stack:
         sup = stack.enter_context(Supervisor(settings.stop_grace, lambda msg: report(Notice(msg))))
         session = Session(settings, report, sup, opts)
-        # A stop asked for during these steps ends the launch before anything is spawned.
-        for step in (session.take_locks, lambda _stack: session.connect_broker(), lambda _stack: session.sweep()):
-            step(stack)
-            if sup.stop_requested:
-                return 128 + (sup.stop_signal or signal.SIGINT)
+        # Guard, broker check, sweep. A stop asked for meanwhile ends the launch before anything is spawned.
+        session.take_locks(stack)
+        if not sup.stop_requested:
+            session.connect_broker()
+        if not sup.stop_requested:
+            session.sweep()
+        if sup.stop_requested:
+            return 128 + (sup.stop_signal or signal.SIGINT)
         if opts.debug:
             from tlrun import debug
 

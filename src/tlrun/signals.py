@@ -40,6 +40,16 @@ def process_for(identity: Identity) -> psutil.Process | None:
         return None
 
 
+def launcher_for(identity: Identity) -> psutil.Process | None:
+    """The live tlrun launcher with exactly this identity, else None: a record naming an unrelated
+    process (pid 1, a reused pid, anything whose command line is not tlrun's) is never signalled."""
+    proc = process_for(identity)
+    try:
+        return proc if proc is not None and "tlrun" in " ".join(proc.cmdline()) else None
+    except psutil.Error:
+        return None
+
+
 def is_alive(proc: psutil.Process) -> bool:
     """Running and not a zombie (psutil's is_running() is True for zombies; for us they are gone)."""
     try:
