@@ -218,8 +218,8 @@ class Bench:
 
     def sweep_scan(self, crowd: int) -> float:
         """In-process: one sweep scan (find_strays) with `crowd` unrelated processes running."""
-        from tlrun import sweep
         from tlrun.config import project_id
+        from tlrun.launch import sweep
 
         t0 = time.perf_counter()
         sweep.find_strays(project_id(self.dir, "benchapp"), "benchapp", self.dir, ("worker", "beat"))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from helpers import Launched, Project, free_port, gone, send_task, wait_for
-from tlrun import procs
 from tlrun.config import project_id
+from tlrun.launch import procs
 
 pytestmark = pytest.mark.timeout(120)
 

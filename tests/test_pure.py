@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tlrun import procs, spawn
 from tlrun.config import Settings, build_settings, project_id, read_dotenv, validate_prefix
 from tlrun.errors import ConfigError
-from tlrun.procs import CeleryProcess, expand_node_name, parse_celery_argv, project_match
+from tlrun.launch import procs, spawn
+from tlrun.launch.procs import CeleryProcess, expand_node_name, parse_celery_argv, project_match
+from tlrun.launch.verify import build_report
 from tlrun.redact import Redactor, redact_url
-from tlrun.verify import build_report
 
 ROOT = Path("/srv/proj")
 
@@ -233,7 +233,7 @@ def test_redacted_url_never_contains_password(password: str) -> None:
 
 # -- restart policy ------------------------------------------------------------------------------------
 def test_restart_backoff_grows_is_capped_and_gives_up() -> None:
-    from tlrun.restart import RestartPolicy, RestartSettings
+    from tlrun.deploy.restart import RestartPolicy, RestartSettings
 
     now = [0.0]
     policy = RestartPolicy(
@@ -251,7 +251,7 @@ def test_restart_backoff_grows_is_capped_and_gives_up() -> None:
 
 
 def test_restart_window_forgets_old_crashes_and_max_restarts() -> None:
-    from tlrun.restart import RestartPolicy, RestartSettings
+    from tlrun.deploy.restart import RestartPolicy, RestartSettings
 
     now = [0.0]
     policy = RestartPolicy(
@@ -267,7 +267,7 @@ def test_restart_window_forgets_old_crashes_and_max_restarts() -> None:
 
 @given(st.lists(st.floats(min_value=0, max_value=1000), min_size=1, max_size=30), st.floats(0, 1))
 def test_restart_delay_is_bounded(gaps: list[float], jitter_draw: float) -> None:
-    from tlrun.restart import RestartPolicy, RestartSettings
+    from tlrun.deploy.restart import RestartPolicy, RestartSettings
 
     now = [0.0]
     s = RestartSettings(first_delay=0.5, max_delay=30, give_up_crashes=1000, give_up_window=60)
@@ -285,7 +285,7 @@ def test_census_imports_celery_on_the_calling_thread() -> None:
     import sys
 
     code = (
-        "import sys; from tlrun.verify import Census; assert 'celery' not in sys.modules; "
+        "import sys; from tlrun.launch.verify import Census; assert 'celery' not in sys.modules; "
         "Census('redis://127.0.0.1:1/0', 0.1); assert 'celery' in sys.modules; print('ok')"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -125,7 +125,7 @@ def worker_options(func: F) -> F:
 
 
 def _launch(params: dict[str, Any], ping_window_default: float = 1.0, **opts: Any) -> None:
-    from tlrun.launcher import LaunchOptions, run
+    from tlrun.launch.session import LaunchOptions, run
     from tlrun.render import ConsoleRenderer
 
     settings = _settings(params, ping_window_default)
@@ -191,7 +191,7 @@ def worker(
     delay that doubles with each crash, plus up to 25 % jitter; a clean exit or a stop request is never
     restarted. Exit 16 when the give-up rule or --max-restarts ends it.
     """
-    from tlrun.restart import RestartSettings
+    from tlrun.deploy.restart import RestartSettings
 
     policy = None
     if restart:
@@ -255,9 +255,9 @@ def beat(**params: Any) -> None:
 @handle_errors
 def sweep_cmd(dry_run: bool, **params: Any) -> None:
     """Stop this project's stray workers and beats (those no live launcher owns)."""
-    from tlrun import sweep
     from tlrun.errors import StopError
     from tlrun.events import StrayFound
+    from tlrun.launch import sweep
     from tlrun.render import ConsoleRenderer
 
     settings = _settings(params)
@@ -288,7 +288,7 @@ def ide(editor: str, force: bool, **params: Any) -> None:
     Two entries, "tlrun dev" and "tlrun dev (debug)", run the module tlrun in the project root with
     the .env loaded. Files you edited are kept unless --force.
     """
-    from tlrun import ide as ide_mod
+    from tlrun.dev import ide as ide_mod
 
     settings = _settings(params)
     writer = ide_mod.write_pycharm if editor == "pycharm" else ide_mod.write_vscode
@@ -328,8 +328,8 @@ def doctor(as_json: bool, fmt: str | None, textfile: Path | None, fix: bool, rem
     Exit codes: 0 healthy, 13 warnings only, 9 duplicates or strays, 5 broker unreachable, 4 app does not
     import. For CI:  tlrun doctor --json > doctor.json || exit $?
     """
-    from tlrun import control
-    from tlrun import doctor as doctor_mod
+    from tlrun.ops import control
+    from tlrun.ops import doctor as doctor_mod
     from tlrun.render import doctor_report
 
     if remote and not fix:
@@ -349,13 +349,13 @@ def doctor(as_json: bool, fmt: str | None, textfile: Path | None, fix: bool, rem
         report = doctor_mod.diagnose(settings)
     fmt = fmt or ("json" if as_json else "human")
     if textfile is not None:
-        from tlrun.metrics import prometheus, write_textfile
+        from tlrun.ops.metrics import prometheus, write_textfile
 
         write_textfile(textfile, prometheus(report))
     if fmt == "json":
         _emit_json(report.as_dict())
     elif fmt == "prometheus":
-        from tlrun.metrics import prometheus
+        from tlrun.ops.metrics import prometheus
 
         click.echo(prometheus(report), nl=False)
     elif textfile is None:
@@ -371,7 +371,7 @@ def doctor(as_json: bool, fmt: str | None, textfile: Path | None, fix: bool, rem
 @handle_errors
 def ps(everything: bool, as_json: bool, **params: Any) -> None:
     """This project's workers and beats: pid, node, state, uptime, memory, CPU, pool, launcher."""
-    from tlrun import inventory
+    from tlrun.ops import inventory
     from tlrun.render import ps_table
 
     settings = None if everything and not (params.get("app") or _env_app()) else _settings(params)
@@ -398,8 +398,8 @@ def stop(timeout: float | None, **params: Any) -> None:
 
     Exits non-zero (10) if anything survived.
     """
-    from tlrun import control
     from tlrun.errors import StopError
+    from tlrun.ops import control
 
     settings = _settings(params)
     report = control.stop_project(settings, settings.stop_grace if timeout is None else timeout)
@@ -426,8 +426,8 @@ def stop(timeout: float | None, **params: Any) -> None:
 @handle_errors
 def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: bool, **params: Any) -> None:
     """Show or follow a worker's log file (default: the newest)."""
-    from tlrun import logfiles
     from tlrun.errors import LogError
+    from tlrun.launch import logfiles
 
     settings = _settings(params)
     files = logfiles.log_files(settings.log_dir, rotated=rotated or list_only)
@@ -468,8 +468,8 @@ def health(node: str | None, timeout: float, retries: int, **params: Any) -> Non
     Exit 14 ("unknown") when its process exists here but does not answer (stopped, busy, in a debugger),
     15 ("dead") when nothing answers and no such process runs here.
     """
-    from tlrun import control
     from tlrun.errors import HEALTH_DEAD_EXIT_CODE, HEALTH_UNKNOWN_EXIT_CODE
+    from tlrun.ops import control
 
     settings = _settings(params)
     result = control.probe(settings, node or control.default_node(settings), timeout, retries)
@@ -497,7 +497,7 @@ def export_cmd(kind: str, beat: bool, user: str | None, output: Path | None, **p
     systemd: KillMode=mixed with TimeoutStopSec above the grace period; supervisor: stopasgroup=false,
     killasgroup=true, stopwaitsecs above the grace period; procfile: one line per process.
     """
-    from tlrun import export
+    from tlrun.deploy import export
 
     settings = _settings(params)
     files = export.RENDERERS[kind](export.spec_for(settings, beat=beat, user=user))

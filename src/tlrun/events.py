@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlrun.sweep import Stray
-from tlrun.verify import ReadyReport
+from tlrun.launch.sweep import Stray
+from tlrun.launch.verify import ReadyReport
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ import sys
 from collections.abc import Mapping
 from typing import TextIO
 
-from tlrun.doctor import DoctorReport
 from tlrun.events import Event, Exited, Notice, Ready, Reloaded, Spawned, StrayFound, WorkerOutput
-from tlrun.inventory import LocalProcess
-from tlrun.sweep import format_age
-from tlrun.verify import ReadyReport
+from tlrun.launch.sweep import format_age
+from tlrun.launch.verify import ReadyReport
+from tlrun.ops.doctor import DoctorReport
+from tlrun.ops.inventory import LocalProcess
 
 _CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
 

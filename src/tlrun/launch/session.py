@@ -19,9 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tlrun import brokerd, guard, procs, signals, spawn, sweep, verify
-from tlrun.broker import Broker, check_reachable, resolve_broker_url
 from tlrun.config import Settings
+from tlrun.deploy.restart import RestartPolicy, RestartSettings
+from tlrun.dev import brokerd
+from tlrun.dev.reload import Watcher
 from tlrun.errors import (
     AppImportError,
     DuplicateNodeError,
@@ -31,11 +32,11 @@ from tlrun.errors import (
     WorkerStartError,
 )
 from tlrun.events import Exited, Notice, Ready, Reloaded, Reporter, Spawned, StrayFound, WorkerOutput
-from tlrun.logfiles import open_log
+from tlrun.launch import guard, procs, signals, spawn, sweep, verify
+from tlrun.launch.broker import Broker, check_reachable, resolve_broker_url
+from tlrun.launch.logfiles import open_log
+from tlrun.launch.supervise import Supervisor
 from tlrun.redact import Redactor, url_password
-from tlrun.reload import Watcher
-from tlrun.restart import RestartPolicy, RestartSettings
-from tlrun.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +380,7 @@ def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None)
         if sup.stop_requested:
             return 128 + (sup.stop_signal or signal.SIGINT)
         if opts.debug:
-            from tlrun import debug
+            from tlrun.dev import debug
 
             if opts.beat:  # beat stays a supervised child; the worker runs here, in the debugger's process
                 session.start_beat()

@@ -11,8 +11,8 @@ from typing import Any
 
 import psutil
 
-from tlrun import procs
 from tlrun.config import Settings
+from tlrun.launch import procs
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tlrun.config import ENV_BROKER, ENV_GUARD, ENV_MARKER, ENV_NODE, Settings
-from tlrun.logfiles import WorkerLog
-from tlrun.procs import Identity
+from tlrun.launch.logfiles import WorkerLog
+from tlrun.launch.procs import Identity
 from tlrun.redact import Redactor
 
 PYTHON = sys.executable
@@ -77,7 +77,7 @@ def spawn(argv: list[str], env: Mapping[str, str], cwd: Path) -> subprocess.Pope
         raise RuntimeError("tlrun spawns workers from the main thread only")
     import os
 
-    shim = [sys.executable, "-m", "tlrun._child", str(os.getpid()), "--", *argv]
+    shim = [sys.executable, "-m", "tlrun.launch._child", str(os.getpid()), "--", *argv]
     return subprocess.Popen(
         shim,
         cwd=cwd,

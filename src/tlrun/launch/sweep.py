@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlrun import procs, signals
+from tlrun.launch import procs, signals
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from tlrun.procs import Identity, protected_pids
+from tlrun.launch.procs import Identity, protected_pids
 
 log = logging.getLogger(__name__)
 

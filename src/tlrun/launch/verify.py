@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from tlrun.broker import Broker
 from tlrun.errors import BrokerError
+from tlrun.launch.broker import Broker
 
 # One readiness ping returns as soon as the node answers, or after this long. A ping sent before the new
 # worker subscribed to its mailbox is lost (fanout), so a short poll keeps that loss to 0.1 s.

@@ -12,11 +12,11 @@ import os
 import threading
 import time
 
-from tlrun import procs, spawn, verify
-from tlrun.broker import Broker, load_app
 from tlrun.config import Settings
 from tlrun.errors import BrokerError
 from tlrun.events import Notice, Ready, Reporter
+from tlrun.launch import procs, spawn, verify
+from tlrun.launch.broker import Broker, load_app
 
 
 def worker_args(settings: Settings, node: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Exec shim: `python -m tlrun._child <launcher pid> -- <argv...>`.
+"""Exec shim: `python -m tlrun.launch._child <launcher pid> -- <argv...>`.
 
 Sets PR_SET_PDEATHSIG=SIGTERM so that the worker gets a warm shutdown when its launcher dies, even by
 SIGKILL, then execs the real command (the setting survives exec). Doing this in a shim rather than in

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import psutil
 
-from tlrun import guard, procs, signals, sweep
-from tlrun.broker import Broker, resolve_broker_url
 from tlrun.config import Settings
 from tlrun.errors import BrokerError, ConfigError, TlrunError
+from tlrun.launch import guard, procs, signals, sweep
+from tlrun.launch.broker import Broker, resolve_broker_url
 
 
 @dataclass(frozen=True)

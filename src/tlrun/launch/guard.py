@@ -21,7 +21,7 @@ import psutil
 
 from tlrun.config import ENV_GUARD
 from tlrun.errors import LockHeldError, NestedLaunchError, UnsafeStateError
-from tlrun.procs import Identity
+from tlrun.launch.procs import Identity
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from tlrun import guard, inventory, verify
-from tlrun.broker import Broker, load_app, resolve_broker_url
 from tlrun.config import ENV_GUARD, Settings
 from tlrun.errors import DOCTOR_WARNINGS_EXIT_CODE, AppImportError, BrokerError, DuplicateNodeError, TlrunError
-from tlrun.procs import Identity
+from tlrun.launch import guard, verify
+from tlrun.launch.broker import Broker, load_app, resolve_broker_url
+from tlrun.launch.procs import Identity
+from tlrun.ops import inventory
 from tlrun.redact import redact_url
 
 SCHEMA_VERSION = 1

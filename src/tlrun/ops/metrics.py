@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from tlrun.doctor import DoctorReport
+from tlrun.ops.doctor import DoctorReport
 
 # name, help, value from the report
 _GAUGES = (

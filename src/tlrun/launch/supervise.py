@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tlrun import signals, spawn
+from tlrun.launch import signals, spawn
 
 log = logging.getLogger(__name__)
 

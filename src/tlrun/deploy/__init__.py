@@ -1,0 +1,1 @@
+"""Production: service unit export and the restart policy."""

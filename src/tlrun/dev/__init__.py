@@ -1,0 +1,1 @@
+"""What tlrun dev adds: reload, the in-process debug worker, a private broker, IDE run configurations."""

@@ -1,0 +1,1 @@
+"""The launch path every command shares: guard -> sweep -> spawn -> verify -> supervise."""

@@ -1,0 +1,1 @@
+"""The everyday controls: the local inventory, doctor, stop and health, metrics."""

@@ -1,0 +1,1 @@
+"""The project: its file ([tool.tlrun] in pyproject.toml), app discovery, and tlrun init."""
