@@ -217,12 +217,15 @@ class Launched:
 class Project:
     """A throwaway project: unique directory and unique app module, its own runtime dir and broker."""
 
-    def __init__(self, base: Path, broker_url: str, name: str | None = None, dirname: str = "proj") -> None:
+    def __init__(
+        self, base: Path, broker_url: str, name: str | None = None, dirname: str = "proj", write_app: bool = True
+    ) -> None:
         self.base = base
         self.app = name or f"tlapp_{uuid.uuid4().hex[:10]}"
         self.root = base / dirname
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / f"{self.app}.py").write_text(APP_SOURCE.format(name=self.app))
+        if write_app:
+            (self.root / f"{self.app}.py").write_text(APP_SOURCE.format(name=self.app))
         self.runtime = base / "run"
         self.runtime.mkdir(mode=0o700, exist_ok=True)
         self.broker_url = broker_url
@@ -249,18 +252,22 @@ class Project:
         self._n += 1
         return self.base / f"out-{self._n}-{label}.txt"
 
-    def tlrun_argv(self, command: str, *args: str, fast: bool = True) -> list[str]:
-        argv = [PY, "-m", "tlrun", command, "-A", self.app, *args]
+    def tlrun_argv(self, command: str, *args: str, fast: bool = True, app_arg: bool = True) -> list[str]:
+        argv = [PY, "-m", "tlrun", command, *(["-A", self.app] if app_arg else []), *args]
         if command == "worker" and fast:
             argv += ["--", "--without-mingle", "--without-gossip"]
         return argv
 
     def launch(
-        self, *args: str, env: dict[str, str] | None = None, fast: bool = True, command: str = "worker"
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        fast: bool = True,
+        command: str = "worker",
+        app_arg: bool = True,
     ) -> Launched:
-        launched = Launched(
-            self.tlrun_argv(command, *args, fast=fast), self.root, env or self.env(), self._out("tlrun")
-        )
+        argv = self.tlrun_argv(command, *args, fast=fast, app_arg=app_arg)
+        launched = Launched(argv, self.root, env or self.env(), self._out("tlrun"))
         self.started.append(launched)
         return launched
 

@@ -39,7 +39,7 @@ CASES = {
         None,
         ["--env", "TLRUN_READY_TIMEOUT=soon"],
         3,
-        "TLRUN_READY_TIMEOUT='soon': expected a float",
+        "TLRUN_READY_TIMEOUT='soon': expected a number",
     ),
     "extremely long node prefix": (None, ["--node-prefix", "x" * 5000], 3, "node prefix"),
     "prefix with an @": (None, ["--node-prefix", "a@b"], 3, "node prefix"),

@@ -146,11 +146,11 @@ def test_ps_and_stop_leave_nothing(project: Project) -> None:
     stray.wait_output("ready", 30)
     table = project.run("ps", "-A", project.app)
     assert re.search(
-        rf"^{worker_pid}\s+worker\s+api{launched.pid}@\S+\s+\w+\s+\S+ s\s+\d+M\s+\S+s\s+2\s+{launched.pid}$",
+        rf"^{worker_pid}\s+worker\s+default\s+api{launched.pid}@\S+\s+\w+\s+\S+ s\s+\d+M\s+\S+s\s+2\s+{launched.pid}$",
         table.stdout,
         re.M,
     ), table.stdout
-    assert re.search(rf"^{stray.pid}\s+worker\s+stray@.*STRAY$", table.stdout, re.M)
+    assert re.search(rf"^{stray.pid}\s+worker\s+\S+\s+stray@.*STRAY$", table.stdout, re.M)
     rows = json.loads(project.run("ps", "-A", project.app, "--json").stdout)
     assert {r["pid"] for r in rows} == {int(worker_pid), stray.pid}
     result = project.run("stop", "-A", project.app, "--timeout", "20", timeout=90)

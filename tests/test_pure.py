@@ -14,7 +14,7 @@ from tlrun.config import Settings, build_settings, project_id, read_dotenv, vali
 from tlrun.errors import ConfigError
 from tlrun.launch import procs, spawn
 from tlrun.launch.procs import CeleryProcess, expand_node_name, parse_celery_argv, project_match
-from tlrun.launch.verify import build_report
+from tlrun.launch.verify import ReadyNode, build_report
 from tlrun.redact import Redactor, redact_url
 
 ROOT = Path("/srv/proj")
@@ -32,7 +32,7 @@ def test_precedence_cli_over_env_over_dotenv_over_default() -> None:
     env = {"CELERY_APP": "from_env", "TLRUN_NODE_PREFIX": "envp"}
     s = settings_from({"app": "from_cli"}, env, dotenv)
     assert s.app == "from_cli"
-    assert s.node_prefix == "envp"
+    assert s.role.node_prefix == "envp" and s.role.name == "default" and not s.role.declared
     assert s.stop_grace == 7.0
     assert s.ready_timeout == 30.0  # default
     assert settings_from({}, env, dotenv).app == "from_env"
@@ -60,7 +60,7 @@ def test_worker_environment_keeps_process_values_over_dotenv() -> None:
 def test_missing_app_and_bad_values_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="no Celery app"):
         settings_from()
-    with pytest.raises(ConfigError, match="TLRUN_EXPECTED_WORKERS='zero': expected a int"):
+    with pytest.raises(ConfigError, match="TLRUN_EXPECTED_WORKERS='zero': expected an integer"):
         settings_from({"app": "a"}, {"TLRUN_EXPECTED_WORKERS": "zero"})
     with pytest.raises(ConfigError, match="TLRUN_CONCURRENCY='0': must be at least 1"):
         settings_from({"app": "a"}, {"TLRUN_CONCURRENCY": "0"})
@@ -152,7 +152,7 @@ def test_parse_celery_argv_never_raises(argv: list[str]) -> None:
 @given(st.lists(st.text(alphabet=string.ascii_letters + string.digits + "-=_.@%", min_size=1, max_size=15), max_size=6))
 def test_extra_args_pass_through_verbatim_and_last(extra: list[str]) -> None:
     s = build_settings({"app": "proj", "extra": tuple(extra), "concurrency": 2}, {}, {}, ROOT)
-    argv = spawn.worker_argv(s, "api1@h", python="/v/bin/python3.11")
+    argv = spawn.worker_argv(s.app, s.role.worker, "api1@h", python="/v/bin/python3.11")
     assert argv[:8] == ["/v/bin/python3.11", "-m", "celery", "-A", "proj", "worker", "-n", "api1@h"]
     assert argv[len(argv) - len(extra) :] == extra
     assert "--concurrency" in argv and argv[argv.index("--concurrency") + 1] == "2"
@@ -162,11 +162,11 @@ def test_extra_args_pass_through_verbatim_and_last(extra: list[str]) -> None:
 
 def test_worker_env_has_markers_and_broker_never_in_argv() -> None:
     s = settings_from({"app": "proj", "broker": "redis://:pw@h/0"})
-    env = spawn.worker_env(s, "api1@h", procs.Identity(10, 123.0), s.broker_url)
+    env = spawn.worker_env(s, "api1@h", procs.Identity(10, 123.0), s.broker_url, "default")
     assert env["CELERY_BROKER_URL"] == "redis://:pw@h/0"
     assert env["TLRUN_PROJECT"] == s.project_id and env["TLRUN_NODE"] == "api1@h"
-    assert env["TL_CELERY_STARTED"] == "10:123.00"
-    assert not any("pw" in a for a in spawn.worker_argv(s, "api1@h"))
+    assert env["TL_CELERY_STARTED"] == "10:123.00" and env["TLRUN_ROLE"] == "default"
+    assert not any("pw" in a for a in spawn.worker_argv(s.app, s.role.worker, "api1@h"))
 
 
 # -- project matching ----------------------------------------------------------------------------------
@@ -207,12 +207,16 @@ def test_main_processes_excludes_pool_children() -> None:
 
 # -- verification report -------------------------------------------------------------------------------
 def test_report_counts_raw_replies() -> None:
-    report = build_report("api1@h", 2, 1.5, ["x@h", "x@h", "y@other"], 1, {"x@h": [7, 8]})
-    assert report.own_replies == 1 and report.answering == 4 and not report.as_expected
+    ours = [ReadyNode("default", "api1@h", 2)]
+    report = build_report(ours, 1.5, ["x@h", "x@h", "y@other"], 1, {"x@h": [7, 8]})
+    assert report.nodes[0].replies == 1 and report.answering == 4 and not report.as_expected
     x = report.others[0]
     assert (x.name, x.replies, x.local_pids, x.duplicated) == ("x@h", 2, (7, 8), True)
-    assert build_report("api1@h", 2, 1.0, [], 1, {}).as_expected
-    assert build_report("api1@h", 2, 1.0, ["api1@h"], 1, {}).own_replies == 2
+    assert build_report(ours, 1.0, [], 1, {}).as_expected
+    assert build_report(ours, 1.0, ["api1@h"], 1, {}).duplicated[0].replies == 2
+    two = [ReadyNode("default", "default1@h", 2), ReadyNode("reports", "reports1@h", 3)]
+    both = build_report(two, 1.0, ["other@h"], 2, {})
+    assert both.answering == 3 and not both.as_expected and [n.node for n in both.nodes] == ["default1@h", "reports1@h"]
 
 
 # -- redaction -----------------------------------------------------------------------------------------

@@ -85,17 +85,25 @@ def project_options(func: F) -> F:
     return func
 
 
-def _settings(params: dict[str, Any], ping_window_default: float = 1.0) -> Any:
+def _settings(params: dict[str, Any], ping_window_default: float = 1.0, app_required: bool = True) -> Any:
+    """Load the settings and show their notes once, on stderr (stdout stays clean for --json)."""
     from tlrun.config import load_settings
 
     project_dir = params.pop("project_dir", None)
-    return load_settings(params, project_dir, ping_window_default)
+    settings = load_settings(params, project_dir, ping_window_default, app_required=app_required)
+    for level, message in settings.notes:
+        click.echo(f"tlrun: {'warning: ' if level == 'warning' else ''}{message}", err=True)
+    return settings
+
+
+ROLE_OPTION = click.option("--role", help="Only this worker role of the project file (default: every role).")
 
 
 def worker_options(func: F) -> F:
     """The options of every command that starts a worker (worker, dev)."""
     options = [
-        click.option("--node-prefix", help="Node name prefix: <prefix><pid>@<host> (default api)."),
+        ROLE_OPTION,
+        click.option("--node-prefix", help="Node name prefix: <prefix><pid>@<host> (default api, or the role's name)."),
         click.option("--log-dir", type=click.Path(file_okay=False), help="Worker log directory (default logs/)."),
         click.option("--expected", "expected_workers", type=click.IntRange(min=1), help="Workers expected (1)."),
         click.option("--ready-timeout", type=click.FloatRange(min=0.5), help="Seconds to wait for the first pong."),
@@ -129,6 +137,8 @@ def _launch(params: dict[str, Any], ping_window_default: float = 1.0, **opts: An
     from tlrun.render import ConsoleRenderer
 
     settings = _settings(params, ping_window_default)
+    if opts.get("beat") is None:  # dev: the project file's `beat = true`
+        opts["beat"] = settings.beat
     sys.exit(run(settings, ConsoleRenderer(), LaunchOptions(**opts)))
 
 
@@ -181,7 +191,10 @@ def worker(
     max_restarts: int,
     **params: Any,
 ) -> None:
-    """Run one supervised worker: guard, sweep strays, spawn, verify, supervise.
+    """Run supervised workers, one per role: guard, sweep strays, spawn, verify, supervise.
+
+    With a project file that declares roles ([tool.tlrun.workers.NAME]), every role runs under this
+    launcher unless --role NAME picks one (production: one service per role).
 
     Anything after `--` is passed to `celery worker` verbatim, e.g.
 
@@ -209,12 +222,16 @@ def worker(
     help="Run the worker in this process (solo pool), for an IDE's debugger. Also DEBUG_MODE=1.",
 )
 @click.option("--reload", is_flag=True, help="Restart the worker when the project's Python files change.")
-@click.option("--beat", is_flag=True, help="Also run Celery beat, as a second supervised child.")
+@click.option(
+    "--beat/--no-beat",
+    default=None,
+    help="Also run Celery beat, as a supervised child (default: the project file's `beat`).",
+)
 @click.option("--no-broker", is_flag=True, help="Never start a private redis-server.")
 @click.option("--chatter", is_flag=True, help="Keep Celery's mingle and gossip (off in dev for a faster start).")
 @handle_errors
-def dev(debug: bool | None, reload: bool, beat: bool, no_broker: bool, chatter: bool, **params: Any) -> None:
-    """The daily launcher: `tlrun worker` with development defaults.
+def dev(debug: bool | None, reload: bool, beat: bool | None, no_broker: bool, chatter: bool, **params: Any) -> None:
+    """The daily launcher: every role of the project (and beat) with development defaults.
 
     Faster start (no mingle, no gossip), readable coloured output, a private redis-server when no broker
     answers at a local Redis URL, and optional --debug, --reload and --beat.
@@ -251,6 +268,7 @@ def beat(**params: Any) -> None:
 
 @cli.command("sweep")
 @project_options
+@ROLE_OPTION
 @click.option("--dry-run", is_flag=True, help="Show what would be stopped; stop nothing.")
 @handle_errors
 def sweep_cmd(dry_run: bool, **params: Any) -> None:
@@ -267,7 +285,8 @@ def sweep_cmd(dry_run: bool, **params: Any) -> None:
         settings.app,
         settings.project_root,
         settings.stop_grace,
-        roles=("worker", "beat"),
+        kinds=("worker", "beat"),
+        roles=settings.role_filter,
         dry_run=dry_run,
         on_found=lambda stray: render(StrayFound(stray, dry_run)),
     )
@@ -275,6 +294,36 @@ def sweep_cmd(dry_run: bool, **params: Any) -> None:
         click.echo("tlrun: no stray workers or beats")
     if result.survivors:
         raise StopError(f"still alive after SIGKILL: {', '.join(map(str, result.survivors))}")
+
+
+@cli.command()
+@click.option("-A", "--app", help="Celery app (default: found in the project, as every command finds it).")
+@click.option(
+    "--project-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Project root (default: the current directory).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing [tool.tlrun] table.")
+@handle_errors
+def init(app: str | None, project_dir: Path | None, force: bool) -> None:
+    """Write [tool.tlrun] into pyproject.toml: the app, and one worker role per queue the app routes to.
+
+    Other tables and comments are kept. Creates .env from .env.example when there is none. Afterwards
+    `tlrun dev`, `tlrun ps`, `tlrun stop` and `tlrun doctor` need no arguments.
+    """
+    from tlrun.project.init import init_project
+
+    root = (project_dir or Path.cwd()).resolve()
+    result = init_project(root, app, force)
+    if result.found:
+        click.echo(f"tlrun: using app {result.app} ({result.found})")
+    if result.note:
+        click.echo(f"tlrun: warning: {result.note}", err=True)
+    roles = ", ".join(f"{name} ({', '.join(queues)})" for name, queues in result.roles)
+    verb = "created" if result.created else "wrote [tool.tlrun] into"
+    click.echo(f"tlrun: {verb} {result.pyproject}: app {result.app}, beat {str(result.beat).lower()}, roles {roles}")
+    if result.dotenv is not None:
+        click.echo(f"tlrun: created {result.dotenv} from .env.example")
 
 
 @cli.command()
@@ -370,12 +419,12 @@ def doctor(as_json: bool, fmt: str | None, textfile: Path | None, fix: bool, rem
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per process, in a list.")
 @handle_errors
 def ps(everything: bool, as_json: bool, **params: Any) -> None:
-    """This project's workers and beats: pid, node, state, uptime, memory, CPU, pool, launcher."""
+    """This project's workers and beats: pid, kind, role, node, state, uptime, memory, CPU, pool, launcher."""
     from tlrun.ops import inventory
     from tlrun.render import ps_table
 
-    settings = None if everything and not (params.get("app") or _env_app()) else _settings(params)
-    rows = inventory.local_processes(settings, everything=everything)
+    settings = _settings(params, app_required=not everything)
+    rows = inventory.local_processes(settings if settings.app else None, everything=everything)
     if as_json:
         _emit_json([row.as_dict() for row in rows])
     else:
@@ -383,14 +432,9 @@ def ps(everything: bool, as_json: bool, **params: Any) -> None:
             click.echo(line)
 
 
-def _env_app() -> str | None:
-    import os
-
-    return os.environ.get("CELERY_APP")
-
-
 @cli.command()
 @project_options
+@ROLE_OPTION
 @click.option("--timeout", type=click.FloatRange(min=0), help="Grace period before SIGKILL (default: --grace, 30).")
 @handle_errors
 def stop(timeout: float | None, **params: Any) -> None:
@@ -404,7 +448,8 @@ def stop(timeout: float | None, **params: Any) -> None:
     settings = _settings(params)
     report = control.stop_project(settings, settings.stop_grace if timeout is None else timeout)
     for pid in report.launchers:
-        click.echo(f"tlrun: stopped launcher pid {pid} (it stopped its worker warm)")
+        how = "it did not stop within the grace period: SIGKILL" if pid in report.killed else "it stopped its workers"
+        click.echo(f"tlrun: stopped launcher pid {pid} ({how})")
     for stray in report.strays:
         click.echo(f"tlrun: stopped stray {stray.describe()}")
     if report.killed:
@@ -417,6 +462,7 @@ def stop(timeout: float | None, **params: Any) -> None:
 
 @cli.command()
 @project_options
+@ROLE_OPTION
 @click.argument("name", required=False)
 @click.option("--log-dir", type=click.Path(file_okay=False), help="Log directory (default logs/).")
 @click.option("--list", "list_only", is_flag=True, help="List the log files, newest first.")
@@ -429,8 +475,10 @@ def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: b
     from tlrun.errors import LogError
     from tlrun.launch import logfiles
 
-    settings = _settings(params)
-    files = logfiles.log_files(settings.log_dir, rotated=rotated or list_only)
+    role = params.get("role")
+    settings = _settings(params, app_required=False)
+    stems = [r.log_stem for r in settings.roles] if role else None
+    files = logfiles.log_files(settings.log_dir, rotated=rotated or list_only, stems=stems)
     if list_only:
         for path in files:
             click.echo(f"{path.stat().st_size:>10}  {path}")
@@ -458,31 +506,40 @@ def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: b
 
 @cli.command()
 @project_options
-@click.option("--node", help="Node name to probe (default: this host's tlrun node of the project).")
+@ROLE_OPTION
+@click.option("--node", help="Node name to probe (default: this host's tlrun node of each role).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="Per attempt.")
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True)
 @handle_errors
 def health(node: str | None, timeout: float, retries: int, **params: Any) -> None:
-    """Liveness/readiness probe: exit 0 if and only if the node answers a ping.
+    """Liveness/readiness probe: exit 0 if and only if the node answers a ping (every role's node, by
+    default: all must answer).
 
-    Exit 14 ("unknown") when its process exists here but does not answer (stopped, busy, in a debugger),
-    15 ("dead") when nothing answers and no such process runs here.
+    Exit 14 ("unknown") when a node's process exists here but does not answer (stopped, busy, in a
+    debugger), 15 ("dead") when nothing answers and no such process runs here; the worst one counts.
     """
     from tlrun.errors import HEALTH_DEAD_EXIT_CODE, HEALTH_UNKNOWN_EXIT_CODE
     from tlrun.ops import control
 
     settings = _settings(params)
-    result = control.probe(settings, node or control.default_node(settings), timeout, retries)
-    click.echo(f"tlrun: {result.node}: {result.state} ({result.detail}, {result.seconds:.1f} s)")
     codes = {"alive": 0, "unknown": HEALTH_UNKNOWN_EXIT_CODE, "dead": HEALTH_DEAD_EXIT_CODE}
-    sys.exit(codes[result.state])
+    worst = 0
+    for name in [node] if node else control.default_nodes(settings):
+        result = control.probe(settings, name, timeout, retries)
+        click.echo(f"tlrun: {result.node}: {result.state} ({result.detail}, {result.seconds:.1f} s)")
+        worst = max(worst, codes[result.state])
+    sys.exit(worst)
 
 
 @cli.command("export")
 @click.argument("kind", type=click.Choice(["systemd", "supervisor", "procfile"]))
 @project_options
+@ROLE_OPTION
 @click.option("--node-prefix", help="Node name prefix (default api).")
-@click.option("--beat", is_flag=True, help="Also run beat (a second unit or program).")
+@click.option("--log-dir", type=click.Path(file_okay=False), help="Where supervisord writes tlrun's output.")
+@click.option(
+    "--beat/--no-beat", default=None, help="Also run beat (a unit or program of its own; default: the project file)."
+)
 @click.option("--user", help="Run as this user (systemd User=, supervisor user=).")
 @click.option(
     "-o",
@@ -491,8 +548,9 @@ def health(node: str | None, timeout: float, retries: int, **params: Any) -> Non
     help="Write the file(s) into this directory instead of printing.",
 )
 @handle_errors
-def export_cmd(kind: str, beat: bool, user: str | None, output: Path | None, **params: Any) -> None:
-    """Service configuration that runs tlrun for this project and stops Celery the right way.
+def export_cmd(kind: str, beat: bool | None, user: str | None, output: Path | None, **params: Any) -> None:
+    """Service configuration that runs tlrun for this project and stops Celery the right way: one
+    service per worker role, plus beat.
 
     systemd: KillMode=mixed with TimeoutStopSec above the grace period; supervisor: stopasgroup=false,
     killasgroup=true, stopwaitsecs above the grace period; procfile: one line per process.
@@ -500,7 +558,8 @@ def export_cmd(kind: str, beat: bool, user: str | None, output: Path | None, **p
     from tlrun.deploy import export
 
     settings = _settings(params)
-    files = export.RENDERERS[kind](export.spec_for(settings, beat=beat, user=user))
+    spec = export.spec_for(settings, beat=settings.beat if beat is None else beat, user=user)
+    files = export.RENDERERS[kind](spec)
     for name, text in files.items():
         if output is None:
             click.echo(text, nl=False)

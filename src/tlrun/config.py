@@ -1,4 +1,4 @@
-"""Settings: one object, one precedence (command line > process environment > .env > defaults).
+"""Settings: one object, one precedence (command line > process environment > .env > project file > defaults).
 
 Everything here is pure: `build_settings` takes the three sources as plain mappings, so the precedence is
 tested without touching the real environment.
@@ -7,14 +7,21 @@ tested without touching the real environment.
 from __future__ import annotations
 
 import hashlib
+import io
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlrun.errors import ConfigError
+from tlrun.project.file import LOGLEVELS, POOLS, ProjectFile, RoleSpec
+from tlrun.redact import url_password
+
+if TYPE_CHECKING:
+    from tlrun.project.discover import Discovery
 
 # Every environment key tlrun reads; .env.example documents each one.
 ENV_APP = "CELERY_APP"
@@ -35,11 +42,10 @@ ENV_LOGLEVEL = "TLRUN_LOGLEVEL"
 ENV_GUARD = "TL_CELERY_STARTED"  # launcher identity "<pid>:<create_time>"
 ENV_MARKER = "TLRUN_PROJECT"  # project id: sha of project root + app
 ENV_NODE = "TLRUN_NODE"  # node name given to the worker
+ENV_ROLE = "TLRUN_ROLE"  # the role the worker runs
 
 MAX_PREFIX_LEN = 40
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-POOLS = ("prefork", "solo", "threads", "gevent", "eventlet", "processes")
-LOGLEVELS = ("debug", "info", "warning", "error", "critical", "fatal")
 
 
 @dataclass(frozen=True)
@@ -60,11 +66,44 @@ class WorkerOptions:
 
 
 @dataclass(frozen=True)
+class Role:
+    """One worker role: a group of queues, one worker process tree per launcher, its own lock and log."""
+
+    name: str
+    node_prefix: str
+    worker: WorkerOptions
+    expected: int = 1
+    declared: bool = False  # from the project file; False for the implicit single role
+
+    @property
+    def queue_set(self) -> frozenset[str] | None:
+        """The queues this role consumes; None when not configured (Celery's default queue)."""
+        if not self.worker.queues:
+            return None
+        return frozenset(q.strip() for q in self.worker.queues.split(",") if q.strip())
+
+    def owns_node(self, node: str) -> bool:
+        """Is this one of the role's node names, `<prefix><pid>[-N]@host`?"""
+        return re.match(rf"^{re.escape(self.node_prefix)}\d+(-\d+)?@", node) is not None
+
+    @property
+    def lock_kind(self) -> str:
+        """The role's lock: `worker` for the implicit single role (as before roles), `worker-NAME` otherwise."""
+        return f"worker-{self.name}" if self.declared else "worker"
+
+    @property
+    def log_stem(self) -> str:
+        """`celery_<stem>_<launcher pid>.log`: the role's name, `worker` for the implicit role."""
+        return self.name if self.declared else "worker"
+
+
+@dataclass(frozen=True)
 class Settings:
     project_root: Path
     app: str
-    broker_url: str | None
-    node_prefix: str = "api"
+    broker_url: str | None  # from -b or the environment/.env; None: the app's own broker_url
+    roles: tuple[Role, ...]  # the roles this command runs or looks at
+    all_roles: tuple[Role, ...] = ()  # every role of the project (for the expected count and doctor)
     log_dir: Path = Path("logs")
     expected_workers: int = 1
     ready_timeout: float = 30.0
@@ -73,19 +112,38 @@ class Settings:
     strict: bool = False
     sweep: bool = True
     replace: bool = False
-    worker: WorkerOptions = field(default_factory=WorkerOptions)
+    beat: bool = False  # the project file's `beat = true`: dev also runs beat
+    project_file: Path | None = None
     # The environment the worker gets: process environment over .env values.
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
+    notes: tuple[tuple[str, str], ...] = ()  # (level, message) for the CLI to show once: discovery, warnings
 
     @property
     def project_id(self) -> str:
         return project_id(self.project_root, self.app)
+
+    @property
+    def role(self) -> Role:
+        """The single role of a one-role command (export's spec, debug mode's defaults)."""
+        return self.roles[0]
+
+    @property
+    def role_filter(self) -> tuple[Role, ...] | None:
+        """The roles a project-wide command (sweep, stop, doctor --fix) is limited to; None: all of them."""
+        return None if self.roles == self.all_roles else self.roles
+
+    @property
+    def declared_roles(self) -> bool:
+        return any(r.declared for r in self.all_roles)
 
 
 def project_id(root: Path, app: str) -> str:
     """A short stable id for (project directory, app): the sweep's marker and the lock's name."""
     digest = hashlib.sha256(f"{os.path.realpath(root)}\0{app}".encode()).hexdigest()
     return digest[:16]
+
+
+MAX_DOTENV_BYTES = 1024 * 1024
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -96,23 +154,32 @@ def read_dotenv(path: Path) -> dict[str, str]:
     from dotenv.parser import parse_stream
 
     try:
+        if path.stat().st_size > MAX_DOTENV_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_DOTENV_BYTES // 1024} KiB; not a .env file tlrun reads")
         with path.open(encoding="utf-8") as stream:
-            for binding in parse_stream(stream):
-                if binding.error:
-                    # Never echo the line: it may hold a secret. The line number is enough to find it.
-                    raise ConfigError(f"{path}:{binding.original.line}: malformed line in .env (expected KEY=VALUE)")
+            text = stream.read()
+        if "\0" in text:
+            line = text[: text.index("\0")].count("\n") + 1
+            raise ConfigError(f"{path}:{line}: NUL byte in .env")
+        for binding in parse_stream(io.StringIO(text)):
+            if binding.error:
+                # Never echo the line: it may hold a secret. The line number is enough to find it.
+                raise ConfigError(f"{path}:{binding.original.line}: malformed line in .env (expected KEY=VALUE)")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
-    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
 
 
 def _number(raw: Any, key: str, kind: type[int] | type[float], minimum: float) -> Any:
     try:
         value = kind(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={raw!r}: expected a {kind.__name__}") from None
+    except (TypeError, ValueError, OverflowError):
+        name = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{key}={raw!r}: expected {name}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={raw!r}: expected a finite number")
     if value < minimum:
         raise ConfigError(f"{key}={raw!r}: must be at least {minimum:g}")
     return value
@@ -127,79 +194,179 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
+IMPLICIT_ROLE = "default"
+IMPLICIT_PREFIX = "api"
+# Worker options: (command-line key, environment key, project-file key)
+_ROLE_OPTIONS = (
+    ("concurrency", ENV_CONCURRENCY, "concurrency"),
+    ("pool", ENV_POOL, "pool"),
+    ("loglevel", ENV_LOGLEVEL, "loglevel"),
+    ("queues", ENV_QUEUES, "queues"),
+    ("max_tasks_per_child", None, "max_tasks_per_child"),
+    ("max_memory_per_child", None, "max_memory_per_child"),
+    ("prefetch_multiplier", None, "prefetch_multiplier"),
+    ("time_limit", None, "time_limit"),
+    ("soft_time_limit", None, "soft_time_limit"),
+    ("events", None, "events"),
+    ("node_prefix", ENV_PREFIX, "node_prefix"),
+)
+
+
 def build_settings(
     cli: Mapping[str, Any],
     environ: Mapping[str, str],
     dotenv: Mapping[str, str],
     project_root: Path,
     ping_window_default: float = 1.0,
+    project: ProjectFile | None = None,
+    discover: Callable[[], Discovery] | None = None,
+    app_required: bool = True,
 ) -> Settings:
-    """Merge the sources. `cli` holds only the options given on the command line (None means not given)."""
-    merged_env: dict[str, str] = {**dotenv, **environ}  # the process environment wins over .env
+    """Merge the sources. `cli` holds only the options given on the command line (None means not given).
 
-    def pick(cli_key: str, *env_keys: str) -> tuple[Any, str]:
+    Precedence: command line, process environment, .env, project file, defaults. `discover` finds the app
+    when no source names it.
+    """
+    merged_env: dict[str, str] = {**dotenv, **environ}  # the process environment wins over .env
+    pf = project or ProjectFile(None)
+    notes: list[tuple[str, str]] = []
+
+    def pick(cli_key: str, *env_keys: str, file_key: str | None = None) -> tuple[Any, str]:
         value = cli.get(cli_key)
         if value is not None:
             return value, "--" + cli_key.replace("_", "-")
         for key in env_keys:
             if merged_env.get(key):
                 return merged_env[key], key
+        if file_key is not None and file_key in pf.values:
+            return pf.values[file_key], pf.where(file_key)
         return None, ""
 
-    app, _ = pick("app", ENV_APP)
+    app, _ = pick("app", ENV_APP, file_key="app")
     if not app:
-        raise ConfigError("no Celery app given", hint="pass -A/--app (e.g. -A proj.celery) or set CELERY_APP in .env")
-    broker, _ = pick("broker", ENV_BROKER, ENV_BROKER_FALLBACK)
+        if discover is None:
+            raise ConfigError(
+                "no Celery app given", hint="pass -A/--app (e.g. -A proj.celery) or set CELERY_APP in .env"
+            )
+        found = discover()
+        app = found.app
+        notes.append(("info", f"using app {app} ({found.found}; pin it with [tool.tlrun] app)"))
+    broker = cli.get("broker")
+    if broker is not None and broker == "":
+        raise ConfigError("-b/--broker is empty", hint="give a URL such as redis://127.0.0.1:6379/0, or leave it out")
+    if broker and url_password(broker):
+        notes.append(
+            (
+                "warning",
+                "the broker URL given with -b holds a password, which every user can read in `ps`: "
+                "pass it in .env or CELERY_BROKER_URL instead",
+            )
+        )
+    if broker is None:
+        broker, _ = pick("broker", ENV_BROKER, ENV_BROKER_FALLBACK)
 
     def num(cli_key: str, env_key: str, kind: type[int] | type[float], default: Any, minimum: float) -> Any:
-        raw, source = pick(cli_key, env_key)
+        raw, source = pick(cli_key, env_key, file_key=_FILE_KEYS.get(cli_key, cli_key))
         return default if raw is None else _number(raw, source, kind, minimum)
 
-    prefix_raw, _ = pick("node_prefix", ENV_PREFIX)
-    prefix = validate_prefix(str(prefix_raw) if prefix_raw is not None else "api")
-    log_dir_raw, _ = pick("log_dir", ENV_LOG_DIR)
+    log_dir_raw, _ = pick("log_dir", ENV_LOG_DIR, file_key="log_dir")
     log_dir = Path(log_dir_raw) if log_dir_raw else Path("logs")
     if not log_dir.is_absolute():
         log_dir = project_root / log_dir
 
-    pool, pool_src = pick("pool", ENV_POOL)
-    if pool is not None and pool not in POOLS:
-        raise ConfigError(f"{pool_src}={pool!r}: expected one of {', '.join(POOLS)}")
-    loglevel, level_src = pick("loglevel", ENV_LOGLEVEL)
-    loglevel = str(loglevel or "info").lower()
-    if loglevel not in LOGLEVELS:
-        raise ConfigError(f"{level_src}={loglevel!r}: expected one of {', '.join(LOGLEVELS)}")
-    queues, _ = pick("queues", ENV_QUEUES)
-
-    worker = WorkerOptions(
-        concurrency=num("concurrency", ENV_CONCURRENCY, int, None, 1),
-        queues=str(queues) if queues else None,
-        pool=pool,
-        loglevel=loglevel,
-        max_tasks_per_child=cli.get("max_tasks_per_child"),
-        max_memory_per_child=cli.get("max_memory_per_child"),
-        prefetch_multiplier=cli.get("prefetch_multiplier"),
-        time_limit=cli.get("time_limit"),
-        soft_time_limit=cli.get("soft_time_limit"),
-        events=bool(cli.get("events")),
-        extra=tuple(cli.get("extra") or ()),
-    )
+    all_roles = _roles(cli, merged_env, pf)
+    wanted = cli.get("role")
+    if wanted:
+        roles = tuple(r for r in all_roles if r.name == wanted)
+        if not roles:
+            names = ", ".join(r.name for r in all_roles)
+            raise ConfigError(f"no role named {wanted!r} in this project (roles: {names})")
+    else:
+        roles = all_roles
+    if len(roles) > 1:
+        for cli_key, env_key, _f in (("queues", ENV_QUEUES, ""), ("node_prefix", ENV_PREFIX, "")):
+            _value, source = pick(cli_key, env_key)
+            if source:
+                raise ConfigError(
+                    f"{source} would give all {len(roles)} roles the same value",
+                    hint="choose one role with --role NAME, or set it per role in the project file",
+                )
     return Settings(
         project_root=project_root,
         app=str(app),
         broker_url=str(broker) if broker else None,
-        node_prefix=prefix,
+        roles=roles,
+        all_roles=all_roles,
         log_dir=log_dir,
-        expected_workers=num("expected_workers", ENV_EXPECTED, int, 1, 1),
+        expected_workers=num("expected_workers", ENV_EXPECTED, int, sum(r.expected for r in all_roles), 1),
         ready_timeout=num("ready_timeout", ENV_READY_TIMEOUT, float, 30.0, 0.5),
         stop_grace=num("stop_grace", ENV_GRACE, float, 30.0, 0),
         ping_window=num("ping_window", ENV_PING_WINDOW, float, ping_window_default, 0.1),
         strict=bool(cli.get("strict")),
         sweep=cli.get("sweep", True) is not False,
         replace=bool(cli.get("replace")),
-        worker=worker,
+        beat=bool(pf.values.get("beat", False)),
+        project_file=pf.path,
         environ=merged_env,
+        notes=tuple(notes),
     )
+
+
+# Settings whose project-file key differs from the command-line key.
+_FILE_KEYS = {"stop_grace": "grace", "expected_workers": "expected"}
+
+
+def _roles(cli: Mapping[str, Any], env: Mapping[str, str], pf: ProjectFile) -> tuple[Role, ...]:
+    """Every role of the project with the command line and environment applied over the file's values."""
+    specs = pf.roles or (RoleSpec(IMPLICIT_ROLE, {}),)
+    declared = bool(pf.roles)
+    roles = []
+    for spec in specs:
+        values: dict[str, Any] = {}
+        for cli_key, env_key, file_key in _ROLE_OPTIONS:
+            if cli.get(cli_key) is not None:
+                values[cli_key] = (cli[cli_key], "--" + cli_key.replace("_", "-"))
+            elif env_key and env.get(env_key):
+                values[cli_key] = (env[env_key], env_key)
+            elif file_key in spec.values:
+                raw = spec.values[file_key]
+                values[cli_key] = (
+                    ",".join(raw) if file_key == "queues" else raw,
+                    pf.where(f"workers.{spec.name}.{file_key}"),
+                )
+        roles.append(_role(spec, values, declared, cli))
+    return tuple(roles)
+
+
+def _role(spec: RoleSpec, values: Mapping[str, tuple[Any, str]], declared: bool, cli: Mapping[str, Any]) -> Role:
+    def get(key: str) -> Any:
+        return values[key][0] if key in values else None
+
+    def number(key: str, kind: type[int] | type[float], minimum: float) -> Any:
+        return None if key not in values else _number(values[key][0], values[key][1], kind, minimum)
+
+    pool = get("pool")
+    if pool is not None and pool not in POOLS:
+        raise ConfigError(f"{values['pool'][1]}={pool!r}: expected one of {', '.join(POOLS)}")
+    loglevel = str(get("loglevel") or "info").lower()
+    if loglevel not in LOGLEVELS:
+        raise ConfigError(f"{values['loglevel'][1]}={loglevel!r}: expected one of {', '.join(LOGLEVELS)}")
+    prefix = validate_prefix(str(get("node_prefix") or (spec.name if declared else IMPLICIT_PREFIX)))
+    extra = tuple(spec.values.get("extra_args", ())) + tuple(cli.get("extra") or ())
+    worker = WorkerOptions(
+        concurrency=number("concurrency", int, 1),
+        queues=str(get("queues")) if get("queues") else None,
+        pool=pool,
+        loglevel=loglevel,
+        max_tasks_per_child=number("max_tasks_per_child", int, 1),
+        max_memory_per_child=number("max_memory_per_child", int, 1),
+        prefetch_multiplier=number("prefetch_multiplier", int, 0),
+        time_limit=number("time_limit", float, 0),
+        soft_time_limit=number("soft_time_limit", float, 0),
+        events=bool(get("events")),
+        extra=extra,
+    )
+    return Role(spec.name, prefix, worker, int(spec.values.get("expected", 1)), declared)
 
 
 DEV_QUIET_FLAGS = ("--without-mingle", "--without-gossip")
@@ -213,10 +380,25 @@ def dev_extra(extra: tuple[str, ...] | list[str], chatter: bool) -> tuple[str, .
 
 
 def load_settings(
-    cli: Mapping[str, Any], project_root: Path | None = None, ping_window_default: float = 1.0
+    cli: Mapping[str, Any],
+    project_root: Path | None = None,
+    ping_window_default: float = 1.0,
+    app_required: bool = True,
 ) -> Settings:
-    """Read the real sources: the project's .env and os.environ."""
+    """Read the real sources: the project file, the project's .env and os.environ."""
+    from tlrun.project import file as project_file
+    from tlrun.project.discover import discover_app
+
     root = Path(project_root or os.getcwd()).resolve()
     if not root.is_dir():
         raise ConfigError(f"project directory {root} does not exist")
-    return build_settings(cli, os.environ, read_dotenv(root / ".env"), root, ping_window_default)
+    return build_settings(
+        cli,
+        os.environ,
+        read_dotenv(root / ".env"),
+        root,
+        ping_window_default,
+        project=project_file.load(root),
+        discover=lambda: discover_app(root),
+        app_required=app_required,
+    )

@@ -24,7 +24,7 @@ class StrayFound:
 
 @dataclass(frozen=True)
 class Spawned:
-    role: str  # "worker" or "beat"
+    kind: str  # "worker" or "beat"
     node: str
     pid: int
     log_path: Path

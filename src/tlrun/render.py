@@ -28,11 +28,11 @@ def use_color(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
 
 def verdict(report: ReadyReport) -> list[str]:
     n = report.answering
-    lines = [
-        f"{n} worker{'s' if n != 1 else ''} ready: {report.node} (pid {report.worker_pid}) in {report.seconds:.1f} s"
-    ]
-    if report.renamed_from:
-        lines.append(f"  (renamed from {report.renamed_from}, which another worker already uses)")
+    ours = ", ".join(f"{node.node} (pid {node.pid})" for node in report.nodes)
+    lines = [f"{n} worker{'s' if n != 1 else ''} ready: {ours} in {report.seconds:.1f} s"]
+    for node in report.nodes:
+        if node.renamed_from:
+            lines.append(f"  (renamed from {node.renamed_from}, which another worker already uses)")
     for other in report.others:
         where = f"pid {', '.join(map(str, other.local_pids))} on this host" if other.local_pids else "elsewhere"
         dup = f", DUPLICATE: {other.replies} replies" if other.duplicated else ""
@@ -73,7 +73,7 @@ class ConsoleRenderer:
             verb = "would stop" if event.dry_run else "stopping"
             self._say(f"tlrun: {verb} stray {event.stray.describe()}", "yellow")
         elif isinstance(event, Spawned):
-            what = event.node if event.role == "worker" else event.role
+            what = event.node if event.kind == "worker" else event.kind
             self._say(f"tlrun: starting {what} (pid {event.pid}), log {event.log_path}", "cyan")
         elif isinstance(event, Ready):
             for i, line in enumerate(verdict(event.report)):
@@ -83,8 +83,10 @@ class ConsoleRenderer:
                 f" (+{len(event.changes) - 3} more)" if len(event.changes) > 3 else ""
             )
             self._say(
-                f"tlrun: reloaded: {shown or 'files'} changed; new worker {event.report.node} (pid "
-                f"{event.report.worker_pid}) ready, swap took {event.seconds:.1f} s",
+                f"tlrun: reloaded: {shown or 'files'} changed; new worker"
+                f"{'s' if len(event.report.nodes) > 1 else ''} "
+                + ", ".join(f"{n.node} (pid {n.pid})" for n in event.report.nodes)
+                + f" ready, swap took {event.seconds:.1f} s",
                 "green",
             )
         elif isinstance(event, WorkerOutput):
@@ -108,11 +110,12 @@ def _mib(n: int) -> str:
 def ps_table(rows: list[LocalProcess]) -> list[str]:
     if not rows:
         return ["no Celery workers or beats"]
-    header = ("PID", "ROLE", "NODE", "STATE", "UPTIME", "RSS", "CPU", "POOL", "LAUNCHER")
+    header = ("PID", "KIND", "ROLE", "NODE", "STATE", "UPTIME", "RSS", "CPU", "POOL", "LAUNCHER")
     body = [
         (
             str(p.pid),
-            p.role,
+            p.kind,
+            p.role or "-",
             p.node or "-",
             p.state,
             format_age(p.uptime_s),

@@ -8,20 +8,41 @@ treats that as dead.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
 
-from tlrun.config import Settings
+from tlrun.config import Settings, WorkerOptions
 from tlrun.errors import BrokerError
 from tlrun.events import Notice, Ready, Reporter
 from tlrun.launch import procs, spawn, verify
 from tlrun.launch.broker import Broker, load_app
 
 
+def node_for_roles(hostname: str) -> str:
+    """With several roles, the one in-process worker serves them all under its own name."""
+    return spawn.node_name(DEBUG_PREFIX, os.getpid(), hostname)
+
+
+DEBUG_PREFIX = "debug"
+
+
+def debug_options(settings: Settings) -> WorkerOptions:
+    """The first role's options, consuming every role's queues: one process, so that a breakpoint in any
+    task stops in the debugger."""
+    options = settings.roles[0].worker
+    if len(settings.roles) == 1:
+        return options
+    queues: list[str] = []
+    for role in settings.roles:
+        queues += [q for q in sorted(role.queue_set or {procs.DEFAULT_QUEUE}) if q not in queues]
+    return dataclasses.replace(options, queues=",".join(queues))
+
+
 def worker_args(settings: Settings, node: str) -> list[str]:
     """The `celery worker` arguments for the in-process worker: solo pool, our node name, extras last."""
-    argv = spawn.worker_argv(settings, node)
+    argv = spawn.worker_argv(settings.app, debug_options(settings), node)
     args = argv[argv.index("worker") :]
     if "--pool" in args:  # only the solo pool runs tasks in this very process
         i = args.index("--pool")
@@ -48,7 +69,15 @@ def _verify_in_background(settings: Settings, node: str, url: str, report: Repor
         report(
             Ready(
                 verify.build_report(
-                    node, os.getpid(), time.monotonic() - started, replies, settings.expected_workers, {}
+                    [
+                        verify.ReadyNode(
+                            settings.roles[0].name if len(settings.roles) == 1 else DEBUG_PREFIX, node, os.getpid()
+                        )
+                    ],
+                    time.monotonic() - started,
+                    replies,
+                    settings.expected_workers,
+                    {},
                 )
             )
         )
@@ -59,9 +88,11 @@ def _verify_in_background(settings: Settings, node: str, url: str, report: Repor
 def run_in_process(settings: Settings, report: Reporter, node: str, broker_url: str) -> int:
     started = time.monotonic()
     # The same environment a spawned worker gets: markers for the sweep and the nested-launch guard.
-    os.environ.update(spawn.worker_env(settings, node, procs.Identity.of_self(), broker_url))
+    role = settings.roles[0].name if len(settings.roles) == 1 else None
+    os.environ.update(spawn.worker_env(settings, node, procs.Identity.of_self(), broker_url, role))
     app = load_app(settings)
-    report(Notice(f"debug mode: worker {node} runs in this process (pid {os.getpid()}, solo pool)"))
+    serving = "" if role else f", serving roles {', '.join(r.name for r in settings.roles)}"
+    report(Notice(f"debug mode: worker {node} runs in this process (pid {os.getpid()}, solo pool{serving})"))
     threading.Thread(
         target=_verify_in_background,
         args=(settings, node, broker_url, report, started),

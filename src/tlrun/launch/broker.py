@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from tlrun.config import Settings
@@ -16,13 +17,32 @@ from tlrun.redact import redact_url
 CONNECT_TIMEOUT = 3.0
 
 
-def resolve_broker_url(settings: Settings) -> str:
-    """The configured URL; when none is, the app's own setting (this imports the app, here only)."""
+CELERY_DEFAULT_BROKER = "amqp://guest@localhost//"
+
+
+@dataclass(frozen=True)
+class BrokerChoice:
+    url: str
+    source: str  # "configured" (-b, environment, .env), "app" (its broker_url), "default" (nothing anywhere)
+
+
+def resolve_broker(settings: Settings) -> BrokerChoice:
+    """One resolution for every command: -b, then CELERY_BROKER_URL/REDIS_URL from the environment or .env,
+    then the app's own broker_url (for Django, from its settings). Only the last step imports the app."""
     if settings.broker_url:
-        return settings.broker_url
+        return BrokerChoice(settings.broker_url, "configured")
     app = load_app(settings)
-    url = app.conf.broker_url or "amqp://guest@localhost//"
-    return str(url)
+    try:
+        url = app.conf.broker_url
+    except Exception as exc:  # Django settings that fail to load surface here
+        raise AppImportError(f"app {settings.app!r} has no readable broker_url: {type(exc).__name__}: {exc}") from None
+    if url:
+        return BrokerChoice(str(url), "app")
+    return BrokerChoice(CELERY_DEFAULT_BROKER, "default")
+
+
+def resolve_broker_url(settings: Settings) -> str:
+    return resolve_broker(settings).url
 
 
 def load_app(settings: Settings) -> Any:
@@ -33,6 +53,14 @@ def load_app(settings: Settings) -> Any:
 
     try:
         return find_app(settings.app)
+    except ModuleNotFoundError as exc:
+        top = settings.app.split(":", 1)[0].split(".", 1)[0]
+        if (exc.name or "").split(".", 1)[0] != top:  # a dependency the app imports is missing
+            raise AppImportError(f"app {settings.app!r} does not import: ModuleNotFoundError: {exc}") from None
+        raise AppImportError(
+            f"app {settings.app!r} does not import: {exc} (modules are looked up in the project root, {root})",
+            hint="run tlrun from the project's root directory, or pass --project-dir",
+        ) from None
     except SyntaxError as exc:
         raise AppImportError(
             f"app {settings.app!r} has a syntax error: {exc.filename}:{exc.lineno}: {exc.msg}"
@@ -130,6 +158,21 @@ class Broker:
         except Exception as exc:
             raise self._fail(exc, started) from None
         return [name for reply in replies or [] for name in reply]
+
+    def active_queues(self, timeout: float = 1.0) -> list[tuple[str, list[str]]]:
+        """(node, queue names) from each raw `active_queues` reply (a duplicated name appears twice)."""
+        if self._conn is None:
+            self.connect()
+        started = time.monotonic()
+        try:
+            replies = self._app.control.broadcast("active_queues", reply=True, timeout=timeout, connection=self._conn)
+        except Exception as exc:
+            raise self._fail(exc, started) from None
+        return [
+            (node, [str(q.get("name")) for q in queues or [] if isinstance(q, dict)])
+            for reply in replies or []
+            for node, queues in reply.items()
+        ]
 
     def shutdown_nodes(self, names: list[str]) -> None:
         """Ask the named nodes to shut down (warm) through the broker."""

@@ -60,15 +60,16 @@ def open_log(log_dir: Path, stem: str) -> WorkerLog:
     return log
 
 
-def log_files(log_dir: Path, rotated: bool = False) -> list[Path]:
-    """tlrun's log files in the directory (worker, beat, private broker), newest first; rotated ones
-    (`.log.1` ...) only when asked."""
+def log_files(log_dir: Path, rotated: bool = False, stems: list[str] | None = None) -> list[Path]:
+    """tlrun's log files in the directory (each role's worker, beat, private broker), newest first; rotated
+    ones (`.log.1` ...) only when asked; with `stems`, only `celery_<stem>_*` (a role's files)."""
     if not log_dir.is_dir():
         return []
+    prefixes = tuple(f"celery_{stem}_" for stem in stems) if stems is not None else ("celery_", "redis_")
     files = [
         p
         for p in log_dir.iterdir()
-        if p.name.startswith(("celery_", "redis_")) and (p.name.endswith(".log") or (rotated and ".log." in p.name))
+        if p.name.startswith(prefixes) and (p.name.endswith(".log") or (rotated and ".log." in p.name))
     ]
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
 

@@ -12,10 +12,14 @@ import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
-from tlrun.config import ENV_GUARD, ENV_MARKER, ENV_NODE
+from tlrun.config import ENV_GUARD, ENV_MARKER, ENV_NODE, ENV_ROLE
+
+if TYPE_CHECKING:
+    from tlrun.config import Role
 
 # Celery's global options that take a value (they come before the sub-command).
 _GLOBAL_VALUE_OPTS = {
@@ -70,6 +74,7 @@ class CeleryCommand:
     subcommand: str
     node: str | None = None
     workdir: str | None = None
+    queues: frozenset[str] | None = None  # -Q/--queues; None: Celery's default queue
 
 
 def _celery_index(argv: Sequence[str]) -> int | None:
@@ -139,15 +144,20 @@ def parse_celery_argv(argv: Sequence[str]) -> CeleryCommand | None:
     if i >= len(args):
         return None
     subcommand, rest = args[i], args[i + 1 :]
-    node = None
+    node = queues = None
     j = 0
     while j < len(rest):
         value, nxt = _option_value(rest, j, "-n", "--hostname")
         if nxt > 0:
             node, j = value, nxt
-        else:
-            j += 1
-    return CeleryCommand(app=app, subcommand=subcommand, node=node, workdir=workdir)
+            continue
+        value, nxt = _option_value(rest, j, "-Q", "--queues")
+        if nxt > 0:
+            queues, j = value, nxt
+            continue
+        j += 1
+    queue_set = frozenset(q.strip() for q in queues.split(",") if q.strip()) if queues else None
+    return CeleryCommand(app=app, subcommand=subcommand, node=node, workdir=workdir, queues=queue_set)
 
 
 def expand_node_name(name: str | None, hostname: str) -> str:
@@ -173,6 +183,8 @@ class CeleryProcess:
     cwd: str | None
     marker: str | None  # tlrun's project id, when tlrun started it
     launcher: str | None  # tlrun's guard value "<pid>:<create_time>", when tlrun started it
+    role_name: str | None = None  # the role tlrun started it for (TLRUN_ROLE)
+    queues: frozenset[str] | None = None  # from -Q; None: Celery's default queue
 
 
 def project_match(proc: CeleryProcess, project_id: str, app: str, root: Path, uid: int) -> bool:
@@ -184,6 +196,38 @@ def project_match(proc: CeleryProcess, project_id: str, app: str, root: Path, ui
     if proc.app != app or proc.cwd is None:
         return False
     return os.path.realpath(proc.cwd) == os.path.realpath(root)
+
+
+DEFAULT_QUEUE = "celery"  # Celery's task_default_queue, for a worker started without -Q
+
+
+def role_of(proc: CeleryProcess, roles: Sequence[Role]) -> str | None:
+    """Which of the project's roles a worker serves: tlrun's role marker, else the first role whose queues
+    it consumes (a hand-started worker). None: no role matches (or the process is a beat)."""
+    if proc.role != "worker":
+        return None
+    names = [r.name for r in roles]
+    if proc.role_name is not None:
+        return proc.role_name if proc.role_name in names else None
+    consumed = proc.queues or frozenset({DEFAULT_QUEUE})
+    for role in roles:
+        wanted = role.queue_set
+        if wanted is None or wanted & consumed:
+            return role.name
+    return None
+
+
+def serves_roles(proc: CeleryProcess, roles: Sequence[Role] | None) -> bool:
+    """Does this worker compete with one of `roles`? (None: every role.) A beat serves no role: True.
+
+    A marker without a role (an older tlrun) counts for every role; a hand-started worker counts for each
+    role whose queues it consumes."""
+    if roles is None or proc.role != "worker":
+        return True
+    if proc.role_name is not None:
+        return proc.role_name in {r.name for r in roles}
+    consumed = proc.queues or frozenset({DEFAULT_QUEUE})
+    return any(r.queue_set is None or r.queue_set & consumed for r in roles)
 
 
 def protected_pids() -> frozenset[int]:
@@ -241,6 +285,8 @@ def scan(roles: Iterable[str] = ("worker", "beat"), hostname: str | None = None)
                 cwd=cwd,
                 marker=env.get(ENV_MARKER),
                 launcher=env.get(ENV_GUARD),
+                role_name=env.get(ENV_ROLE),
+                queues=cmd.queues,
             )
         )
     return found

@@ -7,7 +7,7 @@ hands over to debug.py after the same guard and sweep.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import logging
 import os
 import re
@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tlrun.config import Settings
+from tlrun.config import Role, Settings
 from tlrun.deploy.restart import RestartPolicy, RestartSettings
 from tlrun.dev import brokerd
 from tlrun.dev.reload import Watcher
@@ -33,7 +33,7 @@ from tlrun.errors import (
 )
 from tlrun.events import Exited, Notice, Ready, Reloaded, Reporter, Spawned, StrayFound, WorkerOutput
 from tlrun.launch import guard, procs, signals, spawn, sweep, verify
-from tlrun.launch.broker import Broker, check_reachable, resolve_broker_url
+from tlrun.launch.broker import Broker, check_reachable, resolve_broker
 from tlrun.launch.logfiles import open_log
 from tlrun.launch.supervise import Supervisor
 from tlrun.redact import Redactor, url_password
@@ -102,6 +102,33 @@ def start_failure(app: str, ready_timeout: float, status: int | None, tail: list
     return WorkerStartError(f"the worker exited with status {status} before it answered a ping")
 
 
+class RoleWorker:
+    """One role's worker under this launcher: its node name, its lock, its supervised child and log."""
+
+    def __init__(self, role: Role, hostname: str, restart: RestartSettings | None) -> None:
+        self.role = role
+        self.hostname = hostname
+        self.child = f"worker:{role.name}"  # its name in the Supervisor
+        self.node = spawn.node_name(role.node_prefix, os.getpid(), hostname)
+        self.renamed_from: str | None = None
+        self.policy = RestartPolicy(restart) if restart is not None else None
+
+    @property
+    def lock_kind(self) -> str:
+        return self.role.lock_kind
+
+    @property
+    def label(self) -> str:
+        """`worker`, or `reports worker` for a role of the project file."""
+        return f"{self.role.name} worker" if self.role.declared else "worker"
+
+    def rename(self, taken: set[str]) -> str:
+        """Come back under a name nobody answers to: `api4242-1@host`."""
+        self.renamed_from = self.node
+        self.node = spawn.unique_node_name(self.role.node_prefix, os.getpid(), self.hostname, taken)
+        return self.node
+
+
 class Session:
     """One launcher's children and their output, from the first spawn to the last reap."""
 
@@ -111,51 +138,55 @@ class Session:
         self.sup = sup
         self.opts = opts
         self.hostname = socket.gethostname()
-        self.node = spawn.node_name(settings.node_prefix, os.getpid(), self.hostname)
+        roles = settings.roles if opts.worker else ()
+        self.workers = [RoleWorker(role, self.hostname, opts.restart) for role in roles]
         self.broker_url = ""
         self.pumps: dict[str, spawn.OutputPump] = {}
         self.census: list[str] | verify.Census | None = None
         self.watcher: Watcher | None = None
-        self.policy = RestartPolicy(opts.restart) if opts.restart is not None else None
-        self._record: dict[str, Any] = {}
-        self._locks: list[guard.ProjectLock] = []
+        self._locks: dict[str, tuple[guard.ProjectLock, dict[str, Any]]] = {}
 
     # -- guard ---------------------------------------------------------------------------------------
     def take_locks(self, stack: contextlib.ExitStack) -> None:
         note = guard.check_env_guard(os.environ)
         if note is not None:
             self.report(Notice(note.message, "warning"))
-        self._record = {
+        base = {
             "pid": os.getpid(),
             "create_time": procs.Identity.of_self().create_time,
-            "node": self.node,
             "app": self.s.app,
             "project_root": str(self.s.project_root),
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        kinds = (["worker"] if self.opts.worker else []) + (["beat"] if self.opts.beat else [])
-        for kind in kinds:
-            what = f"a {kind} of app {self.s.app} in {self.s.project_root}"
+        wanted = [(w.lock_kind, {"role": w.role.name, "node": w.node}, f"a {w.label}") for w in self.workers]
+        if self.opts.beat:
+            wanted.append(("beat", {}, "a beat"))
+        for kind, fields, noun in wanted:
+            what = f"{noun} of app {self.s.app} in {self.s.project_root}"
             replace = (lambda holder: _stop_holder(holder, self.report)) if self.s.replace else None
             lock = guard.acquire(lock_path(self.s, kind), what, replace, wait=self.s.stop_grace + signals.KILL_WAIT + 5)
             stack.enter_context(lock)
-            lock.write(self._record)
-            self._locks.append(lock)
+            record = {**base, **fields}
+            lock.write(record)
+            self._locks[kind] = (lock, record)
 
-    def _update_record(self, **fields: Any) -> None:
-        self._record.update(fields)
-        for lock in self._locks:
-            lock.write(self._record)
+    def _update_record(self, kind: str, **fields: Any) -> None:
+        if kind in self._locks:
+            lock, record = self._locks[kind]
+            record.update(fields)
+            lock.write(record)
 
     # -- broker --------------------------------------------------------------------------------------
     def connect_broker(self) -> None:
-        url = self.s.broker_url
+        choice = resolve_broker(self.s)
+        url = choice.url
         if self.opts.managed_broker:
-            url = url or brokerd.DEFAULT_DEV_BROKER
+            if choice.source == "default":  # nothing configured anywhere: the local Redis of a laptop
+                url = brokerd.DEFAULT_DEV_BROKER
             argv = brokerd.plan_private_redis(url, guard.runtime_dir(os.environ))
             if argv is not None:
                 self._start_private_redis(url, argv)
-        self.broker_url = url or resolve_broker_url(self.s)
+        self.broker_url = url
         # Fail on a dead broker before anything is stopped or started.
         check_reachable(self.broker_url)
 
@@ -173,15 +204,16 @@ class Session:
 
     # -- sweep ---------------------------------------------------------------------------------------
     def sweep(self) -> None:
-        roles = (["worker"] if self.opts.worker else []) + (["beat"] if self.opts.beat else [])
-        if not self.s.sweep or not roles:
+        kinds = (["worker"] if self.workers else []) + (["beat"] if self.opts.beat else [])
+        if not self.s.sweep or not kinds:
             return
         result = sweep.sweep(
             self.s.project_id,
             self.s.app,
             self.s.project_root,
             self.s.stop_grace,
-            roles=roles,
+            kinds=kinds,
+            roles=[w.role for w in self.workers],
             on_found=lambda stray: self.report(StrayFound(stray)),
             on_step=lambda msg: self.report(Notice(msg)),
         )
@@ -208,76 +240,95 @@ class Session:
     def start_census(self) -> None:
         self.census = verify.Census(self.broker_url, self.s.ping_window).start()
 
-    def start_worker(self, started: float, allow_rename: bool = True) -> verify.ReadyReport | None:
-        """Spawn the worker and wait for its first pong; None when a stop was asked meanwhile."""
-        node = self.node
-        argv = spawn.worker_argv(self.s, node)
-        env = spawn.worker_env(self.s, node, procs.Identity.of_self(), self.broker_url)
-        child = self.sup.start("worker", argv, env, self.s.project_root)
-        self._pump("worker", child, f"celery_worker_{os.getpid()}", label=node)
-        self.report(Spawned("worker", node, child.pid, self.pumps["worker"].log_path, tuple(argv)))
+    def _spawn(self, w: RoleWorker) -> None:
+        argv = spawn.worker_argv(self.s.app, w.role.worker, w.node)
+        env = spawn.worker_env(self.s, w.node, procs.Identity.of_self(), self.broker_url, w.role.name)
+        child = self.sup.start(w.child, argv, env, self.s.project_root)
+        self._pump(w.child, child, f"celery_{w.role.log_stem}_{os.getpid()}", label=w.node)
+        self.report(Spawned("worker", w.node, child.pid, self.pumps[w.child].log_path, tuple(argv)))
+
+    def _stop_workers(self, workers: list[RoleWorker]) -> None:
+        self.sup.stop_each([w.child for w in workers])
+        for w in workers:
+            self.finish_pump(w.child)
+
+    def _spawn_and_wait(self, workers: list[RoleWorker], started: float) -> bool:
+        """Spawn the workers, then wait for each one's first pong; False when a stop was asked meanwhile.
+        A worker that never answers stops the others started with it and raises the error that explains it."""
+        for w in workers:
+            self._spawn(w)
         if self.census is None:
             # Right after the spawn, so that importing Celery overlaps the worker's own start-up. The new
             # worker cannot answer it: it subscribes to its mailbox only after its own imports (> 0.3 s).
             self.start_census()
         deadline = time.monotonic() + self.s.ready_timeout
         with Broker(self.broker_url) as broker:
-            ok = verify.wait_ready(
-                broker, node, deadline, lambda: self.sup.running("worker"), lambda: self.sup.stop_requested
-            )
-        if self.sup.stop_requested:
+            for w in workers:
+                ok = verify.wait_ready(
+                    broker, w.node, deadline, functools.partial(self.sup.running, w.child), self._stop_asked
+                )
+                if self.sup.stop_requested:
+                    return False
+                if not ok:
+                    timed_out = self.sup.running(w.child)
+                    status = self.sup.stop(w.child) if timed_out else self.sup.reap(w.child)
+                    tail = list(self.finish_pump(w.child))
+                    self._stop_workers([o for o in workers if o is not w])
+                    raise start_failure(self.s.app, self.s.ready_timeout, status, tail, timed_out)
+        return True
+
+    def _stop_asked(self) -> bool:
+        return self.sup.stop_requested
+
+    def start_workers(
+        self, workers: list[RoleWorker], started: float, allow_rename: bool = True
+    ) -> verify.ReadyReport | None:
+        """Spawn and verify `workers`; the report covers every worker of this launcher. None: stop asked."""
+        if not self._spawn_and_wait(workers, started):
             return None
-        if not ok:
-            timed_out = self.sup.running("worker")
-            status = self.sup.stop("worker") if timed_out else self.sup.reap("worker")
-            tail = list(self.finish_pump("worker"))
-            raise start_failure(self.s.app, self.s.ready_timeout, status, tail, timed_out)
         census = self.census
         assert census is not None
         replies = self.census = census if isinstance(census, list) else census.result(lambda: self.sup.stop_requested)
-        if node in replies and allow_rename:
+        taken = [w for w in workers if w.node in replies] if allow_rename else []
+        if taken:
             # A worker elsewhere already answers to our name: stop ours and come back under a unique one.
-            new = spawn.unique_node_name(self.s.node_prefix, os.getpid(), self.hostname, set(replies))
-            self.report(Notice(f"node name {node} already answers on the broker: restarting as {new}", "warning"))
-            self.sup.stop("worker")
-            self.finish_pump("worker")
-            self.node = new
-            report = self.start_worker(started, allow_rename=False)
-            return None if report is None else dataclasses.replace(report, renamed_from=node)
-        self._update_record(node=node, worker_pid=child.pid)
-        others = [name for name in replies if name != node]
+            self._stop_workers(taken)
+            for w in taken:
+                old = w.node
+                self.report(
+                    Notice(
+                        f"node name {old} already answers on the broker: restarting as {w.rename(set(replies))}",
+                        "warning",
+                    )
+                )
+            if not self._spawn_and_wait(taken, started):
+                return None
+        for w in workers:
+            self._update_record(w.lock_kind, node=w.node, worker_pid=self.sup.pid(w.child))
+        ours = {w.node for w in self.workers}
+        others = [name for name in replies if name not in ours]
+        nodes = [
+            verify.ReadyNode(w.role.name, w.node, self.sup.pid(w.child) or 0, renamed_from=w.renamed_from)
+            for w in self.workers
+            if self.sup.running(w.child)
+        ]
         return verify.build_report(
-            node,
-            child.pid,
-            time.monotonic() - started,
-            replies,
-            self.s.expected_workers,
-            _local_nodes() if others else {},
+            nodes, time.monotonic() - started, replies, self.s.expected_workers, _local_nodes() if others else {}
         )
 
     def start_beat(self) -> None:
         schedule = beat_schedule_path(self.s)
-        argv = [
-            spawn.PYTHON,
-            "-m",
-            "celery",
-            "-A",
-            self.s.app,
-            "beat",
-            "-s",
-            str(schedule),
-            "--loglevel",
-            self.s.worker.loglevel,
-        ]
+        loglevel = self.s.roles[0].worker.loglevel
+        argv = [spawn.PYTHON, "-m", "celery", "-A", self.s.app, "beat", "-s", str(schedule), "--loglevel", loglevel]
         env = spawn.worker_env(self.s, "beat", procs.Identity.of_self(), self.broker_url)
         child = self.sup.start("beat", argv, env, self.s.project_root)
         self._pump("beat", child, f"celery_beat_{os.getpid()}")
-        self._update_record(beat_pid=child.pid)
+        self._update_record("beat", beat_pid=child.pid)
         self.report(Spawned("beat", "beat", child.pid, self.pumps["beat"].log_path, tuple(argv)))
 
     def verdict(self, ready: verify.ReadyReport) -> None:
-        if ready.own_replies > 1:
-            raise DuplicateNodeError(f"{ready.own_replies} workers answer as {ready.node}: node names must be unique")
+        for node in ready.duplicated:
+            raise DuplicateNodeError(f"{node.replies} workers answer as {node.node}: node names must be unique")
         self.report(Ready(ready))
         if self.s.strict and not ready.as_expected:
             raise DuplicateNodeError(f"--strict: {ready.answering} workers answer, expected {self.s.expected_workers}")
@@ -289,28 +340,30 @@ class Session:
         return self.watcher is not None and self.watcher.pending()
 
     def reload(self) -> None:
+        """Every role's worker is stopped (warm, all at once), then every role starts on the new code."""
         assert self.watcher is not None
         changes = self.watcher.take()
         started = time.monotonic()
-        if self.sup.running("worker"):
-            self.sup.stop("worker")
-        self.finish_pump("worker")
+        self._stop_workers(self.workers)
         try:
-            ready = self.start_worker(started, allow_rename=False)
+            ready = self.start_workers(self.workers, started, allow_rename=False)
         except (AppImportError, WorkerStartError) as exc:
             self.report(Notice(f"reload failed: {exc}; fix it and save again", "warning"))
             return
         if ready is not None:
             self.report(Reloaded(tuple(changes), time.monotonic() - started, ready))
 
-    def restart_after_crash(self, code: int) -> None:
+    def restart_after_crash(self, w: RoleWorker, code: int) -> None:
         """Back off, then guard, sweep, spawn and verify again; RestartGiveUpError when the policy says so."""
-        assert self.policy is not None
-        delay = self.policy.on_crash()
+        assert w.policy is not None
+        delay = w.policy.on_crash()
         if delay is None:
-            raise RestartGiveUpError(f"giving up on the worker after {self.policy.why_given_up()}")
+            raise RestartGiveUpError(f"giving up on the {w.label} after {w.policy.why_given_up()}")
         self.report(
-            Notice(f"worker exited with status {code}: restart {self.policy.restarts} in {delay:.1f} s", "warning")
+            Notice(
+                f"{w.label} exited with status {code}: restart {w.policy.restarts} in {delay:.1f} s",
+                "warning",
+            )
         )
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline and not self.sup.stop_requested:
@@ -322,13 +375,16 @@ class Session:
             self.report(Notice(note.message, "warning"))
         self.sweep()
         try:
-            ready = self.start_worker(time.monotonic(), allow_rename=False)
+            ready = self.start_workers([w], time.monotonic(), allow_rename=False)
         except (AppImportError, WorkerStartError) as exc:
             self.report(Notice(f"restart failed: {exc}", "warning"))
-            self.restart_after_crash(WorkerStartError.exit_code)
+            self.restart_after_crash(w, WorkerStartError.exit_code)
             return
         if ready is not None:
             self.report(Ready(ready))
+
+    def _worker(self, child: str) -> RoleWorker | None:
+        return next((w for w in self.workers if w.child == child), None)
 
     def supervise(self) -> int:
         """Until every worker and beat has stopped; returns the exit status."""
@@ -343,20 +399,21 @@ class Session:
                 continue
             name, code = got
             tail = self.finish_pump(name)
-            label = self.node if name == "worker" else name
+            w = self._worker(name)
+            label = w.node if w is not None else name
             if self.sup.stop_requested:
                 self.report(Exited(label, code, True))
-                if name == "worker" or not self.opts.worker:
-                    status = code
+                if w is not None or not self.workers:
+                    status = status or code
                 if not self.sup.has_running():
                     break
                 continue
             self.report(Exited(label, code, False, tail))
-            if self.watcher is not None and name == "worker":
+            if self.watcher is not None and w is not None:
                 self.report(Notice("waiting for a change to start the worker again"))
                 continue
-            if name == "worker" and code != 0 and self.policy is not None:
-                self.restart_after_crash(code)
+            if w is not None and code != 0 and w.policy is not None:
+                self.restart_after_crash(w, code)
                 continue
             status = code  # a clean exit of its own (a remote shutdown) is not a crash
             break
@@ -365,7 +422,7 @@ class Session:
 
 
 def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None) -> int:
-    """Run the project's worker (and/or beat) until it stops; returns the exit status."""
+    """Run the project's workers (one per role) and/or beat until they stop; returns the exit status."""
     opts = opts or LaunchOptions()
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
@@ -384,13 +441,14 @@ def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None)
 
             if opts.beat:  # beat stays a supervised child; the worker runs here, in the debugger's process
                 session.start_beat()
-            return debug.run_in_process(settings, report, session.node, session.broker_url)
+            node = session.workers[0].node if len(session.workers) == 1 else debug.node_for_roles(session.hostname)
+            return debug.run_in_process(settings, report, node, session.broker_url)
         if opts.reload:
             session.watcher = Watcher(settings.project_root, [settings.log_dir]).start()
             stack.callback(session.watcher.close)
-        if opts.worker:
+        if session.workers:
             try:
-                ready = session.start_worker(started)
+                ready = session.start_workers(session.workers, started)
             except (AppImportError, WorkerStartError) as exc:
                 if session.watcher is None:
                     raise

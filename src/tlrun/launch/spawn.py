@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from tlrun.config import ENV_BROKER, ENV_GUARD, ENV_MARKER, ENV_NODE, Settings
+from tlrun.config import ENV_BROKER, ENV_GUARD, ENV_MARKER, ENV_NODE, ENV_ROLE, Settings, WorkerOptions
 from tlrun.launch.logfiles import WorkerLog
 from tlrun.launch.procs import Identity
 from tlrun.redact import Redactor
@@ -35,10 +35,9 @@ def unique_node_name(prefix: str, pid: int, hostname: str, taken: set[str]) -> s
     return node_name(prefix, pid, hostname, suffix)
 
 
-def worker_argv(settings: Settings, node: str, python: str = sys.executable) -> list[str]:
+def worker_argv(app: str, opts: WorkerOptions, node: str, python: str = sys.executable) -> list[str]:
     """`python -m celery -A <app> worker -n <node> ...`: the options tlrun knows, then `--` extras verbatim."""
-    opts = settings.worker
-    argv = [python, "-m", "celery", "-A", settings.app, "worker", "-n", node, "--loglevel", opts.loglevel]
+    argv = [python, "-m", "celery", "-A", app, "worker", "-n", node, "--loglevel", opts.loglevel]
     named: list[tuple[str, object]] = [
         ("--concurrency", opts.concurrency),
         ("--queues", opts.queues),
@@ -58,7 +57,10 @@ def worker_argv(settings: Settings, node: str, python: str = sys.executable) -> 
     return argv
 
 
-def worker_env(settings: Settings, node: str, launcher: Identity, broker_url: str | None) -> dict[str, str]:
+def worker_env(
+    settings: Settings, node: str, launcher: Identity, broker_url: str | None, role: str | None = None
+) -> dict[str, str]:
+    """The child's environment: the user's, plus tlrun's markers (project, role, node, launcher)."""
     env = dict(settings.environ)
     if broker_url:
         # Celery reads this before the app's own broker setting: launcher and worker agree on the broker.
@@ -66,6 +68,8 @@ def worker_env(settings: Settings, node: str, launcher: Identity, broker_url: st
     env[ENV_GUARD] = launcher.encode()
     env[ENV_MARKER] = settings.project_id
     env[ENV_NODE] = node
+    if role is not None:
+        env[ENV_ROLE] = role
     env["PYTHONUNBUFFERED"] = "1"  # lines reach the log as they are written
     return env
 

@@ -161,6 +161,14 @@ class Supervisor:
         self._begin_stop(child, cold)
         return self._finish_stop(child)
 
+    def stop_each(self, names: list[str]) -> None:
+        """Stop several children at once (every role's worker on a reload): all get SIGTERM, then we wait."""
+        children = [self._children[n] for n in names if n in self._children]
+        for child in children:
+            self._begin_stop(child, cold=False)
+        for child in children:
+            self._finish_stop(child)
+
     def stop_all(self) -> dict[str, int]:
         """Stop every child: workers and beat together first, helpers (stop_order > 0) after them."""
         statuses: dict[str, int] = {}

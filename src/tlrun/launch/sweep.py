@@ -11,8 +11,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tlrun.launch import procs, signals
+
+if TYPE_CHECKING:
+    from tlrun.config import Role
 
 
 @dataclass(frozen=True)
@@ -48,15 +52,24 @@ def find_strays(
     project_id: str,
     app: str,
     root: Path,
-    roles: Sequence[str] = ("worker",),
+    kinds: Sequence[str] = ("worker",),
+    roles: Sequence[Role] | None = None,
     table: Sequence[procs.CeleryProcess] | None = None,
 ) -> list[procs.CeleryProcess]:
-    """This project's processes with one of `roles`: main processes, and pool children whose main process
-    is gone (they keep its command line and environment). Children of a live main are left to the ladder."""
-    rows = procs.scan(roles) if table is None else table
+    """This project's processes of one of `kinds` (worker, beat) serving one of `roles` (None: all): main
+    processes, and pool children whose main process is gone (they keep its command line and environment).
+    Children of a live main are left to the ladder."""
+    rows = procs.scan(kinds) if table is None else table
     uid = os.getuid()
     protected = procs.protected_pids()
-    mine = [p for p in rows if p.pid not in protected and procs.project_match(p, project_id, app, root, uid)]
+    mine = [
+        p
+        for p in rows
+        if p.pid not in protected
+        and p.role in kinds
+        and procs.project_match(p, project_id, app, root, uid)
+        and procs.serves_roles(p, roles)
+    ]
     return [p for p in procs.main_processes(mine) if not _owned_by_live_launcher(p)]
 
 
@@ -73,12 +86,13 @@ def sweep(
     root: Path,
     grace: float,
     *,
-    roles: Sequence[str] = ("worker",),
+    kinds: Sequence[str] = ("worker",),
+    roles: Sequence[Role] | None = None,
     dry_run: bool = False,
     on_found: Callable[[Stray], None] | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> SweepResult:
-    targets = find_strays(project_id, app, root, roles)
+    targets = find_strays(project_id, app, root, kinds, roles)
     now = time.time()
     strays = tuple(Stray(p.pid, p.node, now - p.create_time, p.role) for p in targets)
     for stray in strays:

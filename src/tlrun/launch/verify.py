@@ -9,6 +9,7 @@ cannot answer it (it is not subscribed yet), so the census counts everything *el
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,22 +35,42 @@ class NodeSeen:
 
 
 @dataclass(frozen=True)
-class ReadyReport:
+class ReadyNode:
+    """One node this launcher started, with how many raw replies carry its name (1: ours alone)."""
+
+    role: str
     node: str
-    worker_pid: int
+    pid: int
+    replies: int = 1
+    renamed_from: str | None = None
+
+
+@dataclass(frozen=True)
+class ReadyReport:
+    nodes: tuple[ReadyNode, ...]  # ours, one per role
     seconds: float
-    own_replies: int
     others: tuple[NodeSeen, ...]
     expected: int
-    renamed_from: str | None = None
+
+    @property
+    def node(self) -> str:
+        return self.nodes[0].node
+
+    @property
+    def worker_pid(self) -> int:
+        return self.nodes[0].pid
 
     @property
     def answering(self) -> int:
-        return self.own_replies + sum(o.replies for o in self.others)
+        return sum(n.replies for n in self.nodes) + sum(o.replies for o in self.others)
+
+    @property
+    def duplicated(self) -> tuple[ReadyNode, ...]:
+        return tuple(n for n in self.nodes if n.replies > 1)
 
     @property
     def as_expected(self) -> bool:
-        return self.own_replies == 1 and self.answering == self.expected
+        return not self.duplicated and self.answering == self.expected
 
 
 class Census:
@@ -103,16 +124,14 @@ def wait_ready(
 
 
 def build_report(
-    node: str,
-    worker_pid: int,
+    started: Sequence[ReadyNode],
     seconds: float,
     census: Sequence[str],
     expected: int,
     local_nodes: Mapping[str, Iterable[int]],
-    renamed_from: str | None = None,
 ) -> ReadyReport:
-    """Pure: our node answered once (readiness); the census adds every other reply, duplicates kept."""
+    """Pure: each of our nodes answered once (readiness); the census adds every other reply, duplicates kept."""
     counts = collections.Counter(census)
-    own = 1 + counts.pop(node, 0)
+    ours = tuple(dataclasses.replace(n, replies=1 + counts.pop(n.node, 0)) for n in started)
     others = tuple(NodeSeen(name, n, tuple(sorted(local_nodes.get(name, ())))) for name, n in sorted(counts.items()))
-    return ReadyReport(node, worker_pid, seconds, own, others, expected, renamed_from)
+    return ReadyReport(ours, seconds, others, expected)

@@ -27,7 +27,8 @@ class StopReport:
 def _project_launchers(settings: Settings) -> list[psutil.Process]:
     """Live tlrun launchers of this project: lock holders, and launchers named by the project's processes."""
     identities: set[procs.Identity] = set()
-    for kind in ("worker", "beat"):
+    kinds = [r.lock_kind for r in settings.roles] + ([] if settings.role_filter else ["beat"])
+    for kind in kinds:
         try:
             holder = guard.holder_identity(guard.read_record(guard.lock_path(settings.project_id, kind)))
         except TlrunError:  # an unsafe runtime directory: no record to trust
@@ -36,7 +37,11 @@ def _project_launchers(settings: Settings) -> list[psutil.Process]:
             identities.add(holder)
     uid = os.getuid()
     for proc in procs.scan(("worker", "beat")):
-        if proc.launcher and procs.project_match(proc, settings.project_id, settings.app, settings.project_root, uid):
+        if (
+            proc.launcher
+            and procs.project_match(proc, settings.project_id, settings.app, settings.project_root, uid)
+            and procs.serves_roles(proc, settings.role_filter)
+        ):
             named = procs.Identity.decode(proc.launcher)
             if named is not None:
                 identities.add(named)
@@ -49,7 +54,14 @@ def stop_project(settings: Settings, timeout: float) -> StopReport:
     its tree), then the strays, with the same ladder."""
     launchers = _project_launchers(settings)
     first = signals.stop_ladder(launchers, timeout) if launchers else signals.StopResult((), (), ())
-    swept = sweep.sweep(settings.project_id, settings.app, settings.project_root, timeout, roles=("worker", "beat"))
+    swept = sweep.sweep(
+        settings.project_id,
+        settings.app,
+        settings.project_root,
+        timeout,
+        kinds=("worker", "beat"),
+        roles=settings.role_filter,
+    )
     return StopReport(
         launchers=tuple(p.pid for p in launchers),
         strays=swept.found,
@@ -62,7 +74,12 @@ def stop_project(settings: Settings, timeout: float) -> StopReport:
 def stop_project_strays(settings: Settings) -> sweep.SweepResult:
     """doctor --fix: the strays only (project processes no live launcher owns); launchers are left alone."""
     return sweep.sweep(
-        settings.project_id, settings.app, settings.project_root, settings.stop_grace, roles=("worker", "beat")
+        settings.project_id,
+        settings.app,
+        settings.project_root,
+        settings.stop_grace,
+        kinds=("worker", "beat"),
+        roles=settings.role_filter,
     )
 
 
@@ -75,15 +92,20 @@ class Health:
     seconds: float
 
 
-def default_node(settings: Settings) -> str:
-    record = guard.read_record(guard.lock_path(settings.project_id, "worker"))
-    holder = guard.holder_identity(record)
-    if record and holder is not None and holder.is_alive() and record.get("node"):
-        return str(record["node"])
-    raise ConfigError(
-        f"no tlrun worker of app {settings.app} runs on this host ({socket.gethostname()})",
-        hint="pass --node NAME@HOST to probe a given node",
-    )
+def default_nodes(settings: Settings) -> list[str]:
+    """The node of each role's tlrun worker on this host, from the role's lock record."""
+    nodes = []
+    for role in settings.roles:
+        record = guard.read_record(guard.lock_path(settings.project_id, role.lock_kind))
+        holder = guard.holder_identity(record)
+        if not (record and holder is not None and holder.is_alive() and record.get("node")):
+            which = f" of role {role.name}" if role.declared else ""
+            raise ConfigError(
+                f"no tlrun worker{which} of app {settings.app} runs on this host ({socket.gethostname()})",
+                hint="pass --node NAME@HOST to probe a given node",
+            )
+        nodes.append(str(record["node"]))
+    return nodes
 
 
 def probe(settings: Settings, node: str, timeout: float, retries: int) -> Health:

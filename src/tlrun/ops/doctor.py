@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from tlrun.launch.procs import Identity
 from tlrun.ops import inventory
 from tlrun.redact import redact_url
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RECOMMENDED = "see README: Recommended Celery settings"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -76,6 +77,7 @@ _EXIT_BY_CODE = {
     "BROKER_UNREACHABLE": BrokerError.exit_code,
     "APP_IMPORT": AppImportError.exit_code,
     "DUPLICATE_NODE": DuplicateNodeError.exit_code,
+    "ROLE_MISSING": DuplicateNodeError.exit_code,
     "STRAY_PROCESS": DuplicateNodeError.exit_code,
     "MULTIPLE_BEATS": DuplicateNodeError.exit_code,
 }
@@ -199,6 +201,72 @@ def config_findings(conf: Any, broker_url: str, running_as_root: bool) -> list[F
     return found
 
 
+class QueuesCensus:
+    """One `active_queues` broadcast over the ping window, on its own connection and thread (like Census)."""
+
+    def __init__(self, url: str, window: float) -> None:
+        self._broker = Broker(url)  # built on the caller's thread: see verify.Census
+        self._window = window
+        self.replies: list[tuple[str, list[str]]] = []
+        self._thread = threading.Thread(target=self._run, name="tlrun-queues", daemon=True)
+
+    def start(self) -> QueuesCensus:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            with self._broker as broker:
+                self.replies = broker.active_queues(self._window)
+        except BrokerError:
+            self.replies = []  # the ping census reports the broker's failure
+
+    def result(self) -> list[tuple[str, list[str]]]:
+        self._thread.join()
+        return self.replies
+
+
+def role_findings(settings: Settings, nodes: list[NodeView], queues: list[tuple[str, list[str]]]) -> list[Finding]:
+    """The configured roles against what answers: a missing role, a role with the wrong count, and workers
+    that consume queues no role declares."""
+    found = []
+    for role in settings.all_roles:
+        count = sum(n.replies for n in nodes if role.owns_node(n.name))
+        if count == 0:
+            found.append(
+                Finding(
+                    "ROLE_MISSING",
+                    "error",
+                    f"no worker of role {role.name} answers: tasks on {', '.join(sorted(role.queue_set or []))} wait",
+                    f"tlrun worker --role {role.name} (or tlrun dev)",
+                )
+            )
+        elif count != role.expected:
+            found.append(
+                Finding(
+                    "ROLE_COUNT",
+                    "warning",
+                    f"{count} workers of role {role.name} answer, expected {role.expected}",
+                    f"set expected = {count} under [tool.tlrun.workers.{role.name}], or stop the extra ones",
+                )
+            )
+    declared: set[str] = set()
+    for role in settings.all_roles:
+        declared |= role.queue_set or set()
+    for node, consumed in queues:
+        extra = sorted(set(consumed) - declared)
+        if extra:
+            found.append(
+                Finding(
+                    "UNDECLARED_QUEUES",
+                    "warning",
+                    f"{node} consumes {', '.join(extra)}, which no role of the project file declares",
+                    "declare the queue under a role in [tool.tlrun.workers], or stop that worker",
+                )
+            )
+    return found
+
+
 def _state_findings(settings: Settings) -> list[Finding]:
     found = []
     raw = os.environ.get(ENV_GUARD)
@@ -214,7 +282,7 @@ def _state_findings(settings: Settings) -> list[Finding]:
                 f"unset {ENV_GUARD}",
             )
         )
-    for kind in ("worker", "beat"):
+    for kind in [r.lock_kind for r in settings.all_roles] + ["beat"]:
         try:
             path = guard.lock_path(settings.project_id, kind)
             lock = guard.ProjectLock.try_acquire(path) if path.exists() else None
@@ -259,6 +327,7 @@ def diagnose(settings: Settings) -> DoctorReport:
     except AppImportError as exc:
         return _failed(settings, started, [Finding("APP_IMPORT", "error", str(exc), "fix the import error")], local)
     census = verify.Census(broker_url, settings.ping_window).start()
+    queues = QueuesCensus(broker_url, settings.ping_window).start() if settings.declared_roles else None
     connect_s = _connect_time(broker_url)
     try:
         app = load_app(settings)
@@ -303,7 +372,9 @@ def diagnose(settings: Settings) -> DoctorReport:
                 "tlrun ps --all, then tlrun stop or tlrun doctor --fix",
             )
         )
-    if reachable and answering == 0:
+    if reachable and settings.declared_roles:
+        findings.extend(role_findings(settings, nodes, queues.result() if queues is not None else []))
+    elif reachable and answering == 0:
         findings.append(
             Finding("NO_WORKERS", "warning", "no worker answers on this broker: tasks will wait", "tlrun worker")
         )
@@ -313,12 +384,12 @@ def diagnose(settings: Settings) -> DoctorReport:
                 Finding(
                     "STRAY_PROCESS",
                     "error",
-                    f"stray {proc.role} pid {proc.pid} ({proc.node or 'no node name'}) runs this "
+                    f"stray {proc.kind} pid {proc.pid} ({proc.node or 'no node name'}) runs this "
                     "project's code with no tlrun launcher: it may run old code",
                     "tlrun doctor --fix",
                 )
             )
-    beats = [p for p in local if p.project and p.role == "beat"]
+    beats = [p for p in local if p.project and p.kind == "beat"]
     if len(beats) > 1:
         findings.append(
             Finding(
@@ -335,7 +406,7 @@ def diagnose(settings: Settings) -> DoctorReport:
                 Finding(
                     "STOPPED_PROCESS",
                     "warning",
-                    f"{proc.role} pid {proc.pid} is stopped (SIGSTOP): it takes no tasks",
+                    f"{proc.kind} pid {proc.pid} is stopped (SIGSTOP): it takes no tasks",
                     f"kill -CONT {proc.pid}, or tlrun stop",
                 )
             )

@@ -19,7 +19,8 @@ from tlrun.launch import procs
 class LocalProcess:
     pid: int
     ppid: int
-    role: str  # "worker" | "beat"
+    kind: str  # "worker" | "beat"
+    role: str | None  # the worker role it serves (tlrun's marker, or its queues); None for beat or unknown
     node: str | None
     app: str | None
     cwd: str | None
@@ -71,11 +72,13 @@ def local_processes(
             continue
         state, rss, cpu, children = _stats(proc.pid)
         launcher = _live_launcher(proc)
+        role = procs.role_of(proc, settings.all_roles) if settings is not None and is_project else proc.role_name
         out.append(
             LocalProcess(
                 pid=proc.pid,
                 ppid=proc.ppid,
-                role=proc.role,
+                kind=proc.role,
+                role=role,
                 node=proc.node,
                 app=proc.app,
                 cwd=proc.cwd,
@@ -89,4 +92,4 @@ def local_processes(
                 stray=is_project and launcher is None,
             )
         )
-    return sorted(out, key=lambda p: (p.role, p.pid))
+    return sorted(out, key=lambda p: (p.kind, p.role or "", p.pid))

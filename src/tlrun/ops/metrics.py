@@ -34,7 +34,7 @@ _GAUGES = (
     (
         "tlrun_beats",
         "Beat processes of the project on this host.",
-        lambda r: sum(1 for p in r.local if p.role == "beat"),
+        lambda r: sum(1 for p in r.local if p.kind == "beat"),
     ),
     ("tlrun_broker_up", "1 when the broker answered, else 0.", lambda r: int(r.broker_reachable)),
     (

@@ -1,0 +1,207 @@
+"""The project file: `[tool.tlrun]` in pyproject.toml, else the top level of tlrun.toml.
+
+Reading is strict: an unknown key, a value of the wrong type or range, or a role with no queues is a
+ConfigError naming the file, the key and what was expected. A TOML syntax error names the file and line.
+The result is plain validated data; config.py merges it with the command line and the environment.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tlrun.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+PYPROJECT = "pyproject.toml"
+TLRUN_TOML = "tlrun.toml"
+MAX_FILE_BYTES = 1024 * 1024
+
+POOLS = ("prefork", "solo", "threads", "gevent", "eventlet", "processes")
+LOGLEVELS = ("debug", "info", "warning", "error", "critical", "fatal")
+ROLE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
+RESERVED_ROLE_NAMES = ("beat", "broker")
+
+Check = Callable[[Any], str | None]  # returns what was expected when the value is wrong, else None
+
+
+def _int(minimum: int) -> Check:
+    def check(value: Any) -> str | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        return None if ok else f"an integer of at least {minimum}"
+
+    return check
+
+
+def _number(minimum: float, open_min: bool = False) -> Check:
+    def check(value: Any) -> str | None:
+        ok = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (value > minimum if open_min else value >= minimum)
+        )
+        return None if ok else f"a number {'above' if open_min else 'of at least'} {minimum:g}"
+
+    return check
+
+
+def _choice(options: tuple[str, ...]) -> Check:
+    def check(value: Any) -> str | None:
+        ok = isinstance(value, str) and value.lower() in options
+        return None if ok else f"one of {', '.join(options)}"
+
+    return check
+
+
+def _bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "true or false"
+
+
+def _string(value: Any) -> str | None:
+    return None if isinstance(value, str) and value.strip() else "a non-empty string"
+
+
+def _strings(value: Any) -> str | None:
+    ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+    return None if ok else 'a list of strings, e.g. ["--without-heartbeat"]'
+
+
+def _queues(value: Any) -> str | None:
+    ok = isinstance(value, list) and value and all(isinstance(v, str) and v.strip() and "," not in v for v in value)
+    return None if ok else 'a non-empty list of queue names, e.g. ["celery"]'
+
+
+ROLE_KEYS: dict[str, Check] = {
+    "queues": _queues,
+    "concurrency": _int(1),
+    "pool": _choice(POOLS),
+    "loglevel": _choice(LOGLEVELS),
+    "max_tasks_per_child": _int(1),
+    "max_memory_per_child": _int(1),
+    "prefetch_multiplier": _int(0),
+    "time_limit": _number(0, open_min=True),
+    "soft_time_limit": _number(0, open_min=True),
+    "events": _bool,
+    "node_prefix": _string,
+    "extra_args": _strings,
+    "expected": _int(1),
+}
+
+TOP_KEYS: dict[str, Check] = {
+    "app": _string,
+    "beat": _bool,
+    "log_dir": _string,
+    "ready_timeout": _number(0.5),
+    "grace": _number(0),
+    "ping_window": _number(0.1),
+    "expected": _int(1),
+}
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """One `[tool.tlrun.workers.NAME]` table, validated."""
+
+    name: str
+    values: Mapping[str, Any]
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        return tuple(self.values["queues"])
+
+
+@dataclass(frozen=True)
+class ProjectFile:
+    path: Path | None  # None: the project has no tlrun table
+    values: Mapping[str, Any] = field(default_factory=dict)
+    roles: tuple[RoleSpec, ...] = ()
+
+    def where(self, key: str) -> str:
+        table = "[tool.tlrun]" if self.path is not None and self.path.name == PYPROJECT else "top level"
+        return f"{self.path} ({table}, key {key})"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB; not a project file tlrun reads")
+    try:
+        document: dict[str, Any] = tomllib.loads(data.decode("utf-8"))
+        return document
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except tomllib.TOMLDecodeError as exc:
+        # The message carries "(at line N, column M)".
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+
+
+def _check_table(table: Mapping[str, Any], schema: Mapping[str, Check], where: Callable[[str], str]) -> None:
+    for key, value in table.items():
+        check = schema.get(key)
+        if check is None:
+            raise ConfigError(f"{where(key)}: unknown key", hint=f"known keys: {', '.join(sorted(schema))}")
+        expected = check(value)
+        if expected is not None:
+            raise ConfigError(f"{where(key)}: expected {expected}, got {value!r}"[:300])
+
+
+def parse(path: Path, document: Mapping[str, Any]) -> ProjectFile:
+    """Validate the tlrun table of a parsed file (pure; the tests feed it dicts)."""
+    if path.name == PYPROJECT:
+        tool = document.get("tool", {})
+        table = tool.get("tlrun") if isinstance(tool, dict) else None
+        if table is None:
+            return ProjectFile(None)
+    else:
+        table = document
+    pf = ProjectFile(path)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{pf.where('tlrun')}: expected a table")
+    workers = table.get("workers")
+    top = {k: v for k, v in table.items() if k != "workers"}
+    _check_table(top, TOP_KEYS, pf.where)
+    roles: list[RoleSpec] = []
+    if workers is not None:
+        if not isinstance(workers, dict) or not workers:
+            raise ConfigError(f"{pf.where('workers')}: expected one or more [workers.NAME] tables")
+        for name, spec in workers.items():
+            key = f"workers.{name}"
+            if not ROLE_NAME_RE.match(name) or name in RESERVED_ROLE_NAMES:
+                raise ConfigError(
+                    f"{pf.where(key)}: {name!r} is not a role name tlrun can use",
+                    hint="1-40 letters, digits, '_' or '-', starting with a letter or digit; not beat or broker",
+                )
+            if not isinstance(spec, dict):
+                raise ConfigError(f"{pf.where(key)}: expected a table with at least `queues`")
+            _check_table(spec, ROLE_KEYS, lambda k, key=key: pf.where(f"{key}.{k}"))  # type: ignore[misc]
+            if "queues" not in spec:
+                raise ConfigError(f'{pf.where(key)}: a role needs `queues`, e.g. queues = ["celery"]')
+            roles.append(RoleSpec(name, dict(spec)))
+    return ProjectFile(path, top, tuple(roles))
+
+
+def load(root: Path) -> ProjectFile:
+    """`[tool.tlrun]` of root/pyproject.toml; else root/tlrun.toml; else an empty ProjectFile."""
+    pyproject = root / PYPROJECT
+    if pyproject.is_file():
+        found = parse(pyproject, _read(pyproject))
+        if found.path is not None:
+            return found
+    alt = root / TLRUN_TOML
+    if alt.is_file():
+        return parse(alt, _read(alt))
+    return ProjectFile(None)

@@ -1,0 +1,148 @@
+"""`tlrun init`: write `[tool.tlrun]` into pyproject.toml, with the app and one role per queue it routes to.
+
+Other tables and comments of pyproject.toml are kept as they are (tomlkit edits the document in place).
+Unlike discovery, init imports the app: the queues it routes to are only known to the running code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tlrun import safefile
+from tlrun.errors import AppImportError, ConfigError, TlrunError
+from tlrun.project.discover import discover_app
+from tlrun.project.file import PYPROJECT, RESERVED_ROLE_NAMES
+
+DEFAULT_ROLE = "default"
+
+
+@dataclass(frozen=True)
+class InitResult:
+    pyproject: Path
+    created: bool  # pyproject.toml did not exist
+    app: str
+    found: str | None  # what discovery found, when the app was not given
+    beat: bool
+    roles: tuple[tuple[str, tuple[str, ...]], ...]  # (role, queues)
+    dotenv: Path | None  # the .env created from .env.example
+    note: str | None = None  # why the roles are a guess (the app did not import)
+
+
+def role_name(queue: str) -> str:
+    """A queue's name as a role name: letters, digits, '_' and '-', at most 40 characters."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", queue).strip("-_")[:40] or "queue"
+    return f"q-{name}"[:40] if name in RESERVED_ROLE_NAMES or not name[0].isalnum() else name
+
+
+def _route_queues(routes: Any) -> list[str]:
+    """Queue names in task_routes: {pattern: {"queue": name}}, {pattern: "name"}, or a list of such maps."""
+    maps = routes if isinstance(routes, (list, tuple)) else [routes]
+    found: list[str] = []
+    for route_map in maps:
+        if not isinstance(route_map, dict):
+            continue  # a router function: its queues cannot be read without calling it
+        for target in route_map.values():
+            queue = target.get("queue") if isinstance(target, dict) else target
+            name = getattr(queue, "name", queue)
+            if isinstance(name, str) and name:
+                found.append(name)
+    return found
+
+
+def plan_roles(default_queue: str, queues: Iterable[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The default queue is role `default`; every other queue gets a role of its own."""
+    roles: dict[str, tuple[str, ...]] = {DEFAULT_ROLE: (default_queue,)}
+    for queue in queues:
+        if queue == default_queue or any(queue in qs for qs in roles.values()):
+            continue
+        name = role_name(queue)
+        while name in roles:
+            name = f"{name[:37]}-{len(roles)}"
+        roles[name] = (queue,)
+    return tuple(roles.items())
+
+
+def _app_routes(root: Path, app: str) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], bool]:
+    """(roles, beat) from the app's own configuration."""
+    from tlrun.config import Settings
+    from tlrun.launch.broker import load_app
+
+    celery_app = load_app(Settings(project_root=root, app=app, broker_url=None, roles=()))
+    conf = celery_app.conf
+    default_queue = str(conf.task_default_queue or "celery")
+    queues = _route_queues(conf.task_routes or {})
+    queues += [str(getattr(q, "name", q)) for q in conf.task_queues or ()]
+    return plan_roles(default_queue, queues), bool(conf.beat_schedule)
+
+
+def render_table(app: str, beat: bool, roles: tuple[tuple[str, tuple[str, ...]], ...]) -> Any:
+    import tomlkit
+
+    table = tomlkit.table()
+    table.add(tomlkit.comment("Written by `tlrun init`. Keys: see tlrun's README, section Configuration."))
+    table.add("app", app)
+    table.add("beat", beat)
+    workers = tomlkit.table(is_super_table=True)
+    for name, queues in roles:
+        role = tomlkit.table()
+        role.add("queues", list(queues))
+        workers.add(name, role)
+    table.add("workers", workers)
+    return table
+
+
+def init_project(root: Path, app: str | None = None, force: bool = False) -> InitResult:
+    import tomlkit
+    from tomlkit.exceptions import ParseError
+
+    path = root / PYPROJECT
+    try:
+        text = safefile.read_text(path)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        document = tomlkit.parse(text) if text is not None else tomlkit.document()
+    except ParseError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    tool = document.get("tool")
+    if tool is not None and "tlrun" in tool and not force:
+        raise ConfigError(f"{path} already has [tool.tlrun]", hint="edit it by hand, or run tlrun init --force")
+    found = None
+    if app is None:
+        discovery = discover_app(root)
+        app, found = discovery.app, discovery.found
+    note = None
+    try:
+        roles, beat = _app_routes(root, app)
+    except (AppImportError, TlrunError) as exc:
+        roles, beat = plan_roles("celery", ()), False
+        note = f"{exc}; wrote a single default role"
+    if tool is None:
+        document["tool"] = tomlkit.table(is_super_table=True)
+        tool = document["tool"]
+    if "tlrun" in tool:
+        del tool["tlrun"]
+    tool["tlrun"] = render_table(app, beat, roles)
+    try:
+        safefile.write_atomic(path, tomlkit.dumps(document))
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+    return InitResult(path, text is None, app, found, beat, roles, _dotenv_from_example(root), note)
+
+
+def _dotenv_from_example(root: Path) -> Path | None:
+    example, dotenv = root / ".env.example", root / ".env"
+    if dotenv.exists() or dotenv.is_symlink():
+        return None
+    try:
+        text = safefile.read_text(example)
+        if text is None:
+            return None
+        safefile.write_atomic(dotenv, text, mode=0o600)
+    except OSError:
+        return None
+    return dotenv
