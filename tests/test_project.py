@@ -7,6 +7,7 @@ redis-server, so that no sweep can reach anything outside the test.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import textwrap
 import uuid
@@ -218,9 +219,40 @@ def test_roles_run_side_by_side_and_sweep_only_their_own(project: Project) -> No
     assert f"celery_reports_{reports.pid}.log" in logs.stdout and "celery_default_" not in logs.stdout
     health = project.run("health")
     assert health.returncode == 0 and health.stdout.count(": alive") == 2, health.stdout
+    odd = project.hand_worker(f"odd@{HOST}", extra=("-Q", "archive"))
+    odd.wait_output("ready", 30)
+    doctor = project.run("doctor", "--json")
+    findings = {f["code"]: f["message"] for f in json.loads(doctor.stdout)["findings"]}
+    assert f"odd@{HOST} consumes archive, which no role" in findings["UNDECLARED_QUEUES"]
+    assert "ROLE_MISSING" not in findings
+    odd.reap()
     stop = project.run("stop")
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert reports.wait(30) == 0 and default.wait(30) == 0
+
+
+def test_export_writes_one_service_per_role_plus_beat(project: Project) -> None:
+    (project.root / "pyproject.toml").write_text(ROLES_TOML.format(app=project.app))
+    out = project.base / "units"
+    result = project.run("export", "systemd", "--beat", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in out.iterdir())
+    prefix = f"tlrun-{project.app}"
+    assert names == [f"{prefix}-beat.service", f"{prefix}-default.service", f"{prefix}-reports.service"]
+    unit = (out / f"{prefix}-reports.service").read_text()
+    assert re.search(rf"^ExecStart=.* -m tlrun worker -A {project.app} .*--role reports --restart$", unit, re.M)
+    supervisor = project.run("export", "supervisor", "--log-dir", str(project.base / "svlogs")).stdout
+    assert f"[program:{prefix}-default]" in supervisor and f"[program:{prefix}-reports]" in supervisor
+    assert f"stdout_logfile={project.base}/svlogs/supervisor-{prefix}-reports.log" in supervisor
+    assert "exitcodes=0,16" in supervisor  # a launcher that gave up (16) is not restarted
+    procfile = project.run("export", "procfile").stdout.splitlines()
+    assert [line.split(":", 1)[0] for line in procfile] == ["default", "reports"]
+
+
+def test_export_refuses_values_that_would_inject_lines(project: Project) -> None:
+    result = project.run("export", "systemd", "-A", "a\nExecStartPre=/bin/touch /tmp/pwned")
+    assert result.returncode == 3 and "is not a dotted module path" in result.stderr
+    assert "ExecStartPre" not in result.stdout
 
 
 def test_a_role_given_on_the_command_line_must_exist(project: Project) -> None:

@@ -557,15 +557,19 @@ def export_cmd(kind: str, beat: bool | None, user: str | None, output: Path | No
     """
     from tlrun.deploy import export
 
+    log_dir = params.get("log_dir")
     settings = _settings(params)
-    spec = export.spec_for(settings, beat=settings.beat if beat is None else beat, user=user)
+    spec = export.spec_for(
+        settings, beat=settings.beat if beat is None else beat, user=user, pass_log_dir=log_dir is not None
+    )
     files = export.RENDERERS[kind](spec)
     for name, text in files.items():
         if output is None:
             click.echo(text, nl=False)
         else:
-            output.mkdir(parents=True, exist_ok=True)
-            (output / name).write_text(text)
+            from tlrun import safefile
+
+            safefile.write_atomic(output / name, text)
             click.echo(f"tlrun: wrote {output / name}")
 
 

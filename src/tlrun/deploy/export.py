@@ -41,6 +41,7 @@ class ServiceSpec:
     log_dir: Path
     beat: bool = False
     user: str | None = None
+    pass_log_dir: bool = False  # --log-dir was given to export: the services use it too
 
     @property
     def name(self) -> str:
@@ -52,6 +53,8 @@ class ServiceSpec:
 
     def command(self, what: str, *extra: str) -> str:
         argv = [self.python, "-m", "tlrun", what, "-A", self.app, "--project-dir", str(self.project_root)]
+        if self.pass_log_dir:
+            argv += ["--log-dir", str(self.log_dir)]
         return shlex.join([*argv, "--grace", f"{self.grace:g}", *extra])
 
     def services(self) -> list[Service]:
@@ -69,7 +72,13 @@ class ServiceSpec:
         return out
 
 
-def spec_for(settings: Settings, beat: bool = False, user: str | None = None, python: str | None = None) -> ServiceSpec:
+def spec_for(
+    settings: Settings,
+    beat: bool = False,
+    user: str | None = None,
+    python: str | None = None,
+    pass_log_dir: bool = False,
+) -> ServiceSpec:
     """Validate every value that goes into a unit, a program or a Procfile line, then build the spec."""
     if not APP_RE.match(settings.app):
         raise ConfigError(
@@ -90,6 +99,7 @@ def spec_for(settings: Settings, beat: bool = False, user: str | None = None, py
         settings.log_dir,
         beat,
         user,
+        pass_log_dir,
     )
 
 

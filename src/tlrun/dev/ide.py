@@ -8,11 +8,11 @@ A file the user edited is never overwritten without `force`; VS Code's launch.js
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+from tlrun import safefile
 from tlrun.errors import ConfigError
 
 CONFIGS = (("tlrun dev", ()), ("tlrun dev (debug)", ("--debug",)))
@@ -71,19 +71,27 @@ def vscode_entry(name: str, app: str, extra: tuple[str, ...]) -> dict[str, objec
 
 
 def _write_if_safe(path: Path, text: str, force: bool) -> Written:
-    if path.exists():
-        if path.read_text(encoding="utf-8") == text:
+    current = _read(path)
+    if current is not None:
+        if current == text:
             return Written(path, "unchanged")
         if not force:
             return Written(path, "kept (edited; --force to overwrite)")
         action = "updated"
     else:
         action = "created"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        safefile.write_atomic(path, text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
     return Written(path, action)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return safefile.read_text(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror} (a symlink is never followed)") from None
 
 
 def write_pycharm(root: Path, app: str, force: bool = False) -> list[Written]:
@@ -97,9 +105,10 @@ def write_pycharm(root: Path, app: str, force: bool = False) -> list[Written]:
 def write_vscode(root: Path, app: str, force: bool = False) -> list[Written]:
     path = root / ".vscode" / "launch.json"
     document: dict[str, object] = {"version": "0.2.0", "configurations": []}
-    if path.exists():
+    text = _read(path)
+    if text is not None:
         try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
+            loaded = json.loads(text)
             if not isinstance(loaded, dict) or not isinstance(loaded.get("configurations", []), list):
                 raise ValueError("no configurations list")
             document = loaded
