@@ -9,9 +9,14 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from tlrun.errors import BrokerError
+
+if TYPE_CHECKING:
+    from tlrun.launch.outputs import Outputs
+    from tlrun.launch.supervise import Supervisor
 from tlrun.redact import redact_url
 
 DEFAULT_DEV_BROKER = "redis://127.0.0.1:6379/0"
@@ -66,6 +71,15 @@ def plan_private_redis(url: str, state_dir: Path) -> list[str] | None:
         with os.fdopen(fd, "w") as fh:
             fh.write(f'requirepass "{password}"\n')
     return redis_server_argv(executable, address[0], address[1], state_dir, config)
+
+
+def start_private(sup: Supervisor, outputs: Outputs, url: str, argv: list[str], state_dir: Path) -> int:
+    """Start the planned redis-server as the supervisor's "broker" child, stopped after the workers; its
+    output goes to `redis_<launcher pid>.log` only. Returns its pid once it listens."""
+    child = sup.start("broker", argv, dict(os.environ), state_dir, stop_order=1)
+    outputs.attach("broker", child, f"redis_{os.getpid()}", echo=False)
+    wait_listening(url, 5.0, lambda: sup.running("broker"))
+    return child.pid
 
 
 def wait_listening(url: str, timeout: float, alive: object) -> None:

@@ -34,9 +34,9 @@ from tlrun.errors import (
 from tlrun.events import Exited, Notice, Ready, Reloaded, Reporter, Spawned, StrayFound, WorkerOutput
 from tlrun.launch import guard, procs, signals, spawn, sweep, verify
 from tlrun.launch.broker import Broker, check_reachable, resolve_broker
-from tlrun.launch.logfiles import open_log
+from tlrun.launch.outputs import Outputs
 from tlrun.launch.supervise import Supervisor
-from tlrun.redact import Redactor, url_password
+from tlrun.redact import url_password
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,12 @@ class Session:
         roles = settings.roles if opts.worker else ()
         self.workers = [RoleWorker(role, self.hostname, opts.restart) for role in roles]
         self.broker_url = ""
-        self.pumps: dict[str, spawn.OutputPump] = {}
+        self.outputs = Outputs(
+            settings.log_dir,
+            lambda label, line: report(WorkerOutput(label, line)),
+            lambda msg: report(Notice(msg, "warning")),
+            lambda: [url_password(self.broker_url), url_password(settings.broker_url)],
+        )
         self.census: list[str] | verify.Census | None = None
         self.watcher: Watcher | None = None
         self._locks: dict[str, tuple[guard.ProjectLock, dict[str, Any]]] = {}
@@ -185,22 +190,17 @@ class Session:
                 url = brokerd.DEFAULT_DEV_BROKER
             argv = brokerd.plan_private_redis(url, guard.runtime_dir(os.environ))
             if argv is not None:
-                self._start_private_redis(url, argv)
+                pid = brokerd.start_private(self.sup, self.outputs, url, argv, guard.runtime_dir(os.environ))
+                address = brokerd.local_redis_address(url) or ("?", 0)
+                self.report(
+                    Notice(
+                        f"no broker answered at {address[0]}:{address[1]}: started a private redis-server "
+                        f"(pid {pid}, no persistence) for this session; it stops on exit"
+                    )
+                )
         self.broker_url = url
         # Fail on a dead broker before anything is stopped or started.
         check_reachable(self.broker_url)
-
-    def _start_private_redis(self, url: str, argv: list[str]) -> None:
-        address = brokerd.local_redis_address(url)
-        child = self.sup.start("broker", argv, dict(os.environ), guard.runtime_dir(os.environ), stop_order=1)
-        self._pump("broker", child, f"redis_{os.getpid()}", echo=False)
-        brokerd.wait_listening(url, 5.0, lambda: self.sup.running("broker"))
-        self.report(
-            Notice(
-                f"no broker answered at {address[0]}:{address[1]}: started a private redis-server "  # type: ignore[index]
-                f"(pid {child.pid}, no persistence) for this session; it stops on exit"
-            )
-        )
 
     # -- sweep ---------------------------------------------------------------------------------------
     def sweep(self) -> None:
@@ -221,22 +221,6 @@ class Session:
             raise StopError(f"stray process(es) survived SIGKILL: {', '.join(map(str, result.survivors))}")
 
     # -- spawn and verify ----------------------------------------------------------------------------
-    def _pump(self, name: str, child: Any, stem: str, echo: bool = True, label: str | None = None) -> None:
-        out = open_log(self.s.log_dir, stem)
-        redactor = Redactor([url_password(self.broker_url), url_password(self.s.broker_url)])
-        tag = label or name
-        on_line = (lambda line: self.report(WorkerOutput(tag, line))) if echo else None
-        self.pumps[name] = spawn.OutputPump(
-            child, out, redactor, on_line, on_log_error=lambda msg: self.report(Notice(msg, "warning"))
-        )
-
-    def finish_pump(self, name: str) -> tuple[str, ...]:
-        pump = self.pumps.pop(name, None)
-        if pump is None:
-            return ()
-        pump.close()
-        return tuple(pump.tail)
-
     def start_census(self) -> None:
         self.census = verify.Census(self.broker_url, self.s.ping_window).start()
 
@@ -244,13 +228,13 @@ class Session:
         argv = spawn.worker_argv(self.s.app, w.role.worker, w.node)
         env = spawn.worker_env(self.s, w.node, procs.Identity.of_self(), self.broker_url, w.role.name)
         child = self.sup.start(w.child, argv, env, self.s.project_root)
-        self._pump(w.child, child, f"celery_{w.role.log_stem}_{os.getpid()}", label=w.node)
-        self.report(Spawned("worker", w.node, child.pid, self.pumps[w.child].log_path, tuple(argv)))
+        log_path = self.outputs.attach(w.child, child, f"celery_{w.role.log_stem}_{os.getpid()}", label=w.node)
+        self.report(Spawned("worker", w.node, child.pid, log_path, tuple(argv)))
 
     def _stop_workers(self, workers: list[RoleWorker]) -> None:
         self.sup.stop_each([w.child for w in workers])
         for w in workers:
-            self.finish_pump(w.child)
+            self.outputs.detach(w.child)
 
     def _spawn_and_wait(self, workers: list[RoleWorker], started: float) -> bool:
         """Spawn the workers, then wait for each one's first pong; False when a stop was asked meanwhile.
@@ -272,7 +256,7 @@ class Session:
                 if not ok:
                     timed_out = self.sup.running(w.child)
                     status = self.sup.stop(w.child) if timed_out else self.sup.reap(w.child)
-                    tail = list(self.finish_pump(w.child))
+                    tail = list(self.outputs.detach(w.child))
                     self._stop_workers([o for o in workers if o is not w])
                     raise start_failure(self.s.app, self.s.ready_timeout, status, tail, timed_out)
         return True
@@ -317,14 +301,12 @@ class Session:
         )
 
     def start_beat(self) -> None:
-        schedule = beat_schedule_path(self.s)
-        loglevel = self.s.roles[0].worker.loglevel
-        argv = [spawn.PYTHON, "-m", "celery", "-A", self.s.app, "beat", "-s", str(schedule), "--loglevel", loglevel]
+        argv = spawn.beat_argv(self.s.app, beat_schedule_path(self.s), self.s.roles[0].worker.loglevel)
         env = spawn.worker_env(self.s, "beat", procs.Identity.of_self(), self.broker_url)
         child = self.sup.start("beat", argv, env, self.s.project_root)
-        self._pump("beat", child, f"celery_beat_{os.getpid()}")
+        log_path = self.outputs.attach("beat", child, f"celery_beat_{os.getpid()}")
         self._update_record("beat", beat_pid=child.pid)
-        self.report(Spawned("beat", "beat", child.pid, self.pumps["beat"].log_path, tuple(argv)))
+        self.report(Spawned("beat", "beat", child.pid, log_path, tuple(argv)))
 
     def verdict(self, ready: verify.ReadyReport) -> None:
         for node in ready.duplicated:
@@ -398,7 +380,7 @@ class Session:
                     self.reload()
                 continue
             name, code = got
-            tail = self.finish_pump(name)
+            tail = self.outputs.detach(name)
             w = self._worker(name)
             label = w.node if w is not None else name
             if self.sup.stop_requested:

@@ -57,6 +57,11 @@ def worker_argv(app: str, opts: WorkerOptions, node: str, python: str = sys.exec
     return argv
 
 
+def beat_argv(app: str, schedule: Path, loglevel: str, python: str = sys.executable) -> list[str]:
+    """`python -m celery -A <app> beat`, with its schedule in tlrun's state directory."""
+    return [python, "-m", "celery", "-A", app, "beat", "-s", str(schedule), "--loglevel", loglevel]
+
+
 def worker_env(
     settings: Settings, node: str, launcher: Identity, broker_url: str | None, role: str | None = None
 ) -> dict[str, str]:
