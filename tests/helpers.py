@@ -71,6 +71,14 @@ def sleep(seconds):
 @app.task
 def whoami():
     return os.getpid()
+
+
+@app.task
+def shout(lines):
+    # Much more output than a pipe holds (64 KiB): a worker whose output nobody drains blocks here.
+    for i in range(lines):
+        print("shout line %d " % i + "x" * 80, flush=True)
+    return lines
 """
 
 

@@ -26,6 +26,17 @@ def use_color(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
         return False
 
 
+def _silence(stream: TextIO) -> None:
+    """Point a dead standard stream at /dev/null, so that Python's flush at exit does not fail on it."""
+    try:
+        fd = stream.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def verdict(report: ReadyReport) -> list[str]:
     n = report.answering
     ours = ", ".join(f"{node.node} (pid {node.pid})" for node in report.nodes)
@@ -52,6 +63,7 @@ class ConsoleRenderer:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.color = use_color(self.out) if color is None else color
+        self._dead: set[TextIO] = set()
 
     def _paint(self, text: str, *styles: str) -> str:
         if not self.color or not styles:
@@ -59,9 +71,24 @@ class ConsoleRenderer:
         return f"\033[{';'.join(_CODES[s] for s in styles)}m{text}\033[0m"
 
     def _say(self, line: str, *styles: str, err: bool = False) -> None:
-        stream = self.err if err else self.out
-        stream.write(self._paint(line, *styles) + "\n")
-        stream.flush()
+        self._write(self.err if err else self.out, self._paint(line, *styles) + "\n")
+
+    def _write(self, stream: TextIO, text: str, worker_line: bool = False) -> None:
+        """Write, or drop a stream that went away (a closed pipe, an IDE console closed): tlrun keeps
+        supervising. A worker's line to a dead console raises BrokenPipeError, so that its output pump
+        drops the console and notes that in the log file, which keeps every line."""
+        if stream in self._dead:
+            if worker_line:
+                raise BrokenPipeError("the console is closed")
+            return
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):
+            self._dead.add(stream)
+            _silence(stream)
+            if worker_line:
+                raise BrokenPipeError("the console is closed") from None
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, Notice):
@@ -90,8 +117,8 @@ class ConsoleRenderer:
                 "green",
             )
         elif isinstance(event, WorkerOutput):
-            self.out.write(self._paint(f"[{event.node.split('@', 1)[0]}]", "dim") + " " + event.line + "\n")
-            self.out.flush()
+            tag = self._paint(f"[{event.node.split('@', 1)[0]}]", "dim")
+            self._write(self.out, f"{tag} {event.line}\n", worker_line=True)
         elif isinstance(event, Exited):
             if event.requested:
                 self._say(f"tlrun: {event.node} stopped (status {event.status})", "cyan")

@@ -126,20 +126,33 @@ class OutputPump:
         self._thread.start()
 
     def _run(self) -> None:
+        # This loop must never stop before the child's output ends: a child whose pipe nobody drains blocks
+        # on its next write, and a worker blocked there takes no tasks while still answering pings.
         stream = self._child.stdout
         assert stream is not None
         for raw in iter(stream.readline, b""):
             line = self._redact(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
             self.tail.append(line)
-            try:
-                self._log.write(line)
-            except OSError as exc:
-                # A full disk must not stop the worker: the console still gets every line. Say so once.
-                if not self._log_failed and self._on_log_error:
+            self._to_log(line)
+            if self._on_line is not None:
+                try:
+                    self._on_line(line)
+                except (OSError, ValueError) as exc:
+                    # The console went away (`| head`, an IDE console closed): drop it, keep the log file.
+                    self._on_line = None
+                    self._to_log(f"tlrun: console output stopped ({exc}); this log file keeps every line")
+
+    def _to_log(self, line: str) -> None:
+        try:
+            self._log.write(line)
+        except OSError as exc:
+            # A full disk must not stop the worker: the console still gets every line. Say so once.
+            if not self._log_failed and self._on_log_error:
+                try:
                     self._on_log_error(f"cannot write {self.log_path} ({exc.strerror}): console output continues")
-                self._log_failed = True
-            if self._on_line:
-                self._on_line(line)
+                except (OSError, ValueError):
+                    pass
+            self._log_failed = True
 
     def close(self, timeout: float = 2.0) -> None:
         # The pipe ends when every process holding it exits; a task's background process might keep it.
