@@ -322,9 +322,22 @@ class Project:
         other = Project(self.base, self.broker_url, name=self.app, dirname=dirname)
         return other
 
+    def lock_file(self, kind: str = "worker") -> Path:
+        """Where tlrun keeps this project's lock of `kind` (worker, worker-ROLE, beat) on this host."""
+        from tlrun.config import project_id
+        from tlrun.launch.guard import lock_path
+
+        return lock_path(project_id(self.root, self.app), kind, socket.gethostname())
+
     def cleanup(self) -> None:
         for launched in reversed(self.started):
             launched.reap()
+        # The lock directory is the user's own (not the test's): remove what a killed launcher left there.
+        from tlrun.config import project_id
+
+        lock = self.lock_file()
+        for path in lock.parent.glob(f"{project_id(self.root, self.app)}.*"):
+            path.unlink(missing_ok=True)
 
 
 def processes_under(base: Path) -> list[psutil.Process]:

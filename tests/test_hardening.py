@@ -3,13 +3,23 @@ planted symlinks, destructive steps before validation, leaked passwords, non-num
 
 from __future__ import annotations
 
+import json
+import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
+import psutil
 import pytest
 
-from helpers import Project, send_task, wait_for
+from helpers import Project, RedisServer, free_port, ping_replies, send_task, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 HOST = socket.gethostname()
@@ -43,3 +53,251 @@ def test_a_closed_console_never_stalls_the_worker(project: Project) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+READY = r"(\d+) workers? ready: (\S+) \(pid (\d+)\)"
+
+
+def test_one_launcher_per_project_whatever_the_environment(project: Project, tmp_path: Path) -> None:
+    """Another XDG_RUNTIME_DIR and HOME, then a lock file removed by hand: still one launcher."""
+    first = project.launch()
+    first.wait_output(READY, 40)
+    other_home = tmp_path / "home2"
+    (other_home / "run").mkdir(parents=True, mode=0o700)
+    env = project.env(HOME=str(other_home), XDG_RUNTIME_DIR=str(other_home / "run"), XDG_CACHE_HOME=str(other_home))
+    second = project.run("worker", "-A", project.app, env=env, timeout=60)
+    assert second.returncode == 6, second.stdout + second.stderr
+    assert f"under tlrun launcher pid {first.pid}" in second.stderr
+    # Remove the lock file under the running launcher: the process table still says who runs the project.
+    project.lock_file().unlink()
+    third = project.run("worker", "-A", project.app, timeout=60)
+    assert third.returncode == 6, third.stdout + third.stderr
+    assert f"under tlrun launcher pid {first.pid} (found in the process table)" in third.stderr
+    assert len(ping_replies(project.broker_url)) == 1
+
+
+def test_a_lock_file_replaced_under_a_waiter_is_not_taken(project: Project) -> None:
+    """A lock only counts while its path names the locked file: release removes it, and a launcher that
+    had opened the old file tries the path again."""
+    from tlrun.launch.guard import ProjectLock
+
+    path = project.lock_file()
+    held = ProjectLock.try_acquire(path)
+    assert held is not None and held.still_held()
+    path.unlink()  # removed under the holder
+    assert not held.still_held()
+    again = ProjectLock.try_acquire(path)  # a new file at the path: a new lock
+    assert again is not None and again.still_held()
+    again.release()
+    assert not path.exists()  # release removes the file it holds
+    held.release()
+
+
+def _fake_launcher(project: Project) -> subprocess.Popen[bytes]:
+    """A process whose command line is a tlrun launcher's (`python bin/tlrun worker -A app`): two of these
+    are what two launchers of one project look like in the process table."""
+    script = project.root / "bin" / "tlrun"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text("import time\ntime.sleep(120)\n")
+    return subprocess.Popen(
+        [sys.executable, str(script), "worker", "-A", project.app], cwd=project.root, start_new_session=True
+    )
+
+
+def test_doctor_reports_two_launchers_and_never_takes_a_lock(project: Project) -> None:
+    fakes = [_fake_launcher(project) for _ in range(2)]
+    try:
+        wait_for(lambda: all(psutil.Process(f.pid).cmdline()[-1] == project.app for f in fakes), 10, "fakes")
+        doctor = subprocess.run(
+            [
+                "strace",
+                "-f",
+                "-qq",
+                "-e",
+                "trace=flock",
+                "-o",
+                str(project.base / "strace.txt"),
+                *project.tlrun_argv("doctor"),
+                "--json",
+            ],
+            cwd=project.root,
+            env=project.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        findings = {f["code"]: f for f in json.loads(doctor.stdout)["findings"]}
+        assert findings["TWO_LAUNCHERS"]["severity"] == "error" and doctor.returncode == 9
+        assert f"{fakes[0].pid}" in findings["TWO_LAUNCHERS"]["message"]
+        # Probing never locks: a launcher starting at that moment can never be refused because of doctor.
+        assert "flock(" not in (project.base / "strace.txt").read_text()
+        # And a real launcher refuses to start beside them.
+        refused = project.run("worker", "-A", project.app, timeout=60)
+        assert refused.returncode == 6 and "found in the process table" in refused.stderr
+    finally:
+        for fake in fakes:
+            fake.kill()
+            fake.wait(10)
+
+
+@pytest.fixture
+def other_user() -> Iterator[pwd.struct_passwd]:
+    """A throwaway unprivileged user (removed afterwards), for what another local user can do."""
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("creating a user needs root and useradd")
+    name = f"tlrt{uuid.uuid4().hex[:8]}"
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True, timeout=30)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], check=False, timeout=30)
+
+
+def _as(user: pwd.struct_passwd, *argv: str) -> None:
+    subprocess.run(list(argv), user=user.pw_uid, group=user.pw_gid, check=True, timeout=10)
+
+
+def _stopped_launcher(project: Project, *args: str) -> subprocess.Popen[bytes]:
+    """A launcher that stops itself before exec, so that its pid (and so its log file's name) is known first."""
+    argv = project.tlrun_argv("worker", *args)
+    boot = f"import os, signal, sys; os.kill(os.getpid(), signal.SIGSTOP); os.execv(sys.executable, {argv!r})"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", boot],
+        cwd=project.root,
+        env=project.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED, 10, "the launcher to stop itself")
+    return proc
+
+
+def test_log_files_never_follow_a_planted_symlink(project: Project, other_user: pwd.struct_passwd) -> None:
+    victim = project.base / "victim.txt"
+    victim.write_text("root's file\n")
+    # Like /tmp: anyone may create files, nobody may replace another's. Outside pytest's private tmp_path,
+    # so that the other user can reach it.
+    shared = Path(tempfile.mkdtemp(prefix="tlrun-shared-logs-"))
+    shared.chmod(0o1777)
+    proc = _stopped_launcher(project, "--log-dir", str(shared))
+    try:
+        _as(other_user, "ln", "-s", str(victim), str(shared / f"celery_worker_{proc.pid}.log"))
+        proc.send_signal(signal.SIGCONT)
+        out = proc.communicate(timeout=60)[0].decode()
+        assert proc.returncode == 12, out
+        assert f"celery_worker_{proc.pid}.log is a symlink: refusing to write through it" in out
+        assert victim.read_text() == "root's file\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+        shutil.rmtree(shared, ignore_errors=True)
+    # A link owned by the launcher's own user, which the kernel's protected_symlinks lets through (and macOS
+    # has no such protection at all): O_NOFOLLOW alone refuses it.
+    proc = _stopped_launcher(project)
+    (project.root / "logs").mkdir(exist_ok=True)
+    (project.root / "logs" / f"celery_worker_{proc.pid}.log").symlink_to(victim)
+    proc.send_signal(signal.SIGCONT)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 12 and f"celery_worker_{proc.pid}.log is a symlink" in out, out
+    assert victim.read_text() == "root's file\n"
+
+
+@pytest.mark.parametrize("kind", ["world-writable", "owned by another user"])
+def test_an_unsafe_log_directory_is_refused(project: Project, other_user: pwd.struct_passwd, kind: str) -> None:
+    logs = project.base / "unsafe-logs"
+    logs.mkdir()
+    if kind == "world-writable":
+        logs.chmod(0o777)
+    else:
+        os.chown(logs, other_user.pw_uid, other_user.pw_gid)
+    result = project.run("worker", "-A", project.app, "--log-dir", str(logs), timeout=60)
+    assert result.returncode == 12, result.stdout + result.stderr
+    assert "refusing it" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ide_files_never_follow_a_planted_symlink(project: Project) -> None:
+    victim = project.base / "victim.json"
+    victim.write_text("{}\n")
+    vscode = project.root / ".vscode"
+    vscode.mkdir()
+    (vscode / "launch.json.tmp").symlink_to(victim)  # the old fixed temporary name
+    result = project.run("ide", "vscode", "-A", project.app)
+    assert result.returncode == 0, result.stderr
+    assert victim.read_text() == "{}\n" and "tlrun dev" in (vscode / "launch.json").read_text()
+    (vscode / "launch.json").unlink()
+    (vscode / "launch.json").symlink_to(victim)
+    linked = project.run("ide", "vscode", "-A", project.app, "--force")
+    assert linked.returncode == 3 and "a symlink is never followed" in linked.stderr
+    assert victim.read_text() == "{}\n"
+
+
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [(["-b", "redis://127.0.0.1:{free}/0"], 5), (["--log-dir", "not-a-dir/logs"], 12), (["-A", "no_such_mod"], 4)],
+)
+def test_nothing_is_stopped_before_everything_is_validated(project: Project, bad: list[str], code: int) -> None:
+    """--replace with a dead broker, a bad log directory or a missing app: the healthy launcher and a stray
+    both survive."""
+    (project.root / "not-a-dir").write_text("a file\n")
+    healthy = project.launch()
+    healthy.wait_output(READY, 40)
+    other = project.other_project("stray-home")  # a stray of the *same* project needs the project's directory
+    stray = project.hand_worker(f"stray@{HOST}")
+    stray.wait_output("ready", 30)
+    args = [a.replace("{free}", str(free_port())) for a in bad]
+    if "-A" not in args:
+        args = ["-A", project.app, *args]
+    result = project.run("worker", *args, "--replace", timeout=60)
+    assert result.returncode == code, result.stdout + result.stderr
+    assert healthy.proc.poll() is None and stray.proc.poll() is None
+    assert "stopping stray" not in result.stdout and "--replace: asking" not in result.stdout
+    other.cleanup()
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "redis://:{pw}@127.0.0.1:{port}/0",
+        "redis://127.0.0.1:{port}/0?password={pw}",
+        "redis://{pw}@127.0.0.1:{port}/0",
+    ],
+)
+@pytest.mark.parametrize("secret", ["wr0ng#pw/x?y", "wr0ngplain"])
+def test_no_form_of_a_password_is_ever_printed(tmp_path: Path, form: str, secret: str) -> None:
+    server = RedisServer(tmp_path / "redis", password="the-right-one")
+    proj = Project(tmp_path / "projects", form.format(pw=secret, port=server.port))
+    try:
+        for command in (["worker"], ["doctor", "--json"], ["health", "--node", "x@y", "--timeout", "0.5"]):
+            via_env = proj.run(*command, "-A", proj.app, timeout=60)
+            via_flag = proj.run(*command, "-A", proj.app, "-b", proj.broker_url, env=proj.env(), timeout=60)
+            for result in (via_env, via_flag):
+                printed = result.stdout + result.stderr
+                assert result.returncode != 0 and "Traceback" not in printed, printed
+                assert secret not in printed and secret.split("#")[0] not in printed, printed
+    finally:
+        proj.cleanup()
+        server.stop()
+
+
+def test_stop_catches_a_launcher_that_is_still_starting(project: Project) -> None:
+    """Before a launcher holds its lock (here: importing a slow app to read its broker), `tlrun stop` still
+    finds it in the process table and stops it, instead of saying nothing runs."""
+    flag = project.base / "importing"
+    source = f"""
+import pathlib, time
+pathlib.Path({str(flag)!r}).write_text("")
+time.sleep(4)
+from celery import Celery
+app = Celery("slow", broker={project.broker_url!r})
+"""
+    (project.root / f"{project.app}.py").write_text(source)
+    env = project.env()
+    env.pop("CELERY_BROKER_URL")
+    launched = project.launch(env=env)
+    wait_for(flag.exists, 20, "the launcher to import the app (to read its broker), before its lock")
+    stop = project.run("stop", "-A", project.app, env=env)
+    assert stop.returncode == 0 and f"stopped launcher pid {launched.pid}" in stop.stdout, stop.stdout + stop.stderr
+    assert launched.wait(30) == 128 + signal.SIGTERM
+    assert "ready" not in launched.output()

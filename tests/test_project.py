@@ -329,7 +329,7 @@ def test_commands_without_any_app_say_how_to_name_one(project: Project) -> None:
         ("[tool.tlrun]\napp = 'x'\nbaet = true\n", r"\[tool.tlrun\], key baet\): unknown key"),
         (
             "[tool.tlrun.workers.a]\nqueues = ['q']\nconcurrency = 'two'\n",
-            r"key workers.a.concurrency\): expected an integer of at least 1, got 'two'",
+            r"key workers.a.concurrency\): expected an integer of at least 1 and at most 10000, got 'two'",
         ),
         ("[tool.tlrun.workers.a]\nconcurrency = 2\n", r"key workers.a\): a role needs `queues`"),
         ("[tool.tlrun.workers.a]\nqueues = []\n", r"key workers.a.queues\): expected a non-empty list of queue names"),

@@ -15,7 +15,7 @@ from tlrun.errors import ConfigError
 from tlrun.launch import procs, spawn
 from tlrun.launch.procs import CeleryProcess, expand_node_name, parse_celery_argv, project_match
 from tlrun.launch.verify import ReadyNode, build_report
-from tlrun.redact import Redactor, redact_url
+from tlrun.redact import Redactor, redact_url, secrets_of
 
 ROOT = Path("/srv/proj")
 
@@ -294,3 +294,44 @@ def test_census_imports_celery_on_the_calling_thread() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+# -- redaction of every URL form -----------------------------------------------------------------------
+URL_FORMS = [
+    # (url, secrets that must never be printed)
+    ("redis://:s3cr#t/pw?x@127.0.0.1:6379/0", ["s3cr#t/pw?x"]),  # unencoded '#', '/', '?'
+    ("redis://127.0.0.1:6379/0?password=qu3rysecret", ["qu3rysecret"]),
+    ("redis://127.0.0.1:6379/0?db=1&password=qu3ry2&x=y", ["qu3ry2"]),
+    ("redis://us3rsecret@127.0.0.1:6379/0", ["us3rsecret"]),  # the password where the user goes
+    ("redis://user:p%40ss%2Fword@h/0", ["p%40ss%2Fword", "p@ss/word"]),  # as written and as decoded
+    ("redis://user:a@b@c@h:6379/0", ["a@b@c"]),  # '@' inside the password
+    ("amqp://guest:gu3stpw@localhost:5672//", ["gu3stpw"]),
+    ("rediss://:tl5pw@h:6380/0?ssl_cert_reqs=required", ["tl5pw"]),
+    ("sentinel://:s3ntinel@h:26379;sentinel://:s3ntinel@h2:26379", ["s3ntinel"]),
+]
+
+
+@pytest.mark.parametrize(("url", "secrets"), URL_FORMS)
+def test_every_url_form_is_masked(url: str, secrets: list[str]) -> None:
+    shown = redact_url(url)
+    found = secrets_of(url)
+    for secret in secrets:
+        assert secret not in shown, shown
+        assert secret in found
+        assert secret not in Redactor(found)(f"error: could not connect to {url} with {secret}")
+
+
+def test_urls_without_secrets_are_shown_as_they_are() -> None:
+    for url in ("redis://127.0.0.1:6379/0", "amqp://localhost//", "redis://h/0?db=2"):
+        assert redact_url(url) == url and secrets_of(url) == []
+
+
+def test_masking_stream_masks_registered_secrets() -> None:
+    import io
+
+    from tlrun import redact
+
+    redact.register("redis://:r3gistered@h/0")
+    out = io.StringIO()
+    redact.MaskingStream(out).write("tlrun: error: refused r3gistered\n")  # type: ignore[arg-type]
+    assert out.getvalue() == "tlrun: error: refused ***\n"

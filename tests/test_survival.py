@@ -17,7 +17,6 @@ import psutil
 import pytest
 
 from helpers import PY, Launched, Project, RedisServer, gone, send_task, wait_for
-from tlrun.config import project_id
 
 pytestmark = pytest.mark.timeout(150)
 HOST = socket.gethostname()
@@ -25,9 +24,7 @@ READY = r"tlrun: \d+ workers? ready: (\S+) \(pid (\d+)\)"
 
 
 def lock_file(proj: Project, kind: str = "worker") -> Path:
-    path = proj.runtime / "tlrun" / f"{project_id(proj.root, proj.app)}.{kind}.lock"
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    return proj.lock_file(kind)
 
 
 def tree(pid: int) -> list[int]:
@@ -218,6 +215,8 @@ def test_stop_ends_a_sigstopped_worker(project: Project) -> None:
     assert unknown.returncode == 14
     result = project.run("stop", "-A", project.app, "--timeout", "4", timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+    # The launcher had to SIGKILL its stopped worker: stop must not claim a warm stop.
+    assert f"stopped launcher pid {launched.pid}" in result.stdout and "warm" not in result.stdout
     wait_for(lambda: gone([worker_pid, launched.pid]), 5, "stopped worker and launcher gone")
 
 

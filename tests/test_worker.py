@@ -15,7 +15,6 @@ import psutil
 import pytest
 
 from helpers import PY, Launched, Project, RedisServer, gone, ping_replies, wait_for
-from tlrun.config import project_id
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -34,7 +33,7 @@ def worker_tree(pid: int) -> list[int]:
 
 
 def lock_file(proj: Project) -> Path:
-    return proj.runtime / "tlrun" / f"{project_id(proj.root, proj.app)}.worker.lock"
+    return proj.lock_file()
 
 
 def test_worker_reaches_verdict_and_sigint_ends_everything(project: Project) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,20 @@ from tlrun import __version__
 from tlrun.errors import EXIT_CODES, INTERRUPTED_EXIT_CODE, TlrunError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Seconds(click.FloatRange):
+    """A FloatRange that refuses NaN and infinities: `--grace nan` would never send SIGKILL."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        result = super().convert(value, param, ctx)
+        if isinstance(result, float) and not math.isfinite(result):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return result
+
+
 LOGLEVEL = click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False)
 
 
@@ -38,6 +53,8 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except TlrunError as exc:
             if verbose:
+                for line in exc.details:
+                    click.echo(f"  {line}", err=True)
                 logging.getLogger("tlrun").exception("error")
             _fail(str(exc), exc.hint, exc.exit_code)
         except KeyboardInterrupt:
@@ -78,7 +95,7 @@ def project_options(func: F) -> F:
             type=click.Path(file_okay=False, path_type=Path),
             help="Project root (default: the current directory); its .env is read.",
         ),
-        click.option("--grace", "stop_grace", type=click.FloatRange(min=0), help="Stop grace period, seconds (30)."),
+        click.option("--grace", "stop_grace", type=Seconds(min=0), help="Stop grace period, seconds (30)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -96,6 +113,8 @@ def _settings(params: dict[str, Any], ping_window_default: float = 1.0, app_requ
     return settings
 
 
+MAX_CONCURRENCY = 10_000  # Celery accepts more and then fails to start the pool
+
 ROLE_OPTION = click.option("--role", help="Only this worker role of the project file (default: every role).")
 
 
@@ -106,12 +125,12 @@ def worker_options(func: F) -> F:
         click.option("--node-prefix", help="Node name prefix: <prefix><pid>@<host> (default api, or the role's name)."),
         click.option("--log-dir", type=click.Path(file_okay=False), help="Worker log directory (default logs/)."),
         click.option("--expected", "expected_workers", type=click.IntRange(min=1), help="Workers expected (1)."),
-        click.option("--ready-timeout", type=click.FloatRange(min=0.5), help="Seconds to wait for the first pong."),
-        click.option("--ping-window", type=click.FloatRange(min=0.1), help="Reply window of the census ping (1.0)."),
+        click.option("--ready-timeout", type=Seconds(min=0.5), help="Seconds to wait for the first pong."),
+        click.option("--ping-window", type=Seconds(min=0.1), help="Reply window of the census ping (1.0)."),
         click.option("--strict", is_flag=True, default=None, help="Fail unless exactly the expected workers answer."),
         click.option("--no-sweep", "sweep", flag_value=False, default=None, help="Do not stop stray workers first."),
         click.option("--replace", is_flag=True, default=None, help="Stop this project's launcher and take over."),
-        click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Pool size."),
+        click.option("-c", "--concurrency", type=click.IntRange(min=1, max=MAX_CONCURRENCY), help="Pool size."),
         click.option("-Q", "--queues", help="Comma-separated queues to consume."),
         click.option("-P", "--pool", type=click.Choice(["prefork", "solo", "threads", "gevent", "eventlet"])),
         click.option(
@@ -122,8 +141,8 @@ def worker_options(func: F) -> F:
         click.option("--max-tasks-per-child", type=click.IntRange(min=1)),
         click.option("--max-memory-per-child", type=click.IntRange(min=1), help="KiB."),
         click.option("--prefetch-multiplier", type=click.IntRange(min=0)),
-        click.option("--time-limit", type=click.FloatRange(min=0, min_open=True)),
-        click.option("--soft-time-limit", type=click.FloatRange(min=0, min_open=True)),
+        click.option("--time-limit", type=Seconds(min=0, min_open=True)),
+        click.option("--soft-time-limit", type=Seconds(min=0, min_open=True)),
         click.option("-E", "--events", is_flag=True, default=None, help="Send task events (for Flower)."),
         click.argument("extra", nargs=-1, type=click.UNPROCESSED),
     ]
@@ -148,14 +167,14 @@ def _launch(params: dict[str, Any], ping_window_default: float = 1.0, **opts: An
 @click.option("--restart", is_flag=True, help="Restart the worker when it crashes, with exponential backoff.")
 @click.option(
     "--restart-delay",
-    type=click.FloatRange(min=0),
+    type=Seconds(min=0),
     default=1.0,
     show_default=True,
     help="First backoff delay, seconds.",
 )
 @click.option(
     "--restart-max-delay",
-    type=click.FloatRange(min=0),
+    type=Seconds(min=0),
     default=60.0,
     show_default=True,
     help="Longest backoff delay, seconds.",
@@ -169,7 +188,7 @@ def _launch(params: dict[str, Any], ping_window_default: float = 1.0, **opts: An
 )
 @click.option(
     "--give-up-window",
-    type=click.FloatRange(min=1),
+    type=Seconds(min=1),
     default=300.0,
     show_default=True,
     help="... within this many seconds.",
@@ -345,6 +364,12 @@ def ide(editor: str, force: bool, **params: Any) -> None:
         click.echo(f"tlrun: {written.path.relative_to(settings.project_root)}: {written.action}")
 
 
+def _existing_parent(path: Path | None) -> Path | None:
+    if path is not None and not path.absolute().parent.is_dir():
+        raise click.BadParameter(f"the directory {path.absolute().parent} does not exist")
+    return path
+
+
 def _emit_json(data: Any) -> None:
     import json
 
@@ -354,7 +379,7 @@ def _emit_json(data: Any) -> None:
 @cli.command()
 @project_options
 @click.option("--expected", "expected_workers", type=click.IntRange(min=1), help="Workers expected (1).")
-@click.option("--ping-window", type=click.FloatRange(min=0.1), help="Reply window of the census ping (1.0).")
+@click.option("--ping-window", type=Seconds(min=0.1), help="Reply window of the census ping (1.0).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report (schema: docs/doctor.schema.json).")
 @click.option(
     "--format",
@@ -366,6 +391,7 @@ def _emit_json(data: Any) -> None:
 @click.option(
     "--textfile",
     type=click.Path(dir_okay=False, path_type=Path),
+    callback=lambda _ctx, _param, value: _existing_parent(value),
     help="Write Prometheus metrics atomically to this file (node_exporter's textfile collector).",
 )
 @click.option("--fix", is_flag=True, help="Stop local strays and duplicates of this project (stop ladder).")
@@ -435,7 +461,7 @@ def ps(everything: bool, as_json: bool, **params: Any) -> None:
 @cli.command()
 @project_options
 @ROLE_OPTION
-@click.option("--timeout", type=click.FloatRange(min=0), help="Grace period before SIGKILL (default: --grace, 30).")
+@click.option("--timeout", type=Seconds(min=0), help="Grace period before SIGKILL (default: --grace, 30).")
 @handle_errors
 def stop(timeout: float | None, **params: Any) -> None:
     """Stop this project's workers and beats: through their launcher, or (strays) with the stop ladder.
@@ -508,7 +534,7 @@ def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: b
 @project_options
 @ROLE_OPTION
 @click.option("--node", help="Node name to probe (default: this host's tlrun node of each role).")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="Per attempt.")
+@click.option("--timeout", type=Seconds(min=0.1), default=2.0, show_default=True, help="Per attempt.")
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True)
 @handle_errors
 def health(node: str | None, timeout: float, retries: int, **params: Any) -> None:
@@ -574,6 +600,11 @@ def export_cmd(kind: str, beat: bool | None, user: str | None, output: Path | No
 
 
 def main() -> None:
+    from tlrun.redact import MaskingStream
+
+    # Every line tlrun prints, from click, logging or the renderer, passes the registered passwords' mask.
+    sys.stdout = MaskingStream(sys.stdout)
+    sys.stderr = MaskingStream(sys.stderr)
     cli(prog_name="tlrun")
 
 

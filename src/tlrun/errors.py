@@ -11,17 +11,25 @@ class TlrunError(Exception):
 
     exit_code = 1
     hint: str | None = None
+    details: tuple[str, ...] = ()  # shown with -v: e.g. the worker's own output before it failed
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, hint: str | None = None, details: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         if hint is not None:
             self.hint = hint
+        self.details = details
 
 
 class ConfigError(TlrunError):
     """A bad option value, a malformed .env, a missing app."""
 
     exit_code = 3
+
+
+class UsageError(TlrunError):
+    """A bad value on the command line that click's own types cannot catch (a malformed URL, an empty -b)."""
+
+    exit_code = 2
 
 
 class AppImportError(TlrunError):
@@ -94,16 +102,16 @@ EXIT_CODES: dict[int, str] = {
     0: "success (the worker stopped cleanly, or the command did what it was asked)",
     1: "unexpected internal error (run with -v for the traceback)",
     USAGE_EXIT_CODE: "bad command line: unknown option or invalid value",
-    ConfigError.exit_code: "bad configuration: missing app, bad value in the environment, malformed .env",
+    ConfigError.exit_code: "bad configuration: no app found, bad value in the environment, .env or project file",
     AppImportError.exit_code: "the Celery app does not import",
     BrokerError.exit_code: "broker unreachable, wrong credentials, or unsupported URL",
-    LockHeldError.exit_code: "another tlrun launcher runs this project (use --replace to take over)",
+    LockHeldError.exit_code: "another tlrun launcher runs this project and role (use --replace to take over)",
     NestedLaunchError.exit_code: "tlrun was started from inside a worker it launched",
     WorkerStartError.exit_code: "the worker exited or did not answer before the readiness timeout",
     DuplicateNodeError.exit_code: "duplicate node name, or --strict and the worker count is not the expected one",
     StopError.exit_code: "a process survived the stop ladder",
     UnsafeStateError.exit_code: "the lock path or runtime directory is unsafe (symlink, wrong owner)",
-    LogError.exit_code: "the log directory or file cannot be written",
+    LogError.exit_code: "the log directory or file cannot be written, or another user could plant files in it",
     DOCTOR_WARNINGS_EXIT_CODE: "doctor: warnings only (configuration risks, unexpected worker count)",
     HEALTH_UNKNOWN_EXIT_CODE: "health: the node's process exists here but does not answer (stopped or busy)",
     HEALTH_DEAD_EXIT_CODE: "health: the node does not answer and no such process runs here",

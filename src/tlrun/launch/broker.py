@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tlrun.config import Settings
+from tlrun import redact
+from tlrun.config import Settings, check_broker_url
 from tlrun.errors import AppImportError, BrokerError
 from tlrun.redact import redact_url
 
@@ -37,6 +38,8 @@ def resolve_broker(settings: Settings) -> BrokerChoice:
     except Exception as exc:  # Django settings that fail to load surface here
         raise AppImportError(f"app {settings.app!r} has no readable broker_url: {type(exc).__name__}: {exc}") from None
     if url:
+        redact.register(str(url))
+        check_broker_url(str(url), f"the broker_url of app {settings.app}")
         return BrokerChoice(str(url), "app")
     return BrokerChoice(CELERY_DEFAULT_BROKER, "default")
 
@@ -98,7 +101,9 @@ def check_reachable(url: str, timeout: float = CONNECT_TIMEOUT) -> None:
 class Broker:
     """A throwaway Celery app used only for control messages (ping) and connection checks."""
 
-    def __init__(self, url: str, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(self, url: str, connect_timeout: float = CONNECT_TIMEOUT, socket_timeout: float | None = None) -> None:
+        """`socket_timeout` bounds every read on the connection (default: 5 s, or the connect timeout if
+        longer); a probe with a deadline of its own (health --timeout) passes it."""
         from celery import Celery
 
         self.url = url
@@ -108,7 +113,7 @@ class Broker:
             broker_connection_retry=False,
             broker_transport_options={
                 "socket_connect_timeout": connect_timeout,
-                "socket_timeout": max(connect_timeout, 5.0),
+                "socket_timeout": socket_timeout if socket_timeout is not None else max(connect_timeout, 5.0),
             },
         )
         self._timeout = connect_timeout
@@ -117,7 +122,8 @@ class Broker:
     @staticmethod
     def failure(url: str, exc: BaseException, started: float) -> BrokerError:
         waited = time.monotonic() - started
-        reason = str(exc).strip() or type(exc).__name__
+        redact.register(url)
+        reason = redact.mask(str(exc).strip() or type(exc).__name__)
         if isinstance(exc, (KeyError, ImportError)) or "transport" in reason.lower():
             return BrokerError(
                 f"broker URL {redact_url(url)} has an unsupported scheme ({reason})",

@@ -1,7 +1,9 @@
-"""Step 1 of the launch path: refuse a launch from inside a worker, and hold one lock per project.
+"""Step 1 of the launch path: refuse a launch from inside a worker, and hold one lock per project and role.
 
-The lock is an flock on a file in a per-user runtime directory. The kernel drops it when the holder dies,
-so there is never a stale lock to clean by hand; the JSON inside only says who holds it.
+The lock is an flock on a file in the user's lock directory (derived from the user, not the environment).
+The kernel drops it when the holder dies, so there is never a stale lock to clean by hand; the JSON inside
+only says who holds it. A second, independent check (no live launcher of the project and role in the
+process table) runs before anything is spawned: see `procs.find_launchers`.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ import errno
 import fcntl
 import json
 import os
+import pwd
+import socket
 import stat
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,7 @@ import psutil
 
 from tlrun.config import ENV_GUARD
 from tlrun.errors import LockHeldError, NestedLaunchError, UnsafeStateError
-from tlrun.launch.procs import Identity
+from tlrun.launch.procs import Identity, Launcher, find_launchers
 
 
 @dataclass(frozen=True)
@@ -52,13 +57,19 @@ def check_env_guard(environ: Mapping[str, str]) -> GuardNote | None:
 
 
 def runtime_dir(environ: Mapping[str, str]) -> Path:
-    """$XDG_RUNTIME_DIR/tlrun, else a 0700 directory under the user's cache dir; created and checked."""
+    """$XDG_RUNTIME_DIR/tlrun, else a 0700 directory under the user's cache dir; created and checked.
+    State that may differ between shells lives here (beat's schedule, the private broker's files): never
+    the locks, which must be the same for every shell of the user (see lock_dir)."""
     xdg = environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         base = Path(xdg) / "tlrun"
     else:
         cache = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         base = Path(cache) / "tlrun"
+    return _private_dir(base)
+
+
+def _private_dir(base: Path) -> Path:
     base.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.mkdir(base, 0o700)
@@ -74,9 +85,26 @@ def runtime_dir(environ: Mapping[str, str]) -> Path:
     return base
 
 
-def lock_path(project_id: str, kind: str, environ: Mapping[str, str] | None = None) -> Path:
-    """The lock file of a project's worker or beat (`kind`), in the per-user runtime directory."""
-    return runtime_dir(os.environ if environ is None else environ) / f"{project_id}.{kind}.lock"
+def lock_dir() -> Path:
+    """The user's lock directory, derived from the user alone: the home directory of the password database
+    (never $HOME or $XDG_RUNTIME_DIR, which differ between shells, IDEs and service managers), so that
+    every launcher of this user on this host meets the same locks. A user without a usable home directory
+    gets /tmp/tlrun-<uid>."""
+    uid = os.getuid()
+    try:
+        home = Path(pwd.getpwuid(uid).pw_dir)
+    except KeyError:
+        home = Path("/nonexistent")
+    if home.is_dir() and os.access(home, os.W_OK):
+        return _private_dir(home / ".cache" / "tlrun-locks")
+    return _private_dir(Path(tempfile.gettempdir()) / f"tlrun-{uid}")
+
+
+def lock_path(project_id: str, kind: str, hostname: str | None = None) -> Path:
+    """The lock of a project's role (`kind`: worker, worker-NAME, beat) on this host. The host name is part
+    of it: a home directory shared between hosts (NFS) must not make two hosts' launchers one."""
+    host = "".join(c if c.isalnum() or c in "-_." else "_" for c in (hostname or socket.gethostname()))[:64]
+    return lock_dir() / f"{project_id}.{host}.{kind}.lock"
 
 
 def _open_nofollow(path: Path) -> int:
@@ -129,13 +157,26 @@ class ProjectLock:
 
     @classmethod
     def try_acquire(cls, path: Path) -> ProjectLock | None:
-        fd = _open_nofollow(path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        """The lock, or None while a live process holds it.
+
+        A lock only counts while its path still names the locked file: a file removed (or replaced) under
+        a holder, or by a holder releasing it just before we locked, is not the lock anymore; then try the
+        path again."""
+        for _ in range(10):
+            fd = _open_nofollow(path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            if _names(path, fd):
+                return cls(path, fd)
             os.close(fd)
-            return None
-        return cls(path, fd)
+        raise UnsafeStateError(f"{path} keeps changing under tlrun: refusing to use it")
+
+    def still_held(self) -> bool:
+        """Does the lock path still name our locked file?"""
+        return self._fd is not None and _names(self.path, self._fd)
 
     def write(self, record: Mapping[str, Any]) -> None:
         assert self._fd is not None
@@ -145,8 +186,11 @@ class ProjectLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            # Empty the record first, so nobody reads our details after we are gone.
+            # Remove the file while we still hold it (so no lock file piles up, and no one reads our details
+            # after we are gone); a launcher that opened it meanwhile sees the path changed and tries again.
             try:
+                if _names(self.path, self._fd):
+                    os.unlink(self.path)
                 os.ftruncate(self._fd, 0)
             except OSError:
                 pass
@@ -158,6 +202,14 @@ class ProjectLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _names(path: Path, fd: int) -> bool:
+    try:
+        st, here = os.lstat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
 
 
 def describe_holder(record: Mapping[str, Any] | None) -> str:
@@ -210,3 +262,57 @@ def _read_settled(path: Path) -> dict[str, Any] | None:
         time.sleep(0.02)
         record = read_record(path)
     return record
+
+
+SETTLE_SECONDS = 3.0
+
+
+def competing_launchers(
+    launchers: Sequence[Launcher], app: str, roles: Collection[str] | None, beat: bool, beat_by_default: bool
+) -> list[Launcher]:
+    """The launchers (of this project's directory) that would run one of the same roles, or beat.
+
+    Pure: `roles` are ours (None: every role), `beat` whether we run beat; `beat_by_default` is the
+    project file's `beat`, which a `tlrun dev` without --beat/--no-beat follows."""
+    found = []
+    for other in launchers:
+        cmd = other.cmd
+        if cmd.app and cmd.app != app:
+            continue  # another app in the same directory: another project
+        theirs_workers = cmd.command in ("worker", "dev")
+        we_run_workers = roles is None or len(roles) > 0
+        overlap = theirs_workers and we_run_workers and (roles is None or cmd.role is None or cmd.role in roles)
+        their_beat = cmd.command == "beat" or (
+            cmd.command == "dev" and (cmd.beat if cmd.beat is not None else beat_by_default)
+        )
+        if overlap or (beat and their_beat):
+            found.append(other)
+    return found
+
+
+def check_no_other_launcher(
+    root: Path, app: str, roles: Collection[str] | None, beat: bool, beat_by_default: bool, what: str
+) -> None:
+    """The second, independent check before anything is spawned: a live launcher of the same project and
+    role in the process table refuses the start, even when its lock is somewhere else (a lock file removed
+    by hand, a home directory that differs).
+
+    Only launchers started before this one count, and each gets a moment to exit first: launchers started
+    at the same instant race for the lock, and the losers (still in the process table for a moment) exit
+    at once. We hold the lock here, so this wait happens only when the lock was bypassed."""
+    me = Identity.of_self()
+    others = [
+        o
+        for o in competing_launchers(find_launchers(root), app, roles, beat, beat_by_default)
+        if o.identity.create_time <= me.create_time
+    ]
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while others and time.monotonic() < deadline:
+        time.sleep(0.05)
+        others = [o for o in others if o.identity.is_alive()]
+    if others:
+        pids = ", ".join(str(o.identity.pid) for o in others)
+        raise LockHeldError(
+            f"{what} is already running under tlrun launcher pid {pids} (found in the process table)",
+            hint="stop it (Ctrl-C in its terminal, or `tlrun stop`), or run again with --replace to take over",
+        )

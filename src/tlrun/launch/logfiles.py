@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import logging.handlers
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +21,9 @@ class _PrivateRotatingHandler(logging.handlers.RotatingFileHandler):
     """RotatingFileHandler whose files (the first and every rotated successor) are created 0600."""
 
     def _open(self):  # type: ignore[no-untyped-def]
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        # O_NOFOLLOW: whoever can write the log directory must not make tlrun append to a file of their choice.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(self.baseFilename, flags, 0o600)
         return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors="replace")
 
 
@@ -48,11 +52,36 @@ class WorkerLog:
             pass  # the last flush onto a full disk: already reported when the first write failed
 
 
-def open_log(log_dir: Path, stem: str) -> WorkerLog:
+def check_log_dir(log_dir: Path) -> None:
+    """Create the log directory if needed and refuse one that another user could plant files in: owned by
+    someone else, or group/world-writable without the sticky bit. Runs before anything is stopped."""
+    hint = "choose another directory with --log-dir or TLRUN_LOG_DIR"
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        log = WorkerLog(log_dir / f"{stem}.log")
+        st = os.stat(log_dir)
     except OSError as exc:
+        raise LogError(f"cannot write the worker log in {log_dir}: {exc.strerror}", hint=hint) from None
+    if st.st_uid not in (os.getuid(), 0):
+        raise LogError(f"log directory {log_dir} belongs to uid {st.st_uid}, not to you: refusing it", hint=hint)
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise LogError(
+            f"log directory {log_dir} is writable by others (mode {st.st_mode & 0o7777:o}) without the sticky "
+            "bit: another user could replace its files; refusing it",
+            hint=hint,
+        )
+    if not os.access(log_dir, os.W_OK | os.X_OK):
+        raise LogError(f"cannot write the worker log in {log_dir}: Permission denied", hint=hint)
+
+
+def open_log(log_dir: Path, stem: str) -> WorkerLog:
+    check_log_dir(log_dir)
+    path = log_dir / f"{stem}.log"
+    try:
+        log = WorkerLog(path)
+    except OSError as exc:
+        # ELOOP from O_NOFOLLOW, or EACCES from Linux's protected_symlinks in a sticky directory.
+        if exc.errno == errno.ELOOP or path.is_symlink():
+            raise LogError(f"{path} is a symlink: refusing to write through it (remove it)") from None
         raise LogError(
             f"cannot write the worker log in {log_dir}: {exc.strerror}",
             hint="choose another directory with --log-dir or TLRUN_LOG_DIR",

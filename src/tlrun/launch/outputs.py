@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,23 +25,74 @@ class Outputs:
         self._on_log_error = on_log_error
         self._secrets = secrets
         self._pumps: dict[str, OutputPump] = {}
+        self._gates: dict[str, _Gate] = {}
 
     def attach(
-        self, name: str, child: subprocess.Popen[bytes], stem: str, label: str | None = None, echo: bool = True
+        self,
+        name: str,
+        child: subprocess.Popen[bytes],
+        stem: str,
+        label: str | None = None,
+        echo: bool = True,
+        hold_until: str | None = None,
     ) -> Path:
-        """Start copying `child`'s output to `<log dir>/<stem>.log`; returns the log file's path."""
+        """Start copying `child`'s output to `<log dir>/<stem>.log`; returns the log file's path.
+
+        With `hold_until`, console lines wait until a line contains it (a worker's banner) or `release`:
+        a worker that fails before that shows tlrun's one-line error, not Celery's traceback (which stays
+        in the log file and in the error's details, shown with -v)."""
         tag = label or name
-        on_line = (lambda line: self._on_line(tag, line)) if echo else None
+        on_line: Callable[[str], None] | None = None
+        if echo:
+            gate = _Gate(lambda line: self._on_line(tag, line), hold_until)
+            self._gates[name] = gate
+            on_line = gate
         pump = OutputPump(
             child, open_log(self._log_dir, stem), Redactor(self._secrets()), on_line, on_log_error=self._on_log_error
         )
         self._pumps[name] = pump
         return pump.log_path
 
+    def release(self, name: str) -> None:
+        """Let a held child's console lines through (it is ready)."""
+        gate = self._gates.get(name)
+        if gate is not None:
+            gate.open()
+
     def detach(self, name: str) -> tuple[str, ...]:
         """Wait for the child's last lines, close its log; the last lines kept (for error reports)."""
+        self._gates.pop(name, None)
         pump = self._pumps.pop(name, None)
         if pump is None:
             return ()
         pump.close()
         return tuple(pump.tail)
+
+
+class _Gate:
+    """Passes lines on, or holds them until a line contains `marker` (or `open()`), then flushes them."""
+
+    def __init__(self, out: Callable[[str], None], marker: str | None) -> None:
+        self._out = out
+        self._marker = marker
+        self._held: list[str] | None = [] if marker else None
+        self._lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        with self._lock:
+            if self._held is not None and self._marker is not None and self._marker in line:
+                self._flush()
+            if self._held is not None:
+                self._held.append(line)
+                return
+        self._out(line)
+
+    def open(self) -> None:
+        with self._lock:
+            if self._held is not None:
+                self._flush()
+
+    def _flush(self) -> None:
+        held, self._held = self._held or [], None
+        for line in held:
+            self._out(line)

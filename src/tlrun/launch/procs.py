@@ -296,3 +296,150 @@ def main_processes(procs: Sequence[CeleryProcess]) -> list[CeleryProcess]:
     """The processes whose parent is not in the set: worker main processes and orphaned pool children."""
     pids = {p.pid for p in procs}
     return [p for p in procs if p.ppid not in pids]
+
+
+# -- tlrun launchers -----------------------------------------------------------------------------------
+LAUNCH_COMMANDS = ("worker", "dev", "beat")
+_TLRUN_VALUE_OPTS = {
+    "-A",
+    "--app",
+    "-b",
+    "--broker",
+    "--project-dir",
+    "--role",
+    "--grace",
+    "--node-prefix",
+    "--log-dir",
+    "--expected",
+    "--ready-timeout",
+    "--ping-window",
+    "-c",
+    "--concurrency",
+    "-Q",
+    "--queues",
+    "-P",
+    "--pool",
+    "-l",
+    "--loglevel",
+    "--max-tasks-per-child",
+    "--max-memory-per-child",
+    "--prefetch-multiplier",
+    "--time-limit",
+    "--soft-time-limit",
+    "--restart-delay",
+    "--restart-max-delay",
+    "--give-up-crashes",
+    "--give-up-window",
+    "--max-restarts",
+}
+
+
+@dataclass(frozen=True)
+class LauncherCommand:
+    """What a tlrun launcher's command line says (`tlrun worker|dev|beat ...`)."""
+
+    command: str
+    app: str | None
+    project_dir: str | None
+    role: str | None
+    beat: bool | None  # dev's --beat/--no-beat; None: not given (the project file decides)
+
+
+def _tlrun_index(argv: Sequence[str]) -> int | None:
+    """Index of the first argument after `tlrun` itself (`tlrun ...`, `python -m tlrun ...`)."""
+    if not argv:
+        return None
+    if os.path.basename(argv[0]) == "tlrun":
+        return 1
+    if not os.path.basename(argv[0]).startswith(("python", "pypy")):
+        return None
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-m":
+            return i + 2 if i + 1 < len(argv) and argv[i + 1] == "tlrun" else None
+        if arg in _PY_VALUE_FLAGS:
+            i += 2
+            continue
+        if arg.startswith("-"):
+            i += 1
+            continue
+        return i + 1 if os.path.basename(arg) == "tlrun" else None
+    return None
+
+
+def parse_tlrun_argv(argv: Sequence[str]) -> LauncherCommand | None:
+    """Parse a command line; None unless it runs `tlrun worker`, `dev` or `beat`."""
+    start = _tlrun_index(argv)
+    if start is None:
+        return None
+    args = list(argv[start:])
+    while args and args[0].startswith("-"):  # global options: -v
+        args.pop(0)
+    if not args or args[0] not in LAUNCH_COMMANDS:
+        return None
+    found: dict[str, str] = {}
+    beat: bool | None = None
+    i = 1
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            break
+        if arg in ("--beat", "--no-beat"):
+            beat = arg == "--beat"
+        key, _, inline = arg.partition("=")
+        if key in _TLRUN_VALUE_OPTS:
+            value = inline if inline else (args[i + 1] if i + 1 < len(args) else "")
+            found.setdefault(key, value)
+            i += 1 if inline else 2
+            continue
+        i += 1
+    return LauncherCommand(
+        command=args[0],
+        app=found.get("-A") or found.get("--app"),
+        project_dir=found.get("--project-dir"),
+        role=found.get("--role"),
+        beat=beat,
+    )
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """A live tlrun launcher of this user on this host, with the project root it runs in."""
+
+    identity: Identity
+    cmd: LauncherCommand
+    root: str
+
+
+def same_host_namespace(pid: int) -> bool:
+    """On Linux a process in another UTS namespace has its own host name: another host, as far as locks and
+    node names go (tests simulate hosts that way). Elsewhere there are no such namespaces."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/uts") == os.readlink("/proc/self/ns/uts")
+    except OSError:
+        return True
+
+
+def find_launchers(root: Path) -> list[Launcher]:
+    """Live tlrun launchers (worker, dev, beat) of the current user, running in project `root` on this host;
+    never this process or its ancestors."""
+    uid = os.getuid()
+    protected = protected_pids()
+    want = os.path.realpath(root)
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = parse_tlrun_argv(proc.info.get("cmdline") or ())
+        if cmd is None or proc.pid in protected:
+            continue
+        try:
+            with proc.oneshot():
+                if proc.uids().real != uid or proc.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                cwd, create_time = proc.cwd(), proc.create_time()
+        except (psutil.Error, OSError):
+            continue
+        here = os.path.realpath(os.path.join(cwd, cmd.project_dir) if cmd.project_dir else cwd)
+        if here == want and same_host_namespace(proc.pid):
+            found.append(Launcher(Identity(proc.pid, create_time), cmd, here))
+    return found

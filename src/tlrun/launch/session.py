@@ -13,30 +13,33 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tlrun import redact
 from tlrun.config import Role, Settings
 from tlrun.deploy.restart import RestartPolicy, RestartSettings
 from tlrun.dev import brokerd
 from tlrun.dev.reload import Watcher
 from tlrun.errors import (
     AppImportError,
+    BrokerError,
     DuplicateNodeError,
     LockHeldError,
     RestartGiveUpError,
     StopError,
+    UsageError,
     WorkerStartError,
 )
 from tlrun.events import Exited, Notice, Ready, Reloaded, Reporter, Spawned, StrayFound, WorkerOutput
-from tlrun.launch import guard, procs, signals, spawn, sweep, verify
+from tlrun.launch import guard, logfiles, procs, signals, spawn, sweep, verify
 from tlrun.launch.broker import Broker, check_reachable, resolve_broker
 from tlrun.launch.outputs import Outputs
 from tlrun.launch.supervise import Supervisor
-from tlrun.redact import url_password
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +55,14 @@ class LaunchOptions:
 
 
 def lock_path(settings: Settings, kind: str) -> Path:
-    return guard.lock_path(settings.project_id, kind)
+    return guard.lock_path(settings.project_id, kind, socket.gethostname())
 
 
 def beat_schedule_path(settings: Settings) -> Path:
     return guard.runtime_dir(os.environ) / f"{settings.project_id}.celerybeat-schedule"
 
 
-def _stop_holder(holder: procs.Identity, report: Reporter) -> None:
+def _stop_holder(holder: procs.Identity, report: Reporter, replaced: list[procs.Identity]) -> None:
     """--replace: ask the launcher holding the lock for a graceful stop (it stops its own worker)."""
     proc = signals.launcher_for(holder)
     if proc is None:
@@ -69,6 +72,7 @@ def _stop_holder(holder: procs.Identity, report: Reporter) -> None:
         )
     report(Notice(f"--replace: asking launcher pid {holder.pid} to stop"))
     signals.send(proc, signal.SIGTERM)
+    replaced.append(holder)
 
 
 def _local_nodes() -> dict[str, list[int]]:
@@ -79,12 +83,22 @@ def _local_nodes() -> dict[str, list[int]]:
     return nodes
 
 
+BANNER = " -------------- "  # the first line of a worker's start-up banner: it imported the app
+
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 
 
 def start_failure(app: str, ready_timeout: float, status: int | None, tail: list[str], timeout: bool) -> Exception:
     """Turn a worker that never answered into the error that explains it."""
     text = "\n".join(tail)
+    if (
+        status == 2
+        and "Unable to load celery application" not in text
+        and ("No such option" in text or "Usage:" in text)
+    ):
+        # Celery's command line refused an argument tlrun passed through (`tlrun worker -- --bogus`).
+        reason = next((ln.strip() for ln in reversed(tail) if ln.strip().startswith("Error:")), "a bad argument")
+        return UsageError(f"celery worker refused its arguments: {reason.removeprefix('Error: ')}")
     if "Unable to load celery application" in text or (status == 2 and "Error" in text):
         reason = next(
             (ln.strip() for ln in reversed(tail) if ln.strip() and not ln.startswith(("Usage:", "Try "))),
@@ -93,13 +107,46 @@ def start_failure(app: str, ready_timeout: float, status: int | None, tail: list
         # The innermost frame of the traceback that is not Python's own import machinery: the user's line.
         frames = [m.groups() for m in _FRAME.finditer(text) if "<frozen" not in m.group(1)]
         where = f" ({frames[-1][0]}, line {frames[-1][1]})" if frames else ""
-        return AppImportError(f"app {app!r} does not import: {reason}{where}")
+        return AppImportError(f"app {app!r} does not import: {reason}{where}", details=tuple(tail))
     if timeout:
         return WorkerStartError(
             f"the worker did not answer a ping within {ready_timeout:g} s",
             hint="raise --ready-timeout, or read the log: " + (tail[-1] if tail else "(empty)"),
         )
     return WorkerStartError(f"the worker exited with status {status} before it answered a ping")
+
+
+def check_app_module(settings: Settings) -> None:
+    """The app's top-level module exists where the worker will look (the project root, then sys.path).
+    Nothing is imported or run: a package's code runs only in the worker (or when the broker comes from it)."""
+    import importlib.util
+
+    top = settings.app.split(":", 1)[0].split(".", 1)[0]
+    root = str(settings.project_root)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise AppImportError(
+            f"app {settings.app!r} does not import: no module named {top!r} in the project root {root}",
+            hint="run tlrun from the project's root directory, or pass --project-dir",
+        )
+
+
+UNSHAREABLE_SCHEMES = ("memory",)
+
+
+def refuse_unshareable(url: str) -> None:
+    """A broker that lives inside one process cannot be shared by a launcher and its worker."""
+    scheme = url.split("://", 1)[0].split("+")[-1].lower()
+    if scheme in UNSHAREABLE_SCHEMES:
+        raise BrokerError(
+            f"broker {scheme}:// lives inside one process: the worker and tlrun cannot share it",
+            hint="use a Redis or RabbitMQ URL (tlrun dev starts a private redis-server when none answers)",
+        )
 
 
 class RoleWorker:
@@ -141,11 +188,16 @@ class Session:
         roles = settings.roles if opts.worker else ()
         self.workers = [RoleWorker(role, self.hostname, opts.restart) for role in roles]
         self.broker_url = ""
+        self._private_argv: list[str] | None = None
         self.outputs = Outputs(
             settings.log_dir,
             lambda label, line: report(WorkerOutput(label, line)),
             lambda msg: report(Notice(msg, "warning")),
-            lambda: [url_password(self.broker_url), url_password(settings.broker_url)],
+            lambda: [
+                *redact.secrets_of(self.broker_url),
+                *redact.secrets_of(settings.broker_url),
+                *redact.registered(),
+            ],
         )
         self.census: list[str] | verify.Census | None = None
         self.watcher: Watcher | None = None
@@ -166,14 +218,24 @@ class Session:
         wanted = [(w.lock_kind, {"role": w.role.name, "node": w.node}, f"a {w.label}") for w in self.workers]
         if self.opts.beat:
             wanted.append(("beat", {}, "a beat"))
+        replaced: list[procs.Identity] = []
         for kind, fields, noun in wanted:
             what = f"{noun} of app {self.s.app} in {self.s.project_root}"
-            replace = (lambda holder: _stop_holder(holder, self.report)) if self.s.replace else None
+            replace = (lambda holder: _stop_holder(holder, self.report, replaced)) if self.s.replace else None
             lock = guard.acquire(lock_path(self.s, kind), what, replace, wait=self.s.stop_grace + signals.KILL_WAIT + 5)
             stack.enter_context(lock)
             record = {**base, **fields}
             lock.write(record)
             self._locks[kind] = (lock, record)
+        # A replaced launcher lets go of its locks just before it exits: let it finish exiting.
+        deadline = time.monotonic() + signals.KILL_WAIT
+        while any(h.is_alive() for h in replaced) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        roles = None if self.s.role_filter is None else [r.name for r in self.s.roles]
+        what = f"{wanted[0][2] if wanted else 'a launcher'} of app {self.s.app} in {self.s.project_root}"
+        guard.check_no_other_launcher(
+            self.s.project_root, self.s.app, roles if self.workers else [], self.opts.beat, self.s.beat, what
+        )
 
     def _update_record(self, kind: str, **fields: Any) -> None:
         if kind in self._locks:
@@ -181,26 +243,37 @@ class Session:
             record.update(fields)
             lock.write(record)
 
-    # -- broker --------------------------------------------------------------------------------------
-    def connect_broker(self) -> None:
+    # -- validation and broker ---------------------------------------------------------------------
+    def validate(self) -> None:
+        """Everything that can fail, before anything is stopped (--replace, the sweep) or started: the log
+        directory, the app's module, the broker (resolved, and answering unless a private one is planned)."""
+        logfiles.check_log_dir(self.s.log_dir)
+        check_app_module(self.s)
         choice = resolve_broker(self.s)
         url = choice.url
+        refuse_unshareable(url)
         if self.opts.managed_broker:
             if choice.source == "default":  # nothing configured anywhere: the local Redis of a laptop
                 url = brokerd.DEFAULT_DEV_BROKER
-            argv = brokerd.plan_private_redis(url, guard.runtime_dir(os.environ))
-            if argv is not None:
-                pid = brokerd.start_private(self.sup, self.outputs, url, argv, guard.runtime_dir(os.environ))
-                address = brokerd.local_redis_address(url) or ("?", 0)
-                self.report(
-                    Notice(
-                        f"no broker answered at {address[0]}:{address[1]}: started a private redis-server "
-                        f"(pid {pid}, no persistence) for this session; it stops on exit"
-                    )
-                )
+            self._private_argv = brokerd.plan_private_redis(url, guard.runtime_dir(os.environ))
         self.broker_url = url
-        # Fail on a dead broker before anything is stopped or started.
-        check_reachable(self.broker_url)
+        if self._private_argv is None:
+            check_reachable(url)
+
+    def start_broker(self) -> None:
+        """The private redis-server planned by validate(), now that the project's lock is ours."""
+        if self._private_argv is None:
+            return
+        url = self.broker_url
+        pid = brokerd.start_private(self.sup, self.outputs, url, self._private_argv, guard.runtime_dir(os.environ))
+        address = brokerd.local_redis_address(url) or ("?", 0)
+        self.report(
+            Notice(
+                f"no broker answered at {address[0]}:{address[1]}: started a private redis-server "
+                f"(pid {pid}, no persistence) for this session; it stops on exit"
+            )
+        )
+        check_reachable(url)
 
     # -- sweep ---------------------------------------------------------------------------------------
     def sweep(self) -> None:
@@ -228,7 +301,9 @@ class Session:
         argv = spawn.worker_argv(self.s.app, w.role.worker, w.node)
         env = spawn.worker_env(self.s, w.node, procs.Identity.of_self(), self.broker_url, w.role.name)
         child = self.sup.start(w.child, argv, env, self.s.project_root)
-        log_path = self.outputs.attach(w.child, child, f"celery_{w.role.log_stem}_{os.getpid()}", label=w.node)
+        log_path = self.outputs.attach(
+            w.child, child, f"celery_{w.role.log_stem}_{os.getpid()}", label=w.node, hold_until=BANNER
+        )
         self.report(Spawned("worker", w.node, child.pid, log_path, tuple(argv)))
 
     def _stop_workers(self, workers: list[RoleWorker]) -> None:
@@ -253,7 +328,9 @@ class Session:
                 )
                 if self.sup.stop_requested:
                     return False
-                if not ok:
+                if ok:
+                    self.outputs.release(w.child)
+                else:
                     timed_out = self.sup.running(w.child)
                     status = self.sup.stop(w.child) if timed_out else self.sup.reap(w.child)
                     tail = list(self.outputs.detach(w.child))
@@ -410,10 +487,12 @@ def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None)
     with contextlib.ExitStack() as stack:
         sup = stack.enter_context(Supervisor(settings.stop_grace, lambda msg: report(Notice(msg))))
         session = Session(settings, report, sup, opts)
-        # Guard, broker check, sweep. A stop asked for meanwhile ends the launch before anything is spawned.
+        # Validate, guard, broker, sweep: nothing is stopped before everything that can fail was checked. A
+        # stop asked for meanwhile ends the launch before anything is spawned.
+        session.validate()
         session.take_locks(stack)
         if not sup.stop_requested:
-            session.connect_broker()
+            session.start_broker()
         if not sup.stop_requested:
             session.sweep()
         if sup.stop_requested:

@@ -25,13 +25,14 @@ class StopReport:
 
 
 def _project_launchers(settings: Settings) -> list[psutil.Process]:
-    """Live tlrun launchers of this project: lock holders, and launchers named by the project's processes."""
+    """Live tlrun launchers of this project: lock holders, launchers named by the project's processes, and
+    launchers running in the project's directory (one still starting has no lock record yet)."""
     identities: set[procs.Identity] = set()
     kinds = [r.lock_kind for r in settings.roles] + ([] if settings.role_filter else ["beat"])
     for kind in kinds:
         try:
             holder = guard.holder_identity(guard.read_record(guard.lock_path(settings.project_id, kind)))
-        except TlrunError:  # an unsafe runtime directory: no record to trust
+        except TlrunError:  # an unsafe lock directory: no record to trust
             holder = None
         if holder is not None:
             identities.add(holder)
@@ -45,6 +46,12 @@ def _project_launchers(settings: Settings) -> list[psutil.Process]:
             named = procs.Identity.decode(proc.launcher)
             if named is not None:
                 identities.add(named)
+    roles = None if settings.role_filter is None else [r.name for r in settings.roles]
+    running = procs.find_launchers(settings.project_root)
+    identities.update(
+        launcher.identity
+        for launcher in guard.competing_launchers(running, settings.app, roles, roles is None, settings.beat)
+    )
     found = {p.pid: p for p in map(signals.launcher_for, identities) if p is not None}
     return list(found.values())
 
@@ -112,7 +119,8 @@ def probe(settings: Settings, node: str, timeout: float, retries: int) -> Health
     started = time.monotonic()
     url = resolve_broker_url(settings)
     attempts = 0
-    with Broker(url) as broker:
+    # The probe's own deadline bounds the connection too: a hung broker must not hold a probe for 5 s.
+    with Broker(url, connect_timeout=timeout, socket_timeout=timeout) as broker:
         for attempts in range(1, retries + 2):
             try:
                 if node in broker.ping(destination=[node], timeout=timeout):

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from tlrun.config import ENV_GUARD, Settings
 from tlrun.errors import DOCTOR_WARNINGS_EXIT_CODE, AppImportError, BrokerError, DuplicateNodeError, TlrunError
-from tlrun.launch import guard, verify
+from tlrun.launch import guard, procs, verify
 from tlrun.launch.broker import Broker, load_app, resolve_broker_url
 from tlrun.launch.procs import Identity
 from tlrun.ops import inventory
@@ -78,6 +78,7 @@ _EXIT_BY_CODE = {
     "APP_IMPORT": AppImportError.exit_code,
     "DUPLICATE_NODE": DuplicateNodeError.exit_code,
     "ROLE_MISSING": DuplicateNodeError.exit_code,
+    "TWO_LAUNCHERS": DuplicateNodeError.exit_code,
     "STRAY_PROCESS": DuplicateNodeError.exit_code,
     "MULTIPLE_BEATS": DuplicateNodeError.exit_code,
 }
@@ -283,23 +284,33 @@ def _state_findings(settings: Settings) -> list[Finding]:
             )
         )
     for kind in [r.lock_kind for r in settings.all_roles] + ["beat"]:
+        # Read, never lock: a probe holding the lock, even briefly, would make a launch starting then fail.
         try:
-            path = guard.lock_path(settings.project_id, kind)
-            lock = guard.ProjectLock.try_acquire(path) if path.exists() else None
-        except TlrunError:  # an unsafe runtime directory: the launch path reports it
+            record = guard.read_record(guard.lock_path(settings.project_id, kind))
+        except TlrunError:  # an unsafe lock directory: the launch path reports it
             return found
-        if lock is None:
-            continue
-        record = guard.read_record(path)
-        lock.release()
-        if record:
+        holder = guard.holder_identity(record)
+        if record and holder is not None and not holder.is_alive():
             found.append(
                 Finding(
                     "STALE_LOCK",
                     "info",
                     f"the {kind} lock names pid {record.get('pid')}, which died without releasing it; "
-                    "the kernel already did (harmless, cleared now)",
+                    "the kernel already did (harmless: the next launch takes it)",
                     None,
+                )
+            )
+    launchers = procs.find_launchers(settings.project_root)
+    for role in settings.all_roles:
+        mine = guard.competing_launchers(launchers, settings.app, [role.name], False, settings.beat)
+        if len(mine) > 1:
+            found.append(
+                Finding(
+                    "TWO_LAUNCHERS",
+                    "error",
+                    f"{len(mine)} tlrun launchers run the {role.name} role of this project on this host "
+                    f"(pids {', '.join(str(m.identity.pid) for m in mine)}): each starts its own worker",
+                    "tlrun stop, then start one launcher",
                 )
             )
     return found

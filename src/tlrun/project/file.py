@@ -34,10 +34,12 @@ RESERVED_ROLE_NAMES = ("beat", "broker")
 Check = Callable[[Any], str | None]  # returns what was expected when the value is wrong, else None
 
 
-def _int(minimum: int) -> Check:
+def _int(minimum: int, maximum: int | None = None) -> Check:
     def check(value: Any) -> str | None:
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-        return None if ok else f"an integer of at least {minimum}"
+        ok = ok and (maximum is None or value <= maximum)
+        upto = f" and at most {maximum}" if maximum is not None else ""
+        return None if ok else f"an integer of at least {minimum}{upto}"
 
     return check
 
@@ -83,7 +85,7 @@ def _queues(value: Any) -> str | None:
 
 ROLE_KEYS: dict[str, Check] = {
     "queues": _queues,
-    "concurrency": _int(1),
+    "concurrency": _int(1, 10_000),
     "pool": _choice(POOLS),
     "loglevel": _choice(LOGLEVELS),
     "max_tasks_per_child": _int(1),

@@ -1,0 +1,111 @@
+"""Every bad input tlrun is tested with: the table `test_bad_input.py` runs and `docs/reliability.md` shows.
+
+python tests/bad_inputs.py   # print the Markdown table (docs/reliability.md, section "Bad input")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    args: tuple[str, ...]  # after `tlrun`; {app} is the project's app, {free} a free port
+    code: int
+    says: str  # a fragment of what tlrun prints on stderr
+    files: dict[str, str] = field(default_factory=dict)  # written into the project first
+    env: dict[str, str] = field(default_factory=dict)
+
+
+W = ("worker", "-A", "{app}")
+CASES = [
+    Case("unknown app module", ("worker", "-A", "no_such_module_xyz"), 4, "no module named 'no_such_module_xyz'"),
+    Case("app with a syntax error", ("worker", "-A", "synerr"), 4, "SyntaxError", {"synerr.py": "def broken(:\n"}),
+    Case(
+        "app raising at import (Celery's traceback only with -v)",
+        ("worker", "-A", "raiser"),
+        4,
+        "boom at import",
+        {"raiser.py": "raise RuntimeError('boom at import')\n"},
+    ),
+    Case("wrong broker scheme", (*W, "-b", "rediss-typo://127.0.0.1:1/0"), 5, "unsupported scheme"),
+    Case("unreachable broker", (*W, "-b", "redis://127.0.0.1:{free}/0"), 5, "did not answer"),
+    Case("an in-process broker (memory://)", (*W, "-b", "memory://"), 5, "lives inside one process"),
+    Case("malformed broker URL", (*W, "-b", "redis://[::1"), 2, "cannot be parsed"),
+    Case("empty -b", (*W, "-b", ""), 2, "-b/--broker is empty"),
+    Case(
+        "unencoded '#' in a password",
+        (*W, "-b", "redis://:pa#ss@127.0.0.1:1/0"),
+        2,
+        "must be percent-encoded",
+    ),
+    Case("malformed .env", W, 3, ".env:2: malformed line", {".env": "A=1\nthis line is wrong\n"}),
+    Case("NUL byte in .env", W, 3, ".env:2: NUL byte", {".env": "A=1\nB=\0\n"}),
+    Case(".env over 1 MiB", W, 3, "larger than 1024 KiB", {".env": "A=" + "x" * (1024 * 1024) + "\n"}),
+    Case("unknown option", (*W, "--bogus"), 2, "No such option '--bogus'"),
+    Case("unknown Celery option after --", (*W, "--", "--bogus"), 2, "celery worker refused its arguments"),
+    Case("zero concurrency", (*W, "--concurrency", "0"), 2, "--concurrency"),
+    Case("negative concurrency", (*W, "--concurrency", "-3"), 2, "--concurrency"),
+    Case("huge concurrency", (*W, "-c", "99999999999999999999"), 2, "--concurrency"),
+    Case("NaN grace period", (*W, "--grace", "nan"), 2, "'nan' is not a finite number"),
+    Case("infinite ping window", (*W, "--ping-window", "inf"), 2, "'inf' is not a finite number"),
+    Case("NaN grace for sweep", ("sweep", "-A", "{app}", "--grace", "nan"), 2, "'nan' is not a finite number"),
+    Case(
+        "NaN in the environment",
+        W,
+        3,
+        "TLRUN_STOP_GRACE='nan': expected a finite number",
+        env={"TLRUN_STOP_GRACE": "nan"},
+    ),
+    Case("NaN in .env", W, 3, "TLRUN_PING_WINDOW='NaN': expected a finite number", {".env": "TLRUN_PING_WINDOW=NaN\n"}),
+    Case(
+        "word in the environment",
+        W,
+        3,
+        "TLRUN_READY_TIMEOUT='soon': expected a number",
+        env={"TLRUN_READY_TIMEOUT": "soon"},
+    ),
+    Case("word for an integer", W, 3, "TLRUN_CONCURRENCY='abc': expected an integer", env={"TLRUN_CONCURRENCY": "abc"}),
+    Case("extremely long node prefix", (*W, "--node-prefix", "x" * 5000), 3, "node prefix"),
+    Case("node prefix with an @", (*W, "--node-prefix", "a@b"), 3, "node prefix"),
+    Case(
+        "log directory under a file",
+        (*W, "--log-dir", "not-a-dir/logs"),
+        12,
+        "cannot write the worker log",
+        {"not-a-dir": "a file"},
+    ),
+    Case(
+        "--textfile in a missing directory",
+        ("doctor", "-A", "{app}", "--textfile", "/missing/x.prom"),
+        2,
+        "does not exist",
+    ),
+    Case(
+        "a newline in the app name of a unit",
+        ("export", "systemd", "-A", "a\nExecStartPre=/bin/touch /tmp/pwned"),
+        3,
+        "is not a dotted module path",
+    ),
+    Case("a project file that is not TOML", W, 3, "TOML syntax error", {"pyproject.toml": "[tool.tlrun\n"}),
+    Case("an unknown project-file key", W, 3, "unknown key", {"pyproject.toml": "[tool.tlrun]\nap = 'x'\n"}),
+    Case("a role that does not exist", (*W, "--role", "nope"), 3, "no role named 'nope'"),
+]
+
+
+def shown(case: Case) -> str:
+    args = " ".join(a if len(a) < 40 else a[:12] + "..." for a in case.args).replace("\n", "\\n")
+    return f"tlrun {args}".replace("{app}", "APP").replace("{free}", "PORT").replace("|", "\\|")
+
+
+def table() -> str:
+    lines = ["| input | command | exit code | tlrun says (fragment) |", "|---|---|---|---|"]
+    for case in CASES:
+        says = case.says.replace("|", "\\|")
+        lines.append(f"| {case.name} | `{shown(case)}` | {case.code} | `{says}` |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(table(), end="")
