@@ -1,7 +1,8 @@
-"""A tiny Celery app for trying tlrun: `tlrun worker -A examples.app`.
+"""A tiny Celery app for trying tlrun: `scripts/example.sh`, then `scripts/example.sh send`.
 
 It uses the settings tlrun recommends against task loss (see README, "Recommended Celery settings").
-The broker comes from CELERY_BROKER_URL (tlrun passes it to the worker), else REDIS_URL, else local Redis.
+The broker comes from CELERY_BROKER_URL (tlrun passes it to the worker), else REDIS_URL, else local Redis;
+results go to the same Redis (CELERY_RESULT_BACKEND overrides), so `add.delay(2, 3).get()` works.
 """
 
 import os
@@ -9,9 +10,12 @@ import time
 
 from celery import Celery
 
-app = Celery("examples", broker=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+BROKER = os.environ.get("CELERY_BROKER_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+app = Celery("examples", broker=BROKER)
 app.conf.update(
-    result_backend=os.environ.get("CELERY_RESULT_BACKEND"),
+    result_backend=os.environ.get("CELERY_RESULT_BACKEND") or BROKER,
+    result_expires=3600,
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,

@@ -1,4 +1,5 @@
-# Sourced by the scripts: create .venv and install tlrun with its test tools when pyproject.toml changed.
+# Sourced by the scripts: create .venv and install tlrun with its test tools, at the versions of
+# requirements-dev.lock, whenever pyproject.toml or the lock changed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
@@ -6,10 +7,20 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.tlrun-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements-dev.lock | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[test]"
+  .venv/bin/python -m pip install --quiet -c requirements-dev.lock -e ".[test]"
+  # The environment must be exactly the lock: a dependency added to pyproject.toml without scripts/lock.sh,
+  # or a package left over in an old .venv, would test versions nobody locked.
+  installed=$(.venv/bin/python -m pip freeze --exclude-editable 2>/dev/null | grep -v -i '^tlrun' | LC_ALL=C sort -f)
+  locked=$(grep -v '^#' requirements-dev.lock)
+  if [ "$installed" != "$locked" ]; then
+    echo "The environment differs from requirements-dev.lock (< installed, > locked):" >&2
+    diff <(echo "$installed") <(echo "$locked") >&2 || true
+    echo "After changing dependencies run scripts/lock.sh; for a stale .venv: rm -rf .venv" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 if ! command -v redis-server >/dev/null 2>&1; then

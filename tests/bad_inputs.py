@@ -20,7 +20,12 @@ class Case:
 
 W = ("worker", "-A", "{app}")
 CASES = [
-    Case("unknown app module", ("worker", "-A", "no_such_module_xyz"), 4, "no module named 'no_such_module_xyz'"),
+    Case(
+        "unknown app module (or the wrong directory)",
+        ("worker", "-A", "no_such_module_xyz"),
+        4,
+        "no module named 'no_such_module_xyz' in the project root",
+    ),
     Case("app with a syntax error", ("worker", "-A", "synerr"), 4, "SyntaxError", {"synerr.py": "def broken(:\n"}),
     Case(
         "app raising at import (Celery's traceback only with -v)",
@@ -30,7 +35,7 @@ CASES = [
         {"raiser.py": "raise RuntimeError('boom at import')\n"},
     ),
     Case("wrong broker scheme", (*W, "-b", "rediss-typo://127.0.0.1:1/0"), 5, "unsupported scheme"),
-    Case("unreachable broker", (*W, "-b", "redis://127.0.0.1:{free}/0"), 5, "did not answer"),
+    Case("unreachable broker (nothing listens)", (*W, "-b", "redis://127.0.0.1:{free}/0"), 5, "refused the connection"),
     Case("an in-process broker (memory://)", (*W, "-b", "memory://"), 5, "lives inside one process"),
     Case("malformed broker URL", (*W, "-b", "redis://[::1"), 2, "cannot be parsed"),
     Case("empty -b", (*W, "-b", ""), 2, "-b/--broker is empty"),

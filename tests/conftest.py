@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,3 +54,32 @@ def _no_inherited_guard(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith(("TL_CELERY", "TLRUN_")):
             monkeypatch.delenv(key)
+
+
+def _rabbit_available() -> bool:
+    if shutil.which("rabbitmqctl") is None:
+        return False
+    try:
+        socket.create_connection(("127.0.0.1", 5672), 0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def amqp_vhost() -> Iterator[str]:
+    """A vhost of its own on the local RabbitMQ, so no other worker can answer our pings."""
+    if not _rabbit_available():
+        pytest.skip("no RabbitMQ on 127.0.0.1:5672")
+    vhost = f"tlrun-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    try:
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=60)

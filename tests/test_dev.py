@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -11,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Launched, Project, free_port, gone, send_task, wait_for
+from helpers import Launched, Project, RedisServer, free_port, gone, send_task, wait_for
 from tlrun.config import project_id
 from tlrun.launch import procs
 
@@ -52,6 +56,7 @@ def tick():
 """
 
 READY = r"tlrun: \d+ workers? ready: (\S+) \(pid (\d+)\)"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_app(project: Project, value: int | str) -> None:
@@ -91,11 +96,19 @@ def test_dev_starts_a_private_broker_when_none_answers(tmp_path: Path) -> None:
 
 def test_debug_mode_runs_tasks_in_the_launcher_and_never_kills_a_busy_worker(dev_project: Project) -> None:
     # A long task waits in the queue: the solo worker takes it at once and cannot answer pings meanwhile.
-    busy = send_task(dev_project.broker_url, f"{dev_project.app}.sleep", 4)
+    busy = send_task(dev_project.broker_url, f"{dev_project.app}.sleep", 8)
     launched = dev(dev_project, "--debug", "--ready-timeout", "1")
-    launched.wait_output(r"debug mode: worker \S+ runs in this process", 30)
+    node = launched.wait_output(r"debug mode: worker (\S+) runs in this process", 30).group(1)
     launched.wait_output(r"has not answered a ping within 1 s \(paused in the debugger\? tlrun leaves it alone\)")
-    assert busy.get(timeout=30) == 4
+    # While the task blocks the solo pool, the in-process worker is found like any other.
+    health = dev_project.run("health", "-A", dev_project.app, "--timeout", "0.3", "--retries", "0")
+    assert health.returncode == 14 and "tlrun dev --debug" in health.stdout, health.stdout + health.stderr
+    rows = json.loads(dev_project.run("ps", "-A", dev_project.app, "--json").stdout)
+    assert [(r["pid"], r["kind"], r["role"], r["node"]) for r in rows] == [(launched.pid, "worker", "default", node)]
+    report = json.loads(dev_project.run("doctor", "-A", dev_project.app, "--json", "--ping-window", "0.3").stdout)
+    codes = {f["code"] for f in report["findings"]}
+    assert "NO_WORKERS" not in codes and "SILENT_WORKER" in codes and "STRAY_PROCESS" not in codes
+    assert busy.get(timeout=30) == 8
     assert call(dev_project, "whoami") == launched.pid
     assert launched.proc.poll() is None
     launched.send(signal.SIGINT)
@@ -221,6 +234,50 @@ def test_ide_configurations(project: Project) -> None:
     assert entries["tlrun dev"]["module"] == "tlrun" and entries["tlrun dev"]["args"] == ["dev", "-A", project.app]
     assert entries["tlrun dev (debug)"]["args"][-1] == "--debug"
     assert entries["tlrun dev"]["cwd"] == "${workspaceFolder}"
-    launch.write_text("// a comment\n" + launch.read_text())
+    # VS Code's own format has comments and trailing commas: refused without --force, merged with it.
+    jsonc = """// my launch configurations
+{
+  "version": "0.2.0",
+  "configurations": [
+    /* mine */ {"name": "my own", "type": "debugpy", "request": "launch", "program": "x.py",},
+    {"name": "another", "type": "debugpy", "request": "launch", "module": "y"},
+  ],
+}
+"""
+    launch.write_text(jsonc)
     refused = project.run("ide", "vscode", "-A", project.app)
-    assert refused.returncode == 3 and "not plain JSON" in refused.stderr
+    assert refused.returncode == 3 and "has comments" in refused.stderr
+    assert launch.read_text() == jsonc
+    forced = project.run("ide", "vscode", "-A", project.app, "--force")
+    assert forced.returncode == 0 and "merged (its comments were dropped)" in forced.stdout, forced.stdout
+    names = [c["name"] for c in json.loads(launch.read_text())["configurations"]]
+    assert names == ["my own", "another", "tlrun dev", "tlrun dev (debug)"]
+    launch.write_text("{ this is not json")
+    replaced = project.run("ide", "vscode", "-A", project.app, "--force")
+    assert "replaced (it was not JSON)" in replaced.stdout and "merged" not in replaced.stdout
+
+
+def test_quick_start_reaches_a_task_result(tmp_path: Path, redis_server: RedisServer) -> None:
+    """The README's quick start on a copy of the example (on this test's own Redis): tlrun dev with no
+    arguments, `python -m examples.send` prints add(2, 3) = 5, and logs and stop need no -A either."""
+    proj = Project(tmp_path / "projects", redis_server.url(), write_app=False)
+    shutil.copytree(ROOT / "examples", proj.root / "examples", ignore=shutil.ignore_patterns("__pycache__"))
+    example_env = (ROOT / ".env.example").read_text().replace("redis://127.0.0.1:6379/0", redis_server.url())
+    (proj.root / ".env").write_text(example_env)
+    env = proj.env()
+    env.pop("CELERY_BROKER_URL")  # from .env, as on a laptop
+    try:
+        launched = proj.launch(command="dev", env=env, app_arg=False)
+        launched.wait_output(READY, 60)
+        sent = subprocess.run(
+            [sys.executable, "-m", "examples.send"], cwd=proj.root, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert sent.returncode == 0 and re.match(r"add\(2, 3\) = 5 \(task \S+\)", sent.stdout), (
+            sent.stdout + sent.stderr
+        )
+        logs = proj.run("logs", env=env)
+        assert logs.returncode == 0 and "ready." in logs.stdout
+        stop = proj.run("stop", env=env)
+        assert stop.returncode == 0 and launched.wait(30) == 0
+    finally:
+        proj.cleanup()

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,9 @@ from helpers import PY, Launched, Project, free_port, gone, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 HOST = socket.gethostname()
-SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "docs" / "doctor.schema.json").read_text())
+SCHEMA = json.loads(
+    (Path(__file__).resolve().parent.parent / "src" / "tlrun" / "ops" / "doctor.schema.json").read_text()
+)
 READY = r"tlrun: \d+ workers? ready: (\S+) \(pid (\d+)\)"
 
 
@@ -217,35 +216,6 @@ def test_logs_list_show_and_follow(project: Project) -> None:
 
 
 # -- RabbitMQ --------------------------------------------------------------------------------------------
-
-
-def _rabbit_available() -> bool:
-    if shutil.which("rabbitmqctl") is None:
-        return False
-    try:
-        socket.create_connection(("127.0.0.1", 5672), 0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def amqp_vhost() -> Iterator[str]:
-    """A vhost of its own on the local RabbitMQ, so no other worker can answer our pings."""
-    if not _rabbit_available():
-        pytest.skip("no RabbitMQ on 127.0.0.1:5672")
-    vhost = f"tlrun-test-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["rabbitmqctl", "add_vhost", vhost], check=True, capture_output=True, timeout=60)
-    subprocess.run(
-        ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    try:
-        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    finally:
-        subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=60)
 
 
 def test_doctor_stop_health_and_worker_over_amqp(tmp_path: Path, amqp_vhost: str) -> None:

@@ -335,3 +335,27 @@ def test_masking_stream_masks_registered_secrets() -> None:
     out = io.StringIO()
     redact.MaskingStream(out).write("tlrun: error: refused r3gistered\n")  # type: ignore[arg-type]
     assert out.getvalue() == "tlrun: error: refused ***\n"
+
+
+def test_old_log_files_are_pruned_by_kind(tmp_path: Path) -> None:
+    import time as _time
+
+    from tlrun.launch.logfiles import prune
+
+    for pid in range(100, 115):
+        (tmp_path / f"redis_{pid}.log").write_text("x")
+        os.utime(tmp_path / f"redis_{pid}.log", (_time.time() + pid, _time.time() + pid))
+    (tmp_path / "redis_100.log.1").write_text("rotated")
+    (tmp_path / "celery_worker_1.log").write_text("another kind")
+    (tmp_path / "redis_notes.txt").write_text("not ours")
+    removed = prune(tmp_path, "redis_999", keep=4)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [
+        "celery_worker_1.log",
+        "redis_111.log",
+        "redis_112.log",
+        "redis_113.log",
+        "redis_114.log",
+        "redis_notes.txt",
+    ]
+    assert tmp_path / "redis_100.log.1" in removed

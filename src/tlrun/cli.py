@@ -95,7 +95,9 @@ def project_options(func: F) -> F:
             type=click.Path(file_okay=False, path_type=Path),
             help="Project root (default: the current directory); its .env is read.",
         ),
-        click.option("--grace", "stop_grace", type=Seconds(min=0), help="Stop grace period, seconds (30)."),
+        click.option(
+            "--grace", "stop_grace", type=Seconds(min=0), show_default="30", help="Stop grace period, seconds."
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -122,11 +124,26 @@ def worker_options(func: F) -> F:
     """The options of every command that starts a worker (worker, dev)."""
     options = [
         ROLE_OPTION,
-        click.option("--node-prefix", help="Node name prefix: <prefix><pid>@<host> (default api, or the role's name)."),
-        click.option("--log-dir", type=click.Path(file_okay=False), help="Worker log directory (default logs/)."),
-        click.option("--expected", "expected_workers", type=click.IntRange(min=1), help="Workers expected (1)."),
-        click.option("--ready-timeout", type=Seconds(min=0.5), help="Seconds to wait for the first pong."),
-        click.option("--ping-window", type=Seconds(min=0.1), help="Reply window of the census ping (1.0)."),
+        click.option(
+            "--node-prefix", show_default="api, or the role's name", help="Node name prefix: <prefix><pid>@<host>."
+        ),
+        click.option("--log-dir", type=click.Path(file_okay=False), show_default="logs", help="Worker log directory."),
+        click.option(
+            "--expected",
+            "expected_workers",
+            type=click.IntRange(min=1),
+            show_default="1 per role",
+            help="Workers expected to answer on the broker.",
+        ),
+        click.option(
+            "--ready-timeout", type=Seconds(min=0.5), show_default="30", help="Seconds to wait for the first pong."
+        ),
+        click.option(
+            "--ping-window",
+            type=Seconds(min=0.1),
+            show_default="1.0; dev 0.5",
+            help="Reply window of the census ping, seconds.",
+        ),
         click.option("--strict", is_flag=True, default=None, help="Fail unless exactly the expected workers answer."),
         click.option("--no-sweep", "sweep", flag_value=False, default=None, help="Do not stop stray workers first."),
         click.option("--replace", is_flag=True, default=None, help="Stop this project's launcher and take over."),
@@ -380,7 +397,8 @@ def _emit_json(data: Any) -> None:
 @project_options
 @click.option("--expected", "expected_workers", type=click.IntRange(min=1), help="Workers expected (1).")
 @click.option("--ping-window", type=Seconds(min=0.1), help="Reply window of the census ping (1.0).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable report (schema: docs/doctor.schema.json).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report (schema: tlrun doctor --schema).")
+@click.option("--schema", is_flag=True, help="Print the JSON Schema of the --json report and exit.")
 @click.option(
     "--format",
     "fmt",
@@ -397,7 +415,9 @@ def _emit_json(data: Any) -> None:
 @click.option("--fix", is_flag=True, help="Stop local strays and duplicates of this project (stop ladder).")
 @click.option("--remote", is_flag=True, help="With --fix: also ask remote duplicate nodes to shut down.")
 @handle_errors
-def doctor(as_json: bool, fmt: str | None, textfile: Path | None, fix: bool, remote: bool, **params: Any) -> None:
+def doctor(
+    as_json: bool, schema: bool, fmt: str | None, textfile: Path | None, fix: bool, remote: bool, **params: Any
+) -> None:
     """Find duplicates, strays and risky settings, locally and on the broker.
 
     Exit codes: 0 healthy, 13 warnings only, 9 duplicates or strays, 5 broker unreachable, 4 app does not
@@ -407,6 +427,11 @@ def doctor(as_json: bool, fmt: str | None, textfile: Path | None, fix: bool, rem
     from tlrun.ops import doctor as doctor_mod
     from tlrun.render import doctor_report
 
+    if schema:
+        from importlib.resources import files
+
+        click.echo(files("tlrun.ops").joinpath("doctor.schema.json").read_text(encoding="utf-8"), nl=False)
+        return
     if remote and not fix:
         raise click.UsageError("--remote goes with --fix")
     settings = _settings(params)
@@ -588,6 +613,10 @@ def export_cmd(kind: str, beat: bool | None, user: str | None, output: Path | No
     spec = export.spec_for(
         settings, beat=settings.beat if beat is None else beat, user=user, pass_log_dir=log_dir is not None
     )
+    if kind == "supervisor":  # supervisord refuses a program whose stdout_logfile's directory is missing
+        from tlrun.launch.logfiles import check_log_dir
+
+        check_log_dir(settings.log_dir)
     files = export.RENDERERS[kind](spec)
     for name, text in files.items():
         if output is None:

@@ -157,18 +157,25 @@ def ps_table(rows: list[LocalProcess]) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in (header, *body)]
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def doctor_report(report: DoctorReport) -> list[str]:
     problems = [f for f in report.findings if f.severity in ("error", "warning")]
     notes = len(report.findings) - len(problems)
     answering = sum(n.replies for n in report.nodes)
     if not problems:
         names = ", ".join(n.name for n in report.nodes) or "none"
-        extra = f"; {notes} note(s) in --json" if notes else ""
+        extra = f"; {_plural(notes, 'note')} in --json" if notes else ""
         return [
             f"tlrun doctor: healthy: {answering} worker(s) answer ({names}), no strays, {report.seconds:.1f} s{extra}"
         ]
-    lines = [f"tlrun doctor: {report.status}: {len(problems)} problem(s) for app {report.app} in {report.project_root}"]
-    lines.append(f"  broker {report.broker_url}: " + ("reachable" if report.broker_reachable else "UNREACHABLE"))
+    counted = _plural(len(problems), "problem") + (f", {_plural(notes, 'note')}" if notes else "")
+    lines = [f"tlrun doctor: {report.status}: {counted} for app {report.app} in {report.project_root}"]
+    checked = report.broker_connect_s is not None or any(f.code == "BROKER_UNREACHABLE" for f in report.findings)
+    state = "reachable" if report.broker_reachable else "UNREACHABLE" if checked else "not checked"
+    lines.append(f"  broker {report.broker_url}: {state}")
     for node in report.nodes:
         pids = f", pid {', '.join(map(str, node.local_pids))}" if node.local_pids else ""
         # The node name decides: a name naming another host is remote, even if a process here carries it.

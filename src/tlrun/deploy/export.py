@@ -150,7 +150,9 @@ directory={spec.project_root}
 ; tlrun restarts a crashed worker itself; supervisord restarts tlrun, except when tlrun gave up (exit 16).
 autorestart=unexpected
 exitcodes=0,{RestartGiveUpError.exit_code}
-startsecs=5
+; tlrun gives up (16) only after a worker was ready: longer than startsecs, so 16 is final, while
+; an immediate failure (a configuration error) still counts as a failed start and is retried startretries times.
+startsecs=1
 ; SIGTERM to tlrun only: stopasgroup=true would send it to the prefork pool children, which die mid-task
 ; (WorkerLostError). killasgroup=true: after stopwaitsecs, SIGKILL reaches the whole group.
 stopsignal=TERM

@@ -102,24 +102,48 @@ def write_pycharm(root: Path, app: str, force: bool = False) -> list[Written]:
     return results
 
 
+def _load_launch_json(path: Path, text: str, force: bool) -> tuple[dict[str, object], str]:
+    """(document, how) for an existing launch.json: plain JSON; JSON with comments or trailing commas (VS
+    Code's own JSONC, read with json5), merged only with --force because rewriting it drops the comments;
+    anything else replaced only with --force."""
+    try:
+        return _checked(json.loads(text)), "merged"
+    except ValueError:
+        pass
+    import json5
+
+    try:
+        document = _checked(json5.loads(text))
+    except ValueError as exc:
+        if not force:
+            raise ConfigError(
+                f"{path} is not JSON ({exc}); tlrun will not rewrite it",
+                hint="fix it, add the two entries by hand (README, IDE section), or use --force to replace it",
+            ) from None
+        return {"version": "0.2.0", "configurations": []}, "replaced (it was not JSON)"
+    if not force:
+        raise ConfigError(
+            f"{path} has comments, which rewriting it would drop; tlrun will not rewrite it",
+            hint="add the two entries by hand, or use --force to merge them (your entries stay, comments go)",
+        )
+    return document, "merged (its comments were dropped)"
+
+
+def _checked(loaded: object) -> dict[str, object]:
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("configurations", []), list):
+        raise ValueError("no configurations list")
+    return loaded
+
+
 def write_vscode(root: Path, app: str, force: bool = False) -> list[Written]:
     path = root / ".vscode" / "launch.json"
-    document: dict[str, object] = {"version": "0.2.0", "configurations": []}
     text = _read(path)
+    document: dict[str, object] = {"version": "0.2.0", "configurations": []}
+    how = "merged"
     if text is not None:
-        try:
-            loaded = json.loads(text)
-            if not isinstance(loaded, dict) or not isinstance(loaded.get("configurations", []), list):
-                raise ValueError("no configurations list")
-            document = loaded
-        except ValueError as exc:
-            if not force:
-                raise ConfigError(
-                    f"{path} is not plain JSON ({exc}); tlrun will not rewrite it",
-                    hint="add the two entries by hand (README, IDE section), or use --force to replace the file",
-                ) from None
+        document, how = _load_launch_json(path, text, force)
     configurations: list[dict[str, object]] = list(document.get("configurations", []))  # type: ignore[call-overload]
-    changed, kept = False, False
+    changed, kept = how != "merged", False
     for name, extra in CONFIGS:
         entry = vscode_entry(name, app, extra)
         existing = next(
@@ -138,4 +162,4 @@ def write_vscode(root: Path, app: str, force: bool = False) -> list[Written]:
     if not changed:
         return [Written(path, "kept (edited; --force to overwrite)" if kept else "unchanged")]
     result = _write_if_safe(path, json.dumps(document, indent=2) + "\n", force=True)
-    return [Written(path, "merged" if result.action == "updated" else result.action)]
+    return [Written(path, how if result.action == "updated" else result.action)]

@@ -134,6 +134,11 @@ class Broker:
                 f"broker {redact_url(url)} refused the credentials: {reason}",
                 hint="check the user and password in CELERY_BROKER_URL (or REDIS_URL)",
             )
+        if isinstance(exc, ConnectionRefusedError) or "refused" in reason.lower():
+            return BrokerError(
+                f"broker {redact_url(url)} refused the connection (nothing listens there): {reason}",
+                hint="is the broker running? check the host and port in CELERY_BROKER_URL (or REDIS_URL)",
+            )
         return BrokerError(
             f"broker {redact_url(url)} did not answer after {waited:.1f} s: {reason}",
             hint="is the broker running? check CELERY_BROKER_URL (or REDIS_URL) and its password",

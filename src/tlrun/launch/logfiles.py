@@ -6,6 +6,7 @@ import errno
 import logging
 import logging.handlers
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -73,8 +74,39 @@ def check_log_dir(log_dir: Path) -> None:
         raise LogError(f"cannot write the worker log in {log_dir}: Permission denied", hint=hint)
 
 
+KEEP_LAUNCHES = 10  # log files of each kind kept: the newest launches'
+
+
+def prune(log_dir: Path, stem: str, keep: int = KEEP_LAUNCHES) -> list[Path]:
+    """Remove the log files of older launches of the same kind as `stem` (`celery_worker_4242` ->
+    `celery_worker_<pid>.log` and its rotations), keeping the newest `keep` launches. Only names tlrun
+    writes are touched. Returns what was removed."""
+    kind = stem.rsplit("_", 1)[0]
+    pattern = re.compile(rf"^{re.escape(kind)}_(\d+)\.log(\.\d+)?$")
+    launches: dict[str, list[Path]] = {}
+    try:
+        entries = list(os.scandir(log_dir))
+    except OSError:
+        return []
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match and entry.is_file(follow_symlinks=False):
+            launches.setdefault(match.group(1), []).append(Path(entry.path))
+    newest = sorted(launches, key=lambda pid: max(p.stat().st_mtime for p in launches[pid]), reverse=True)
+    removed = []
+    for pid in newest[keep:]:
+        for path in launches[pid]:
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
 def open_log(log_dir: Path, stem: str) -> WorkerLog:
     check_log_dir(log_dir)
+    prune(log_dir, stem, KEEP_LAUNCHES - 1)  # with this launch's file: KEEP_LAUNCHES
     path = log_dir / f"{stem}.log"
     try:
         log = WorkerLog(path)

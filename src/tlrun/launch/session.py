@@ -237,6 +237,12 @@ class Session:
             self.s.project_root, self.s.app, roles if self.workers else [], self.opts.beat, self.s.beat, what
         )
 
+    def mark_in_process(self, node: str) -> None:
+        """Debug mode: this process is the worker. Its lock records say so, so that ps, health and doctor
+        find it (no `celery worker` command line shows it in the process table)."""
+        for w in self.workers:
+            self._update_record(w.lock_kind, node=node, worker_pid=os.getpid(), in_process=True)
+
     def _update_record(self, kind: str, **fields: Any) -> None:
         if kind in self._locks:
             lock, record = self._locks[kind]
@@ -503,6 +509,7 @@ def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None)
             if opts.beat:  # beat stays a supervised child; the worker runs here, in the debugger's process
                 session.start_beat()
             node = session.workers[0].node if len(session.workers) == 1 else debug.node_for_roles(session.hostname)
+            session.mark_in_process(node)
             return debug.run_in_process(settings, report, node, session.broker_url)
         if opts.reload:
             session.watcher = Watcher(settings.project_root, [settings.log_dir]).start()

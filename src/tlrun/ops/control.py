@@ -13,6 +13,7 @@ from tlrun.config import Settings
 from tlrun.errors import BrokerError, ConfigError, TlrunError
 from tlrun.launch import guard, procs, signals, sweep
 from tlrun.launch.broker import Broker, resolve_broker_url
+from tlrun.ops import inventory
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,17 @@ def probe(settings: Settings, node: str, timeout: float, retries: int) -> Health
             except BrokerError as exc:
                 return Health(node, "unknown", f"broker unreachable: {exc}", attempts, time.monotonic() - started)
     # No answer. A local process with that name may be stopped or busy (a solo pool running a task, a
-    # debugger): that is not the same as dead.
+    # debugger): that is not the same as dead. A debug-mode worker is its launcher itself.
+    for row in inventory.in_process_workers(settings):
+        if row.node == node:
+            return Health(
+                node,
+                "unknown",
+                f"pid {row.pid} (tlrun dev --debug: the worker runs in the launcher) exists here but did not "
+                "answer: busy with a task or paused in the debugger",
+                attempts,
+                time.monotonic() - started,
+            )
     for proc in procs.scan(("worker",)):
         if proc.node == node:
             try:

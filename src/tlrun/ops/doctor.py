@@ -385,10 +385,22 @@ def diagnose(settings: Settings) -> DoctorReport:
         )
     if reachable and settings.declared_roles:
         findings.extend(role_findings(settings, nodes, queues.result() if queues is not None else []))
-    elif reachable and answering == 0:
+    elif reachable and answering == 0 and not any(p.kind == "worker" for p in local):
         findings.append(
             Finding("NO_WORKERS", "warning", "no worker answers on this broker: tasks will wait", "tlrun worker")
         )
+    answered = {n.name for n in nodes}
+    for proc in local:
+        if reachable and proc.kind == "worker" and proc.node and proc.node not in answered and proc.state != "stopped":
+            findings.append(
+                Finding(
+                    "SILENT_WORKER",
+                    "info",
+                    f"worker pid {proc.pid} ({proc.node}) runs here but did not answer the ping: busy (a solo "
+                    "pool running a task) or paused in a debugger",
+                    None,
+                )
+            )
     for proc in local:
         if proc.stray:
             findings.append(
@@ -423,7 +435,9 @@ def diagnose(settings: Settings) -> DoctorReport:
             )
     findings.extend(_state_findings(settings))
     if app is not None:
-        findings.extend(config_findings(app.conf, broker_url, os.geteuid() == 0))
+        # Root matters only for workers that run: they get tlrun's user.
+        workers_here = any(p.kind == "worker" for p in local)
+        findings.extend(config_findings(app.conf, broker_url, os.geteuid() == 0 and workers_here))
     exit_code, status = exit_code_for(findings)
     return DoctorReport(
         project_root=str(settings.project_root),

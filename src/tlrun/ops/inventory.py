@@ -12,7 +12,8 @@ from typing import Any
 import psutil
 
 from tlrun.config import Settings
-from tlrun.launch import procs
+from tlrun.errors import TlrunError
+from tlrun.launch import guard, procs
 
 
 @dataclass(frozen=True)
@@ -92,4 +93,52 @@ def local_processes(
                 stray=is_project and launcher is None,
             )
         )
+    if settings is not None:
+        seen = {row.pid for row in out}
+        out += [row for row in in_process_workers(settings) if row.pid not in seen]
     return sorted(out, key=lambda p: (p.kind, p.role or "", p.pid))
+
+
+def in_process_workers(settings: Settings) -> list[LocalProcess]:
+    """Workers that run inside their launcher (`tlrun dev --debug`), from the project's lock records: the
+    process table shows them only as `python -m tlrun dev`."""
+    by_pid: dict[int, tuple[dict[str, object], list[str]]] = {}
+    for role in settings.all_roles:
+        try:
+            record = guard.read_record(guard.lock_path(settings.project_id, role.lock_kind))
+        except TlrunError:
+            continue
+        holder = guard.holder_identity(record)
+        if record and record.get("in_process") and holder is not None and holder.is_alive():
+            by_pid.setdefault(holder.pid, (record, []))[1].append(role.name)
+    rows = []
+    now = time.time()
+    for pid, (record, roles) in by_pid.items():
+        state, rss, cpu, _ = _stats(pid)
+        rows.append(
+            LocalProcess(
+                pid=pid,
+                ppid=_ppid(pid),
+                kind="worker",
+                role=",".join(roles),
+                node=str(record.get("node") or "") or None,
+                app=settings.app,
+                cwd=str(settings.project_root),
+                state=state,
+                uptime_s=round(now - float(str(record.get("create_time", now))), 1),
+                rss_bytes=rss,
+                cpu_s=round(cpu, 2),
+                pool_children=0,
+                launcher_pid=pid,
+                project=True,
+                stray=False,
+            )
+        )
+    return rows
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
+        return 0

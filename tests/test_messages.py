@@ -1,0 +1,54 @@
+"""What a new user reads: messages that say what happened, in words that match it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from helpers import Project
+
+pytestmark = pytest.mark.timeout(120)
+READY = r"tlrun: \d+ workers? ready"
+
+
+def test_doctor_outside_the_project_does_not_claim_an_unreachable_broker(project: Project) -> None:
+    env = project.env()
+    env.pop("CELERY_BROKER_URL")
+    result = project.run("doctor", "-A", "examples.app", env=env)
+    assert result.returncode == 4
+    assert "No module named 'examples' (modules are looked up in the project root" in result.stdout, result.stdout
+    assert "not checked" in result.stdout and "UNREACHABLE" not in result.stdout, result.stdout
+
+
+def test_doctor_counts_problems_and_notes_apart(project: Project) -> None:
+    (project.root / f"{project.app}.py").write_text("from celery import Celery\n\napp = Celery('bare')\n")
+    result = project.run("doctor", "-A", project.app, "--ping-window", "0.3")
+    lines = result.stdout.splitlines()
+    problems = sum(1 for line in lines if re.match(r"\s+(ERROR|WARNING)\s", line))
+    notes = sum(1 for line in lines if re.match(r"\s+INFO\s", line))
+    assert problems and notes, result.stdout
+    counted = f"{problems} problem{'s' if problems != 1 else ''}, {notes} note{'s' if notes != 1 else ''}"
+    assert f": {counted} for app" in lines[0], lines[0]
+    # Nothing runs: being root is no risk yet, so it is not reported.
+    report = json.loads(project.run("doctor", "-A", project.app, "--json", "--ping-window", "0.3").stdout)
+    assert "RUNNING_AS_ROOT" not in {f["code"] for f in report["findings"]}
+
+
+def test_a_refused_second_beat_names_no_node(project: Project) -> None:
+    beat = project.launch(command="beat")
+    beat.wait_output(r"starting beat \(pid \d+\)", 30)
+    second = project.run("beat", "-A", project.app)
+    assert second.returncode == 6 and f"pid {beat.pid}" in second.stderr
+    assert "node" not in second.stderr, second.stderr
+
+
+def test_help_shows_the_defaults() -> None:
+    from click.testing import CliRunner
+
+    from tlrun.cli import cli
+
+    text = CliRunner().invoke(cli, ["worker", "--help"]).output
+    for option, default in [("--grace", "30"), ("--ready-timeout", "30"), ("--ping-window", "1.0; dev 0.5")]:
+        assert re.search(rf"{re.escape(option)} .*?\[default: \(?{re.escape(default)}", " ".join(text.split())), option
