@@ -110,8 +110,11 @@ def test_doctor_reports_remote_worker(project: Project) -> None:
         _, data = doctor(project)
         node = next(n for n in data["nodes"] if n["name"] == "w1@build-box-7")
         assert node["this_host"] is False and node["host"] == "build-box-7"
+        # With a problem (here: more workers than expected), each node is listed, with where it runs.
+        extra = project.hand_worker("w2@build-box-8", cwd=other.root)
+        extra.wait_output("ready", 30)
         human = project.run("doctor", "-A", project.app, timeout=60)
-        assert f"node w1@build-box-7 (remote host build-box-7, pid {remote.pid})" in human.stdout
+        assert f"node w1@build-box-7 (remote host build-box-7, pid {remote.pid})" in human.stdout, human.stdout
     finally:
         other.cleanup()
 

@@ -232,7 +232,7 @@ def test_broker_down_fails_fast(project: Project) -> None:
     result = project.run("worker", "-A", project.app, "-b", url, timeout=30)
     elapsed = time.monotonic() - t0
     assert result.returncode == 5
-    assert "did not answer" in result.stderr and ":***@127.0.0.1" in result.stderr
+    assert "refused the connection" in result.stderr and ":***@127.0.0.1" in result.stderr
     assert "hunter22" not in result.stdout + result.stderr
     assert elapsed < 10
 

@@ -183,6 +183,11 @@ def _launch(params: dict[str, Any], ping_window_default: float = 1.0, **opts: An
 @worker_options
 @click.option("--restart", is_flag=True, help="Restart the worker when it crashes, with exponential backoff.")
 @click.option(
+    "--fast-stop",
+    is_flag=True,
+    help="Stop an idle worker by draining it through the broker, then killing it (skips worker_shutdown hooks).",
+)
+@click.option(
     "--restart-delay",
     type=Seconds(min=0),
     default=1.0,
@@ -219,6 +224,7 @@ def _launch(params: dict[str, Any], ping_window_default: float = 1.0, **opts: An
 )
 @handle_errors
 def worker(
+    fast_stop: bool,
     restart: bool,
     restart_delay: float,
     restart_max_delay: float,
@@ -245,7 +251,7 @@ def worker(
     policy = None
     if restart:
         policy = RestartSettings(restart_delay, restart_max_delay, give_up_crashes, give_up_window, max_restarts)
-    _launch(params, restart=policy)
+    _launch(params, restart=policy, fast_stop=fast_stop)
 
 
 @cli.command()
@@ -265,8 +271,22 @@ def worker(
 )
 @click.option("--no-broker", is_flag=True, help="Never start a private redis-server.")
 @click.option("--chatter", is_flag=True, help="Keep Celery's mingle and gossip (off in dev for a faster start).")
+@click.option(
+    "--fast-stop/--no-fast-stop",
+    default=True,
+    show_default=True,
+    help="Stop (and reload) an idle worker by draining it through the broker, then killing it.",
+)
 @handle_errors
-def dev(debug: bool | None, reload: bool, beat: bool | None, no_broker: bool, chatter: bool, **params: Any) -> None:
+def dev(
+    debug: bool | None,
+    reload: bool,
+    beat: bool | None,
+    no_broker: bool,
+    chatter: bool,
+    fast_stop: bool,
+    **params: Any,
+) -> None:
     """The daily launcher: every role of the project (and beat) with development defaults.
 
     Faster start (no mingle, no gossip), readable coloured output, a private redis-server when no broker
@@ -284,7 +304,16 @@ def dev(debug: bool | None, reload: bool, beat: bool | None, no_broker: bool, ch
         raise click.UsageError("--debug and --reload do not go together: the debugger owns the process")
     params["extra"] = dev_extra(params.get("extra") or (), chatter)
     # One developer, a local broker: replies come within milliseconds, so a half-second census will do.
-    _launch(params, 0.5, reload=reload, beat=beat, managed_broker=not no_broker, debug=bool(debug))
+    _launch(
+        params,
+        0.5,
+        reload=reload,
+        beat=beat,
+        managed_broker=not no_broker,
+        debug=bool(debug),
+        fast_stop=fast_stop and not debug,
+        dev_poll=not debug,
+    )
 
 
 @cli.command()

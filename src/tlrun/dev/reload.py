@@ -11,11 +11,23 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-IGNORED_DIRS = ("venv", "env", ".venv", ".env", "build", "dist", ".ruff_cache", ".eggs", ".nox", "site-packages")
+IGNORED_DIRS = (
+    "venv",
+    "env",
+    ".venv",
+    ".env",
+    "build",
+    "dist",
+    ".ruff_cache",
+    ".eggs",
+    ".nox",
+    "site-packages",
+    "logs",
+)
 
 
 class Watcher:
-    def __init__(self, root: Path, ignore_paths: Sequence[Path] = (), debounce_ms: int = 1000, step_ms: int = 100):
+    def __init__(self, root: Path, ignore_paths: Sequence[Path] = (), debounce_ms: int = 1600, step_ms: int = 50):
         self.root = root
         self._ignore = [str(p) for p in ignore_paths]
         self._debounce = debounce_ms

@@ -185,6 +185,23 @@ class Broker:
             for node, queues in reply.items()
         ]
 
+    def ask(self, node: str, command: str, timeout: float, **arguments: Any) -> Any:
+        """One control command to one node; its reply, or None when it did not answer within `timeout`
+        (returns as soon as the node replies)."""
+        if self._conn is None:
+            self.connect()
+        started = time.monotonic()
+        try:
+            replies = self._app.control.broadcast(
+                command, arguments=arguments, destination=[node], reply=True, timeout=timeout, connection=self._conn
+            )
+        except Exception as exc:
+            raise self._fail(exc, started) from None
+        for reply in replies or []:
+            if node in reply:
+                return reply[node]
+        return None
+
     def shutdown_nodes(self, names: list[str]) -> None:
         """Ask the named nodes to shut down (warm) through the broker."""
         if self._conn is None:

@@ -53,6 +53,13 @@ class Outputs:
         self._pumps[name] = pump
         return pump.log_path
 
+    def rename(self, old: str, new: str) -> None:
+        """A prepared worker's output keeps flowing under the name of the worker it replaces."""
+        if old in self._pumps:
+            self._pumps[new] = self._pumps.pop(old)
+        if old in self._gates:
+            self._gates[new] = self._gates.pop(old)
+
     def release(self, name: str) -> None:
         """Let a held child's console lines through (it is ready)."""
         gate = self._gates.get(name)

@@ -33,6 +33,9 @@ _GLOBAL_VALUE_OPTS = {
     "--workdir",
 }
 _PY_VALUE_FLAGS = {"-W", "-X", "-Q"}  # python interpreter flags that take a value
+# `python -m <these>` runs Celery's command line: Celery itself, and tlrun dev's worker entry (the same
+# command line with a shorter transport poll interval).
+CELERY_MODULES = ("celery", "tlrun.dev.worker_entry")
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,9 @@ def _celery_index(argv: Sequence[str]) -> int | None:
     while i < len(argv):
         arg = argv[i]
         if arg == "-m":
-            return i + 2 if i + 1 < len(argv) and argv[i + 1] == "celery" else None
+            return i + 2 if i + 1 < len(argv) and argv[i + 1] in CELERY_MODULES else None
         if arg.startswith("-m"):
-            return i + 1 if arg[2:] == "celery" else None
+            return i + 1 if arg[2:] in CELERY_MODULES else None
         if arg in _PY_VALUE_FLAGS:
             i += 2
             continue

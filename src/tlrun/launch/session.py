@@ -25,6 +25,7 @@ from tlrun.config import Role, Settings
 from tlrun.deploy.restart import RestartPolicy, RestartSettings
 from tlrun.dev import brokerd
 from tlrun.dev.reload import Watcher
+from tlrun.dev.worker_entry import DEV_POLL_ENV
 from tlrun.errors import (
     AppImportError,
     BrokerError,
@@ -36,8 +37,9 @@ from tlrun.errors import (
     WorkerStartError,
 )
 from tlrun.events import Exited, Notice, Ready, Reloaded, Reporter, Spawned, StrayFound, WorkerOutput
-from tlrun.launch import guard, logfiles, procs, signals, spawn, sweep, verify
+from tlrun.launch import drain, guard, logfiles, procs, signals, spawn, sweep, verify
 from tlrun.launch.broker import Broker, check_reachable, resolve_broker
+from tlrun.launch.hold import Hold
 from tlrun.launch.outputs import Outputs
 from tlrun.launch.supervise import Supervisor
 
@@ -52,6 +54,14 @@ class LaunchOptions:
     managed_broker: bool = False  # start a private redis-server when nothing answers (dev)
     debug: bool = False  # run the worker inside this process (dev --debug)
     restart: RestartSettings | None = None  # restart a crashed worker with backoff (worker --restart)
+    fast_stop: bool = False  # stop an idle worker by draining it, then SIGKILL (dev's default; worker --fast-stop)
+    dev_poll: bool = False  # 0.1 s transport poll on Redis, where the app sets none (dev)
+
+    @property
+    def held_workers(self) -> bool:
+        """Workers start through tlrun's entry module, held until released (prepared reloads; the entry
+        reports the transport's poll interval, which the fast stop needs)."""
+        return self.fast_stop or self.dev_poll
 
 
 def lock_path(settings: Settings, kind: str) -> Path:
@@ -159,6 +169,8 @@ class RoleWorker:
         self.node = spawn.node_name(role.node_prefix, os.getpid(), hostname)
         self.renamed_from: str | None = None
         self.policy = RestartPolicy(restart) if restart is not None else None
+        self.poll_interval: float | None = None  # its transport's poll interval on Redis, when known
+        self.since = ""  # when the running worker became ready (for "the worker of 10:42:07")
 
     @property
     def lock_kind(self) -> str:
@@ -201,6 +213,7 @@ class Session:
         )
         self.census: list[str] | verify.Census | None = None
         self.watcher: Watcher | None = None
+        self._stopping = False  # a deferred stop request has been acted on
         self._locks: dict[str, tuple[guard.ProjectLock, dict[str, Any]]] = {}
 
     # -- guard ---------------------------------------------------------------------------------------
@@ -303,12 +316,19 @@ class Session:
     def start_census(self) -> None:
         self.census = verify.Census(self.broker_url, self.s.ping_window).start()
 
-    def _spawn(self, w: RoleWorker) -> None:
-        argv = spawn.worker_argv(self.s.app, w.role.worker, w.node)
+    def _spawn(self, w: RoleWorker, name: str | None = None, hold: Hold | None = None) -> None:
+        name = name or w.child
+        module = "tlrun.dev.worker_entry" if hold is not None else "celery"
+        argv = spawn.worker_argv(self.s.app, w.role.worker, w.node, module=module)
         env = spawn.worker_env(self.s, w.node, procs.Identity.of_self(), self.broker_url, w.role.name)
-        child = self.sup.start(w.child, argv, env, self.s.project_root)
+        if hold is not None:
+            env.update(hold.env(), **({DEV_POLL_ENV: "1"} if self.opts.dev_poll else {}))
+        fds = (hold.child_fd,) if hold is not None else ()
+        child = self.sup.start(name, argv, env, self.s.project_root, pass_fds=fds)
+        if hold is not None:
+            hold.spawned()
         log_path = self.outputs.attach(
-            w.child, child, f"celery_{w.role.log_stem}_{os.getpid()}", label=w.node, hold_until=BANNER
+            name, child, f"celery_{w.role.log_stem}_{os.getpid()}", label=w.node, hold_until=BANNER
         )
         self.report(Spawned("worker", w.node, child.pid, log_path, tuple(argv)))
 
@@ -317,16 +337,60 @@ class Session:
         for w in workers:
             self.outputs.detach(w.child)
 
+    def _stop_drained(self, workers: list[RoleWorker], why: str, announce: bool = False) -> int:
+        """Stop workers the fastest safe way: an idle one drained through the broker and killed (with
+        fast stop), any other with the warm ladder. Says in one line which way each went; returns the first
+        non-zero status of a warm stop (a drained worker counts as a clean stop)."""
+        warm, status = [], 0
+        for w in workers:
+            if not self.sup.running(w.child):
+                continue
+            if not self.opts.fast_stop:
+                warm.append(w)
+                continue
+            started = time.monotonic()
+            drained = drain.drain(self.broker_url, w.node, w.poll_interval)
+            if drained.ok:
+                self.sup.kill(w.child)
+                self.outputs.detach(w.child)
+                self.report(
+                    Notice(f"{why}: {w.node} was idle: drained and stopped in {time.monotonic() - started:.2f} s")
+                )
+                if announce:
+                    self.report(Exited(w.node, 0, True))
+            else:
+                self.report(Notice(f"{why}: {w.node} gets the warm stop ladder ({drained.why})"))
+                warm.append(w)
+        self.sup.begin_stop([w.child for w in warm])
+        for w in warm:
+            code = self.sup.reap(w.child) or 0
+            self.outputs.detach(w.child)
+            status = status or code
+            if announce:
+                self.report(Exited(w.node, code, True))
+        return status
+
     def _spawn_and_wait(self, workers: list[RoleWorker], started: float) -> bool:
         """Spawn the workers, then wait for each one's first pong; False when a stop was asked meanwhile.
         A worker that never answers stops the others started with it and raises the error that explains it."""
+        holds = {w.child: Hold() for w in workers} if self.opts.held_workers else {}
         for w in workers:
-            self._spawn(w)
+            self._spawn(w, hold=holds.get(w.child))
         if self.census is None:
             # Right after the spawn, so that importing Celery overlaps the worker's own start-up. The new
             # worker cannot answer it: it subscribes to its mailbox only after its own imports (> 0.3 s).
             self.start_census()
         deadline = time.monotonic() + self.s.ready_timeout
+        for w in workers:
+            hold = holds.get(w.child)
+            if hold is not None:
+                if hold.wait_prepared(deadline, functools.partial(self._alive, w.child)):
+                    w.poll_interval = hold.poll_interval
+                    hold.release()
+                else:
+                    hold.close()  # a worker not prepared in time ends unconnected; its failure is reported below
+            elif self.broker_url.startswith(("redis://", "rediss://")):
+                w.poll_interval = drain.CELERY_POLL_INTERVAL
         with Broker(self.broker_url) as broker:
             for w in workers:
                 ok = verify.wait_ready(
@@ -336,6 +400,7 @@ class Session:
                     return False
                 if ok:
                     self.outputs.release(w.child)
+                    w.since = datetime.now().strftime("%H:%M:%S")
                 else:
                     timed_out = self.sup.running(w.child)
                     status = self.sup.stop(w.child) if timed_out else self.sup.reap(w.child)
@@ -343,6 +408,9 @@ class Session:
                     self._stop_workers([o for o in workers if o is not w])
                     raise start_failure(self.s.app, self.s.ready_timeout, status, tail, timed_out)
         return True
+
+    def _alive(self, name: str) -> bool:
+        return self.sup.running(name) and not self.sup.stop_requested
 
     def _stop_asked(self) -> bool:
         return self.sup.stop_requested
@@ -401,22 +469,80 @@ class Session:
     # -- supervise -----------------------------------------------------------------------------------
     def _wake(self) -> bool:
         if self.sup.stop_requested:
-            return not self.sup.has_running()
+            return not self._stopping or not self.sup.has_running()
         return self.watcher is not None and self.watcher.pending()
 
     def reload(self) -> None:
-        """Every role's worker is stopped (warm, all at once), then every role starts on the new code."""
+        """Prepare, then swap: the next worker of every role starts at once and imports the new code while
+        the old ones serve; only then are the old ones stopped (drained, or warm when busy) and the new ones
+        released to connect. The two never consume at the same time; a save that breaks the import leaves
+        the old workers serving."""
         assert self.watcher is not None
         changes = self.watcher.take()
         started = time.monotonic()
-        self._stop_workers(self.workers)
-        try:
-            ready = self.start_workers(self.workers, started, allow_rename=False)
-        except (AppImportError, WorkerStartError) as exc:
-            self.report(Notice(f"reload failed: {exc}; fix it and save again", "warning"))
+        if not self.opts.held_workers:
+            self._stop_workers(self.workers)
+            try:
+                ready = self.start_workers(self.workers, started, allow_rename=False)
+            except (AppImportError, WorkerStartError) as exc:
+                self.report(Notice(f"reload failed: {exc}; fix it and save again", "warning"))
+                return
+            if ready is not None:
+                self.report(Reloaded(tuple(changes), time.monotonic() - started, ready))
             return
-        if ready is not None:
-            self.report(Reloaded(tuple(changes), time.monotonic() - started, ready))
+        prepared = [(w, f"{w.child}+next", Hold()) for w in self.workers]
+        for w, name, hold in prepared:
+            self._spawn(w, name, hold)
+        deadline = time.monotonic() + self.s.ready_timeout
+        for w, name, hold in prepared:
+            if not hold.wait_prepared(deadline, functools.partial(self._alive, name)):
+                self._abandon(prepared, failed=(w, name))
+                return
+        serving = [w for w in self.workers if self.sup.running(w.child)]
+        self._stop_drained(serving, "reload")
+        for w, name, hold in prepared:
+            self.sup.rename(name, w.child)
+            self.outputs.rename(name, w.child)
+            w.poll_interval = hold.poll_interval
+            hold.release()
+        with Broker(self.broker_url) as broker:
+            for w in self.workers:
+                if not verify.wait_ready(
+                    broker, w.node, deadline, functools.partial(self.sup.running, w.child), self._stop_asked
+                ):
+                    if not self.sup.stop_requested:
+                        self.report(Notice(f"reload: {w.node} did not answer after its release", "warning"))
+                    return
+                self.outputs.release(w.child)
+                w.since = datetime.now().strftime("%H:%M:%S")
+        for w in self.workers:
+            self._update_record(w.lock_kind, node=w.node, worker_pid=self.sup.pid(w.child))
+        nodes = [verify.ReadyNode(w.role.name, w.node, self.sup.pid(w.child) or 0) for w in self.workers]
+        report = verify.build_report(nodes, time.monotonic() - started, [], self.s.expected_workers, {})
+        self.report(Reloaded(tuple(changes), time.monotonic() - started, report))
+
+    def _abandon(self, prepared: list[tuple[RoleWorker, str, Hold]], failed: tuple[RoleWorker, str]) -> None:
+        """A prepared worker did not import: end every prepared one unconnected; the old ones keep serving."""
+        status: int | None = None
+        tail: list[str] = []
+        for w, name, hold in prepared:
+            hold.close()
+            code = self.sup.kill(name) if self.sup.running(name) else self.sup.reap(name)
+            lines = list(self.outputs.detach(name))
+            if (w, name) == failed:
+                status, tail = code, lines
+        if self.sup.stop_requested:
+            return
+        error = start_failure(self.s.app, self.s.ready_timeout, status, tail, status is None)
+        old = [w for w in self.workers if self.sup.running(w.child)]
+        keeps = (
+            f"the worker of {old[0].since} keeps running the previous code"
+            if len(old) == 1
+            else f"{len(old)} workers keep running the previous code"
+            if old
+            else "no worker runs until the next good save"
+        )
+        self.report(Notice(f"reload failed: {error}; {keeps}", "warning"))
 
     def restart_after_crash(self, w: RoleWorker, code: int) -> None:
         """Back off, then guard, sweep, spawn and verify again; RestartGiveUpError when the policy says so."""
@@ -457,6 +583,12 @@ class Session:
         while True:
             got = self.sup.wait(interrupt=self._wake)
             if got is None:
+                if self.sup.stop_requested and not self._stopping:
+                    # A deferred stop (fast stop): drain idle workers, the warm ladder for the rest and beat.
+                    self._stopping = True
+                    status = self._stop_drained(self.workers, "stop", announce=True)
+                    self.sup.escalate()
+                    continue
                 if self.sup.stop_requested or not (self.watcher or self.sup.has_running()):
                     break
                 if self.watcher is not None and self.watcher.pending():
@@ -491,7 +623,9 @@ def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None)
     opts = opts or LaunchOptions()
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
-        sup = stack.enter_context(Supervisor(settings.stop_grace, lambda msg: report(Notice(msg))))
+        sup = stack.enter_context(
+            Supervisor(settings.stop_grace, lambda msg: report(Notice(msg)), defer_first_stop=opts.fast_stop)
+        )
         session = Session(settings, report, sup, opts)
         # Validate, guard, broker, sweep: nothing is stopped before everything that can fail was checked. A
         # stop asked for meanwhile ends the launch before anything is spawned.

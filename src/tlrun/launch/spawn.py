@@ -35,9 +35,12 @@ def unique_node_name(prefix: str, pid: int, hostname: str, taken: set[str]) -> s
     return node_name(prefix, pid, hostname, suffix)
 
 
-def worker_argv(app: str, opts: WorkerOptions, node: str, python: str = sys.executable) -> list[str]:
-    """`python -m celery -A <app> worker -n <node> ...`: the options tlrun knows, then `--` extras verbatim."""
-    argv = [python, "-m", "celery", "-A", app, "worker", "-n", node, "--loglevel", opts.loglevel]
+def worker_argv(
+    app: str, opts: WorkerOptions, node: str, python: str = sys.executable, module: str = "celery"
+) -> list[str]:
+    """`python -m celery -A <app> worker -n <node> ...`: the options tlrun knows, then `--` extras verbatim.
+    `module` is `tlrun.dev.worker_entry` for tlrun dev (the same command line, see that module)."""
+    argv = [python, "-m", module, "-A", app, "worker", "-n", node, "--loglevel", opts.loglevel]
     named: list[tuple[str, object]] = [
         ("--concurrency", opts.concurrency),
         ("--queues", opts.queues),
@@ -79,7 +82,9 @@ def worker_env(
     return env
 
 
-def spawn(argv: list[str], env: Mapping[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: list[str], env: Mapping[str, str], cwd: Path, pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen[bytes]:
     """Start argv in a new session behind the pdeathsig shim. Must run on the main thread: the kernel
     sends the parent-death signal when the thread that forked exits."""
     if threading.current_thread() is not threading.main_thread():
@@ -96,6 +101,7 @@ def spawn(argv: list[str], env: Mapping[str, str], cwd: Path) -> subprocess.Pope
         stderr=subprocess.STDOUT,
         start_new_session=True,
         close_fds=True,
+        pass_fds=pass_fds,
     )
 
 

@@ -42,8 +42,13 @@ class _Child:
 class Supervisor:
     """Holds named children; use as a context manager so that no child outlives it."""
 
-    def __init__(self, grace: float, on_step: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, grace: float, on_step: Callable[[str], None] | None = None, defer_first_stop: bool = False
+    ) -> None:
+        """`defer_first_stop`: the first stop signal only sets `stop_requested`; the owner then drains its
+        workers and calls `escalate` (tlrun dev's fast stop). A second signal is acted on at once."""
         self.grace = grace
+        self.defer_first_stop = defer_first_stop
         self._step = on_step or (lambda _msg: None)
         self._children: dict[str, _Child] = {}
         self.stop_signal: int | None = None
@@ -70,8 +75,16 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._requests += 1
         self.stop_signal = self.stop_signal or signum
+        if self._requests == 1 and self.defer_first_stop:
+            return
         for child in self._children.values():
             self._escalate(child)
+
+    def escalate(self, names: list[str] | None = None) -> None:
+        """Apply the stop request now to the named children (all when None): a deferred first stop."""
+        for child in list(self._children.values()):
+            if names is None or child.name in names:
+                self._escalate(child)
 
     def _escalate(self, child: _Child) -> None:
         """Apply the current stop request to one child (first: warm, then: cold)."""
@@ -88,11 +101,17 @@ class Supervisor:
 
     # -- children ------------------------------------------------------------------------------------
     def start(
-        self, name: str, argv: list[str], env: Mapping[str, str], cwd: Path, stop_order: int = 0
+        self,
+        name: str,
+        argv: list[str],
+        env: Mapping[str, str],
+        cwd: Path,
+        stop_order: int = 0,
+        pass_fds: tuple[int, ...] = (),
     ) -> subprocess.Popen[bytes]:
         if self.running(name):
             raise RuntimeError(f"a {name} is already running under this supervisor")
-        child = _Child(name, spawn.spawn(argv, env, cwd), stop_order)
+        child = _Child(name, spawn.spawn(argv, env, cwd, pass_fds), stop_order)
         self._children[name] = child
         if self.stop_requested:  # a signal came while we were spawning
             self._escalate(child)
@@ -160,6 +179,28 @@ class Supervisor:
             return None
         self._begin_stop(child, cold)
         return self._finish_stop(child)
+
+    def begin_stop(self, names: list[str]) -> None:
+        """Start the warm stop ladder of the named children now (SIGTERM; SIGKILL after the grace period),
+        whatever the stop requests; `reap` then waits for each."""
+        for name in names:
+            child = self._children.get(name)
+            if child is not None and child.kill_at is None:
+                self._begin_stop(child, cold=False)
+
+    def kill(self, name: str) -> int | None:
+        """SIGKILL a child's whole process group now and reap it (fast stop of a drained, idle worker)."""
+        child = self._children.get(name)
+        if child is None:
+            return None
+        signals.kill_child_group(child.popen)
+        return self._finish_stop(child)
+
+    def rename(self, old: str, new: str) -> None:
+        """A prepared worker takes the name of the one it replaces."""
+        child = self._children.pop(old)
+        child.name = new
+        self._children[new] = child
 
     def stop_each(self, names: list[str]) -> None:
         """Stop several children at once (every role's worker on a reload): all get SIGTERM, then we wait."""

@@ -1,0 +1,81 @@
+"""`python -m tlrun.dev.worker_entry <celery arguments>`: Celery's own command line for `tlrun dev`'s workers.
+
+Two things differ from `python -m celery`, and nothing else:
+- with TLRUN_DEV_POLL=1 (tlrun dev), on Redis the transport's poll interval (`polling_interval`, the BRPOP
+  timeout) is 0.1 s unless the app sets its own, so that a stop or a consumer cancel is seen within 0.1 s
+  instead of 1 s;
+- with TLRUN_HOLD_FD (a socket to the launcher), the app is imported first, then the worker says
+  `ready <poll interval>` and waits for `go` before it connects: on a reload the next worker imports the new
+  code while the old one still serves, and the two never consume at the same time. EOF instead of `go` (the
+  launcher gave up on this worker, or died) ends it before it ever connects.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any
+
+DEV_POLL_INTERVAL = 0.1
+KOMBU_POLL_INTERVAL = 1.0  # the Redis transport's BRPOP timeout when the app sets none
+HOLD_FD_ENV = "TLRUN_HOLD_FD"
+DEV_POLL_ENV = "TLRUN_DEV_POLL"  # "1": shorten the poll interval (tlrun dev); otherwise only report it
+
+
+def app_name(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg in ("-A", "--app") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--app="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def tune(app: Any, shorten: bool) -> float | None:
+    """With `shorten`, set the dev poll interval where the user set none. Returns the interval in force on
+    Redis (None for other transports)."""
+    url = str(app.conf.broker_url or "")
+    if not url.startswith(("redis://", "rediss://", "redis+socket://")):
+        return None
+    options = dict(app.conf.broker_transport_options or {})
+    if shorten:
+        options.setdefault("polling_interval", DEV_POLL_INTERVAL)
+        app.conf.broker_transport_options = options
+    return float(options.get("polling_interval") or KOMBU_POLL_INTERVAL)
+
+
+def _hold(fd: int, interval: float | None) -> None:
+    with socket.socket(fileno=fd) as sock:
+        sock.sendall(f"ready {interval if interval is not None else ''}\n".encode())
+        if sock.recv(16).strip() != b"go":
+            os._exit(0)  # not released: never connect
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    hold = os.environ.pop(HOLD_FD_ENV, None)
+    shorten = os.environ.pop(DEV_POLL_ENV, "") == "1"
+    name = app_name(argv)
+    interval = None
+    if name is not None:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        from celery.app.utils import find_app
+
+        try:
+            app = find_app(name)
+        except Exception:
+            hold = None  # never release a worker whose app does not import
+        else:
+            interval = tune(app, shorten)
+    if hold is not None:
+        _hold(int(hold), interval)
+    from celery.__main__ import main as celery_main
+
+    sys.argv = ["celery", *argv]
+    celery_main()
+
+
+if __name__ == "__main__":
+    main()
