@@ -8,6 +8,9 @@ Two things differ from `python -m celery`, and nothing else:
   `ready <poll interval>` and waits for `go` before it connects: on a reload the next worker imports the new
   code while the old one still serves, and the two never consume at the same time. EOF instead of `go` (the
   launcher gave up on this worker, or died) ends it before it ever connects.
+- with TLRUN_SPARE=1 as well, it first imports Celery itself (most of a worker's start-up), says `spare` and
+  waits for `load` before it imports the app: tlrun dev --reload keeps one such spare per role, so that a
+  save costs only the import of the new code.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ DEV_POLL_INTERVAL = 0.1
 KOMBU_POLL_INTERVAL = 1.0  # the Redis transport's BRPOP timeout when the app sets none
 HOLD_FD_ENV = "TLRUN_HOLD_FD"
 DEV_POLL_ENV = "TLRUN_DEV_POLL"  # "1": shorten the poll interval (tlrun dev); otherwise only report it
+SPARE_ENV = "TLRUN_SPARE"  # "1": import Celery, say `spare`, and wait for `load` before importing the app
 
 
 def app_name(argv: list[str]) -> str | None:
@@ -45,17 +49,31 @@ def tune(app: Any, shorten: bool) -> float | None:
     return float(options.get("polling_interval") or KOMBU_POLL_INTERVAL)
 
 
-def _hold(fd: int, interval: float | None) -> None:
-    with socket.socket(fileno=fd) as sock:
-        sock.sendall(f"ready {interval if interval is not None else ''}\n".encode())
-        if sock.recv(16).strip() != b"go":
-            os._exit(0)  # not released: never connect
+def _wait_for(sock: socket.socket, word: bytes) -> None:
+    if sock.recv(16).strip() != word:
+        os._exit(0)  # not released (EOF: the launcher gave up on us, or died): never connect
+
+
+def _warm_up() -> None:
+    """A spare imports what every worker of any app needs, before it knows the new code: Celery's command
+    line, the worker, the prefork pool, the Redis transport."""
+    import celery.apps.worker
+    import celery.bin.celery
+    import celery.concurrency.prefork
+    import celery.worker.consumer  # noqa: F401
+    import kombu.transport.redis  # noqa: F401
 
 
 def main() -> None:
     argv = sys.argv[1:]
     hold = os.environ.pop(HOLD_FD_ENV, None)
     shorten = os.environ.pop(DEV_POLL_ENV, "") == "1"
+    spare = os.environ.pop(SPARE_ENV, "") == "1"
+    sock = socket.socket(fileno=int(hold)) if hold is not None else None
+    if sock is not None and spare:
+        _warm_up()
+        sock.sendall(b"spare\n")
+        _wait_for(sock, b"load")
     name = app_name(argv)
     interval = None
     if name is not None:
@@ -66,11 +84,15 @@ def main() -> None:
         try:
             app = find_app(name)
         except Exception:
-            hold = None  # never release a worker whose app does not import
+            if sock is not None:
+                sock.close()  # never release a worker whose app does not import
+                sock = None
         else:
             interval = tune(app, shorten)
-    if hold is not None:
-        _hold(int(hold), interval)
+    if sock is not None:
+        with sock:
+            sock.sendall(f"ready {interval if interval is not None else ''}\n".encode())
+            _wait_for(sock, b"go")
     from celery.__main__ import main as celery_main
 
     sys.argv = ["celery", *argv]

@@ -16,6 +16,7 @@ from tlrun.errors import AppImportError, BrokerError
 from tlrun.redact import redact_url
 
 CONNECT_TIMEOUT = 3.0
+PROBE_POLL_INTERVAL = 0.05
 
 
 CELERY_DEFAULT_BROKER = "amqp://guest@localhost//"
@@ -112,6 +113,9 @@ class Broker:
             broker_connection_timeout=connect_timeout,
             broker_connection_retry=False,
             broker_transport_options={
+                # Redis: reply collection waits on BRPOP, whose timeout is this (kombu's default is 1 s): a
+                # readiness ping whose first try was lost would otherwise see the reply up to 1 s late.
+                "polling_interval": PROBE_POLL_INTERVAL,
                 "socket_connect_timeout": connect_timeout,
                 "socket_timeout": socket_timeout if socket_timeout is not None else max(connect_timeout, 5.0),
             },

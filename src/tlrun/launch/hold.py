@@ -8,20 +8,30 @@ import socket
 import time
 from collections.abc import Callable
 
-from tlrun.dev.worker_entry import HOLD_FD_ENV
+from tlrun.dev.worker_entry import HOLD_FD_ENV, SPARE_ENV
 
 
 class Hold:
-    def __init__(self) -> None:
+    def __init__(self, spare: bool = False) -> None:
         self._ours, self._theirs = socket.socketpair()
+        self.spare = spare  # it imports Celery, says `spare`, and imports the app only after `load`
         self.poll_interval: float | None = None  # the worker's transport poll interval on Redis
+        self._buffer = b""
 
     @property
     def child_fd(self) -> int:
         return self._theirs.fileno()
 
     def env(self) -> dict[str, str]:
-        return {HOLD_FD_ENV: str(self.child_fd)}
+        return {HOLD_FD_ENV: str(self.child_fd), **({SPARE_ENV: "1"} if self.spare else {})}
+
+    def load(self) -> bool:
+        """A spare: import the app now (its code as saved). False when the spare is gone."""
+        try:
+            self._ours.sendall(b"load\n")
+            return True
+        except OSError:
+            return False
 
     def spawned(self) -> None:
         """The child has its copy: ours must go, or its EOF would never come."""
@@ -29,22 +39,30 @@ class Hold:
 
     def wait_prepared(self, deadline: float, alive: Callable[[], bool]) -> bool:
         """Until the worker has imported its app (True), or it exited, `alive()` turned false, or time ran out."""
-        buffer = b""
-        while time.monotonic() < deadline and alive():
+        while True:
+            line = self._line(deadline, alive)
+            if line is None:
+                return False
+            word, _, value = line.partition(" ")
+            if word == "ready":
+                self.poll_interval = float(value) if value else None
+                return True
+            if word != "spare":  # a spare announces itself first; anything else is not our protocol
+                return False
+
+    def _line(self, deadline: float, alive: Callable[[], bool]) -> str | None:
+        while b"\n" not in self._buffer:
+            if time.monotonic() >= deadline or not alive():
+                return None
             readable, _, _ = select.select([self._ours], [], [], 0.05)
             if not readable:
                 continue
             chunk = self._ours.recv(128)
             if not chunk:
-                return False  # it exited before it was ready (the app did not import)
-            buffer += chunk
-            if b"\n" in buffer:
-                word, _, value = buffer.partition(b"\n")[0].decode().partition(" ")
-                if word != "ready":
-                    return False
-                self.poll_interval = float(value) if value else None
-                return True
-        return False
+                return None  # it exited (the app did not import)
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode()
 
     def release(self) -> None:
         try:

@@ -188,6 +188,7 @@ class CeleryProcess:
     launcher: str | None  # tlrun's guard value "<pid>:<create_time>", when tlrun started it
     role_name: str | None = None  # the role tlrun started it for (TLRUN_ROLE)
     queues: frozenset[str] | None = None  # from -Q; None: Celery's default queue
+    spare: bool = False  # started as tlrun dev's spare (it may have become the worker since)
 
 
 def project_match(proc: CeleryProcess, project_id: str, app: str, root: Path, uid: int) -> bool:
@@ -290,6 +291,7 @@ def scan(roles: Iterable[str] = ("worker", "beat"), hostname: str | None = None)
                 launcher=env.get(ENV_GUARD),
                 role_name=env.get(ENV_ROLE),
                 queues=cmd.queues,
+                spare=env.get("TLRUN_SPARE") == "1",
             )
         )
     return found

@@ -214,6 +214,7 @@ class Session:
         self.census: list[str] | verify.Census | None = None
         self.watcher: Watcher | None = None
         self._stopping = False  # a deferred stop request has been acted on
+        self._spares: dict[str, tuple[str, Hold]] = {}  # role -> its spare's child name and hold (dev --reload)
         self._locks: dict[str, tuple[guard.ProjectLock, dict[str, Any]]] = {}
 
     # -- guard ---------------------------------------------------------------------------------------
@@ -316,7 +317,7 @@ class Session:
     def start_census(self) -> None:
         self.census = verify.Census(self.broker_url, self.s.ping_window).start()
 
-    def _spawn(self, w: RoleWorker, name: str | None = None, hold: Hold | None = None) -> None:
+    def _spawn(self, w: RoleWorker, name: str | None = None, hold: Hold | None = None, announce: bool = True) -> None:
         name = name or w.child
         module = "tlrun.dev.worker_entry" if hold is not None else "celery"
         argv = spawn.worker_argv(self.s.app, w.role.worker, w.node, module=module)
@@ -330,7 +331,50 @@ class Session:
         log_path = self.outputs.attach(
             name, child, f"celery_{w.role.log_stem}_{os.getpid()}", label=w.node, hold_until=BANNER
         )
-        self.report(Spawned("worker", w.node, child.pid, log_path, tuple(argv)))
+        if announce:
+            self.report(Spawned("worker", w.node, child.pid, log_path, tuple(argv)))
+
+    def spawn_spares(self) -> None:
+        """tlrun dev --reload: one spare per role, with Celery imported and the app not yet, waiting for the
+        next save (a save then costs only the import of the new code)."""
+        if self.watcher is None or not self.opts.held_workers or self.sup.stop_requested:
+            return
+        for w in self.workers:
+            if w.role.name not in self._spares:
+                name, hold = f"{w.child}+spare", Hold(spare=True)
+                self._spawn(w, name, hold, announce=False)
+                self._spares[w.role.name] = (name, hold)
+
+    def _take_spare(self, w: RoleWorker) -> tuple[str, Hold] | None:
+        """The role's spare, told to import the app now; None when there is none (or it died)."""
+        spare = self._spares.pop(w.role.name, None)
+        if spare is None:
+            return None
+        name, hold = spare
+        if self.sup.running(name) and hold.load():
+            return spare
+        hold.close()
+        self._end(name)
+        return None
+
+    def _end(self, name: str, settle: float = 0.0) -> tuple[int | None, tuple[str, ...]]:
+        """End a child that never connected (a spare, a prepared worker): SIGKILL is safe, it holds nothing.
+        With `settle`, first give it that long to exit on its own (to print why its app did not import).
+        Returns its status and its last lines."""
+        deadline = time.monotonic() + settle
+        while self.sup.running(name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        code = self.sup.kill(name) if self.sup.running(name) else self.sup.reap(name)
+        return code, self.outputs.detach(name)
+
+    def _drop_spare(self, name: str) -> bool:
+        """A spare exited (killed at a stop, or it died): forget it; the next reload starts afresh."""
+        for role, (spare, hold) in list(self._spares.items()):
+            if spare == name:
+                hold.close()
+                del self._spares[role]
+                return True
+        return name.endswith("+spare")
 
     def _stop_workers(self, workers: list[RoleWorker]) -> None:
         self.sup.stop_each([w.child for w in workers])
@@ -490,9 +534,13 @@ class Session:
             if ready is not None:
                 self.report(Reloaded(tuple(changes), time.monotonic() - started, ready))
             return
-        prepared = [(w, f"{w.child}+next", Hold()) for w in self.workers]
-        for w, name, hold in prepared:
-            self._spawn(w, name, hold)
+        prepared: list[tuple[RoleWorker, str, Hold]] = []
+        for w in self.workers:
+            spare = self._take_spare(w)
+            if spare is None:
+                spare = (f"{w.child}+next", Hold())
+                self._spawn(w, spare[0], spare[1], announce=False)
+            prepared.append((w, *spare))
         deadline = time.monotonic() + self.s.ready_timeout
         for w, name, hold in prepared:
             if not hold.wait_prepared(deadline, functools.partial(self._alive, name)):
@@ -520,6 +568,7 @@ class Session:
         nodes = [verify.ReadyNode(w.role.name, w.node, self.sup.pid(w.child) or 0) for w in self.workers]
         report = verify.build_report(nodes, time.monotonic() - started, [], self.s.expected_workers, {})
         self.report(Reloaded(tuple(changes), time.monotonic() - started, report))
+        self.spawn_spares()
 
     def _abandon(self, prepared: list[tuple[RoleWorker, str, Hold]], failed: tuple[RoleWorker, str]) -> None:
         """A prepared worker did not import: end every prepared one unconnected; the old ones keep serving."""
@@ -527,10 +576,9 @@ class Session:
         tail: list[str] = []
         for w, name, hold in prepared:
             hold.close()
-            code = self.sup.kill(name) if self.sup.running(name) else self.sup.reap(name)
-            lines = list(self.outputs.detach(name))
+            code, lines = self._end(name, settle=5.0 if (w, name) == failed else 0.0)
             if (w, name) == failed:
-                status, tail = code, lines
+                status, tail = code, list(lines)
         if self.sup.stop_requested:
             return
         error = start_failure(self.s.app, self.s.ready_timeout, status, tail, status is None)
@@ -543,6 +591,7 @@ class Session:
             else "no worker runs until the next good save"
         )
         self.report(Notice(f"reload failed: {error}; {keeps}", "warning"))
+        self.spawn_spares()
 
     def restart_after_crash(self, w: RoleWorker, code: int) -> None:
         """Back off, then guard, sweep, spawn and verify again; RestartGiveUpError when the policy says so."""
@@ -596,6 +645,10 @@ class Session:
                 continue
             name, code = got
             tail = self.outputs.detach(name)
+            if self._drop_spare(name):
+                if self.sup.stop_requested and not self.sup.has_running():
+                    break
+                continue
             w = self._worker(name)
             label = w.node if w is not None else name
             if self.sup.stop_requested:
@@ -658,6 +711,7 @@ def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None)
                 ready = None
             if ready is not None:
                 session.verdict(ready)
+            session.spawn_spares()
         if opts.beat and not sup.stop_requested:
             session.start_beat()
         return session.supervise()

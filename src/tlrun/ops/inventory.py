@@ -65,7 +65,10 @@ def local_processes(
     uid = os.getuid()
     now = time.time()
     out = []
+    workers = _recorded_workers(settings) if settings is not None else set()
     for proc in procs.main_processes([p for p in rows if p.uid == uid]):
+        if proc.spare and proc.pid not in workers and _live_launcher(proc) is not None:
+            continue  # tlrun dev's spare: Celery imported, waiting for the next save; not a worker yet
         is_project = settings is not None and procs.project_match(
             proc, settings.project_id, settings.app, settings.project_root, uid
         )
@@ -97,6 +100,19 @@ def local_processes(
         seen = {row.pid for row in out}
         out += [row for row in in_process_workers(settings) if row.pid not in seen]
     return sorted(out, key=lambda p: (p.kind, p.role or "", p.pid))
+
+
+def _recorded_workers(settings: Settings) -> set[int]:
+    """The worker pids the project's lock records name (a spare becomes one when a reload promotes it)."""
+    pids = set()
+    for role in settings.all_roles:
+        try:
+            record = guard.read_record(guard.lock_path(settings.project_id, role.lock_kind))
+        except TlrunError:
+            continue
+        if record and isinstance(record.get("worker_pid"), int):
+            pids.add(int(record["worker_pid"]))
+    return pids
 
 
 def in_process_workers(settings: Settings) -> list[LocalProcess]:
