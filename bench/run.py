@@ -136,14 +136,23 @@ class Bench:
             return None
 
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+        """End a measured process after its measure (untimed). What is still alive 15 s after `sig` is
+        killed, and said: the harness must not hang on one slow teardown."""
         pids = family(proc.pid)
         if proc.poll() is None:
             proc.send_signal(sig)
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-        wait_until(lambda: tree_gone(pids), 60)
+            wait_until(lambda: tree_gone(pids), 15)
+        except TimeoutError:
+            left = [p for p in pids if not tree_gone([p])]
+            print(f"bench: {len(left)} process(es) of {proc.args!r:.60} outlived {sig!r} by 15 s: killed", flush=True)
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            wait_until(lambda: tree_gone(pids), 30)
+        proc.wait(30)
 
     def close(self) -> None:
         for proc in self.started:
