@@ -31,6 +31,9 @@ PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
 POLL = 0.01
 SAVE_INTERVAL = 2.0  # untimed seconds between two saves in the reload measures
+# Untimed seconds between "ready" and the stop signal in the stop measures, the same on both sides: a worker
+# stopped in its first moments stops more slowly, and the two sides notice readiness at different speeds.
+IDLE_SETTLE = 1.5
 APP = """
 import os, time
 from celery import Celery
@@ -207,15 +210,18 @@ class Bench:
 
     def tlrun_stop(self) -> float:
         proc, worker, _ = self._start_tlrun()
+        time.sleep(IDLE_SETTLE)
         return self._time_until_gone(proc, signal.SIGINT, family(proc.pid) + family(worker))
 
     def celery_stop(self) -> float:
         proc = self.spawn([PY, "-m", "celery", "-A", "benchapp", "worker", "-n", "bare@bench", "-c", "2"])
         wait_until(lambda: self.answers("bare@bench"))
+        time.sleep(IDLE_SETTLE)
         return self._time_until_gone(proc, signal.SIGTERM, family(proc.pid))
 
     def tlrun_sigkill(self) -> float:
         proc, worker, _ = self._start_tlrun()
+        time.sleep(IDLE_SETTLE)
         return self._time_until_gone(proc, signal.SIGKILL, family(worker))
 
     def time_command(self, *args: str) -> float:
@@ -321,6 +327,7 @@ class Bench:
         wait_until(lambda: self.output_has(out, r"worker ready:"))
         match = self.output_has(out, r"\(pid (\d+)\)")
         assert match is not None
+        time.sleep(IDLE_SETTLE)
         return self._time_until_gone(proc, signal.SIGINT, family(proc.pid) + family(int(match.group(1))))
 
     def reload_during_task(self) -> float:
