@@ -318,7 +318,9 @@ class Bench:
         """What users run today: watchfiles restarts `celery worker` on a change (SIGINT, then a new one)."""
         worker = f"{PY} -m celery -A benchapp worker -n peer@bench -c 2"
         argv = [PY, "-m", "watchfiles", "--filter", "python", worker, str(self.dir)]
-        return self._reloads(argv, self.dir / "watchfiles.out", signal.SIGINT)
+        # SIGTERM: a job started in the background (CI, a script) inherits an ignored SIGINT, and watchfiles
+        # installs no handler for it.
+        return self._reloads(argv, self.dir / "watchfiles.out", signal.SIGTERM)
 
     def tlrun_dev_stop(self) -> float:
         """Ctrl-C of an idle `tlrun dev` until the launcher and the worker tree are gone."""
