@@ -340,21 +340,12 @@ def sweep_cmd(dry_run: bool, **params: Any) -> None:
     """Stop this project's stray workers and beats (those no live launcher owns)."""
     from tlrun.errors import StopError
     from tlrun.events import StrayFound
-    from tlrun.launch import sweep
+    from tlrun.ops import control
     from tlrun.render import ConsoleRenderer
 
     settings = _settings(params)
     render = ConsoleRenderer()
-    result = sweep.sweep(
-        settings.project_id,
-        settings.app,
-        settings.project_root,
-        settings.stop_grace,
-        kinds=("worker", "beat"),
-        roles=settings.role_filter,
-        dry_run=dry_run,
-        on_found=lambda stray: render(StrayFound(stray, dry_run)),
-    )
+    result = control.sweep_project(settings, dry_run=dry_run, on_found=lambda stray: render(StrayFound(stray, dry_run)))
     if not result.found:
         click.echo("tlrun: no stray workers or beats")
     if result.survivors:
@@ -466,7 +457,7 @@ def doctor(
     settings = _settings(params)
     report = doctor_mod.diagnose(settings)
     if fix:
-        stopped = control.stop_project_strays(settings)
+        stopped = control.sweep_project(settings)
         remote_nodes = [n.name for n in report.nodes if n.replies > 1 and not n.this_host]
         if remote and remote_nodes:
             control.shutdown_remote(settings, remote_nodes)

@@ -51,7 +51,7 @@ def worker_args(settings: Settings, node: str) -> list[str]:
 
 
 def _verify_in_background(settings: Settings, node: str, url: str, report: Reporter, started: float) -> None:
-    census = verify.Census(url, settings.ping_window).start()
+    census: verify.Census[list[str]] = verify.Census(url, settings.ping_window).start()
     try:
         with Broker(url) as broker:
             deadline = time.monotonic() + settings.ready_timeout

@@ -80,12 +80,13 @@ class CeleryCommand:
     queues: frozenset[str] | None = None  # -Q/--queues; None: Celery's default queue
 
 
-def _celery_index(argv: Sequence[str]) -> int | None:
-    """Index of the first argument after `celery` itself, or None when argv is not a Celery command."""
+def _module_index(argv: Sequence[str], modules: Sequence[str], script: str) -> int | None:
+    """Index of the first argument after the program itself, when argv runs `script` (`celery ...`),
+    `python -m <one of modules> ...` or `python /venv/bin/<script> ...`; else None."""
     if not argv:
         return None
     head = os.path.basename(argv[0])
-    if head == "celery":
+    if head == script:
         return 1
     if not head.startswith(("python", "pypy")):
         return None
@@ -93,9 +94,9 @@ def _celery_index(argv: Sequence[str]) -> int | None:
     while i < len(argv):
         arg = argv[i]
         if arg == "-m":
-            return i + 2 if i + 1 < len(argv) and argv[i + 1] in CELERY_MODULES else None
+            return i + 2 if i + 1 < len(argv) and argv[i + 1] in modules else None
         if arg.startswith("-m"):
-            return i + 1 if arg[2:] in CELERY_MODULES else None
+            return i + 1 if arg[2:] in modules else None
         if arg in _PY_VALUE_FLAGS:
             i += 2
             continue
@@ -103,8 +104,12 @@ def _celery_index(argv: Sequence[str]) -> int | None:
             i += 1
             continue
         # The first positional argument is the script: `python /venv/bin/celery ...`.
-        return i + 1 if os.path.basename(arg) == "celery" else None
+        return i + 1 if os.path.basename(arg) == script else None
     return None
+
+
+def _celery_index(argv: Sequence[str]) -> int | None:
+    return _module_index(argv, CELERY_MODULES, "celery")
 
 
 def _option_value(args: Sequence[str], i: int, short: str, long: str) -> tuple[str | None, int]:
@@ -351,26 +356,7 @@ class LauncherCommand:
 
 
 def _tlrun_index(argv: Sequence[str]) -> int | None:
-    """Index of the first argument after `tlrun` itself (`tlrun ...`, `python -m tlrun ...`)."""
-    if not argv:
-        return None
-    if os.path.basename(argv[0]) == "tlrun":
-        return 1
-    if not os.path.basename(argv[0]).startswith(("python", "pypy")):
-        return None
-    i = 1
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "-m":
-            return i + 2 if i + 1 < len(argv) and argv[i + 1] == "tlrun" else None
-        if arg in _PY_VALUE_FLAGS:
-            i += 2
-            continue
-        if arg.startswith("-"):
-            i += 1
-            continue
-        return i + 1 if os.path.basename(arg) == "tlrun" else None
-    return None
+    return _module_index(argv, ("tlrun",), "tlrun")
 
 
 def parse_tlrun_argv(argv: Sequence[str]) -> LauncherCommand | None:

@@ -211,7 +211,7 @@ class Session:
                 *redact.registered(),
             ],
         )
-        self.census: list[str] | verify.Census | None = None
+        self.census: list[str] | verify.Census[list[str]] | None = None
         self.watcher: Watcher | None = None
         self._stopping = False  # a deferred stop request has been acted on
         self._spares: dict[str, tuple[str, Hold]] = {}  # role -> its spare's child name and hold (dev --reload)

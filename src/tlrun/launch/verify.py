@@ -14,9 +14,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
 
 from tlrun.errors import BrokerError
 from tlrun.launch.broker import Broker
+
+T = TypeVar("T")
 
 # One readiness ping returns as soon as the node answers, or after this long. A ping sent before the new
 # worker subscribed to its mailbox is lost (fanout), so a short poll keeps that loss to 0.1 s.
@@ -73,31 +76,34 @@ class ReadyReport:
         return not self.duplicated and self.answering == self.expected
 
 
-class Census:
-    """One broadcast ping over a full reply window, on its own connection and thread."""
+class Census(Generic[T]):
+    """One broadcast over a full reply window, on its own connection and thread: by default a ping, whose
+    result is the node names of the raw replies; `call(broker, window)` runs another (doctor's
+    `active_queues`)."""
 
-    def __init__(self, url: str, window: float) -> None:
+    def __init__(self, url: str, window: float, call: Callable[[Broker, float], T] | None = None) -> None:
         # Built here, on the caller's thread: Celery's package swaps itself for a lazy module while it is
         # imported, and a second thread importing it at the same moment (the user's app, in doctor) fails
         # with "cannot import name 'Celery'". Import first, then start threads.
         self._broker = Broker(url)
         self._window = window
-        self.replies: list[str] = []
+        self._call: Callable[[Broker, float], Any] = call or (lambda broker, window: broker.ping(timeout=window))
+        self.replies: T = cast(T, [])
         self.error: BrokerError | None = None
         self._thread = threading.Thread(target=self._run, name="tlrun-census", daemon=True)
 
-    def start(self) -> Census:
+    def start(self) -> Census[T]:
         self._thread.start()
         return self
 
     def _run(self) -> None:
         try:
             with self._broker as broker:
-                self.replies = broker.ping(timeout=self._window)
+                self.replies = self._call(broker, self._window)
         except BrokerError as exc:
             self.error = exc
 
-    def result(self, should_stop: Callable[[], bool] = lambda: False) -> list[str]:
+    def result(self, should_stop: Callable[[], bool] = lambda: False) -> T:
         while self._thread.is_alive() and not should_stop():
             self._thread.join(0.05)
         if self.error is not None:

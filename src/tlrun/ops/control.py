@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -62,14 +63,7 @@ def stop_project(settings: Settings, timeout: float) -> StopReport:
     its tree), then the strays, with the same ladder."""
     launchers = _project_launchers(settings)
     first = signals.stop_ladder(launchers, timeout) if launchers else signals.StopResult((), (), ())
-    swept = sweep.sweep(
-        settings.project_id,
-        settings.app,
-        settings.project_root,
-        timeout,
-        kinds=("worker", "beat"),
-        roles=settings.role_filter,
-    )
+    swept = sweep_project(settings, timeout)
     return StopReport(
         launchers=tuple(p.pid for p in launchers),
         strays=swept.found,
@@ -79,15 +73,23 @@ def stop_project(settings: Settings, timeout: float) -> StopReport:
     )
 
 
-def stop_project_strays(settings: Settings) -> sweep.SweepResult:
-    """doctor --fix: the strays only (project processes no live launcher owns); launchers are left alone."""
+def sweep_project(
+    settings: Settings,
+    timeout: float | None = None,
+    dry_run: bool = False,
+    on_found: Callable[[sweep.Stray], None] | None = None,
+) -> sweep.SweepResult:
+    """The project's strays (workers and beats no live launcher owns) of every role, or of --role: tlrun
+    sweep, doctor --fix and the second half of stop. Launchers are left alone."""
     return sweep.sweep(
         settings.project_id,
         settings.app,
         settings.project_root,
-        settings.stop_grace,
+        settings.stop_grace if timeout is None else timeout,
         kinds=("worker", "beat"),
         roles=settings.role_filter,
+        dry_run=dry_run,
+        on_found=on_found,
     )
 
 

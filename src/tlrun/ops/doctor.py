@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import os
 import socket
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -202,31 +201,6 @@ def config_findings(conf: Any, broker_url: str, running_as_root: bool) -> list[F
     return found
 
 
-class QueuesCensus:
-    """One `active_queues` broadcast over the ping window, on its own connection and thread (like Census)."""
-
-    def __init__(self, url: str, window: float) -> None:
-        self._broker = Broker(url)  # built on the caller's thread: see verify.Census
-        self._window = window
-        self.replies: list[tuple[str, list[str]]] = []
-        self._thread = threading.Thread(target=self._run, name="tlrun-queues", daemon=True)
-
-    def start(self) -> QueuesCensus:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            with self._broker as broker:
-                self.replies = broker.active_queues(self._window)
-        except BrokerError:
-            self.replies = []  # the ping census reports the broker's failure
-
-    def result(self) -> list[tuple[str, list[str]]]:
-        self._thread.join()
-        return self.replies
-
-
 def role_findings(settings: Settings, nodes: list[NodeView], queues: list[tuple[str, list[str]]]) -> list[Finding]:
     """The configured roles against what answers: a missing role, a role with the wrong count, and workers
     that consume queues no role declares."""
@@ -337,8 +311,12 @@ def diagnose(settings: Settings) -> DoctorReport:
         broker_url = resolve_broker_url(settings)
     except AppImportError as exc:
         return _failed(settings, started, [Finding("APP_IMPORT", "error", str(exc), "fix the import error")], local)
-    census = verify.Census(broker_url, settings.ping_window).start()
-    queues = QueuesCensus(broker_url, settings.ping_window).start() if settings.declared_roles else None
+    census: verify.Census[list[str]] = verify.Census(broker_url, settings.ping_window).start()
+    queues = (
+        verify.Census(broker_url, settings.ping_window, lambda broker, window: broker.active_queues(window)).start()
+        if settings.declared_roles
+        else None
+    )
     connect_s = _connect_time(broker_url)
     try:
         app = load_app(settings)
@@ -384,7 +362,11 @@ def diagnose(settings: Settings) -> DoctorReport:
             )
         )
     if reachable and settings.declared_roles:
-        findings.extend(role_findings(settings, nodes, queues.result() if queues is not None else []))
+        try:
+            consumed = queues.result() if queues is not None else []
+        except BrokerError:  # the ping census reports the broker's failure
+            consumed = []
+        findings.extend(role_findings(settings, nodes, consumed))
     elif reachable and answering == 0 and not any(p.kind == "worker" for p in local):
         findings.append(
             Finding("NO_WORKERS", "warning", "no worker answers on this broker: tasks will wait", "tlrun worker")
