@@ -38,6 +38,9 @@ app.conf.update(
         # (defaults 10 s and 10: up to ~100 s late). Scan every second in tests.
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
+        # A worker restores expired unacked messages under a Redis mutex held up to this long (kombu: 300 s).
+        # A worker SIGKILLed during its restore scan leaves the mutex: every other worker waits that long.
+        "unacked_mutex_expire": 5,
     }},
 )
 
