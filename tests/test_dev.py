@@ -16,7 +16,6 @@ import pytest
 
 from helpers import Launched, Project, RedisServer, free_port, gone, ping_replies, send_task, wait_for
 from tlrun.config import project_id
-from tlrun.launch import procs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -133,12 +132,6 @@ def test_debug_mode_from_environment_with_beat(dev_project: Project) -> None:
     launched.send(signal.SIGINT)
     assert launched.wait(30) == 0
     assert gone([beat_pid])
-
-
-def _worker_mains(project: Project) -> int:
-    pid = project_id(project.root, project.app)
-    rows = [p for p in procs.scan(("worker",)) if p.marker == pid]
-    return len(procs.main_processes(rows))
 
 
 def test_reload_swaps_to_new_code_never_two_at_once_and_survives_a_syntax_error(dev_project: Project) -> None:

@@ -126,7 +126,7 @@ class Settings:
 
     @property
     def role(self) -> Role:
-        """The single role of a one-role command (export's spec, debug mode's defaults)."""
+        """The first role this command runs (the only one without a project file's roles)."""
         return self.roles[0]
 
     @property

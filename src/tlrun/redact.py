@@ -59,16 +59,6 @@ def secrets_of(url: str | None) -> list[str]:
     return out
 
 
-def url_password(url: str | None) -> str | None:
-    """The password embedded in a broker URL (as urllib reads it), or None."""
-    if not url:
-        return None
-    try:
-        return urlsplit(url).password or None
-    except ValueError:
-        return None
-
-
 def redact_url(url: str | None) -> str:
     """`redis://:secret@host:6379/0` -> `redis://:***@host:6379/0`; `redis://secret@host` -> `redis://***@host`;
     `?password=secret` -> `?password=***`. A URL without secrets comes back unchanged."""

@@ -521,19 +521,9 @@ class Session:
         the old ones serve; only then are the old ones stopped (drained, or warm when busy) and the new ones
         released to connect. The two never consume at the same time; a save that breaks the import leaves
         the old workers serving."""
-        assert self.watcher is not None
+        assert self.watcher is not None and self.opts.held_workers  # only tlrun dev reloads; its workers are held
         changes = self.watcher.take()
         started = time.monotonic()
-        if not self.opts.held_workers:
-            self._stop_workers(self.workers)
-            try:
-                ready = self.start_workers(self.workers, started, allow_rename=False)
-            except (AppImportError, WorkerStartError) as exc:
-                self.report(Notice(f"reload failed: {exc}; fix it and save again", "warning"))
-                return
-            if ready is not None:
-                self.report(Reloaded(tuple(changes), time.monotonic() - started, ready))
-            return
         prepared: list[tuple[RoleWorker, str, Hold]] = []
         for w in self.workers:
             spare = self._take_spare(w)

@@ -80,11 +80,10 @@ class Supervisor:
         for child in self._children.values():
             self._escalate(child)
 
-    def escalate(self, names: list[str] | None = None) -> None:
-        """Apply the stop request now to the named children (all when None): a deferred first stop."""
+    def escalate(self) -> None:
+        """Apply the stop request now to every child: a deferred first stop, after the owner's drain."""
         for child in list(self._children.values()):
-            if names is None or child.name in names:
-                self._escalate(child)
+            self._escalate(child)
 
     def _escalate(self, child: _Child) -> None:
         """Apply the current stop request to one child (first: warm, then: cold)."""
