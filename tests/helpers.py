@@ -77,6 +77,29 @@ def whoami():
 
 
 @app.task
+def spawn_sleeper(new_session=False):
+    # A background process the task does not wait for (it inherits the worker's environment and marker).
+    import subprocess
+
+    proc = subprocess.Popen(
+        ["sleep", "1000"], start_new_session=new_session, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return proc.pid
+
+
+@app.task
+def orphan_grandchild(seconds):
+    # The shell starts `sleep` in the background and exits: the sleep is re-parented (to PID 1, a subreaper,
+    # or the host's init), and whoever gets it must reap it when it exits.
+    import subprocess
+
+    out = subprocess.run(
+        ["sh", "-c", "sleep %s >/dev/null 2>&1 & echo $!" % seconds], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout)
+
+
+@app.task
 def shout(lines):
     # Much more output than a pipe holds (64 KiB): a worker whose output nobody drains blocks here.
     for i in range(lines):

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
+
+import yaml
 
 from tlrun import config
 from tlrun.errors import EXIT_CODES
@@ -43,3 +49,66 @@ def test_reliability_tables_are_generated_from_the_tests() -> None:
     counts = doc.split("<!-- counts:start -->\n", 1)[1].split("<!-- counts:end -->", 1)[0]
     assert f"Faults tried: {len(faults)}, survived: {len(faults)}." in counts
     assert f"Bad inputs tried: {len(CASES)}," in counts and "Secrets leaked: 0." in counts
+
+
+# -- the container recipe: Docker is not needed to check that it asks tlrun for things tlrun has ----------
+DOCKER = ROOT / "examples" / "docker"
+
+
+def _dockerfile() -> dict[str, list[str]]:
+    """ENTRYPOINT, CMD and HEALTHCHECK's CMD (exec form), and the ENV and USER lines, of the Dockerfile."""
+    text = (DOCKER / "Dockerfile").read_text().replace("\\\n", " ")
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word in ("ENTRYPOINT", "CMD"):
+            found[word] = json.loads(rest)
+        elif word == "HEALTHCHECK":
+            found["HEALTHCHECK"] = json.loads(rest.split(" CMD ", 1)[1])
+        elif word in ("ENV", "USER"):
+            found.setdefault(word, []).extend(shlex.split(rest))
+    return found
+
+
+def _tlrun_accepts(args: list[str]) -> None:
+    """Click reads every option name before --help acts: an option tlrun does not have fails here."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tlrun", *args, "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, f"tlrun {' '.join(args)}: {result.stderr}"
+
+
+def test_the_dockerfile_runs_tlrun_as_a_non_root_entrypoint() -> None:
+    docker = _dockerfile()
+    assert docker["ENTRYPOINT"] == ["tlrun"]
+    assert docker["USER"] and docker["USER"][0] not in ("root", "0")
+    _tlrun_accepts(docker["CMD"])
+    assert docker["HEALTHCHECK"][:2] == ["tlrun", "health"]
+    _tlrun_accepts(docker["HEALTHCHECK"][1:])
+    env = dict(item.split("=", 1) for item in docker["ENV"])
+    assert float(env["TLRUN_STOP_GRACE"]) < 10  # docker stop's default SIGKILL comes after 10 s
+
+
+def test_the_compose_file_runs_a_worker_beat_redis_and_flower() -> None:
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"redis", "worker", "beat", "flower"}
+    for name in ("worker", "beat"):
+        _tlrun_accepts(services[name]["command"])
+    worker = services["worker"]
+    period = worker["stop_grace_period"]
+    assert period.endswith("s") and float(period[:-1]) > float(worker["environment"]["TLRUN_STOP_GRACE"])
+    assert "replicas" not in services["beat"].get("deploy", {})  # one beat
+
+
+def test_the_kubernetes_example_gives_tlrun_its_grace_before_the_kubelets_sigkill() -> None:
+    text = (ROOT / "docs" / "kubernetes.md").read_text()
+    manifest = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    pod = manifest["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[:3] == ["python", "-m", "tlrun"]
+    _tlrun_accepts(command[3:])
+    grace = float(command[command.index("--grace") + 1])
+    assert pod["terminationGracePeriodSeconds"] > grace
+    for probe in ("readinessProbe", "livenessProbe"):
+        _tlrun_accepts(pod["containers"][0][probe]["exec"]["command"][3:])

@@ -222,8 +222,16 @@ def _launch(params: dict[str, Any], ping_window_default: float = 1.0, **opts: An
     show_default=True,
     help="Give up after this many restarts in total (0: no limit).",
 )
+@click.option(
+    "--init",
+    "init_mode",
+    is_flag=True,
+    help="Do what a container's init does (automatic when tlrun is PID 1): reap orphans, and on Linux "
+    "become a subreaper so that a dead worker's pool children come back to tlrun.",
+)
 @handle_errors
 def worker(
+    init_mode: bool,
     fast_stop: bool,
     restart: bool,
     restart_delay: float,
@@ -251,7 +259,7 @@ def worker(
     policy = None
     if restart:
         policy = RestartSettings(restart_delay, restart_max_delay, give_up_crashes, give_up_window, max_restarts)
-    _launch(params, restart=policy, fast_stop=fast_stop)
+    _launch(params, restart=policy, fast_stop=fast_stop, init=init_mode)
 
 
 @cli.command()
@@ -322,13 +330,20 @@ def dev(
 @click.option(
     "-l", "--loglevel", type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False)
 )
+@click.option(
+    "--init",
+    "init_mode",
+    is_flag=True,
+    help="Do what a container's init does (automatic when tlrun is PID 1): reap orphans, and on Linux "
+    "become a subreaper so that a dead worker's pool children come back to tlrun.",
+)
 @handle_errors
-def beat(**params: Any) -> None:
+def beat(init_mode: bool, **params: Any) -> None:
     """Run Celery beat alone, supervised, one per project (two beats run every periodic task twice).
 
     The schedule file lives in tlrun's state directory, not in the project.
     """
-    _launch(params, worker=False, beat=True)
+    _launch(params, worker=False, beat=True, init=init_mode)
 
 
 @cli.command("sweep")

@@ -119,6 +119,7 @@ class Settings:
     # The environment the worker gets: process environment over .env values.
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
     notes: tuple[tuple[str, str], ...] = ()  # (level, message) for the CLI to show once: discovery, warnings
+    log_dir_given: bool = False  # set by --log-dir, TLRUN_LOG_DIR or the project file (as PID 1: log files)
 
     @property
     def project_id(self) -> str:
@@ -343,6 +344,7 @@ def build_settings(
         project_file=pf.path,
         environ=merged_env,
         notes=tuple(notes),
+        log_dir_given=log_dir_raw is not None,
     )
 
 

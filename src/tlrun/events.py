@@ -27,7 +27,7 @@ class Spawned:
     kind: str  # "worker" or "beat"
     node: str
     pid: int
-    log_path: Path
+    log_path: Path | None  # None: no log file (tlrun as PID 1 logs to stdout)
     argv: tuple[str, ...]
 
 

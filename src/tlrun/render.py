@@ -101,7 +101,8 @@ class ConsoleRenderer:
             self._say(f"tlrun: {verb} stray {event.stray.describe()}", "yellow")
         elif isinstance(event, Spawned):
             what = event.node if event.kind == "worker" else event.kind
-            self._say(f"tlrun: starting {what} (pid {event.pid}), log {event.log_path}", "cyan")
+            where = f"log {event.log_path}" if event.log_path is not None else "output on stdout"
+            self._say(f"tlrun: starting {what} (pid {event.pid}), {where}", "cyan")
         elif isinstance(event, Ready):
             for i, line in enumerate(verdict(event.report)):
                 self._say("tlrun: " + line, *(("green", "bold") if i == 0 else ("yellow",)))

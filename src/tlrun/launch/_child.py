@@ -1,32 +1,190 @@
-"""Exec shim: `python -m tlrun.launch._child <launcher pid> -- <argv...>`.
+"""The shim every child of a launcher runs behind:
+`python -m tlrun.launch._child <launcher pid> <lifeline fd> <grace> -- <argv...>`.
 
-Sets PR_SET_PDEATHSIG=SIGTERM so that the worker gets a warm shutdown when its launcher dies, even by
-SIGKILL, then execs the real command (the setting survives exec). Doing this in a shim rather than in
-subprocess's preexec_fn keeps the launcher safe to spawn while it has threads (preexec_fn is not).
-The kernel fires the signal when the *thread* that forked us exits: tlrun spawns from its main thread.
+Parent death, on every POSIX system: the launcher holds the only write end of a pipe (the lifeline) and
+each child holds its read end, so the read returns EOF exactly when the launcher is gone, however it died
+(SIGKILL, a crash, an IDE's second Stop). Two ways to act on it:
+
+- a Python module (`python -m celery ...`, tlrun's worker entry): this process becomes the worker; it
+  does not exec but runs the module's command line in place (runpy), with a daemon thread blocked reading
+  the lifeline. On EOF the thread points stdout and stderr at the child's log file (the launcher that read
+  them is gone), sends this process SIGTERM (Celery's warm shutdown: running tasks finish), and after the
+  grace period SIGKILLs its own process group. When the worker then exits by itself, whatever is left in
+  its group (a task's subprocess) is killed with it.
+- anything else (the private redis-server): this process stays a small watchdog parent that holds the read
+  end, forwards the launcher's stop signals, and on EOF stops its child (SIGTERM, SIGKILL after a short
+  wait). It execs nothing itself.
+
+On Linux PR_SET_PDEATHSIG=SIGTERM is kept as a backstop (a thread cannot run while a C extension holds
+the GIL); TLRUN_NO_PDEATHSIG=1 turns it off, so that tests on Linux exercise the lifeline alone, as on
+macOS. The kernel fires that signal when the *thread* that forked us exits: tlrun spawns from its main
+thread. This module imports only the standard library: it runs before every worker start.
 """
+
+from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 EXIT_PARENT_GONE = 125
+NO_PDEATHSIG_ENV = "TLRUN_NO_PDEATHSIG"
+# "1": use only what macOS has, on Linux too (tests): no PR_SET_PDEATHSIG, no os.waitid (absent from
+# CPython on macOS before 3.13), no PR_SET_CHILD_SUBREAPER.
+PORTABLE_ENV = "TLRUN_PORTABLE"
+LOG_ENV = "TLRUN_LOG_FILE"  # where a worker's output goes once its launcher is gone
+WATCHDOG_WAIT = 3.0  # a non-Python child's time between SIGTERM and SIGKILL once the launcher is gone
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+
+
+def in_process_module(argv: Sequence[str], python: str = sys.executable) -> str | None:
+    """The module that `argv` runs when it is exactly `<this python> -m <module> ...` (run in place),
+    else None (run under a watchdog)."""
+    if len(argv) >= 3 and argv[0] == python and argv[1] == "-m" and not argv[2].startswith("-"):
+        return argv[2]
+    return None
+
+
+def portable(environ: Mapping[str, str] = os.environ) -> bool:
+    """Run the code paths macOS runs, even on Linux (TLRUN_PORTABLE=1)."""
+    return environ.get(PORTABLE_ENV) == "1"
+
+
+def set_pdeathsig(environ: Mapping[str, str] = os.environ) -> bool:
+    """The Linux backstop: SIGTERM when the launcher's thread that forked us exits. False when off or absent."""
+    if not sys.platform.startswith("linux") or environ.get(NO_PDEATHSIG_ENV) == "1" or portable(environ):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+        sys.stderr.write(f"tlrun: prctl(PR_SET_PDEATHSIG) failed: errno {ctypes.get_errno()}\n")
+        return False
+    return True
+
+
+def watch(fd: int, launcher: int, on_gone: Callable[[], None]) -> threading.Thread:
+    """A daemon thread that calls `on_gone` once the launcher is gone: at once when our parent is no longer
+    `launcher` (it died before the thread ran), else when the lifeline reads EOF."""
+
+    def run() -> None:
+        if os.getppid() == launcher:
+            try:
+                while os.read(fd, 512):  # the launcher never writes: only EOF ends this
+                    pass
+            except OSError:
+                pass
+        on_gone()
+
+    thread = threading.Thread(target=run, name="tlrun-lifeline", daemon=True)
+    thread.start()
+    return thread
+
+
+def redirect_output(path: str | None) -> None:
+    """Point fds 1 and 2 at the log file (appending, never through a symlink), else at /dev/null: the pipe to
+    the launcher has no reader any more, and a write to it would fail inside Celery's signal handler."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags) if path else os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    for target in (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+
+
+class _Worker:
+    """A Python child whose launcher may die: the steps it takes on its own."""
+
+    def __init__(self, grace: float, log_path: str | None) -> None:
+        self.grace = grace
+        self.log_path = log_path
+        self.orphaned = threading.Event()
+
+    def on_gone(self) -> None:
+        self.orphaned.set()
+        redirect_output(self.log_path)
+        os.write(2, b"tlrun: the launcher is gone: warm shutdown (SIGTERM to this worker)\n")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(self.grace)  # a worker that finishes sooner ends this thread with it
+        os.write(2, f"tlrun: still running {self.grace:g} s later: SIGKILL to the process group\n".encode())
+        kill_own_group()
+
+    def on_exit(self) -> None:
+        """The worker has finished. Without a launcher to empty our group, empty it ourselves."""
+        if self.orphaned.is_set():
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            kill_own_group()
+
+
+def kill_own_group() -> None:
+    """SIGKILL this process's group, this process included (the child leads its own session)."""
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def run_module(module: str, args: Sequence[str], fd: int, launcher: int, grace: float) -> None:
+    import runpy
+
+    worker = _Worker(grace, os.environ.pop(LOG_ENV, None))
+    watch(fd, launcher, worker.on_gone)
+    sys.argv = [module, *args]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        worker.on_exit()
+
+
+def run_watchdog(argv: Sequence[str], fd: int, launcher: int, wait: float = WATCHDOG_WAIT) -> int:
+    """Run `argv` as our child; forward stop signals; stop it when the launcher is gone. Its exit status."""
+    child = subprocess.Popen(list(argv), close_fds=True)
+    gone = threading.Event()
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.kill(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+
+    def on_gone() -> None:
+        gone.set()
+        forward(signal.SIGTERM, None)
+        try:
+            child.wait(wait)
+        except subprocess.TimeoutExpired:
+            kill_own_group()
+
+    watch(fd, launcher, on_gone)
+    code = child.wait()
+    if gone.is_set():
+        kill_own_group()  # anything the child left in our group goes with it
+    return 128 - code if code < 0 else code
 
 
 def main() -> None:
-    expected_parent = int(sys.argv[1])
-    argv = sys.argv[3:]
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
-            sys.stderr.write(f"tlrun: prctl(PR_SET_PDEATHSIG) failed: errno {ctypes.get_errno()}\n")
+    launcher, fd, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    argv = sys.argv[5:]
+    set_pdeathsig()
     # The launcher may have died between fork and prctl: then no signal will ever come. Stop here.
-    if os.getppid() != expected_parent:
+    if os.getppid() != launcher:
         sys.exit(EXIT_PARENT_GONE)
-    os.execv(argv[0], argv)
+    module = in_process_module(argv)
+    if module is None:
+        sys.exit(run_watchdog(argv, fd, launcher))
+    os.set_inheritable(fd, False)  # the worker's pool children and a task's subprocesses never need it
+    run_module(module, argv[3:], fd, launcher, grace)
 
 
 if __name__ == "__main__":

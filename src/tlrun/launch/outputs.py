@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from tlrun.launch._child import LOG_ENV
 from tlrun.launch.logfiles import open_log
 from tlrun.launch.spawn import OutputPump
 from tlrun.redact import Redactor
@@ -15,17 +16,21 @@ from tlrun.redact import Redactor
 class Outputs:
     def __init__(
         self,
-        log_dir: Path,
+        log_dir: Path | None,
         on_line: Callable[[str, str], None],
         on_log_error: Callable[[str], None],
         secrets: Callable[[], list[str | None]],
     ) -> None:
-        self._log_dir = log_dir
+        self._log_dir = log_dir  # None: no log files, the console only (tlrun as PID 1: stdout is the log)
         self._on_line = on_line  # (label, line)
         self._on_log_error = on_log_error
         self._secrets = secrets
         self._pumps: dict[str, OutputPump] = {}
         self._gates: dict[str, _Gate] = {}
+
+    def child_env(self, stem: str) -> dict[str, str]:
+        """Where the child writes its own output once its launcher is gone (see `_child.py`)."""
+        return {LOG_ENV: str(self._log_dir / f"{stem}.log")} if self._log_dir is not None else {}
 
     def attach(
         self,
@@ -35,8 +40,9 @@ class Outputs:
         label: str | None = None,
         echo: bool = True,
         hold_until: str | None = None,
-    ) -> Path:
-        """Start copying `child`'s output to `<log dir>/<stem>.log`; returns the log file's path.
+    ) -> Path | None:
+        """Start copying `child`'s output to `<log dir>/<stem>.log`; returns the log file's path (None
+        without a log directory).
 
         With `hold_until`, console lines wait until a line contains it (a worker's banner) or `release`:
         a worker that fails before that shows tlrun's one-line error, not Celery's traceback (which stays
@@ -47,9 +53,8 @@ class Outputs:
             gate = _Gate(lambda line: self._on_line(tag, line), hold_until)
             self._gates[name] = gate
             on_line = gate
-        pump = OutputPump(
-            child, open_log(self._log_dir, stem), Redactor(self._secrets()), on_line, on_log_error=self._on_log_error
-        )
+        log = open_log(self._log_dir, stem) if self._log_dir is not None else None
+        pump = OutputPump(child, log, Redactor(self._secrets()), on_line, on_log_error=self._on_log_error)
         self._pumps[name] = pump
         return pump.log_path
 

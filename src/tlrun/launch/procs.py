@@ -36,6 +36,7 @@ _PY_VALUE_FLAGS = {"-W", "-X", "-Q"}  # python interpreter flags that take a val
 # `python -m <these>` runs Celery's command line: Celery itself, and tlrun dev's worker entry (the same
 # command line with a shorter transport poll interval).
 CELERY_MODULES = ("celery", "tlrun.dev.worker_entry")
+SHIM_MODULE = "tlrun.launch._child"  # every child of a launcher runs behind it: `<shim args> -- <argv>`
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,13 @@ def _celery_index(argv: Sequence[str]) -> int | None:
     return _module_index(argv, CELERY_MODULES, "celery")
 
 
+def unwrap_shim(argv: Sequence[str]) -> Sequence[str]:
+    """The command a child of a launcher runs (what follows the parent-death shim's `--`), else argv."""
+    if _module_index(argv, (SHIM_MODULE,), SHIM_MODULE) is not None and "--" in argv:
+        return argv[list(argv).index("--") + 1 :]
+    return argv
+
+
 def _option_value(args: Sequence[str], i: int, short: str, long: str) -> tuple[str | None, int]:
     """(value, next index) when args[i] is `short VALUE`, `shortVALUE`, `long VALUE` or `long=VALUE`."""
     arg = args[i]
@@ -125,7 +133,8 @@ def _option_value(args: Sequence[str], i: int, short: str, long: str) -> tuple[s
 
 
 def parse_celery_argv(argv: Sequence[str]) -> CeleryCommand | None:
-    """Parse a command line; None unless it runs a Celery sub-command."""
+    """Parse a command line; None unless it runs a Celery sub-command (behind tlrun's shim or not)."""
+    argv = unwrap_shim(argv)
     start = _celery_index(argv)
     if start is None:
         return None
@@ -194,6 +203,7 @@ class CeleryProcess:
     role_name: str | None = None  # the role tlrun started it for (TLRUN_ROLE)
     queues: frozenset[str] | None = None  # from -Q; None: Celery's default queue
     spare: bool = False  # started as tlrun dev's spare (it may have become the worker since)
+    command: str | None = None  # a leftover's program name (`sleep`)
 
 
 def project_match(proc: CeleryProcess, project_id: str, app: str, root: Path, uid: int) -> bool:
@@ -256,17 +266,57 @@ def _read_env(proc: psutil.Process) -> Mapping[str, str]:
         return {}
 
 
-def scan(roles: Iterable[str] = ("worker", "beat"), hostname: str | None = None) -> list[CeleryProcess]:
-    """Every Celery process with one of `roles` on this machine (all users; callers filter by uid).
+LEFTOVER = "leftover"  # the kind of a marked process that is not Celery: what a task started, left behind
 
-    Reads argv for every process (cheap) and the environment and cwd only for Celery ones.
+
+def _leftover(proc: psutil.Process, argv: Sequence[str]) -> CeleryProcess | None:
+    """A process of the current user that carries a tlrun marker but runs no Celery command (a task's
+    subprocess, an orphan): a leftover once its launcher is gone."""
+    try:
+        with proc.oneshot():
+            if proc.uids().real != os.getuid() or proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            env = _read_env(proc)
+            if ENV_MARKER not in env or _tlrun_index(argv) is not None:
+                return None  # unmarked, or tlrun itself (run from a task)
+            ppid, create_time, cwd = proc.ppid(), proc.create_time(), proc.cwd()
+    except (psutil.Error, OSError):
+        return None
+    return CeleryProcess(
+        pid=proc.pid,
+        ppid=ppid,
+        create_time=create_time,
+        uid=os.getuid(),
+        role=LEFTOVER,
+        app=None,
+        node=None,
+        cwd=cwd,
+        marker=env.get(ENV_MARKER),
+        launcher=env.get(ENV_GUARD),
+        role_name=env.get(ENV_ROLE),
+        command=os.path.basename(argv[0]) if argv else proc.name(),
+    )
+
+
+def scan(roles: Iterable[str] = ("worker", "beat"), hostname: str | None = None) -> list[CeleryProcess]:
+    """Every Celery process with one of `roles` on this machine (all users; callers filter by uid), and
+    with LEFTOVER among `roles`, the current user's marked processes that run no Celery command.
+
+    Reads argv for every process (cheap) and the environment and cwd only for Celery ones (and, for
+    leftovers, the environment of the current user's other processes).
     """
     wanted = set(roles)
     host = hostname or socket.gethostname()
     found: list[CeleryProcess] = []
     # argv only for every process (one read of /proc/<pid>/cmdline); the rest only for Celery ones.
     for proc in psutil.process_iter(["cmdline"]):
-        cmd = parse_celery_argv(proc.info.get("cmdline") or ())
+        argv = proc.info.get("cmdline") or ()
+        cmd = parse_celery_argv(argv)
+        if cmd is None and LEFTOVER in wanted:
+            left = _leftover(proc, unwrap_shim(argv))
+            if left is not None:
+                found.append(left)
+            continue
         if cmd is None or cmd.subcommand not in wanted:
             continue
         try:

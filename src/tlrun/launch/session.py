@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import re
@@ -15,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,11 @@ from tlrun.errors import (
     WorkerStartError,
 )
 from tlrun.events import Exited, Notice, Ready, Reloaded, Reporter, Spawned, StrayFound, WorkerOutput
-from tlrun.launch import drain, guard, logfiles, procs, signals, spawn, sweep, verify
+from tlrun.launch import drain, guard, logfiles, pid1, procs, signals, spawn, sweep, verify
 from tlrun.launch.broker import Broker, check_reachable, resolve_broker
 from tlrun.launch.hold import Hold
 from tlrun.launch.outputs import Outputs
-from tlrun.launch.supervise import Supervisor
+from tlrun.launch.supervise import Supervisor, requeue_margin
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,29 @@ class LaunchOptions:
     restart: RestartSettings | None = None  # restart a crashed worker with backoff (worker --restart)
     fast_stop: bool = False  # stop an idle worker by draining it, then SIGKILL (dev's default; worker --fast-stop)
     dev_poll: bool = False  # 0.1 s transport poll on Redis, where the app sets none (dev)
+    init: bool = False  # --init: reap orphans and (Linux) be a subreaper, as PID 1 does
+    is_pid1: bool = field(default_factory=pid1.is_pid1)  # a container's PID 1: also logs to stdout by default
+
+    @property
+    def init_duties(self) -> bool:
+        return self.init or self.is_pid1
 
     @property
     def held_workers(self) -> bool:
         """Workers start through tlrun's entry module, held until released (prepared reloads; the entry
         reports the transport's poll interval, which the fast stop needs)."""
         return self.fast_stop or self.dev_poll
+
+
+def celery_version() -> tuple[int, ...]:
+    """The installed Celery's version, without importing Celery."""
+    from importlib.metadata import version
+
+    parts = []
+    for piece in version("celery").split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 def lock_path(settings: Settings, kind: str) -> Path:
@@ -201,8 +219,10 @@ class Session:
         self.workers = [RoleWorker(role, self.hostname, opts.restart) for role in roles]
         self.broker_url = ""
         self._private_argv: list[str] | None = None
+        # As a container's PID 1, stdout is the log (the runtime collects it) unless a log directory is set.
+        self.log_dir = None if opts.is_pid1 and not settings.log_dir_given else settings.log_dir
         self.outputs = Outputs(
-            settings.log_dir,
+            self.log_dir,
             lambda label, line: report(WorkerOutput(label, line)),
             lambda msg: report(Notice(msg, "warning")),
             lambda: [
@@ -267,7 +287,8 @@ class Session:
     def validate(self) -> None:
         """Everything that can fail, before anything is stopped (--replace, the sweep) or started: the log
         directory, the app's module, the broker (resolved, and answering unless a private one is planned)."""
-        logfiles.check_log_dir(self.s.log_dir)
+        if self.log_dir is not None:
+            logfiles.check_log_dir(self.log_dir)
         check_app_module(self.s)
         choice = resolve_broker(self.s)
         url = choice.url
@@ -297,7 +318,7 @@ class Session:
 
     # -- sweep ---------------------------------------------------------------------------------------
     def sweep(self) -> None:
-        kinds = (["worker"] if self.workers else []) + (["beat"] if self.opts.beat else [])
+        kinds = (["worker", procs.LEFTOVER] if self.workers else []) + (["beat"] if self.opts.beat else [])
         if not self.s.sweep or not kinds:
             return
         result = sweep.sweep(
@@ -325,12 +346,12 @@ class Session:
         if hold is not None:
             env.update(hold.env(), **({DEV_POLL_ENV: "1"} if self.opts.dev_poll else {}))
         fds = (hold.child_fd,) if hold is not None else ()
-        child = self.sup.start(name, argv, env, self.s.project_root, pass_fds=fds)
+        stem = f"celery_{w.role.log_stem}_{os.getpid()}"
+        env.update(self.outputs.child_env(stem))
+        child = self.sup.start(name, argv, env, self.s.project_root, pass_fds=fds, requeue=True)
         if hold is not None:
             hold.spawned()
-        log_path = self.outputs.attach(
-            name, child, f"celery_{w.role.log_stem}_{os.getpid()}", label=w.node, hold_until=BANNER
-        )
+        log_path = self.outputs.attach(name, child, stem, label=w.node, hold_until=BANNER)
         if announce:
             self.report(Spawned("worker", w.node, child.pid, log_path, tuple(argv)))
 
@@ -498,8 +519,10 @@ class Session:
     def start_beat(self) -> None:
         argv = spawn.beat_argv(self.s.app, beat_schedule_path(self.s), self.s.roles[0].worker.loglevel)
         env = spawn.worker_env(self.s, "beat", procs.Identity.of_self(), self.broker_url)
+        stem = f"celery_beat_{os.getpid()}"
+        env.update(self.outputs.child_env(stem))
         child = self.sup.start("beat", argv, env, self.s.project_root)
-        log_path = self.outputs.attach("beat", child, f"celery_beat_{os.getpid()}")
+        log_path = self.outputs.attach("beat", child, stem)
         self._update_record("beat", beat_pid=child.pid)
         self.report(Spawned("beat", "beat", child.pid, log_path, tuple(argv)))
 
@@ -665,9 +688,20 @@ def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None)
     """Run the project's workers (one per role) and/or beat until they stop; returns the exit status."""
     opts = opts or LaunchOptions()
     started = time.monotonic()
+    reaper = None
+    if opts.init_duties:
+        if not opts.is_pid1:
+            pid1.become_subreaper()
+        reaper = pid1.Reaper()
     with contextlib.ExitStack() as stack:
         sup = stack.enter_context(
-            Supervisor(settings.stop_grace, lambda msg: report(Notice(msg)), defer_first_stop=opts.fast_stop)
+            Supervisor(
+                settings.stop_grace,
+                lambda msg: report(Notice(msg)),
+                defer_first_stop=opts.fast_stop,
+                reaper=reaper,
+                requeue_margin=requeue_margin(settings.stop_grace, celery_version()),
+            )
         )
         session = Session(settings, report, sup, opts)
         # Validate, guard, broker, sweep: nothing is stopped before everything that can fail was checked. A

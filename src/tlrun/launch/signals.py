@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from tlrun.launch._child import portable
 from tlrun.launch.procs import Identity, protected_pids
 
 log = logging.getLogger(__name__)
@@ -78,13 +79,22 @@ def send(proc: psutil.Process, sig: int) -> bool:
 
 
 def child_exited(child: subprocess.Popen[bytes]) -> bool:
-    """Has our child exited? Does not reap it (WNOWAIT): its pid stays ours until Popen.wait()."""
+    """Has our child exited? Does not reap it: its pid stays ours until Popen.wait()."""
     if child.returncode is not None:
         return True
+    if hasattr(os, "waitid") and not portable():
+        try:
+            return os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+    # CPython on macOS has os.waitid only from 3.13: an exited, unreaped child is a zombie (its pid cannot
+    # be reused until we reap it, so asking about the pid is safe).
     try:
-        return os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
+        return psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return True
+    except psutil.Error:
+        return False
 
 
 def signal_child(child: subprocess.Popen[bytes], sig: int) -> bool:

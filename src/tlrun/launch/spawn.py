@@ -1,13 +1,15 @@
 """Step 3 of the launch path: name the worker, build its argv and environment, start it.
 
 argv and environment are built by pure functions. The worker runs in its own session (so a terminal's
-Ctrl-C reaches only the launcher, which decides what the worker gets), behind the pdeathsig shim, with the
-broker URL in its environment and never on its command line.
+Ctrl-C reaches only the launcher, which decides what the worker gets), behind the parent-death shim
+(`_child.py`, holding the read end of the launcher's lifeline), with the broker URL in its environment and
+never on its command line.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 import sys
 import threading
@@ -82,18 +84,50 @@ def worker_env(
     return env
 
 
+class Lifeline:
+    """A pipe whose write end only this launcher holds; every child gets the read end and sees EOF when the
+    launcher is gone, however it died (see `_child.py`). Both ends are close-on-exec: a child gets the read
+    end through `pass_fds` only, and tlrun never forks without exec while holding the write end (the one
+    exception, a task of the debug mode's in-process worker that forks, delays its children's EOF)."""
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe()
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self._write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def shim_argv(argv: list[str], lifeline: Lifeline, grace: float) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "tlrun.launch._child",
+        str(os.getpid()),
+        str(lifeline.read_fd),
+        f"{grace:g}",
+        "--",
+        *argv,
+    ]
+
+
 def spawn(
-    argv: list[str], env: Mapping[str, str], cwd: Path, pass_fds: tuple[int, ...] = ()
+    argv: list[str],
+    env: Mapping[str, str],
+    cwd: Path,
+    lifeline: Lifeline,
+    grace: float,
+    pass_fds: tuple[int, ...] = (),
 ) -> subprocess.Popen[bytes]:
-    """Start argv in a new session behind the pdeathsig shim. Must run on the main thread: the kernel
-    sends the parent-death signal when the thread that forked exits."""
+    """Start argv in a new session behind the parent-death shim. Must run on the main thread: the kernel
+    sends Linux's parent-death signal when the thread that forked exits."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("tlrun spawns workers from the main thread only")
-    import os
-
-    shim = [sys.executable, "-m", "tlrun.launch._child", str(os.getpid()), "--", *argv]
     return subprocess.Popen(
-        shim,
+        shim_argv(argv, lifeline, grace),
         cwd=cwd,
         env=dict(env),
         stdin=subprocess.DEVNULL,
@@ -101,7 +135,7 @@ def spawn(
         stderr=subprocess.STDOUT,
         start_new_session=True,
         close_fds=True,
-        pass_fds=pass_fds,
+        pass_fds=(lifeline.read_fd, *pass_fds),
     )
 
 
@@ -114,7 +148,7 @@ class OutputPump:
     def __init__(
         self,
         child: subprocess.Popen[bytes],
-        log: WorkerLog,
+        log: WorkerLog | None,
         redact: Redactor,
         on_line: Callable[[str], None] | None = None,
         keep: int = 40,
@@ -127,7 +161,7 @@ class OutputPump:
         self._on_log_error = on_log_error
         self._log_failed = False
         self.tail: collections.deque[str] = collections.deque(maxlen=keep)
-        self.log_path = log.path
+        self.log_path = log.path if log is not None else None
         self._thread = threading.Thread(target=self._run, name=f"tlrun-output-{child.pid}", daemon=True)
         self._thread.start()
 
@@ -149,6 +183,8 @@ class OutputPump:
                     self._to_log(f"tlrun: console output stopped ({exc}); this log file keeps every line")
 
     def _to_log(self, line: str) -> None:
+        if self._log is None:
+            return
         try:
             self._log.write(line)
         except OSError as exc:
@@ -163,4 +199,5 @@ class OutputPump:
     def close(self, timeout: float = 2.0) -> None:
         # The pipe ends when every process holding it exits; a task's background process might keep it.
         self._thread.join(timeout)
-        self._log.close()
+        if self._log is not None:
+            self._log.close()

@@ -19,11 +19,13 @@ from types import FrameType
 from typing import Any
 
 from tlrun.launch import signals, spawn
+from tlrun.launch.pid1 import Reaper
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 POLL = 0.05
+REQUEUE_MARGIN = 3.0
 
 
 def exit_status(returncode: int) -> int:
@@ -31,29 +33,54 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def requeue_margin(grace: float, celery_version: tuple[int, ...]) -> float | None:
+    """How long before SIGKILL a stopping worker gets SIGQUIT, or None for never.
+
+    On Celery 5.5+ SIGQUIT during a warm shutdown runs the soft/cold shutdown path, which cancels the
+    tasks still running and lets the broker redeliver the late-acked ones (`cancel_active_requests`): a
+    task that cannot finish within the grace period goes back to the queue instead of dying with SIGKILL.
+    It needs about 1.6 s to finish (measured, CELERY-FACTS.md). Celery 5.4's SIGQUIT kills the tasks at
+    once, so there it is never sent. The app's own `worker_soft_shutdown_timeout` is waited on top."""
+    if celery_version[:2] < (5, 5) or grace < 2.0:
+        return None
+    return min(REQUEUE_MARGIN, grace / 3)
+
+
 @dataclass
 class _Child:
     name: str
     popen: subprocess.Popen[bytes]
     stop_order: int  # lower stops first: the worker before the broker it needs for a warm shutdown
+    requeue: bool = False  # a worker: SIGQUIT shortly before the SIGKILL (see requeue_margin)
     kill_at: float | None = None
+    quit_at: float | None = None
 
 
 class Supervisor:
     """Holds named children; use as a context manager so that no child outlives it."""
 
     def __init__(
-        self, grace: float, on_step: Callable[[str], None] | None = None, defer_first_stop: bool = False
+        self,
+        grace: float,
+        on_step: Callable[[str], None] | None = None,
+        defer_first_stop: bool = False,
+        reaper: Reaper | None = None,
+        requeue_margin: float | None = None,
     ) -> None:
         """`defer_first_stop`: the first stop signal only sets `stop_requested`; the owner then drains its
-        workers and calls `escalate` (tlrun dev's fast stop). A second signal is acted on at once."""
+        workers and calls `escalate` (tlrun dev's fast stop). A second signal is acted on at once.
+        `reaper`: as PID 1 or with --init, orphans re-parented to us are reaped while we wait.
+        `requeue_margin`: seconds before SIGKILL at which a stopping worker gets SIGQUIT."""
         self.grace = grace
+        self.reaper = reaper
+        self.requeue_margin = requeue_margin
         self.defer_first_stop = defer_first_stop
         self._step = on_step or (lambda _msg: None)
         self._children: dict[str, _Child] = {}
         self.stop_signal: int | None = None
         self._requests = 0
         self._saved: dict[int, Any] = {}
+        self.lifeline = spawn.Lifeline()
 
     # -- signals -------------------------------------------------------------------------------------
     def __enter__(self) -> Supervisor:
@@ -64,7 +91,12 @@ class Supervisor:
     def __exit__(self, *exc: object) -> None:
         try:
             self.stop_all()
+            if self.reaper is not None:
+                self.reaper.drain(1.0)
+                if self.reaper.reaped:
+                    self._step(f"reaped {len(self.reaper.reaped)} orphaned process(es) re-parented to tlrun")
         finally:
+            self.lifeline.close()
             for sig, handler in self._saved.items():
                 signal.signal(sig, handler)
 
@@ -91,10 +123,11 @@ class Supervisor:
             return  # helpers (the managed broker) are stopped last, by stop_all
         pid = child.popen.pid
         if self._requests == 1 and child.kill_at is None:
-            child.kill_at = time.monotonic() + self.grace
+            self._set_deadlines(child)
             signals.signal_child(child.popen, signal.SIGTERM)
             self._step(f"warm shutdown: SIGTERM to {child.name} pid {pid}, grace {self.grace:g} s")
         elif self._requests >= 2:
+            child.quit_at = None
             signals.signal_child(child.popen, signal.SIGQUIT)
             self._step(f"cold shutdown: SIGQUIT to {child.name} pid {pid}")
 
@@ -107,10 +140,12 @@ class Supervisor:
         cwd: Path,
         stop_order: int = 0,
         pass_fds: tuple[int, ...] = (),
+        requeue: bool = False,
     ) -> subprocess.Popen[bytes]:
         if self.running(name):
             raise RuntimeError(f"a {name} is already running under this supervisor")
-        child = _Child(name, spawn.spawn(argv, env, cwd, pass_fds), stop_order)
+        popen = spawn.spawn(argv, env, cwd, self.lifeline, self.grace, pass_fds)
+        child = _Child(name, popen, stop_order, requeue)
         self._children[name] = child
         if self.stop_requested:  # a signal came while we were spawning
             self._escalate(child)
@@ -139,9 +174,23 @@ class Supervisor:
             return None
         return self._finish_stop(child)
 
+    def _set_deadlines(self, child: _Child) -> None:
+        child.kill_at = time.monotonic() + self.grace
+        if child.requeue and self.requeue_margin is not None:
+            child.quit_at = child.kill_at - self.requeue_margin
+
     def _enforce_deadlines(self) -> None:
+        if self.reaper is not None:
+            self.reaper.reap({c.popen.pid for c in self._children.values()})
         now = time.monotonic()
         for child in self._children.values():
+            if child.quit_at is not None and now >= child.quit_at and not signals.child_exited(child.popen):
+                self._step(
+                    f"{child.name} still busy {self.requeue_margin:g} s before the deadline: SIGQUIT (Celery "
+                    "cancels the running tasks; late-acked ones go back to the queue)"
+                )
+                signals.signal_child(child.popen, signal.SIGQUIT)
+                child.quit_at = None
             if child.kill_at is not None and now >= child.kill_at and not signals.child_exited(child.popen):
                 self._step(f"grace period over: SIGKILL to {child.name} process group {child.popen.pid}")
                 signals.kill_child_group(child.popen)
@@ -162,7 +211,7 @@ class Supervisor:
 
     def _begin_stop(self, child: _Child, cold: bool) -> None:
         if not signals.child_exited(child.popen):
-            child.kill_at = time.monotonic() + self.grace
+            self._set_deadlines(child)
             signals.signal_child(child.popen, signal.SIGQUIT if cold else signal.SIGTERM)
 
     def _finish_stop(self, child: _Child) -> int:

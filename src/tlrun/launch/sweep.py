@@ -75,8 +75,11 @@ def find_strays(
 
 def _owned_by_live_launcher(proc: procs.CeleryProcess) -> bool:
     """A worker whose tlrun launcher is alive is supervised, not stray (this process excepted: a launcher
-    never owns a worker it has not spawned yet)."""
+    never owns a worker it has not spawned yet). A leftover (what a task started) is stray only once its
+    launcher is gone: while it lives, it may be a running task's, this launcher's included."""
     launcher = procs.Identity.decode(proc.launcher) if proc.launcher else None
+    if proc.role == procs.LEFTOVER:
+        return launcher is None or launcher.is_alive()
     return launcher is not None and launcher.pid != os.getpid() and launcher.is_alive()
 
 

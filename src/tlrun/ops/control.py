@@ -86,7 +86,7 @@ def sweep_project(
         settings.app,
         settings.project_root,
         settings.stop_grace if timeout is None else timeout,
-        kinds=("worker", "beat"),
+        kinds=("worker", "beat", procs.LEFTOVER),
         roles=settings.role_filter,
         dry_run=dry_run,
         on_found=on_found,

@@ -23,7 +23,7 @@ from tlrun.launch.procs import Identity
 from tlrun.ops import inventory
 from tlrun.redact import redact_url
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: local process kind `leftover`
 RECOMMENDED = "see README: Recommended Celery settings"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -384,7 +384,17 @@ def diagnose(settings: Settings) -> DoctorReport:
                 )
             )
     for proc in local:
-        if proc.stray:
+        if proc.stray and proc.kind == procs.LEFTOVER:
+            findings.append(
+                Finding(
+                    "STRAY_PROCESS",
+                    "error",
+                    f"leftover process pid {proc.pid} ({proc.node or '?'}) was started by one of this project's "
+                    "workers, whose launcher is gone",
+                    "tlrun doctor --fix",
+                )
+            )
+        elif proc.stray:
             findings.append(
                 Finding(
                     "STRAY_PROCESS",

@@ -20,7 +20,7 @@ from tlrun.launch import guard, procs
 class LocalProcess:
     pid: int
     ppid: int
-    kind: str  # "worker" | "beat"
+    kind: str  # "worker" | "beat" | "leftover" (a marked non-Celery process: what a task started)
     role: str | None  # the worker role it serves (tlrun's marker, or its queues); None for beat or unknown
     node: str | None
     app: str | None
@@ -61,7 +61,7 @@ def local_processes(
 ) -> list[LocalProcess]:
     """Main processes of Celery workers and beats of the current user: the project's, or all of them.
     (A debug-mode worker runs inside `python -m tlrun`: the broker sees it, the process table does not.)"""
-    rows = procs.scan(("worker", "beat")) if table is None else table
+    rows = procs.scan(("worker", "beat", procs.LEFTOVER)) if table is None else table
     uid = os.getuid()
     now = time.time()
     out = []
@@ -74,8 +74,10 @@ def local_processes(
         )
         if not (everything or is_project):
             continue
-        state, rss, cpu, children = _stats(proc.pid)
         launcher = _live_launcher(proc)
+        if proc.role == procs.LEFTOVER and launcher is not None:
+            continue  # a running task's subprocess: its launcher answers for it
+        state, rss, cpu, children = _stats(proc.pid)
         role = procs.role_of(proc, settings.all_roles) if settings is not None and is_project else proc.role_name
         out.append(
             LocalProcess(
@@ -83,7 +85,7 @@ def local_processes(
                 ppid=proc.ppid,
                 kind=proc.role,
                 role=role,
-                node=proc.node,
+                node=proc.node if proc.role != procs.LEFTOVER else proc.command,
                 app=proc.app,
                 cwd=proc.cwd,
                 state=state,
