@@ -113,7 +113,13 @@ def test_the_watch_thread_fires_at_once_when_the_parent_is_not_the_launcher() ->
 
 @pytest.mark.parametrize(
     ("grace", "version", "expected"),
-    [(30.0, (5, 7, 0), 3.0), (6.0, (5, 5, 0), 2.0), (1.0, (5, 7, 0), None), (30.0, (5, 4, 2), None)],
+    [
+        (30.0, (5, 7, 0), 3.0),
+        (6.0, (5, 5, 0), 3.0),
+        (4.0, (5, 7, 0), 2.0),
+        (2.9, (5, 7, 0), None),
+        (30.0, (5, 4, 2), None),
+    ],
 )
 def test_requeue_margin(grace: float, version: tuple[int, ...], expected: float | None) -> None:
     assert requeue_margin(grace, version) == expected
@@ -296,3 +302,21 @@ def test_a_grandchild_that_outlives_its_task_leaves_no_zombie(project: Project, 
     assert not [c for c in tlrun.children() if c.status() == psutil.STATUS_ZOMBIE]
     tlrun.send_signal(signal.SIGTERM)
     assert launched.wait(30) == 0
+
+
+# -- the end of the grace: Celery 5.5+ requeues what cannot finish ----------------------------------------
+def test_a_task_still_running_near_the_deadline_goes_back_to_the_queue(project: Project) -> None:
+    launched = project.launch("--concurrency", "1", "--grace", "6")
+    launched.wait_output(READY, 30)
+    result = send_task(project.broker_url, f"{project.app}.sleep", 30)
+    launched.wait_output(r"Task \S+\.sleep\[\S+\] received", 20)
+    launched.send(signal.SIGTERM)
+    assert launched.wait(20) == 0
+    out = launched.output()
+    assert "still busy 3 s before the deadline: SIGQUIT" in out
+    assert "grace period over" not in out  # Celery's cold shutdown ended it before the SIGKILL
+    # The cancelled task (late ack) is back in the queue: the next worker receives it again.
+    again = project.launch("--concurrency", "1", "--grace", "6")
+    again.wait_output(rf"Task \S+\.sleep\[{result.id}\] received", 30)
+    again.send(signal.SIGTERM)
+    assert again.wait(20) == 0

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 POLL = 0.05
 REQUEUE_MARGIN = 3.0
+MIN_REQUEUE_MARGIN = 1.5  # an idle cold shutdown alone takes about 1.6 s (CELERY-FACTS.md)
 
 
 def exit_status(returncode: int) -> int:
@@ -41,9 +42,9 @@ def requeue_margin(grace: float, celery_version: tuple[int, ...]) -> float | Non
     task that cannot finish within the grace period goes back to the queue instead of dying with SIGKILL.
     It needs about 1.6 s to finish (measured, CELERY-FACTS.md). Celery 5.4's SIGQUIT kills the tasks at
     once, so there it is never sent. The app's own `worker_soft_shutdown_timeout` is waited on top."""
-    if celery_version[:2] < (5, 5) or grace < 2.0:
-        return None
-    return min(REQUEUE_MARGIN, grace / 3)
+    if celery_version[:2] < (5, 5) or grace < 2 * MIN_REQUEUE_MARGIN:
+        return None  # too short a grace for a cold shutdown to finish before the SIGKILL
+    return min(REQUEUE_MARGIN, grace / 2)
 
 
 @dataclass
