@@ -100,6 +100,14 @@ def orphan_grandchild(seconds):
 
 
 @app.task
+def echo_env(key, delay=0.0):
+    # Print a variable of the worker's environment after a delay (the broker URL: is it masked?).
+    time.sleep(delay)
+    print("ENV %s=%s" % (key, os.environ.get(key)), flush=True)
+    return True
+
+
+@app.task
 def shout(lines):
     # Much more output than a pipe holds (64 KiB): a worker whose output nobody drains blocks here.
     for i in range(lines):

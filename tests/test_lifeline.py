@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import PY, Launched, Project, free_port, gone, send_task, wait_for
+from helpers import PY, Launched, Project, RedisServer, close_clients, free_port, gone, send_task, wait_for
 from tlrun.launch import _child, procs, spawn
 from tlrun.launch.pid1 import Reaper
 from tlrun.launch.supervise import requeue_margin
@@ -159,6 +159,29 @@ def test_launcher_sigkill_during_a_task_warm_shutdown_then_nothing_left(project:
     # Its shutdown lines went to its log file, the console being gone with the launcher.
     assert "the launcher is gone: warm shutdown" in log
     assert "Warm shutdown" in log
+
+
+def test_after_the_launcher_the_worker_logs_on_its_own_and_masks_the_password(tmp_path: Path) -> None:
+    secret = "s3cret-lifeline-pw"
+    server = RedisServer(tmp_path / "redis", password=secret)
+    proj = Project(tmp_path / "projects", server.url())
+    try:
+        # The solo pool runs the task in the worker's main process, whose output the lifeline redirects.
+        launched = proj.launch("--pool", "solo", "--grace", f"{GRACE:g}", env=proj.env(**AS_ON_MACOS))
+        worker_pid = int(launched.wait_output(READY, 30).group(2))
+        send_task(proj.broker_url, f"{proj.app}.echo_env", "CELERY_BROKER_URL", 1.5)
+        launched.wait_output(r"Task \S+\.echo_env\[\S+\] received", 20)
+        tree = family(worker_pid)
+        launched.send(signal.SIGKILL)  # while the task sleeps: it prints after its launcher is gone
+        launched.wait(5)
+        wait_for(lambda: gone(tree), GRACE + 3, "the worker gone")
+        log = (proj.root / "logs" / f"celery_worker_{launched.pid}.log").read_text()
+        assert "ENV CELERY_BROKER_URL=redis://:***@127.0.0.1" in log, log
+        assert secret not in log
+    finally:
+        proj.cleanup()
+        close_clients()
+        server.stop()
 
 
 def test_a_tasks_subprocess_goes_with_the_worker(project: Project) -> None:

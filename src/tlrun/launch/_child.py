@@ -86,17 +86,54 @@ def watch(fd: int, launcher: int, on_gone: Callable[[], None]) -> threading.Thre
     return thread
 
 
-def redirect_output(path: str | None) -> None:
+def redirect_output(path: str | None, secrets: list[str]) -> Callable[[], None]:
     """Point fds 1 and 2 at the log file (appending, never through a symlink), else at /dev/null: the pipe to
-    the launcher has no reader any more, and a write to it would fail inside Celery's signal handler."""
+    the launcher has no reader any more, and a write to it would fail inside Celery's signal handler.
+
+    Lines go through a pipe and a thread that masks `secrets`, as the launcher's copy did. Returns the
+    function that closes our ends and lets the thread write the last lines (call it before exiting)."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags) if path else os.open(os.devnull, os.O_WRONLY)
+        out = os.open(path, flags) if path else os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     except OSError:
-        fd = os.open(os.devnull, os.O_WRONLY)
+        out = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    read_end, write_end = os.pipe()
     for target in (1, 2):
-        os.dup2(fd, target)
-    os.close(fd)
+        os.dup2(write_end, target)
+    os.close(write_end)
+
+    def copy() -> None:
+        from tlrun.redact import Redactor
+
+        redact = Redactor(secrets)
+        with os.fdopen(read_end, "rb") as lines:
+            for raw in lines:
+                os.write(out, redact(raw.decode("utf-8", errors="replace")).encode())
+        os.close(out)
+
+    thread = threading.Thread(target=copy, name="tlrun-orphan-output", daemon=True)
+    thread.start()
+
+    def finish() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        for target in (1, 2):
+            try:
+                os.close(target)
+            except OSError:
+                pass
+        thread.join(1.0)  # a task's subprocess may hold a copy of the pipe: do not wait for it
+
+    return finish
+
+
+def _secrets(environ: Mapping[str, str]) -> list[str]:
+    from tlrun.redact import secrets_of
+
+    return [*secrets_of(environ.get("CELERY_BROKER_URL")), *secrets_of(environ.get("CELERY_RESULT_BACKEND"))]
 
 
 class _Worker:
@@ -106,24 +143,22 @@ class _Worker:
         self.grace = grace
         self.log_path = log_path
         self.orphaned = threading.Event()
+        self._finish_output: Callable[[], None] = lambda: None
 
     def on_gone(self) -> None:
+        self._finish_output = redirect_output(self.log_path, _secrets(os.environ))
         self.orphaned.set()
-        redirect_output(self.log_path)
         os.write(2, b"tlrun: the launcher is gone: warm shutdown (SIGTERM to this worker)\n")
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(self.grace)  # a worker that finishes sooner ends this thread with it
         os.write(2, f"tlrun: still running {self.grace:g} s later: SIGKILL to the process group\n".encode())
+        self._finish_output()
         kill_own_group()
 
     def on_exit(self) -> None:
         """The worker has finished. Without a launcher to empty our group, empty it ourselves."""
         if self.orphaned.is_set():
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass
+            self._finish_output()
             kill_own_group()
 
 
