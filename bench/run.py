@@ -247,12 +247,14 @@ class Bench:
         return self.time_command(tool, "--help")
 
     def sweep_scan(self, crowd: int) -> float:
-        """In-process: one sweep scan (find_strays) with `crowd` unrelated processes running."""
+        """In-process: one sweep scan (find_strays) with `crowd` unrelated processes running, of every kind a
+        launch sweeps (workers, beats, and marked leftovers: the environment of every process of the user)."""
         from tlrun.config import project_id
-        from tlrun.launch import sweep
+        from tlrun.launch import procs, sweep
 
         t0 = time.perf_counter()
-        sweep.find_strays(project_id(self.dir, "benchapp"), "benchapp", self.dir, ("worker", "beat"))
+        kinds = ("worker", "beat", procs.LEFTOVER)
+        sweep.find_strays(project_id(self.dir, "benchapp"), "benchapp", self.dir, kinds)
         return time.perf_counter() - t0
 
     def discovery(self, files: int) -> float:
