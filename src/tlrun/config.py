@@ -39,6 +39,7 @@ ENV_CONCURRENCY = "TLRUN_CONCURRENCY"
 ENV_POOL = "TLRUN_POOL"
 ENV_QUEUES = "TLRUN_QUEUES"
 ENV_LOGLEVEL = "TLRUN_LOGLEVEL"
+ENV_BEAT_LOCK_TTL = "TLRUN_BEAT_LOCK_TTL"
 
 # Set by tlrun on every worker it starts.
 ENV_GUARD = "TL_CELERY_STARTED"  # launcher identity "<pid>:<create_time>"
@@ -120,6 +121,8 @@ class Settings:
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
     notes: tuple[tuple[str, str], ...] = ()  # (level, message) for the CLI to show once: discovery, warnings
     log_dir_given: bool = False  # set by --log-dir, TLRUN_LOG_DIR or the project file (as PID 1: log files)
+    project_name: str | None = None  # the project file's `name`: with the app, names the cluster's beat lease
+    beat_lock_ttl: float = 30.0  # the beat lease's time to live on the broker
 
     @property
     def project_id(self) -> str:
@@ -345,6 +348,8 @@ def build_settings(
         environ=merged_env,
         notes=tuple(notes),
         log_dir_given=log_dir_raw is not None,
+        project_name=pf.values.get("name"),
+        beat_lock_ttl=num("beat_lock_ttl", ENV_BEAT_LOCK_TTL, float, 30.0, 2),
     )
 
 

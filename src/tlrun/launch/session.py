@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlrun import redact
 from tlrun.config import Role, Settings
@@ -43,6 +43,9 @@ from tlrun.launch.broker import Broker, check_reachable, resolve_broker
 from tlrun.launch.hold import Hold
 from tlrun.launch.outputs import Outputs
 from tlrun.launch.supervise import Supervisor, requeue_margin
+
+if TYPE_CHECKING:
+    from tlrun.cluster.lease import BeatLease
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +236,7 @@ class Session:
         )
         self.census: list[str] | verify.Census[list[str]] | None = None
         self.watcher: Watcher | None = None
+        self.lease: BeatLease | None = None  # the cluster's beat lease (beat runs only while it is held)
         self._stopping = False  # a deferred stop request has been acted on
         self._spares: dict[str, tuple[str, Hold]] = {}  # role -> its spare's child name and hold (dev --reload)
         self._locks: dict[str, tuple[guard.ProjectLock, dict[str, Any]]] = {}
@@ -516,6 +520,40 @@ class Session:
             nodes, time.monotonic() - started, replies, self.s.expected_workers, _local_nodes() if others else {}
         )
 
+    # -- beat: one per cluster, through the broker's lease ------------------------------------------
+    def begin_beat(self) -> None:
+        """Take the cluster's beat lease and start beat, or stand by (the supervise loop retries)."""
+        from tlrun.cluster.lease import BeatLease, Holder, backend_for, lease_name
+
+        try:
+            backend = backend_for(self.broker_url, lease_name(self.s.app, self.s.project_name), self.s.beat_lock_ttl)
+        except ValueError as exc:
+            self.report(Notice(f"{exc}: beat runs without a cluster-wide lease", "warning"))
+            self.start_beat()
+            return
+        self.lease = BeatLease(backend, Holder.new(os.getpid(), self.hostname), self.s.beat_lock_ttl)
+        self._lease_tick()
+
+    def _lease_tick(self) -> None:
+        if self.lease is None or self.sup.stop_requested:
+            return
+        change = self.lease.tick(time.monotonic())
+        if change.message:
+            self.report(Notice(change.message, "warning" if change.action == "stop" else "info"))
+        if change.action == "start":
+            self._update_record("beat", beat_lease="held")
+            self.start_beat()
+        elif change.action == "stop":
+            self._update_record("beat", beat_lease="lost", beat_pid=None)
+            self.sup.stop("beat", grace=self.lease.margin / 2)
+            self.outputs.detach("beat")
+        elif change.action == "standby":
+            self._update_record("beat", beat_lease="standby")
+
+    def end_beat(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+
     def start_beat(self) -> None:
         argv = spawn.beat_argv(self.s.app, beat_schedule_path(self.s), self.s.roles[0].worker.loglevel)
         env = spawn.worker_env(self.s, "beat", procs.Identity.of_self(), self.broker_url)
@@ -537,6 +575,7 @@ class Session:
     def _wake(self) -> bool:
         if self.sup.stop_requested:
             return not self._stopping or not self.sup.has_running()
+        self._lease_tick()
         return self.watcher is not None and self.watcher.pending()
 
     def reload(self) -> None:
@@ -651,7 +690,7 @@ class Session:
                     status = self._stop_drained(self.workers, "stop", announce=True)
                     self.sup.escalate()
                     continue
-                if self.sup.stop_requested or not (self.watcher or self.sup.has_running()):
+                if self.sup.stop_requested or not (self.watcher or self.lease or self.sup.has_running()):
                     break
                 if self.watcher is not None and self.watcher.pending():
                     self.reload()
@@ -737,5 +776,6 @@ def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None)
                 session.verdict(ready)
             session.spawn_spares()
         if opts.beat and not sup.stop_requested:
-            session.start_beat()
+            stack.callback(session.end_beat)  # after the supervisor has stopped beat: release the lease
+            session.begin_beat()
         return session.supervise()

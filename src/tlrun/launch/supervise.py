@@ -175,8 +175,8 @@ class Supervisor:
             return None
         return self._finish_stop(child)
 
-    def _set_deadlines(self, child: _Child) -> None:
-        child.kill_at = time.monotonic() + self.grace
+    def _set_deadlines(self, child: _Child, grace: float | None = None) -> None:
+        child.kill_at = time.monotonic() + (self.grace if grace is None else grace)
         if child.requeue and self.requeue_margin is not None:
             child.quit_at = child.kill_at - self.requeue_margin
 
@@ -210,9 +210,9 @@ class Supervisor:
             time.sleep(POLL)
         return None
 
-    def _begin_stop(self, child: _Child, cold: bool) -> None:
+    def _begin_stop(self, child: _Child, cold: bool, grace: float | None = None) -> None:
         if not signals.child_exited(child.popen):
-            self._set_deadlines(child)
+            self._set_deadlines(child, grace)
             signals.signal_child(child.popen, signal.SIGQUIT if cold else signal.SIGTERM)
 
     def _finish_stop(self, child: _Child) -> int:
@@ -221,12 +221,13 @@ class Supervisor:
             time.sleep(POLL)
         return self._reap(child)
 
-    def stop(self, name: str, cold: bool = False) -> int | None:
-        """Stop one child ourselves (reload, failed start, takeover) with the same ladder; wait for it."""
+    def stop(self, name: str, cold: bool = False, grace: float | None = None) -> int | None:
+        """Stop one child ourselves (reload, failed start, takeover, a lost beat lease) with the same ladder
+        (`grace`: a shorter one); wait for it."""
         child = self._children.get(name)
         if child is None:
             return None
-        self._begin_stop(child, cold)
+        self._begin_stop(child, cold, grace)
         return self._finish_stop(child)
 
     def begin_stop(self, names: list[str]) -> None:

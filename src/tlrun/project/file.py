@@ -101,7 +101,9 @@ ROLE_KEYS: dict[str, Check] = {
 
 TOP_KEYS: dict[str, Check] = {
     "app": _string,
+    "name": _string,
     "beat": _bool,
+    "beat_lock_ttl": _number(2),
     "log_dir": _string,
     "ready_timeout": _number(0.5),
     "grace": _number(0),

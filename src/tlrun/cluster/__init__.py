@@ -1,0 +1,1 @@
+"""Across hosts, through the broker: the beat lease, the cluster view, consumption checks."""

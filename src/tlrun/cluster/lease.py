@@ -1,0 +1,350 @@
+"""One beat per cluster: a lease on the broker every host already talks to (never a home-made coordinator).
+
+- Redis: `SET key "host:pid:token:since" NX PX ttl`; renewed every ttl/3 by a compare-and-PEXPIRE script,
+  released by a compare-and-delete script: only the holder's own token touches the key.
+- RabbitMQ: an exclusive queue declared on a dedicated connection with heartbeats. Others get
+  RESOURCE_LOCKED; the broker deletes the queue when the holder's connection dies. Who holds it is told
+  by a one-message queue beside it (peeked, never consumed).
+
+`BeatLease` is the state machine a launcher runs in its supervise loop: standing by (retry with jitter),
+or holding (renew; when renewing has failed for ttl minus a safety margin, give the beat up *before* the
+broker would let another host take the lease, so that two beats never overlap by more than that margin).
+Time comes in as an argument: the machine is tested without a clock or a broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = 30.0
+MIN_TTL = 2.0
+KEY_PREFIX = "tlrun:beat-lease"
+
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Holder:
+    host: str
+    pid: int
+    token: str
+    since: float  # epoch seconds
+
+    @classmethod
+    def new(cls, pid: int, host: str | None = None) -> Holder:
+        return cls(host or socket.gethostname(), pid, secrets.token_hex(8), time.time())
+
+    def encode(self) -> str:
+        return f"{self.host}:{self.pid}:{self.token}:{self.since:.0f}"
+
+    @classmethod
+    def decode(cls, value: str | bytes | None) -> Holder | None:
+        if value is None:
+            return None
+        text = value.decode(errors="replace") if isinstance(value, bytes) else value
+        try:
+            host, pid, token, since = text.rsplit(":", 3)
+            return cls(host, int(pid), token, float(since))
+        except ValueError:
+            return None
+
+    def describe(self) -> str:
+        when = datetime.fromtimestamp(self.since, timezone.utc).isoformat(timespec="seconds")
+        return f"{self.host} pid {self.pid} since {when}"
+
+
+def lease_name(app: str, project_name: str | None) -> str:
+    """The lease's name on the broker: the app plus the project's name (the same on every host, unlike the
+    project directory)."""
+    return f"{app}:{project_name}" if project_name else app
+
+
+class Backend(Protocol):
+    def acquire(self, holder: Holder, ttl: float) -> Holder | None:
+        """Take the lease: None when it is ours now, else who holds it (a Holder with pid 0 if unknown).
+        Raises OSError (or a broker error) when the broker cannot be reached."""
+
+    def renew(self, holder: Holder, ttl: float) -> bool:
+        """Extend our lease; False when it is no longer ours. Raises when the broker cannot be reached."""
+
+    def release(self, holder: Holder) -> None: ...
+
+    def current(self) -> Holder | None:
+        """Who holds the lease now (None: nobody)."""
+
+    def close(self) -> None: ...
+
+
+UNKNOWN = Holder("another host", 0, "", 0.0)
+
+
+class RedisLease:
+    def __init__(self, url: str, name: str, timeout: float = 2.0) -> None:
+        import redis
+
+        self.key = f"{KEY_PREFIX}:{name}"
+        self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._renew = self._client.register_script(_RENEW)
+        self._release = self._client.register_script(_RELEASE)
+
+    def acquire(self, holder: Holder, ttl: float) -> Holder | None:
+        try:
+            if self._client.set(self.key, holder.encode(), nx=True, px=int(ttl * 1000)):
+                return None
+            return Holder.decode(self._client.get(self.key)) or UNKNOWN
+        except Exception as exc:
+            raise _unreachable(exc) from exc
+
+    def renew(self, holder: Holder, ttl: float) -> bool:
+        try:
+            return bool(self._renew(keys=[self.key], args=[holder.encode(), int(ttl * 1000)]))
+        except Exception as exc:
+            raise _unreachable(exc) from exc
+
+    def release(self, holder: Holder) -> None:
+        try:
+            self._release(keys=[self.key], args=[holder.encode()])
+        except Exception as exc:  # the lease then ends with its ttl
+            log.debug("could not release the beat lease: %s", exc)
+
+    def current(self) -> Holder | None:
+        try:
+            value = self._client.get(self.key)
+        except Exception as exc:
+            raise _unreachable(exc) from exc
+        return Holder.decode(value) if value is not None else None
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:
+            pass
+
+
+class AmqpLease:
+    """The lease is an exclusive queue: it lives exactly as long as the holder's connection."""
+
+    def __init__(self, url: str, name: str, ttl: float, timeout: float = 2.0) -> None:
+        self.url = url
+        self.queue = f"{KEY_PREFIX}:{name}"
+        self.info_queue = f"{self.queue}:holder"
+        self._ttl = ttl
+        self._timeout = timeout
+        self._conn: Any = None  # the holder's dedicated connection
+        self._channel: Any = None
+        self._last_beat = 0.0
+
+    def _connect(self, heartbeat: float = 0) -> Any:
+        conn = _kombu().Connection(self.url, connect_timeout=self._timeout, heartbeat=heartbeat)
+        conn.ensure_connection(max_retries=1, timeout=self._timeout)
+        return conn
+
+    def acquire(self, holder: Holder, ttl: float) -> Holder | None:
+        from amqp.exceptions import ResourceLocked
+
+        # Heartbeats every ttl/4 (the broker drops a silent connection after two missed ones): the broker
+        # frees the lease well within the ttl when the holder dies or is cut off.
+        heartbeat = max(1, int(ttl / 2))
+        try:
+            conn = self._connect(heartbeat)
+        except Exception as exc:
+            raise _unreachable(exc) from exc
+        try:
+            channel = conn.channel()
+            channel.queue_declare(self.queue, exclusive=True, auto_delete=True)
+        except ResourceLocked:
+            conn.release()
+            return self.current() or UNKNOWN
+        except Exception as exc:
+            conn.release()
+            raise _unreachable(exc) from exc
+        self._conn, self._channel = conn, channel
+        self._last_beat = time.monotonic()
+        self._publish_holder(holder)
+        return None
+
+    def _publish_holder(self, holder: Holder) -> None:
+        kombu = _kombu()
+        channel = self._channel
+        channel.queue_declare(self.info_queue, arguments={"x-max-length": 1, "x-overflow": "drop-head"})
+        producer = kombu.Producer(channel, exchange=kombu.Exchange(""), routing_key=self.info_queue)
+        producer.publish(holder.encode(), content_type="text/plain", content_encoding="utf-8")
+
+    def renew(self, holder: Holder, ttl: float) -> bool:
+        """Our connection is the lease: keep its heartbeats going and check it is alive."""
+        if self._conn is None:
+            return False
+        try:
+            self._conn.heartbeat_check()
+            self._conn.drain_events(timeout=0.01)
+        except TimeoutError:
+            pass
+        except Exception as exc:
+            self._drop()
+            raise _unreachable(exc) from exc
+        return True
+
+    def release(self, holder: Holder) -> None:
+        self._drop()
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.release()
+            except Exception:
+                pass
+        self._conn = self._channel = None
+
+    def current(self) -> Holder | None:
+        """Peek at the holder's note without consuming it. None when the lease queue does not exist."""
+        from amqp.exceptions import NotFound
+
+        try:
+            conn = self._connect()
+        except Exception as exc:
+            raise _unreachable(exc) from exc
+        try:
+            channel = conn.channel()
+            try:
+                channel.queue_declare(self.queue, passive=True)
+            except NotFound:
+                return None
+            channel = conn.channel()
+            message = channel.basic_get(self.info_queue, no_ack=False)
+            if message is None:
+                return UNKNOWN
+            channel.basic_reject(message.delivery_tag, requeue=True)
+            return Holder.decode(message.body) or UNKNOWN
+        except NotFound:
+            return UNKNOWN
+        finally:
+            conn.release()
+
+    def close(self) -> None:
+        self._drop()
+
+
+def _kombu() -> Any:
+    import importlib
+
+    return importlib.import_module("kombu")  # untyped: its names as Any
+
+
+def _unreachable(exc: BaseException) -> OSError:
+    return OSError(f"{type(exc).__name__}: {exc}")
+
+
+def backend_for(url: str, name: str, ttl: float) -> Backend:
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisLease(url, name, timeout=min(2.0, ttl / 6))
+    if url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        return AmqpLease(url, name, ttl, timeout=min(2.0, ttl / 6))
+    raise ValueError(f"no beat lease for this broker's transport ({url.split(':', 1)[0]})")
+
+
+@dataclass(frozen=True)
+class Change:
+    """What the launcher must do after a tick: start beat, stop it, or only report."""
+
+    action: str  # "start" | "stop" | "standby" | "none"
+    message: str | None = None
+
+
+class BeatLease:
+    """Standing by or holding; `tick(now)` does the broker call that is due, if any, and says what changed."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        holder: Holder,
+        ttl: float,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.backend = backend
+        self.me = holder
+        self.ttl = ttl
+        self.margin = max(1.0, ttl / 6)  # stop the beat this long before the lease could pass to another host
+        self._rng = rng
+        self.held = False
+        self._next = 0.0
+        self._renewed_at = 0.0  # when the last successful renewal (or the acquisition) was *sent*
+        self._told: str | None = None  # the last holder we reported, so a standby says it once
+
+    @property
+    def renew_every(self) -> float:
+        return self.ttl / 3
+
+    def tick(self, now: float) -> Change:
+        if now < self._next:
+            return Change("none")
+        return self._renew(now) if self.held else self._try(now)
+
+    def _try(self, now: float) -> Change:
+        self._next = now + self.renew_every * (0.5 + self._rng())  # jitter: standbys do not retry in step
+        try:
+            other = self.backend.acquire(self.me, self.ttl)
+        except OSError as exc:
+            return self._tell(f"cannot reach the broker for the beat lease ({exc}); standing by")
+        if other is None:
+            self.held = True
+            self._renewed_at = now
+            self._next = now + self.renew_every
+            self._told = None
+            return Change("start", f"beat lease taken ({self.me.host} pid {self.me.pid}, ttl {self.ttl:g} s)")
+        return self._tell(f"beat held by {other.describe()}; standing by")
+
+    def _tell(self, message: str) -> Change:
+        if message == self._told:
+            return Change("standby")
+        self._told = message
+        return Change("standby", message)
+
+    def _renew(self, now: float) -> Change:
+        try:
+            ok = self.backend.renew(self.me, self.ttl)
+        except OSError as exc:
+            if now - self._renewed_at >= self.ttl - self.margin:
+                return self._lose(
+                    f"cannot renew the beat lease ({exc}) for {now - self._renewed_at:.1f} s: "
+                    "stopping beat before the lease can pass to another host"
+                )
+            self._next = now + min(1.0, self.margin / 2)  # retry soon
+            return Change("none", None)
+        if not ok:
+            return self._lose("the beat lease is no longer ours (it expired and another host took it): stopping beat")
+        self._renewed_at = now
+        self._next = now + self.renew_every
+        return Change("none")
+
+    def _lose(self, message: str) -> Change:
+        self.held = False
+        self._next = 0.0
+        self.backend.release(self.me)
+        return Change("stop", message)
+
+    def release(self) -> None:
+        if self.held:
+            self.backend.release(self.me)
+            self.held = False
+        self.backend.close()

@@ -1,0 +1,202 @@
+"""Across hosts: one beat per cluster through a broker lease. Hosts are simulated on this machine with real
+processes, each in its own UTS namespace (its own host name) with its own runtime directory, all on one
+broker on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import PY, Launched, Project, RedisServer, wait_for
+from tlrun.cluster.lease import UNKNOWN, BeatLease, Holder, RedisLease
+
+pytestmark = pytest.mark.timeout(150)
+TTL = 3.0
+BEAT_APP = """
+import os
+
+from celery import Celery
+
+app = Celery("{name}")
+app.conf.update(broker_connection_retry_on_startup=True)
+app.conf.beat_schedule = {{"tick": {{"task": "{name}.tick", "schedule": 0.5}}}}
+
+
+@app.task
+def tick():
+    return True
+"""
+SENDING = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): INFO/MainProcess\] Scheduler: Sending due task", re.M)
+
+
+# -- the state machine, without a broker or a clock ---------------------------------------------------------
+class FakeBackend:
+    def __init__(self) -> None:
+        self.holder: Holder | None = None
+        self.down = False
+        self.released: list[Holder] = []
+
+    def acquire(self, holder: Holder, ttl: float) -> Holder | None:
+        if self.down:
+            raise OSError("connection refused")
+        if self.holder is None or self.holder == holder:
+            self.holder = holder
+            return None
+        return self.holder
+
+    def renew(self, holder: Holder, ttl: float) -> bool:
+        if self.down:
+            raise OSError("connection refused")
+        return self.holder == holder
+
+    def release(self, holder: Holder) -> None:
+        self.released.append(holder)
+        if self.holder == holder:
+            self.holder = None
+
+    def current(self) -> Holder | None:
+        return self.holder
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_standby_names_the_holder_once_and_takes_over_when_it_is_gone() -> None:
+    backend = FakeBackend()
+    a = BeatLease(backend, Holder("hostA", 1, "a", 0.0), 30.0, rng=lambda: 0.5)
+    b = BeatLease(backend, Holder("hostB", 2, "b", 0.0), 30.0, rng=lambda: 0.5)
+    assert a.tick(0.0).action == "start"
+    first = b.tick(0.0)
+    assert first.action == "standby" and first.message is not None and "beat held by hostA pid 1" in first.message
+    assert b.tick(10.0).message is None  # said once
+    a.release()
+    assert b.tick(20.0).action == "start"
+
+
+def test_a_holder_cut_off_stops_its_beat_before_the_lease_can_expire() -> None:
+    backend = FakeBackend()
+    lease = BeatLease(backend, Holder("hostA", 1, "a", 0.0), 30.0)
+    assert lease.tick(0.0).action == "start"
+    assert lease.tick(10.0).action == "none"  # renewed at 10
+    backend.down = True
+    now, change = 10.0, lease.tick(20.0)
+    now = 20.0
+    while change.action != "stop":
+        assert now < 10.0 + 30.0 - lease.margin + 1.0
+        now += 0.5
+        change = lease.tick(now)
+    assert now < 10.0 + 30.0  # before the broker would expire the lease renewed at 10
+    assert change.message is not None and "stopping beat" in change.message
+
+
+def test_a_lease_taken_by_another_host_is_given_up() -> None:
+    backend = FakeBackend()
+    lease = BeatLease(backend, Holder("hostA", 1, "a", 0.0), 30.0)
+    lease.tick(0.0)
+    backend.holder = Holder("hostB", 2, "b", 0.0)  # ours expired and B took it
+    change = lease.tick(10.0)
+    assert change.action == "stop" and not lease.held
+
+
+def test_holder_encoding_round_trips_and_junk_is_unknown() -> None:
+    holder = Holder("host.example", 4242, "ab12", 1_800_000_000.0)
+    assert Holder.decode(holder.encode()) == holder
+    assert Holder.decode(b"nonsense") is None
+    assert holder.describe() == "host.example pid 4242 since 2027-01-15T08:00:00+00:00"
+    assert UNKNOWN.pid == 0
+
+
+# -- a real Redis --------------------------------------------------------------------------------------------
+def test_redis_lease_is_exclusive_renewable_and_released_only_by_its_holder(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    a = RedisLease(server.url(), "app:proj")
+    b = RedisLease(server.url(), "app:proj")
+    try:
+        ha, hb = Holder("hostA", 1, "a", 0.0), Holder("hostB", 2, "b", 0.0)
+        assert a.acquire(ha, 5.0) is None
+        assert b.acquire(hb, 5.0) == ha
+        assert not b.renew(hb, 5.0) and a.renew(ha, 5.0)
+        b.release(hb)  # not its lease: nothing happens
+        assert b.current() == ha
+        a.release(ha)
+        assert b.current() is None and b.acquire(hb, 5.0) is None
+    finally:
+        a.close()
+        b.close()
+        server.stop()
+
+
+# -- simulated hosts -------------------------------------------------------------------------------------------
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a UTS namespace of its own needs root")
+
+
+def on_host(project: Project, host: str, *args: str, env: dict[str, str] | None = None) -> Launched:
+    """`tlrun beat` as if on another host: its own host name (UTS namespace) and runtime directory."""
+    runtime = project.base / f"run-{host}"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    tlrun = " ".join(shlex.quote(a) for a in [PY, "-m", "tlrun", "beat", "-A", project.app, *args])
+    argv = ["unshare", "--uts", "sh", "-c", f"hostname {host} && exec {tlrun}"]
+    environ = {**(env or project.env()), "XDG_RUNTIME_DIR": str(runtime), "TLRUN_BEAT_LOCK_TTL": f"{TTL:g}"}
+    launched = Launched(argv, project.root, environ, project.base / f"out-{host}-{len(project.started)}.txt")
+    project.started.append(launched)
+    return launched
+
+
+def sends(project: Project, launched: Launched) -> list[datetime]:
+    """The times at which this launcher's beat sent a task (from its log file)."""
+    logs = list((project.root / "logs").glob(f"celery_beat_{launched.pid}.log"))
+    stamps = SENDING.findall(logs[0].read_text()) if logs else []
+    return [datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f") for s in stamps]
+
+
+@pytest.fixture
+def beat_project(project: Project) -> Project:
+    (project.root / f"{project.app}.py").write_text(BEAT_APP.format(name=project.app))
+    return project
+
+
+@needs_root
+def test_two_hosts_one_beat_then_the_standby_takes_over_after_a_sigkill(beat_project: Project) -> None:
+    proj = beat_project
+    a = on_host(proj, "hostA")
+    a.wait_output(r"beat lease taken \(hostA pid", 30)
+    a.wait_output(r"starting beat \(pid (\d+)\)", 10)
+    b = on_host(proj, "hostB")
+    b.wait_output(r"beat held by hostA pid \d+ since \S+; standing by", 30)
+    wait_for(lambda: len(sends(proj, a)) >= 4, 20, "hostA's beat sending ticks")
+    assert sends(proj, b) == []  # one beat runs: B never started its own
+    a.send(signal.SIGKILL)
+    a.wait(5)
+    killed = datetime.now()
+    b.wait_output(r"beat lease taken \(hostB pid", TTL + 10)
+    wait_for(lambda: sends(proj, b), 20, "hostB's beat sending ticks")
+    taken = (datetime.now() - killed).total_seconds()
+    assert taken < TTL + 10
+    # No tick twice: every send of B's beat comes after the last one of A's.
+    assert max(sends(proj, a)) < min(sends(proj, b))
+
+
+@needs_root
+def test_a_holder_cut_off_from_redis_stops_its_beat_before_the_lease_expires(
+    beat_project: Project, redis_server: RedisServer
+) -> None:
+    proj = beat_project
+    a = on_host(proj, "hostA")
+    a.wait_output(r"beat lease taken", 30)
+    beat = psutil.Process(int(a.wait_output(r"starting beat \(pid (\d+)\)", 10).group(1)))
+    redis_server.stop()
+    a.wait_output(r"cannot renew the beat lease .* stopping beat before the lease can pass to another host", TTL + 10)
+    # Stopped within the lease's ttl after the last renewal (the test cannot know that instant: TTL from now
+    # is an upper bound, and the broker could not let anyone take the lease before it).
+    wait_for(lambda: not beat.is_running() or beat.status() == psutil.STATUS_ZOMBIE, TTL, "beat stopped")
+    redis_server.restart()
+    wait_for(lambda: a.output().count("beat: Starting...") == 2, TTL + 20, "beat started again with the lease")
+    a.send(signal.SIGTERM)
+    assert a.wait(30) == 0
