@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import signal
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import psutil
 import pytest
 
 from helpers import PY, Launched, Project, RedisServer, wait_for
-from tlrun.cluster.lease import UNKNOWN, BeatLease, Holder, RedisLease
+from tlrun.cluster.lease import UNKNOWN, AmqpLease, BeatLease, Holder, RedisLease
 
 pytestmark = pytest.mark.timeout(150)
 TTL = 3.0
@@ -133,6 +134,24 @@ def test_redis_lease_is_exclusive_renewable_and_released_only_by_its_holder(tmp_
         server.stop()
 
 
+def test_amqp_lease_is_an_exclusive_queue_that_names_its_holder(amqp_vhost: str) -> None:
+    a = AmqpLease(amqp_vhost, "app:proj", 5.0)
+    b = AmqpLease(amqp_vhost, "app:proj", 5.0)
+    try:
+        ha, hb = Holder("hostA", 1, "a", 1_800_000_000.0), Holder("hostB", 2, "b", 0.0)
+        assert b.current() is None
+        assert a.acquire(ha, 5.0) is None
+        assert b.acquire(hb, 5.0) == ha  # RESOURCE_LOCKED, and the holder's note says who
+        assert b.current() == ha  # peeking leaves the note in place
+        assert a.renew(ha, 5.0)
+        a.release(ha)  # the connection closes: the queue goes with it
+        assert wait_for(lambda: b.acquire(hb, 5.0) is None, 10, "B takes the lease")
+        assert a.current() == hb
+    finally:
+        a.close()
+        b.close()
+
+
 # -- simulated hosts -------------------------------------------------------------------------------------------
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a UTS namespace of its own needs root")
 
@@ -162,9 +181,24 @@ def beat_project(project: Project) -> Project:
     return project
 
 
+@pytest.fixture(params=["redis", "amqp"])
+def any_broker_project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]:
+    """A beat project on a private Redis, or on a throwaway vhost of the local RabbitMQ."""
+    if request.param == "redis":
+        yield request.getfixturevalue("beat_project")
+        return
+    url = request.getfixturevalue("amqp_vhost")
+    proj = Project(tmp_path / "amqp-projects", url)
+    (proj.root / f"{proj.app}.py").write_text(BEAT_APP.format(name=proj.app))
+    try:
+        yield proj
+    finally:
+        proj.cleanup()
+
+
 @needs_root
-def test_two_hosts_one_beat_then_the_standby_takes_over_after_a_sigkill(beat_project: Project) -> None:
-    proj = beat_project
+def test_two_hosts_one_beat_then_the_standby_takes_over_after_a_sigkill(any_broker_project: Project) -> None:
+    proj = any_broker_project
     a = on_host(proj, "hostA")
     a.wait_output(r"beat lease taken \(hostA pid", 30)
     a.wait_output(r"starting beat \(pid (\d+)\)", 10)

@@ -154,6 +154,7 @@ class AmqpLease:
         self._conn: Any = None  # the holder's dedicated connection
         self._channel: Any = None
         self._last_beat = 0.0
+        self._heartbeat = max(1, int(ttl))
 
     def _connect(self, heartbeat: float = 0) -> Any:
         conn = _kombu().Connection(self.url, connect_timeout=self._timeout, heartbeat=heartbeat)
@@ -163,11 +164,12 @@ class AmqpLease:
     def acquire(self, holder: Holder, ttl: float) -> Holder | None:
         from amqp.exceptions import ResourceLocked
 
-        # Heartbeats every ttl/4 (the broker drops a silent connection after two missed ones): the broker
-        # frees the lease well within the ttl when the holder dies or is cut off.
-        heartbeat = max(1, int(ttl / 2))
+        # The broker drops a connection it has not heard from for about the heartbeat timeout: with the ttl as
+        # that timeout, a holder cut off loses the lease about a ttl after it was last heard, like on Redis.
+        # (A holder that dies outright loses it at once: its TCP connection closes.)
+        self._heartbeat = max(1, int(ttl))
         try:
-            conn = self._connect(heartbeat)
+            conn = self._connect(self._heartbeat)
         except Exception as exc:
             raise _unreachable(exc) from exc
         try:
@@ -196,13 +198,20 @@ class AmqpLease:
         if self._conn is None:
             return False
         try:
-            self._conn.heartbeat_check()
-            self._conn.drain_events(timeout=0.01)
-        except TimeoutError:
-            pass
+            try:
+                self._conn.drain_events(timeout=0.01)  # the broker's heartbeats
+            except TimeoutError:
+                pass
+            self._conn.heartbeat_check(rate=2)  # ours, when due
         except Exception as exc:
             self._drop()
             raise _unreachable(exc) from exc
+        # py-amqp gives up only after two silent heartbeat timeouts; the broker may drop us after one. Count
+        # a renewal only while the broker is heard from (it sends a heartbeat every half timeout).
+        heard = getattr(self._conn.connection, "last_heartbeat_received", None) or self._last_beat
+        silent = time.monotonic() - heard
+        if silent > self._heartbeat / 2 + 1:
+            raise OSError(f"nothing heard from the broker for {silent:.1f} s")
         return True
 
     def release(self, holder: Holder) -> None:
@@ -218,7 +227,7 @@ class AmqpLease:
 
     def current(self) -> Holder | None:
         """Peek at the holder's note without consuming it. None when the lease queue does not exist."""
-        from amqp.exceptions import NotFound
+        from amqp.exceptions import NotFound, ResourceLocked
 
         try:
             conn = self._connect()
@@ -230,7 +239,9 @@ class AmqpLease:
                 channel.queue_declare(self.queue, passive=True)
             except NotFound:
                 return None
-            channel = conn.channel()
+            except ResourceLocked:
+                pass  # exclusive to another connection: held
+            channel = conn.channel()  # a channel error closed the first one
             message = channel.basic_get(self.info_queue, no_ack=False)
             if message is None:
                 return UNKNOWN
