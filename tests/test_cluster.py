@@ -4,10 +4,12 @@ broker on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import signal
+import subprocess
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -168,6 +170,21 @@ def on_host(project: Project, host: str, *args: str, env: dict[str, str] | None 
     return launched
 
 
+def run_as(project: Project, host: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """A one-shot tlrun command as seen from a simulated host (its host name, its runtime directory)."""
+    runtime = project.base / f"run-{host}"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    tlrun = " ".join(shlex.quote(a) for a in [PY, "-m", "tlrun", *args])
+    return subprocess.run(
+        ["unshare", "--uts", "sh", "-c", f"hostname {host} && exec {tlrun}"],
+        cwd=project.root,
+        env={**project.env(), "XDG_RUNTIME_DIR": str(runtime)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def sends(project: Project, launched: Launched) -> list[datetime]:
     """The times at which this launcher's beat sent a task (from its log file)."""
     logs = list((project.root / "logs").glob(f"celery_beat_{launched.pid}.log"))
@@ -206,6 +223,13 @@ def test_two_hosts_one_beat_then_the_standby_takes_over_after_a_sigkill(any_brok
     b.wait_output(r"beat held by hostA pid \d+ since \S+; standing by", 30)
     wait_for(lambda: len(sends(proj, a)) >= 4, 20, "hostA's beat sending ticks")
     assert sends(proj, b) == []  # one beat runs: B never started its own
+    # What B's host sees: a beat standing by, and who holds the lease.
+    ps = run_as(proj, "hostB", "ps", "-A", proj.app, "--json")
+    rows = [r for r in json.loads(ps.stdout) if r["kind"] == "beat"]
+    assert [(r["state"], r["pid"]) for r in rows] == [("standby", b.pid)], ps.stdout + ps.stderr
+    doctor = json.loads(run_as(proj, "hostB", "doctor", "-A", proj.app, "--json").stdout)
+    assert doctor["beat_lease"].startswith("hostA pid ")
+    assert not [f for f in doctor["findings"] if f["code"] in ("BEAT_WITHOUT_LEASE", "MULTIPLE_BEATS")]
     a.send(signal.SIGKILL)
     a.wait(5)
     killed = datetime.now()
@@ -234,3 +258,23 @@ def test_a_holder_cut_off_from_redis_stops_its_beat_before_the_lease_expires(
     wait_for(lambda: a.output().count("beat: Starting...") == 2, TTL + 20, "beat started again with the lease")
     a.send(signal.SIGTERM)
     assert a.wait(30) == 0
+
+
+def test_doctor_reports_a_beat_running_without_the_lease(beat_project: Project) -> None:
+    proj = beat_project
+    launched = proj.launch(command="beat", env=proj.env(TLRUN_BEAT_LOCK_TTL=f"{TTL:g}"))
+    launched.wait_output(r"beat lease taken", 30)
+    launched.wait_output(r"starting beat \(pid (\d+)\)", 10)
+    hand = Launched(
+        [PY, "-m", "celery", "-A", proj.app, "beat", "-s", str(proj.base / "hand-schedule")],
+        proj.root,
+        proj.env(),
+        proj.base / "hand-beat.txt",
+    )
+    proj.started.append(hand)
+    hand.wait_output("maxinterval", 30)
+    result = proj.run("doctor", "-A", proj.app, "--json")
+    report = json.loads(result.stdout)
+    without = [f for f in report["findings"] if f["code"] == "BEAT_WITHOUT_LEASE"]
+    assert [f"beat pid {hand.pid} runs here without" in f["message"] for f in without] == [True], without
+    assert result.returncode == 9

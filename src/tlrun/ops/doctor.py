@@ -10,20 +10,23 @@ from __future__ import annotations
 import collections
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from tlrun.cluster.lease import Holder, backend_for, lease_name
 from tlrun.config import ENV_GUARD, Settings
 from tlrun.errors import DOCTOR_WARNINGS_EXIT_CODE, AppImportError, BrokerError, DuplicateNodeError, TlrunError
 from tlrun.launch import guard, procs, verify
 from tlrun.launch.broker import Broker, load_app, resolve_broker_url
 from tlrun.launch.procs import Identity
 from tlrun.ops import inventory
+from tlrun.ops.inventory import STANDBY
 from tlrun.redact import redact_url
 
-SCHEMA_VERSION = 3  # 3: local process kind `leftover`
+SCHEMA_VERSION = 3  # 3: local kind `leftover`, `beat_lease`, findings BEAT_LEASE, BEAT_WITHOUT_LEASE, NOT_CONSUMING
 RECOMMENDED = "see README: Recommended Celery settings"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -62,6 +65,7 @@ class DoctorReport:
     status: str  # "healthy" | "warnings" | "problems" | "failure"
     seconds: float
     schema_version: int = field(default=SCHEMA_VERSION)
+    beat_lease: str | None = None  # who holds the cluster's beat lease ("hostA pid 4242 since ..."), if anyone
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -80,6 +84,7 @@ _EXIT_BY_CODE = {
     "TWO_LAUNCHERS": DuplicateNodeError.exit_code,
     "STRAY_PROCESS": DuplicateNodeError.exit_code,
     "MULTIPLE_BEATS": DuplicateNodeError.exit_code,
+    "BEAT_WITHOUT_LEASE": DuplicateNodeError.exit_code,
 }
 
 
@@ -317,6 +322,8 @@ def diagnose(settings: Settings) -> DoctorReport:
         if settings.declared_roles
         else None
     )
+    lease = _LeaseProbe(settings, broker_url)
+    lease.start()
     connect_s = _connect_time(broker_url)
     try:
         app = load_app(settings)
@@ -404,7 +411,9 @@ def diagnose(settings: Settings) -> DoctorReport:
                     "tlrun doctor --fix",
                 )
             )
-    beats = [p for p in local if p.project and p.kind == "beat"]
+    holder = lease.result()
+    findings.extend(lease_findings(holder, local, hostname))
+    beats = [p for p in local if p.project and p.kind == "beat" and p.state != STANDBY]
     if len(beats) > 1:
         findings.append(
             Finding(
@@ -446,7 +455,62 @@ def diagnose(settings: Settings) -> DoctorReport:
         exit_code=exit_code,
         status=status,
         seconds=round(time.monotonic() - started, 2),
+        beat_lease=holder.describe() if holder is not None else None,
     )
+
+
+class _LeaseProbe:
+    """Who holds the beat lease, asked on a thread while the ping census runs. None: nobody, or no answer."""
+
+    def __init__(self, settings: Settings, broker_url: str) -> None:
+        self._settings = settings
+        self._url = broker_url
+        self._holder: Holder | None = None
+        self._thread = threading.Thread(target=self._run, name="tlrun-lease-probe", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        s = self._settings
+        try:
+            backend = backend_for(self._url, lease_name(s.app, s.project_name), s.beat_lock_ttl)
+        except ValueError:
+            return
+        try:
+            self._holder = backend.current()
+        except OSError:
+            pass  # the census reports an unreachable broker
+        finally:
+            backend.close()
+
+    def result(self) -> Holder | None:
+        self._thread.join(5.0)
+        return self._holder
+
+
+def lease_findings(holder: Holder | None, local: list[inventory.LocalProcess], hostname: str) -> list[Finding]:
+    """The lease's holder (info), and every beat of this project running here without it (error: a beat
+    started by hand, or by a launcher from before the lease; with the holder's beat, ticks run twice)."""
+    found = []
+    if holder is not None:
+        found.append(Finding("BEAT_LEASE", "info", f"the beat lease is held by {holder.describe()}", None))
+    for proc in local:
+        if not proc.project or proc.kind != "beat" or proc.state == STANDBY:
+            continue
+        ours = holder is not None and holder.host == hostname and proc.launcher_pid == holder.pid
+        if not ours:
+            by = f"held by {holder.describe()}" if holder is not None else "held by nobody"
+            found.append(
+                Finding(
+                    "BEAT_WITHOUT_LEASE",
+                    "error",
+                    f"beat pid {proc.pid} runs here without the cluster's beat lease ({by}): with the lease "
+                    "holder's beat, every periodic task runs twice",
+                    "stop it and run beat with tlrun beat (one per cluster)",
+                )
+            )
+    return found
 
 
 def _failed(

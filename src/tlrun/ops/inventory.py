@@ -66,7 +66,9 @@ def local_processes(
     now = time.time()
     out = []
     workers = _recorded_workers(settings) if settings is not None else set()
-    for proc in procs.main_processes([p for p in rows if p.uid == uid]):
+    # A process in another UTS namespace runs on another host as far as tlrun is concerned (Linux only).
+    mine = [p for p in rows if p.uid == uid and procs.same_host_namespace(p.pid)]
+    for proc in procs.main_processes(mine):
         if proc.spare and proc.pid not in workers and _live_launcher(proc) is not None:
             continue  # tlrun dev's spare: Celery imported, waiting for the next save; not a worker yet
         is_project = settings is not None and procs.project_match(
@@ -100,7 +102,7 @@ def local_processes(
         )
     if settings is not None:
         seen = {row.pid for row in out}
-        out += [row for row in in_process_workers(settings) if row.pid not in seen]
+        out += [row for row in in_process_workers(settings) + standby_beats(settings) if row.pid not in seen]
     return sorted(out, key=lambda p: (p.kind, p.role or "", p.pid))
 
 
@@ -153,6 +155,40 @@ def in_process_workers(settings: Settings) -> list[LocalProcess]:
             )
         )
     return rows
+
+
+STANDBY = "standby"  # the state of a launcher's beat that waits for the cluster's beat lease
+
+
+def standby_beats(settings: Settings) -> list[LocalProcess]:
+    """A beat launcher standing by (another host holds the beat lease) has no beat process: its lock record
+    says so, and it shows as a beat in state `standby` with the launcher's pid."""
+    try:
+        record = guard.read_record(guard.lock_path(settings.project_id, "beat"))
+    except TlrunError:
+        return []
+    holder = guard.holder_identity(record)
+    if not (record and record.get("beat_lease") in ("standby", "lost") and holder and holder.is_alive()):
+        return []
+    return [
+        LocalProcess(
+            pid=holder.pid,
+            ppid=_ppid(holder.pid),
+            kind="beat",
+            role=None,
+            node=None,
+            app=settings.app,
+            cwd=str(settings.project_root),
+            state=STANDBY,
+            uptime_s=round(time.time() - holder.create_time, 1),
+            rss_bytes=0,
+            cpu_s=0.0,
+            pool_children=0,
+            launcher_pid=holder.pid,
+            project=True,
+            stray=False,
+        )
+    ]
 
 
 def _ppid(pid: int) -> int:
