@@ -259,7 +259,7 @@ def worker(
     policy = None
     if restart:
         policy = RestartSettings(restart_delay, restart_max_delay, give_up_crashes, give_up_window, max_restarts)
-    _launch(params, restart=policy, fast_stop=fast_stop, init=init_mode)
+    _launch(params, restart=policy, fast_stop=fast_stop, init=init_mode, consume_check=True)
 
 
 @cli.command()
@@ -602,13 +602,20 @@ def health(node: str | None, timeout: float, retries: int, **params: Any) -> Non
     default: all must answer).
 
     Exit 14 ("unknown") when a node's process exists here but does not answer (stopped, busy, in a
-    debugger), 15 ("dead") when nothing answers and no such process runs here; the worst one counts.
+    debugger), 15 ("dead") when nothing answers and no such process runs here, 17 ("not_consuming") when it
+    answers but messages wait on its queue while it holds no task and does not consume that queue (or has
+    not for TLRUN_STUCK_AFTER seconds, as its launcher saw); the worst one counts.
     """
-    from tlrun.errors import HEALTH_DEAD_EXIT_CODE, HEALTH_UNKNOWN_EXIT_CODE
+    from tlrun.errors import HEALTH_DEAD_EXIT_CODE, HEALTH_UNKNOWN_EXIT_CODE, NOT_CONSUMING_EXIT_CODE
     from tlrun.ops import control
 
     settings = _settings(params)
-    codes = {"alive": 0, "unknown": HEALTH_UNKNOWN_EXIT_CODE, "dead": HEALTH_DEAD_EXIT_CODE}
+    codes = {
+        "alive": 0,
+        "unknown": HEALTH_UNKNOWN_EXIT_CODE,
+        "dead": HEALTH_DEAD_EXIT_CODE,
+        "not_consuming": NOT_CONSUMING_EXIT_CODE,
+    }
     worst = 0
     for name in [node] if node else control.default_nodes(settings):
         result = control.probe(settings, name, timeout, retries)

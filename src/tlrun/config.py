@@ -40,6 +40,8 @@ ENV_POOL = "TLRUN_POOL"
 ENV_QUEUES = "TLRUN_QUEUES"
 ENV_LOGLEVEL = "TLRUN_LOGLEVEL"
 ENV_BEAT_LOCK_TTL = "TLRUN_BEAT_LOCK_TTL"
+ENV_STUCK_AFTER = "TLRUN_STUCK_AFTER"
+ENV_CONSUME_CHECK_EVERY = "TLRUN_CONSUME_CHECK_EVERY"
 
 # Set by tlrun on every worker it starts.
 ENV_GUARD = "TL_CELERY_STARTED"  # launcher identity "<pid>:<create_time>"
@@ -123,6 +125,8 @@ class Settings:
     log_dir_given: bool = False  # set by --log-dir, TLRUN_LOG_DIR or the project file (as PID 1: log files)
     project_name: str | None = None  # the project file's `name`: with the app, names the cluster's beat lease
     beat_lock_ttl: float = 30.0  # the beat lease's time to live on the broker
+    stuck_after: float = 60.0  # an idle worker with messages waiting this long on its queue is not consuming
+    consume_check_every: float = 30.0  # how often `tlrun worker` checks that its workers consume
 
     @property
     def project_id(self) -> str:
@@ -350,6 +354,8 @@ def build_settings(
         log_dir_given=log_dir_raw is not None,
         project_name=pf.values.get("name"),
         beat_lock_ttl=num("beat_lock_ttl", ENV_BEAT_LOCK_TTL, float, 30.0, 2),
+        stuck_after=num("stuck_after", ENV_STUCK_AFTER, float, 60.0, 1),
+        consume_check_every=num("consume_check_every", ENV_CONSUME_CHECK_EVERY, float, 30.0, 0.5),
     )
 
 

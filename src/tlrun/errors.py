@@ -95,6 +95,7 @@ class RestartGiveUpError(TlrunError):
 DOCTOR_WARNINGS_EXIT_CODE = 13  # doctor found warnings only
 HEALTH_UNKNOWN_EXIT_CODE = 14  # health: the node's process exists here but does not answer (stopped, busy)
 HEALTH_DEAD_EXIT_CODE = 15  # health: no answer and no such process here
+NOT_CONSUMING_EXIT_CODE = 17  # health, doctor: a worker answers pings but does not consume its queue
 USAGE_EXIT_CODE = 2  # click's own code for unknown options and bad values on the command line
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, when the launcher is interrupted before the worker runs
 
@@ -116,4 +117,5 @@ EXIT_CODES: dict[int, str] = {
     HEALTH_UNKNOWN_EXIT_CODE: "health: the node's process exists here but does not answer (stopped or busy)",
     HEALTH_DEAD_EXIT_CODE: "health: the node does not answer and no such process runs here",
     RestartGiveUpError.exit_code: "worker --restart gave up: too many crashes (give-up rule or --max-restarts)",
+    NOT_CONSUMING_EXIT_CODE: "health, doctor: a worker answers pings but does not consume its queue (messages wait)",
 }

@@ -206,6 +206,25 @@ class Broker:
                 return reply[node]
         return None
 
+    def queue_depth(self, queue: str) -> int | None:
+        """Messages waiting in `queue` (a passive declare: Redis counts with LLEN, RabbitMQ answers itself);
+        None when the queue does not exist."""
+        if self._conn is None:
+            self.connect()
+        started = time.monotonic()
+        channel = self._conn.channel()
+        try:
+            return int(channel.queue_declare(queue, passive=True).message_count)
+        except Exception as exc:
+            if "NOT_FOUND" in str(exc) or "no queue" in str(exc).lower():
+                return None
+            raise self._fail(exc, started) from None
+        finally:
+            try:
+                channel.close()
+            except Exception:
+                pass
+
     def shutdown_nodes(self, names: list[str]) -> None:
         """Ask the named nodes to shut down (warm) through the broker."""
         if self._conn is None:

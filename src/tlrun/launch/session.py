@@ -43,6 +43,7 @@ from tlrun.launch.broker import Broker, check_reachable, resolve_broker
 from tlrun.launch.hold import Hold
 from tlrun.launch.outputs import Outputs
 from tlrun.launch.supervise import Supervisor, requeue_margin
+from tlrun.ops import consuming
 
 if TYPE_CHECKING:
     from tlrun.cluster.lease import BeatLease
@@ -61,6 +62,7 @@ class LaunchOptions:
     fast_stop: bool = False  # stop an idle worker by draining it, then SIGKILL (dev's default; worker --fast-stop)
     dev_poll: bool = False  # 0.1 s transport poll on Redis, where the app sets none (dev)
     init: bool = False  # --init: reap orphans and (Linux) be a subreaper, as PID 1 does
+    consume_check: bool = False  # check periodically that the workers consume their queues (tlrun worker)
     is_pid1: bool = field(default_factory=pid1.is_pid1)  # a container's PID 1: also logs to stdout by default
 
     @property
@@ -192,6 +194,7 @@ class RoleWorker:
         self.policy = RestartPolicy(restart) if restart is not None else None
         self.poll_interval: float | None = None  # its transport's poll interval on Redis, when known
         self.since = ""  # when the running worker became ready (for "the worker of 10:42:07")
+        self.not_consuming_recorded = False  # its lock record names queues it does not consume
 
     @property
     def lock_kind(self) -> str:
@@ -237,6 +240,8 @@ class Session:
         self.census: list[str] | verify.Census[list[str]] | None = None
         self.watcher: Watcher | None = None
         self.lease: BeatLease | None = None  # the cluster's beat lease (beat runs only while it is held)
+        self.consume_watch: consuming.Watch | None = None
+        self._stuck: dict[str, list[consuming.NotConsuming]] = {}  # verdicts for the supervise loop
         self._stopping = False  # a deferred stop request has been acted on
         self._spares: dict[str, tuple[str, Hold]] = {}  # role -> its spare's child name and hold (dev --reload)
         self._locks: dict[str, tuple[guard.ProjectLock, dict[str, Any]]] = {}
@@ -576,7 +581,49 @@ class Session:
         if self.sup.stop_requested:
             return not self._stopping or not self.sup.has_running()
         self._lease_tick()
+        if self.consume_watch is not None:
+            self._stuck.update(self.consume_watch.take())
+            if self._stuck:
+                return True
         return self.watcher is not None and self.watcher.pending()
+
+    # -- a worker that answers pings but does not consume --------------------------------------------
+    def start_consume_watch(self) -> None:
+        """tlrun worker: check every `consume_check_every` seconds that each worker consumes its queues."""
+        if not self.opts.consume_check or not self.workers:
+            return
+
+        def targets() -> list[tuple[str, list[str]]]:
+            return [
+                (w.node, consuming.wanted_queues(w.role.queue_set)) for w in self.workers if self.sup.running(w.child)
+            ]
+
+        self.consume_watch = consuming.Watch(
+            self.broker_url, targets, self.s.consume_check_every, self.s.stuck_after
+        ).start()
+
+    def act_on_stuck(self) -> None:
+        verdicts, self._stuck = self._stuck, {}
+        for node, found in verdicts.items():
+            w = next((w for w in self.workers if w.node == node), None)
+            if w is None:
+                continue
+            if found or w.not_consuming_recorded:
+                self._update_record(w.lock_kind, not_consuming=[nc.as_dict() for nc in found])
+                w.not_consuming_recorded = bool(found)
+            if not found:
+                continue
+            for nc in found:
+                self.report(Notice(nc.message(), "warning"))
+            if w.policy is None or self.sup.stop_requested:
+                continue
+            assert self.consume_watch is not None
+            self.sup.stop(w.child)
+            self.outputs.detach(w.child)
+            self.consume_watch.forget(node)
+            self._update_record(w.lock_kind, not_consuming=[])
+            w.not_consuming_recorded = False
+            self.restart_after_crash(w, None, why=f"{w.label} {node} does not consume {found[0].queue}")
 
     def reload(self) -> None:
         """Prepare, then swap: the next worker of every role starts at once and imports the new code while
@@ -645,18 +692,15 @@ class Session:
         self.report(Notice(f"reload failed: {error}; {keeps}", "warning"))
         self.spawn_spares()
 
-    def restart_after_crash(self, w: RoleWorker, code: int) -> None:
-        """Back off, then guard, sweep, spawn and verify again; RestartGiveUpError when the policy says so."""
+    def restart_after_crash(self, w: RoleWorker, code: int | None, why: str | None = None) -> None:
+        """Back off, then guard, sweep, spawn and verify again; RestartGiveUpError when the policy says so.
+        `why` replaces "exited with status N" (a worker stopped because it did not consume)."""
         assert w.policy is not None
         delay = w.policy.on_crash()
         if delay is None:
             raise RestartGiveUpError(f"giving up on the {w.label} after {w.policy.why_given_up()}")
-        self.report(
-            Notice(
-                f"{w.label} exited with status {code}: restart {w.policy.restarts} in {delay:.1f} s",
-                "warning",
-            )
-        )
+        what = why or f"{w.label} exited with status {code}"
+        self.report(Notice(f"{what}: restart {w.policy.restarts} in {delay:.1f} s", "warning"))
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline and not self.sup.stop_requested:
             time.sleep(0.05)
@@ -692,6 +736,8 @@ class Session:
                     continue
                 if self.sup.stop_requested or not (self.watcher or self.lease or self.sup.has_running()):
                     break
+                if self._stuck:
+                    self.act_on_stuck()
                 if self.watcher is not None and self.watcher.pending():
                     self.reload()
                 continue
@@ -775,6 +821,9 @@ def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None)
             if ready is not None:
                 session.verdict(ready)
             session.spawn_spares()
+            session.start_consume_watch()
+            if session.consume_watch is not None:
+                stack.callback(session.consume_watch.close)
         if opts.beat and not sup.stop_requested:
             stack.callback(session.end_beat)  # after the supervisor has stopped beat: release the lease
             session.begin_beat()

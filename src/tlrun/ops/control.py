@@ -96,7 +96,7 @@ def sweep_project(
 @dataclass(frozen=True)
 class Health:
     node: str
-    state: str  # "alive" | "unknown" | "dead"
+    state: str  # "alive" | "not_consuming" | "unknown" | "dead"
     detail: str
     attempts: int
     seconds: float
@@ -127,6 +127,9 @@ def probe(settings: Settings, node: str, timeout: float, retries: int) -> Health
         for attempts in range(1, retries + 2):
             try:
                 if node in broker.ping(destination=[node], timeout=timeout):
+                    stuck = _not_consuming(settings, broker, node)
+                    if stuck is not None:
+                        return Health(node, "not_consuming", stuck, attempts, time.monotonic() - started)
                     return Health(node, "alive", "answered a ping", attempts, time.monotonic() - started)
             except BrokerError as exc:
                 return Health(node, "unknown", f"broker unreachable: {exc}", attempts, time.monotonic() - started)
@@ -163,6 +166,21 @@ def probe(settings: Settings, node: str, timeout: float, retries: int) -> Health
         attempts,
         time.monotonic() - started,
     )
+
+
+def _not_consuming(settings: Settings, broker: Broker, node: str) -> str | None:
+    """A pong is not enough (celery#10205): does the node consume its role's queues? What it does not, else None.
+    The launcher's own finding (its longer history) counts too."""
+    from tlrun.ops import consuming
+
+    for nc in consuming.recorded(settings):
+        if nc.node == node:
+            return nc.message()
+    role = next((r for r in settings.all_roles if r.owns_node(node)), None)
+    if role is None:
+        return None
+    found = consuming.check(broker, node, consuming.wanted_queues(role.queue_set), time.time())
+    return found[0].message() if found else None
 
 
 def shutdown_remote(settings: Settings, nodes: list[str]) -> None:

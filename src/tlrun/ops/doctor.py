@@ -18,11 +18,18 @@ from urllib.parse import urlsplit
 
 from tlrun.cluster.lease import Holder, backend_for, lease_name
 from tlrun.config import ENV_GUARD, Settings
-from tlrun.errors import DOCTOR_WARNINGS_EXIT_CODE, AppImportError, BrokerError, DuplicateNodeError, TlrunError
+from tlrun.errors import (
+    DOCTOR_WARNINGS_EXIT_CODE,
+    NOT_CONSUMING_EXIT_CODE,
+    AppImportError,
+    BrokerError,
+    DuplicateNodeError,
+    TlrunError,
+)
 from tlrun.launch import guard, procs, verify
 from tlrun.launch.broker import Broker, load_app, resolve_broker_url
 from tlrun.launch.procs import Identity
-from tlrun.ops import inventory
+from tlrun.ops import consuming, inventory
 from tlrun.ops.inventory import STANDBY
 from tlrun.redact import redact_url
 
@@ -85,6 +92,7 @@ _EXIT_BY_CODE = {
     "STRAY_PROCESS": DuplicateNodeError.exit_code,
     "MULTIPLE_BEATS": DuplicateNodeError.exit_code,
     "BEAT_WITHOUT_LEASE": DuplicateNodeError.exit_code,
+    "NOT_CONSUMING": NOT_CONSUMING_EXIT_CODE,
 }
 
 
@@ -413,6 +421,9 @@ def diagnose(settings: Settings) -> DoctorReport:
             )
     holder = lease.result()
     findings.extend(lease_findings(holder, local, hostname))
+    if reachable:
+        for nc in consuming.project_check(settings, broker_url, [n.name for n in nodes]):
+            findings.append(Finding("NOT_CONSUMING", "error", nc.message(), "tlrun worker --restart restarts it"))
     beats = [p for p in local if p.project and p.kind == "beat" and p.state != STANDBY]
     if len(beats) > 1:
         findings.append(

@@ -104,6 +104,8 @@ TOP_KEYS: dict[str, Check] = {
     "name": _string,
     "beat": _bool,
     "beat_lock_ttl": _number(2),
+    "stuck_after": _number(1),
+    "consume_check_every": _number(0.5),
     "log_dir": _string,
     "ready_timeout": _number(0.5),
     "grace": _number(0),

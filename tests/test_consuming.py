@@ -1,0 +1,82 @@
+"""A worker that answers pings but does not consume (its consumer cancelled, as after some broker drops):
+doctor and health report it, and `tlrun worker --restart` brings back a worker that runs the waiting tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import Project, client, send_task
+from tlrun.ops.consuming import NodeState, NotConsuming, judge
+
+pytestmark = pytest.mark.timeout(120)
+READY = r"tlrun: \d+ workers? ready: (\S+) \(pid (\d+)\)"
+CHECK = {"TLRUN_CONSUME_CHECK_EVERY": "1"}
+
+
+# -- the rule, without a broker -------------------------------------------------------------------------------
+def test_a_cancelled_consumer_with_messages_waiting_is_found_at_once() -> None:
+    state = NodeState("api1@h", frozenset(), 0)
+    found = judge(state, ["celery"], {"celery": 3}, 100.0, {}, 60.0)
+    assert [(f.node, f.queue, f.waiting, f.since) for f in found] == [("api1@h", "celery", 3, 100.0)]
+    assert "not in its active_queues" in found[0].message()
+
+
+def test_a_listed_queue_counts_only_after_the_threshold_and_only_while_idle() -> None:
+    seen: dict[tuple[str, str], float] = {}
+    idle = NodeState("api1@h", frozenset({"celery"}), 0)
+    assert judge(idle, ["celery"], {"celery": 2}, 0.0, seen, 60.0) == []
+    assert judge(idle, ["celery"], {"celery": 2}, 59.0, seen, 60.0) == []
+    found = judge(idle, ["celery"], {"celery": 2}, 61.0, seen, 60.0)
+    assert found and found[0].since == 0.0 and "idle for 61 s" in found[0].reason
+    busy = NodeState("api1@h", frozenset({"celery"}), 1)
+    assert judge(busy, ["celery"], {"celery": 2}, 62.0, seen, 60.0) == []  # working: the history restarts
+    assert judge(idle, ["celery"], {"celery": 2}, 63.0, seen, 60.0) == []
+    assert judge(idle, ["celery"], {"celery": 0}, 200.0, seen, 60.0) == []  # nothing waits
+
+
+def test_no_reply_is_not_a_verdict() -> None:
+    assert judge(NodeState("n", None, None), ["celery"], {"celery": 5}, 0.0, {}, 1.0) == []
+
+
+def test_a_finding_survives_the_lock_record() -> None:
+    nc = NotConsuming("api1@h", "celery", 3, 1.0, "why")
+    assert NotConsuming.from_dict(json.loads(json.dumps(nc.as_dict()))) == nc
+    assert NotConsuming.from_dict({"node": "x"}) is None
+
+
+# -- real workers -------------------------------------------------------------------------------------------------
+def cancel_consumer(project: Project, node: str) -> None:
+    replies = client(project.broker_url).control.cancel_consumer("celery", destination=[node], reply=True)
+    assert replies and node in replies[0], replies
+
+
+def test_doctor_and_health_report_a_worker_that_stopped_consuming(project: Project) -> None:
+    launched = project.launch("--pool", "solo", env=project.env(**CHECK))
+    node = launched.wait_output(READY, 30).group(1)
+    cancel_consumer(project, node)
+    results = [send_task(project.broker_url, f"{project.app}.add", i, i) for i in range(3)]
+    # It still answers pings: the ping alone says "alive".
+    health = project.run("health", "-A", project.app, "--timeout", "2", "--retries", "0")
+    assert health.returncode == 17, health.stdout + health.stderr
+    assert f"{node}: not_consuming ({node} answers pings but does not consume queue celery: 3 message(s)" in (
+        health.stdout
+    )
+    doctor = project.run("doctor", "-A", project.app, "--json")
+    report = json.loads(doctor.stdout)
+    stuck = [f for f in report["findings"] if f["code"] == "NOT_CONSUMING"]
+    assert len(stuck) == 1 and node in stuck[0]["message"] and "queue celery" in stuck[0]["message"], stuck
+    assert doctor.returncode == 17
+    # Without --restart the launcher says so, and leaves the worker alone.
+    launched.wait_output(rf"warning: {node} answers pings but does not consume queue celery", 10)
+    assert all(r.state == "PENDING" for r in results)
+
+
+def test_worker_restart_brings_back_a_worker_that_runs_the_waiting_tasks(project: Project) -> None:
+    launched = project.launch("--pool", "solo", "--restart", "--restart-delay", "0.2", env=project.env(**CHECK))
+    node = launched.wait_output(READY, 30).group(1)
+    cancel_consumer(project, node)
+    results = [send_task(project.broker_url, f"{project.app}.add", i, i) for i in range(3)]
+    launched.wait_output(rf"worker {node} does not consume celery: restart 1 in", 15)
+    assert [r.get(timeout=30) for r in results] == [0, 2, 4]
