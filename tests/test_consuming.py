@@ -4,10 +4,12 @@ doctor and health report it, and `tlrun worker --restart` brings back a worker t
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import Project, client, send_task
+from helpers import Project, client, free_port, send_task, wait_for
 from tlrun.ops.consuming import NodeState, NotConsuming, judge
 
 pytestmark = pytest.mark.timeout(120)
@@ -80,3 +82,52 @@ def test_worker_restart_brings_back_a_worker_that_runs_the_waiting_tasks(project
     results = [send_task(project.broker_url, f"{project.app}.add", i, i) for i in range(3)]
     launched.wait_output(rf"worker {node} does not consume celery: restart 1 in", 15)
     assert [r.get(timeout=30) for r in results] == [0, 2, 4]
+
+
+# -- metrics -------------------------------------------------------------------------------------------------------
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return found
+
+
+def test_the_metrics_endpoint_speaks_celery_exporters_names(project: Project) -> None:
+    port = free_port()
+    env = project.env(**CHECK)
+    launched = project.launch("--concurrency", "2", "--metrics-port", str(port), "--metrics-addr", "127.0.0.1", env=env)
+    node = launched.wait_output(READY, 30).group(1)
+    busy = send_task(project.broker_url, f"{project.app}.sleep", 4)
+    launched.wait_output(r"Task \S+\.sleep\[\S+\] received", 20)
+
+    def sampled() -> dict[str, list[tuple[dict[str, str], float]]] | None:
+        found = scrape(port)
+        return found if found.get("celery_worker_tasks_active") else None
+
+    metrics = wait_for(sampled, 10, "a sample with the running task")
+    assert metrics["celery_worker_up"] == [({"hostname": node}, 1.0)]
+    assert metrics["celery_worker_tasks_active"] == [({"hostname": node}, 1.0)]
+    assert metrics["tlrun_worker_restarts_total"] == [({"role": "default"}, 0.0)]
+    assert ({"hostname": node, "state": "expected"}, 2.0) in metrics["tlrun_pool_processes"]
+    assert ({"hostname": node, "state": "running"}, 2.0) in metrics["tlrun_pool_processes"]
+    assert metrics["tlrun_worker_ready_seconds"][0][1] > 0
+    assert metrics["tlrun_worker_rss_bytes"][0][1] > 10_000_000
+    assert "tlrun_not_consuming" not in metrics and "celery_queue_length" not in metrics  # no beat lease here
+    assert busy.get(timeout=20) == 4
+    # A second launcher cannot take the port: refused before it stops or sweeps anything.
+    other = project.run("worker", "-A", project.app, "--metrics-port", str(port), "--metrics-addr", "127.0.0.1")
+    assert other.returncode == 2 and f"cannot serve metrics on 127.0.0.1:{port}" in other.stderr
+
+
+def test_doctor_prometheus_output_parses_with_celery_exporters_names(project: Project) -> None:
+    launched = project.launch()
+    node = launched.wait_output(READY, 30).group(1)
+    result = project.run("doctor", "-A", project.app, "--format", "prometheus")
+    families = {f.name: f for f in text_string_to_metric_families(result.stdout)}
+    up = [(s.labels, s.value) for s in families["celery_worker_up"].samples]
+    assert up == [({"hostname": node}, 1.0)]
+    for name in ("tlrun_not_consuming", "tlrun_beat_lease_held", "tlrun_workers_answering"):
+        assert name in families, sorted(families)

@@ -229,8 +229,21 @@ def _launch(params: dict[str, Any], ping_window_default: float = 1.0, **opts: An
     help="Do what a container's init does (automatic when tlrun is PID 1): reap orphans, and on Linux "
     "become a subreaper so that a dead worker's pool children come back to tlrun.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=1, max=65535),
+    help="Serve Prometheus metrics on this port (/metrics): celery-exporter's names plus tlrun's own.",
+)
+@click.option(
+    "--metrics-addr",
+    default="0.0.0.0",
+    show_default=True,
+    help="Address the metrics endpoint listens on (127.0.0.1: this host only).",
+)
 @handle_errors
 def worker(
+    metrics_port: int | None,
+    metrics_addr: str,
     init_mode: bool,
     fast_stop: bool,
     restart: bool,
@@ -259,7 +272,15 @@ def worker(
     policy = None
     if restart:
         policy = RestartSettings(restart_delay, restart_max_delay, give_up_crashes, give_up_window, max_restarts)
-    _launch(params, restart=policy, fast_stop=fast_stop, init=init_mode, consume_check=True)
+    _launch(
+        params,
+        restart=policy,
+        fast_stop=fast_stop,
+        init=init_mode,
+        consume_check=True,
+        metrics_port=metrics_port,
+        metrics_addr=metrics_addr,
+    )
 
 
 @cli.command()

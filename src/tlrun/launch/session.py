@@ -47,6 +47,7 @@ from tlrun.ops import consuming
 
 if TYPE_CHECKING:
     from tlrun.cluster.lease import BeatLease
+    from tlrun.ops import metrics
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class LaunchOptions:
     dev_poll: bool = False  # 0.1 s transport poll on Redis, where the app sets none (dev)
     init: bool = False  # --init: reap orphans and (Linux) be a subreaper, as PID 1 does
     consume_check: bool = False  # check periodically that the workers consume their queues (tlrun worker)
+    metrics_port: int | None = None  # serve Prometheus metrics here (tlrun worker --metrics-port)
+    metrics_addr: str = "0.0.0.0"
     is_pid1: bool = field(default_factory=pid1.is_pid1)  # a container's PID 1: also logs to stdout by default
 
     @property
@@ -195,6 +198,11 @@ class RoleWorker:
         self.poll_interval: float | None = None  # its transport's poll interval on Redis, when known
         self.since = ""  # when the running worker became ready (for "the worker of 10:42:07")
         self.not_consuming_recorded = False  # its lock record names queues it does not consume
+        # For the metrics endpoint:
+        self.last_exit_code: int | None = None
+        self.ready_seconds: float | None = None
+        self.stop_seconds: float | None = None
+        self.not_consuming: tuple[str, ...] = ()
 
     @property
     def lock_kind(self) -> str:
@@ -407,7 +415,10 @@ class Session:
         return name.endswith("+spare")
 
     def _stop_workers(self, workers: list[RoleWorker]) -> None:
+        stopping = time.monotonic()
         self.sup.stop_each([w.child for w in workers])
+        for w in workers:
+            w.stop_seconds = round(time.monotonic() - stopping, 3)
         for w in workers:
             self.outputs.detach(w.child)
 
@@ -514,6 +525,7 @@ class Session:
                 return None
         for w in workers:
             self._update_record(w.lock_kind, node=w.node, worker_pid=self.sup.pid(w.child))
+            w.ready_seconds = round(time.monotonic() - started, 3)
         ours = {w.node for w in self.workers}
         others = [name for name in replies if name not in ours]
         nodes = [
@@ -590,7 +602,7 @@ class Session:
     # -- a worker that answers pings but does not consume --------------------------------------------
     def start_consume_watch(self) -> None:
         """tlrun worker: check every `consume_check_every` seconds that each worker consumes its queues."""
-        if not self.opts.consume_check or not self.workers:
+        if not (self.opts.consume_check or self.opts.metrics_port is not None) or not self.workers:
             return
 
         def targets() -> list[tuple[str, list[str]]]:
@@ -599,8 +611,77 @@ class Session:
             ]
 
         self.consume_watch = consuming.Watch(
-            self.broker_url, targets, self.s.consume_check_every, self.s.stuck_after
+            self.broker_url,
+            targets,
+            self.s.consume_check_every,
+            self.s.stuck_after,
+            sample=self.opts.metrics_port is not None,
+            queue_owner=self._holds_queue_metrics if self.opts.metrics_port is not None else None,
         ).start()
+
+    def _holds_queue_metrics(self) -> bool:
+        """celery_queue_length comes from the host holding the beat lease only (hosts would repeat it)."""
+        from tlrun.cluster.lease import backend_for, lease_name
+
+        if self.lease is not None:
+            return self.lease.held
+        try:
+            backend = backend_for(self.broker_url, lease_name(self.s.app, self.s.project_name), self.s.beat_lock_ttl)
+        except ValueError:
+            return False
+        try:
+            holder = backend.current()
+        except OSError:
+            return False
+        finally:
+            backend.close()
+        return holder is not None and holder.host == self.hostname
+
+    # -- metrics ---------------------------------------------------------------------------------------
+    def start_metrics(self, stack: contextlib.ExitStack) -> None:
+        port = self.opts.metrics_port
+        if port is None:
+            return
+        from tlrun.ops import metrics
+
+        try:
+            server = metrics.serve(port, self.opts.metrics_addr, self.metrics_sample)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot serve metrics on {self.opts.metrics_addr}:{port}: {exc.strerror or exc}",
+                hint="choose another --metrics-port",
+            ) from None
+        stack.callback(server.shutdown)
+        self.report(Notice(f"metrics on http://{self.opts.metrics_addr}:{port}/metrics"))
+
+    def metrics_sample(self) -> metrics.LauncherSample:
+        from tlrun.ops import metrics
+
+        watch = self.consume_watch
+        states, lengths = watch.latest() if watch is not None else ({}, {})
+        samples = []
+        for w in self.workers:
+            pid = self.sup.pid(w.child) if self.sup.running(w.child) else None
+            state = states.get(w.node)
+            pool_running, rss = _pool_and_rss(pid)
+            samples.append(
+                metrics.WorkerSample(
+                    node=w.node,
+                    role=w.role.name,
+                    up=pid is not None and w.ready_seconds is not None,
+                    tasks_active=state.active if state is not None else None,
+                    restarts=w.policy.restarts if w.policy is not None else 0,
+                    last_exit_code=w.last_exit_code,
+                    ready_seconds=w.ready_seconds,
+                    stop_seconds=w.stop_seconds,
+                    pool_expected=_pool_expected(w.role),
+                    pool_running=pool_running,
+                    rss_bytes=rss,
+                    not_consuming=w.not_consuming,
+                )
+            )
+        held = self.lease.held if self.lease is not None else None
+        return metrics.LauncherSample(tuple(samples), dict(lengths), held)
 
     def act_on_stuck(self) -> None:
         verdicts, self._stuck = self._stuck, {}
@@ -608,6 +689,7 @@ class Session:
             w = next((w for w in self.workers if w.node == node), None)
             if w is None:
                 continue
+            w.not_consuming = tuple(nc.queue for nc in found)
             if found or w.not_consuming_recorded:
                 self._update_record(w.lock_kind, not_consuming=[nc.as_dict() for nc in found])
                 w.not_consuming_recorded = bool(found)
@@ -618,7 +700,10 @@ class Session:
             if w.policy is None or self.sup.stop_requested:
                 continue
             assert self.consume_watch is not None
-            self.sup.stop(w.child)
+            stopping = time.monotonic()
+            w.last_exit_code = self.sup.stop(w.child)
+            w.stop_seconds = round(time.monotonic() - stopping, 3)
+            w.not_consuming = ()
             self.outputs.detach(w.child)
             self.consume_watch.forget(node)
             self._update_record(w.lock_kind, not_consuming=[])
@@ -749,6 +834,8 @@ class Session:
                 continue
             w = self._worker(name)
             label = w.node if w is not None else name
+            if w is not None:
+                w.last_exit_code = code
             if self.sup.stop_requested:
                 self.report(Exited(label, code, True))
                 if w is not None or not self.workers:
@@ -767,6 +854,28 @@ class Session:
             break
         self.sup.stop_all()
         return status
+
+
+def _pool_expected(role: Role) -> int | None:
+    """Prefork pool size: --concurrency, else Celery's default (the number of CPUs); None for other pools."""
+    if (role.worker.pool or "prefork") not in ("prefork", "processes"):
+        return None
+    return role.worker.concurrency or os.cpu_count() or 1
+
+
+def _pool_and_rss(pid: int | None) -> tuple[int | None, int | None]:
+    """The worker's pool processes (children running its own command line) and its main process's RSS."""
+    if pid is None:
+        return None, None
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        argv = proc.cmdline()
+        children = sum(1 for c in proc.children() if c.cmdline() == argv)
+        return children, proc.memory_info().rss
+    except psutil.Error:
+        return None, None
 
 
 def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None) -> int:
@@ -792,6 +901,7 @@ def run(settings: Settings, report: Reporter, opts: LaunchOptions | None = None)
         # Validate, guard, broker, sweep: nothing is stopped before everything that can fail was checked. A
         # stop asked for meanwhile ends the launch before anything is spawned.
         session.validate()
+        session.start_metrics(stack)  # a port already taken fails here, before anything is stopped
         session.take_locks(stack)
         if not sup.stop_requested:
             session.start_broker()

@@ -30,6 +30,7 @@ class NodeState:
     node: str
     consuming: frozenset[str] | None  # queues in its active_queues; None: it did not reply
     busy: int | None  # active + reserved tasks; None: it did not reply
+    active: int | None = None  # tasks running now; None: it did not reply
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def node_state(broker: Broker, node: str, timeout: float = 1.0) -> NodeState:
         frozenset(str(q.get("name")) for q in queues if isinstance(q, dict)) if isinstance(queues, list) else None
     )
     busy = len(active) + len(reserved) if isinstance(active, list) and isinstance(reserved, list) else None
-    return NodeState(node, consuming, busy)
+    return NodeState(node, consuming, busy, len(active) if isinstance(active, list) else None)
 
 
 def depths(broker: Broker, queues: Iterable[str]) -> dict[str, int | None]:
@@ -142,9 +143,16 @@ class Watch:
         targets: Any,  # Callable[[], list[tuple[str, list[str]]]]
         every: float = CHECK_EVERY,
         stuck_after: float = STUCK_AFTER,
+        sample: bool = False,
+        queue_owner: Any = None,  # Callable[[], bool] | None: report queue lengths (the beat-lease host)
     ) -> None:
+        """`sample`: ask every node for its state at every check (for metrics), not only when messages wait."""
         import threading
 
+        self.sample = sample
+        self._queue_owner = queue_owner
+        self._states: dict[str, NodeState] = {}
+        self._lengths: dict[str, int] = {}
         self.url = url
         self.every = every
         self.stuck_after = stuck_after
@@ -172,11 +180,23 @@ class Watch:
                 targets = list(self._targets())
                 if not targets:
                     continue
+                lengths: dict[str, int] = {}
                 with Broker(self.url) as broker:
                     for node, queues in targets:
-                        found = check(broker, node, queues, time.time(), self._first_seen, self.stuck_after)
+                        waiting = depths(broker, queues)
+                        lengths.update({q: n for q, n in waiting.items() if n is not None})
+                        if self.sample or any(waiting.values()):
+                            state = node_state(broker, node)
+                        else:
+                            state = NodeState(node, None, None)  # nothing waits: no verdict, no history
+                        found = judge(state, queues, waiting, time.time(), self._first_seen, self.stuck_after)
                         with self._lock:
                             self._verdicts[node] = found
+                            if state.busy is not None:
+                                self._states[node] = state
+                owner = self._queue_owner() if self._queue_owner is not None else False
+                with self._lock:
+                    self._lengths = lengths if owner else {}
             except BrokerError:
                 continue  # the broker is away: the worker's own reconnect logic is at work, not ours to judge
 
@@ -184,6 +204,11 @@ class Watch:
         with self._lock:
             verdicts, self._verdicts = self._verdicts, {}
         return verdicts
+
+    def latest(self) -> tuple[dict[str, NodeState], dict[str, int]]:
+        """The last node states and queue lengths (the lengths only on the beat-lease host), for metrics."""
+        with self._lock:
+            return dict(self._states), dict(self._lengths)
 
     def forget(self, node: str) -> None:
         """A restarted worker starts with a clean history."""
