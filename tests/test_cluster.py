@@ -36,6 +36,7 @@ app.conf.beat_schedule = {{"tick": {{"task": "{name}.tick", "schedule": 0.5}}}}
 def tick():
     return True
 """
+READY_RE = r"tlrun: \d+ workers? ready: (\S+) \(pid (\d+)\)"
 SENDING = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): INFO/MainProcess\] Scheduler: Sending due task", re.M)
 
 
@@ -158,14 +159,22 @@ def test_amqp_lease_is_an_exclusive_queue_that_names_its_holder(amqp_vhost: str)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a UTS namespace of its own needs root")
 
 
-def on_host(project: Project, host: str, *args: str, env: dict[str, str] | None = None) -> Launched:
-    """`tlrun beat` as if on another host: its own host name (UTS namespace) and runtime directory."""
+def on_host(
+    project: Project,
+    host: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    argv: list[str] | None = None,
+    cwd: Path | None = None,
+) -> Launched:
+    """`tlrun beat` (or `argv`) as if on another host: its own host name (UTS namespace) and runtime directory."""
     runtime = project.base / f"run-{host}"
     runtime.mkdir(mode=0o700, exist_ok=True)
-    tlrun = " ".join(shlex.quote(a) for a in [PY, "-m", "tlrun", "beat", "-A", project.app, *args])
+    command = argv or [PY, "-m", "tlrun", "beat", "-A", project.app, *args]
+    tlrun = " ".join(shlex.quote(a) for a in command)
     argv = ["unshare", "--uts", "sh", "-c", f"hostname {host} && exec {tlrun}"]
     environ = {**(env or project.env()), "XDG_RUNTIME_DIR": str(runtime), "TLRUN_BEAT_LOCK_TTL": f"{TTL:g}"}
-    launched = Launched(argv, project.root, environ, project.base / f"out-{host}-{len(project.started)}.txt")
+    launched = Launched(argv, cwd or project.root, environ, project.base / f"out-{host}-{len(project.started)}.txt")
     project.started.append(launched)
     return launched
 
@@ -278,3 +287,34 @@ def test_doctor_reports_a_beat_running_without_the_lease(beat_project: Project) 
     without = [f for f in report["findings"] if f["code"] == "BEAT_WITHOUT_LEASE"]
     assert [f"beat pid {hand.pid} runs here without" in f["message"] for f in without] == [True], without
     assert result.returncode == 9
+
+
+@needs_root
+def test_doctor_cluster_groups_three_hosts_and_finds_a_duplicate_across_two(beat_project: Project) -> None:
+    proj = beat_project
+    fast = ["--without-mingle", "--without-gossip"]
+    tlrun_worker = proj.tlrun_argv("worker", "--pool", "solo", "--", *fast, fast=False)
+    workers = {h: on_host(proj, h, argv=tlrun_worker) for h in ("hostA", "hostB", "hostC")}
+    beat = on_host(proj, "hostA")
+    # Two hand-started workers with one name on two hosts (from another checkout: no sweep of ours matches).
+    other = proj.other_project("elsewhere")
+    (other.root / f"{proj.app}.py").write_text(BEAT_APP.format(name=proj.app))
+    twin = [PY, "-m", "celery", "-A", proj.app, "worker", "-n", "twin@shared", "-P", "solo", "-l", "info", *fast]
+    twins = [on_host(proj, h, argv=twin, cwd=other.root) for h in ("hostB", "hostC")]
+    nodes = {h: w.wait_output(READY_RE, 30).group(1) for h, w in workers.items()}
+    for t in twins:
+        t.wait_output("ready", 30)
+    beat.wait_output("beat lease taken", 30)
+    result = proj.run("doctor", "-A", proj.app, "--cluster", "--json")
+    view = json.loads(result.stdout)
+    assert result.returncode == 9, result.stdout + result.stderr
+    assert sorted(view["hosts"]) == ["hostA", "hostB", "hostC", "shared"]
+    for host, node in nodes.items():
+        assert view["hosts"][host] == [
+            {"name": node, "host": host, "replies": 1, "role": "default", "queues": ["celery"]}
+        ]
+    assert view["hosts"]["shared"][0]["replies"] == 2 and view["duplicates"] == ["twin@shared"]
+    assert view["beat_lease_host"] == "hostA" and view["beat_lease"].startswith("hostA pid ")
+    human = proj.run("doctor", "-A", proj.app, "--cluster")
+    assert "hostA  (holds the beat lease)" in human.stdout
+    assert "twin@shared" in human.stdout and "DUPLICATE: 2 replies" in human.stdout

@@ -470,9 +470,22 @@ def _emit_json(data: Any) -> None:
 )
 @click.option("--fix", is_flag=True, help="Stop local strays and duplicates of this project (stop ladder).")
 @click.option("--remote", is_flag=True, help="With --fix: also ask remote duplicate nodes to shut down.")
+@click.option(
+    "--cluster",
+    is_flag=True,
+    help="Every node of the app on every host (from the broker), grouped by host, with duplicates, roles and "
+    "the beat lease's holder. Exit 9 when a node name answers twice.",
+)
 @handle_errors
 def doctor(
-    as_json: bool, schema: bool, fmt: str | None, textfile: Path | None, fix: bool, remote: bool, **params: Any
+    as_json: bool,
+    schema: bool,
+    fmt: str | None,
+    textfile: Path | None,
+    fix: bool,
+    remote: bool,
+    cluster: bool,
+    **params: Any,
 ) -> None:
     """Find duplicates, strays and risky settings, locally and on the broker.
 
@@ -490,7 +503,20 @@ def doctor(
         return
     if remote and not fix:
         raise click.UsageError("--remote goes with --fix")
+    if cluster and (fix or textfile is not None or fmt == "prometheus"):
+        raise click.UsageError("--cluster goes with --json only")
     settings = _settings(params)
+    if cluster:
+        from tlrun.cluster.view import cluster_view
+        from tlrun.render import cluster_report
+
+        view = cluster_view(settings)
+        if as_json or fmt == "json":
+            _emit_json(view.as_dict())
+        else:
+            for line in cluster_report(view):
+                click.echo(line)
+        sys.exit(view.exit_code)
     report = doctor_mod.diagnose(settings)
     if fix:
         stopped = control.sweep_project(settings)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from tlrun.events import Event, Exited, Notice, Ready, Reloaded, Spawned, StrayFound, WorkerOutput
 from tlrun.launch.sweep import format_age
 from tlrun.launch.verify import ReadyReport
 from tlrun.ops.doctor import DoctorReport
 from tlrun.ops.inventory import LocalProcess
+
+if TYPE_CHECKING:
+    from tlrun.cluster.view import ClusterView
 
 _CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
 
@@ -187,4 +190,24 @@ def doctor_report(report: DoctorReport) -> list[str]:
         lines.append(f"  {finding.severity.upper():7} {finding.code}: {finding.message}")
         if finding.fix:
             lines.append(f"          fix: {finding.fix}")
+    return lines
+
+
+def cluster_report(view: ClusterView) -> list[str]:
+    hosts = view.hosts
+    lease = f"beat lease: {view.beat_lease}" if view.beat_lease else "beat lease: nobody holds it"
+    lines = [f"tlrun: app {view.app} on {view.broker_url}: {len(view.nodes)} node(s) on {len(hosts)} host(s); {lease}"]
+    for host, nodes in hosts.items():
+        lines.append(f"  {host}" + ("  (holds the beat lease)" if host == view.beat_lease_host else ""))
+        for node in nodes:
+            role = f"role {node.role}" if node.role else "no role of this project"
+            queues = f"queues {','.join(node.queues)}" if node.queues else "no queues reported"
+            flag = f"  DUPLICATE: {node.replies} replies" if node.replies > 1 else ""
+            silent = "  (no ping reply)" if node.replies == 0 else ""
+            lines.append(f"    {node.name}  {role}  {queues}{flag}{silent}")
+    for node in view.duplicates:
+        lines.append(
+            f"tlrun: error: {node.replies} workers answer as {node.name}: tasks are split and control commands "
+            "reach only one of them (give each a unique name: tlrun names them <prefix><pid>@<host>)"
+        )
     return lines

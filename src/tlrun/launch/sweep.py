@@ -69,6 +69,7 @@ def find_strays(
         and p.role in kinds
         and procs.project_match(p, project_id, app, root, uid)
         and procs.serves_roles(p, roles)
+        and procs.same_host_namespace(p.pid)  # another UTS namespace is another host: never ours to sweep
     ]
     return [p for p in procs.main_processes(mine) if not _owned_by_live_launcher(p)]
 
