@@ -118,6 +118,13 @@ def _settings(params: dict[str, Any], ping_window_default: float = 1.0, app_requ
 MAX_CONCURRENCY = 10_000  # Celery accepts more and then fails to start the pool
 
 ROLE_OPTION = click.option("--role", help="Only this worker role of the project file (default: every role).")
+INIT_OPTION = click.option(
+    "--init",
+    "init_mode",
+    is_flag=True,
+    help="Do what a container's init does (automatic when tlrun is PID 1): reap orphans, and on Linux "
+    "become a subreaper so that a dead worker's pool children come back to tlrun.",
+)
 
 
 def worker_options(func: F) -> F:
@@ -222,13 +229,7 @@ def _launch(params: dict[str, Any], ping_window_default: float = 1.0, **opts: An
     show_default=True,
     help="Give up after this many restarts in total (0: no limit).",
 )
-@click.option(
-    "--init",
-    "init_mode",
-    is_flag=True,
-    help="Do what a container's init does (automatic when tlrun is PID 1): reap orphans, and on Linux "
-    "become a subreaper so that a dead worker's pool children come back to tlrun.",
-)
+@INIT_OPTION
 @click.option(
     "--metrics-port",
     type=click.IntRange(min=1, max=65535),
@@ -351,13 +352,7 @@ def dev(
 @click.option(
     "-l", "--loglevel", type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False)
 )
-@click.option(
-    "--init",
-    "init_mode",
-    is_flag=True,
-    help="Do what a container's init does (automatic when tlrun is PID 1): reap orphans, and on Linux "
-    "become a subreaper so that a dead worker's pool children come back to tlrun.",
-)
+@INIT_OPTION
 @handle_errors
 def beat(init_mode: bool, **params: Any) -> None:
     """Run Celery beat alone, supervised, one per project (two beats run every periodic task twice).

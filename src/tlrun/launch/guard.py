@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from tlrun.config import ENV_GUARD
-from tlrun.errors import LockHeldError, NestedLaunchError, UnsafeStateError
+from tlrun.errors import LockHeldError, NestedLaunchError, TlrunError, UnsafeStateError
 from tlrun.launch.procs import Identity, Launcher, find_launchers
 
 
@@ -136,6 +136,21 @@ def read_record(path: Path) -> dict[str, Any] | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def live_records(project_id: str, kinds: list[str]) -> list[tuple[str, dict[str, Any], Identity]]:
+    """(kind, record, holder) of each of the project's locks on this host whose holder is alive. Read, never
+    locked (a reader holding a lock, even briefly, would make a launch starting then fail)."""
+    found = []
+    for kind in kinds:
+        try:
+            record = read_record(lock_path(project_id, kind))
+        except TlrunError:
+            continue
+        holder = holder_identity(record)
+        if record and holder is not None and holder.is_alive():
+            found.append((kind, record, holder))
+    return found
 
 
 def holder_identity(record: Mapping[str, Any] | None) -> Identity | None:

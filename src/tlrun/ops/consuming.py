@@ -222,18 +222,10 @@ class Watch:
 
 def recorded(settings: Any) -> list[NotConsuming]:
     """What this host's launchers found with their history (the `stuck_after` rule), from their lock records."""
-    from tlrun.errors import TlrunError
     from tlrun.launch import guard
 
     found = []
-    for role in settings.all_roles:
-        try:
-            record = guard.read_record(guard.lock_path(settings.project_id, role.lock_kind))
-        except TlrunError:
-            continue
-        holder = guard.holder_identity(record)
-        if not (record and holder is not None and holder.is_alive()):
-            continue
+    for _kind, record, _holder in guard.live_records(settings.project_id, [r.lock_kind for r in settings.all_roles]):
         for item in record.get("not_consuming") or []:
             nc = NotConsuming.from_dict(item)
             if nc is not None:

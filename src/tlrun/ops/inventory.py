@@ -123,14 +123,10 @@ def in_process_workers(settings: Settings) -> list[LocalProcess]:
     """Workers that run inside their launcher (`tlrun dev --debug`), from the project's lock records: the
     process table shows them only as `python -m tlrun dev`."""
     by_pid: dict[int, tuple[dict[str, object], list[str]]] = {}
-    for role in settings.all_roles:
-        try:
-            record = guard.read_record(guard.lock_path(settings.project_id, role.lock_kind))
-        except TlrunError:
-            continue
-        holder = guard.holder_identity(record)
-        if record and record.get("in_process") and holder is not None and holder.is_alive():
-            by_pid.setdefault(holder.pid, (record, []))[1].append(role.name)
+    role_of_kind = {r.lock_kind: r.name for r in settings.all_roles}
+    for kind, record, holder in guard.live_records(settings.project_id, list(role_of_kind)):
+        if record.get("in_process"):
+            by_pid.setdefault(holder.pid, (record, []))[1].append(role_of_kind[kind])
     rows = []
     now = time.time()
     for pid, (record, roles) in by_pid.items():
@@ -163,13 +159,10 @@ STANDBY = "standby"  # the state of a launcher's beat that waits for the cluster
 def standby_beats(settings: Settings) -> list[LocalProcess]:
     """A beat launcher standing by (another host holds the beat lease) has no beat process: its lock record
     says so, and it shows as a beat in state `standby` with the launcher's pid."""
-    try:
-        record = guard.read_record(guard.lock_path(settings.project_id, "beat"))
-    except TlrunError:
+    live = guard.live_records(settings.project_id, ["beat"])
+    if not live or live[0][1].get("beat_lease") not in ("standby", "lost"):
         return []
-    holder = guard.holder_identity(record)
-    if not (record and record.get("beat_lease") in ("standby", "lost") and holder and holder.is_alive()):
-        return []
+    holder = live[0][2]
     return [
         LocalProcess(
             pid=holder.pid,
