@@ -233,11 +233,25 @@ def test_idle_worker_beat_and_private_redis_gone_without_pdeathsig(tmp_path: Pat
         proj.cleanup()
 
 
+def blocked_signals(pid: int, tid: int) -> set[int]:
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            mask = int(line.split()[1], 16)
+            return {n for n in range(1, 65) if mask & (1 << (n - 1))}
+    return set()
+
+
 def test_with_the_backstop_on_the_worker_has_pdeathsig(project: Project) -> None:
     (project.root / f"{project.app}.py").write_text((project.root / f"{project.app}.py").read_text() + PDEATHSIG_TASK)
     launched = project.launch("--pool", "solo")
-    launched.wait_output(READY, 30)
+    worker = int(launched.wait_output(READY, 30).group(2))
     assert send_task(project.broker_url, f"{project.app}.pdeathsig").get(timeout=20) == signal.SIGTERM
+    # The lifeline thread blocks every signal, so that the main thread (which runs Python's handlers) takes
+    # them all: a signal taken by a helper thread would not interrupt the main thread's blocking calls.
+    threads = {int(t.name): blocked_signals(worker, int(t.name)) for t in Path(f"/proc/{worker}/task").iterdir()}
+    wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGQUIT}
+    assert not wanted & threads[worker]
+    assert any(wanted <= blocked for tid, blocked in threads.items() if tid != worker)
 
 
 FAKE_LAUNCHER = """

@@ -68,11 +68,20 @@ def set_pdeathsig(environ: Mapping[str, str] = os.environ) -> bool:
     return True
 
 
+def quiet_thread() -> None:
+    """Block every signal in the calling helper thread. The kernel delivers a process-directed signal to any
+    thread that does not block it, and Python runs handlers only in the main thread, at its next bytecode:
+    a signal taken by a helper thread never interrupts the main thread's blocking call (a watchdog's
+    waitpid, Celery's pool shutdown waiting on SIGCHLD). Blocked here, every signal goes to the main thread."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+
 def watch(fd: int, launcher: int, on_gone: Callable[[], None]) -> threading.Thread:
     """A daemon thread that calls `on_gone` once the launcher is gone: at once when our parent is no longer
     `launcher` (it died before the thread ran), else when the lifeline reads EOF."""
 
     def run() -> None:
+        quiet_thread()
         if os.getppid() == launcher:
             try:
                 while os.read(fd, 512):  # the launcher never writes: only EOF ends this
@@ -103,6 +112,7 @@ def redirect_output(path: str | None, secrets: list[str]) -> Callable[[], None]:
     os.close(write_end)
 
     def copy() -> None:
+        quiet_thread()
         from tlrun.redact import Redactor
 
         redact = Redactor(secrets)
