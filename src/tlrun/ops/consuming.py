@@ -233,17 +233,56 @@ def recorded(settings: Any) -> list[NotConsuming]:
     return found
 
 
-def project_check(settings: Any, url: str, nodes: Iterable[str]) -> list[NotConsuming]:
+class DepthProbe:
+    """The depths of the project's queues, asked on a thread while doctor's ping census runs: in the common
+    case (nothing waits) no node needs a control round trip, and doctor pays no extra connection."""
+
+    def __init__(self, url: str, queues: Iterable[str]) -> None:
+        import threading
+
+        self._url = url
+        self._queues = sorted(set(queues))
+        self._depths: dict[str, int | None] | None = None
+        self._thread = threading.Thread(target=self._run, name="tlrun-depth-probe", daemon=True)
+
+    def start(self) -> DepthProbe:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            with Broker(self._url) as broker:
+                self._depths = depths(broker, self._queues)
+        except BrokerError:
+            self._depths = None
+
+    def result(self, timeout: float = 10.0) -> dict[str, int | None] | None:
+        """None: the broker did not answer (the census reports it)."""
+        self._thread.join(timeout)
+        return self._depths
+
+
+def project_queues(settings: Any) -> list[str]:
+    return sorted({q for role in settings.all_roles for q in wanted_queues(role.queue_set)})
+
+
+def project_check(
+    settings: Any, url: str, nodes: Iterable[str], waiting: dict[str, int | None] | None = None
+) -> list[NotConsuming]:
     """Every answering node of the project's roles (by node name), checked once, plus the launchers'
-    records; one entry per (node, queue)."""
+    records; one entry per (node, queue). `waiting`: queue depths already known (DepthProbe): when nothing
+    waits, no node is asked anything."""
     import time
 
+    found_recorded = recorded(settings)
+    if waiting is not None and not any(waiting.values()):
+        return found_recorded
     targets = []
     for node in nodes:
         role = next((r for r in settings.all_roles if r.owns_node(node)), None)
         if role is not None:
             targets.append((node, wanted_queues(role.queue_set)))
-    found: dict[tuple[str, str], NotConsuming] = {(nc.node, nc.queue): nc for nc in recorded(settings)}
+    found: dict[tuple[str, str], NotConsuming] = {(nc.node, nc.queue): nc for nc in found_recorded}
     if targets:
         try:
             with Broker(url) as broker:

@@ -332,6 +332,7 @@ def diagnose(settings: Settings) -> DoctorReport:
     )
     lease = _LeaseProbe(settings, broker_url)
     lease.start()
+    waiting = consuming.DepthProbe(broker_url, consuming.project_queues(settings)).start()
     connect_s = _connect_time(broker_url)
     try:
         app = load_app(settings)
@@ -422,7 +423,7 @@ def diagnose(settings: Settings) -> DoctorReport:
     holder = lease.result()
     findings.extend(lease_findings(holder, local, hostname))
     if reachable:
-        for nc in consuming.project_check(settings, broker_url, [n.name for n in nodes]):
+        for nc in consuming.project_check(settings, broker_url, [n.name for n in nodes], waiting.result()):
             findings.append(Finding("NOT_CONSUMING", "error", nc.message(), "tlrun worker --restart restarts it"))
     beats = [p for p in local if p.project and p.kind == "beat" and p.state != STANDBY]
     if len(beats) > 1:
