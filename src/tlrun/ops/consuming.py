@@ -11,7 +11,7 @@ commands to the one node, each returning as soon as the node replies.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -140,11 +140,11 @@ class Watch:
     def __init__(
         self,
         url: str,
-        targets: Any,  # Callable[[], list[tuple[str, list[str]]]]
+        targets: Callable[[], list[tuple[str, list[str]]]],
         every: float = CHECK_EVERY,
         stuck_after: float = STUCK_AFTER,
         sample: bool = False,
-        queue_owner: Any = None,  # Callable[[], bool] | None: report queue lengths (the beat-lease host)
+        queue_owner: Callable[[], bool] | None = None,  # report queue lengths (the beat-lease host)
     ) -> None:
         """`sample`: ask every node for its state at every check (for metrics), not only when messages wait."""
         import threading
@@ -231,35 +231,6 @@ def recorded(settings: Any) -> list[NotConsuming]:
             if nc is not None:
                 found.append(nc)
     return found
-
-
-class DepthProbe:
-    """The depths of the project's queues, asked on a thread while doctor's ping census runs: in the common
-    case (nothing waits) no node needs a control round trip, and doctor pays no extra connection."""
-
-    def __init__(self, url: str, queues: Iterable[str]) -> None:
-        import threading
-
-        self._url = url
-        self._queues = sorted(set(queues))
-        self._depths: dict[str, int | None] | None = None
-        self._thread = threading.Thread(target=self._run, name="tlrun-depth-probe", daemon=True)
-
-    def start(self) -> DepthProbe:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            with Broker(self._url) as broker:
-                self._depths = depths(broker, self._queues)
-        except BrokerError:
-            self._depths = None
-
-    def result(self, timeout: float = 10.0) -> dict[str, int | None] | None:
-        """None: the broker did not answer (the census reports it)."""
-        self._thread.join(timeout)
-        return self._depths
 
 
 def project_queues(settings: Any) -> list[str]:

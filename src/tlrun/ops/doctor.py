@@ -332,7 +332,10 @@ def diagnose(settings: Settings) -> DoctorReport:
     )
     lease = _LeaseProbe(settings, broker_url)
     lease.start()
-    waiting = consuming.DepthProbe(broker_url, consuming.project_queues(settings)).start()
+    queued = consuming.project_queues(settings)
+    waiting: verify.Census[dict[str, int | None]] = verify.Census(
+        broker_url, settings.ping_window, lambda broker, _window: consuming.depths(broker, queued)
+    ).start()
     connect_s = _connect_time(broker_url)
     try:
         app = load_app(settings)
@@ -423,7 +426,11 @@ def diagnose(settings: Settings) -> DoctorReport:
     holder = lease.result()
     findings.extend(lease_findings(holder, local, hostname))
     if reachable:
-        for nc in consuming.project_check(settings, broker_url, [n.name for n in nodes], waiting.result()):
+        try:
+            depths: dict[str, int | None] | None = waiting.result()
+        except BrokerError:
+            depths = None
+        for nc in consuming.project_check(settings, broker_url, [n.name for n in nodes], depths):
             findings.append(Finding("NOT_CONSUMING", "error", nc.message(), "tlrun worker --restart restarts it"))
     beats = [p for p in local if p.project and p.kind == "beat" and p.state != STANDBY]
     if len(beats) > 1:
