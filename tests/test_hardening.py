@@ -301,3 +301,40 @@ app = Celery("slow", broker={project.broker_url!r})
     assert stop.returncode == 0 and f"stopped launcher pid {launched.pid}" in stop.stdout, stop.stdout + stop.stderr
     assert launched.wait(30) == 128 + signal.SIGTERM
     assert "ready" not in launched.output()
+
+
+def test_a_stop_signal_never_speaks_from_inside_the_launchers_own_output(tmp_path: Path) -> None:
+    """A signal handler runs between any two bytecodes of the main thread, which may be writing to the very
+    stream the handler would write to (a reentrant write raises RuntimeError) or holding the password
+    masking's lock (a deadlock). So the handler only acts (signals the children); its words wait for the
+    main loop. Here the second stop signal arrives while the launcher is saying what the first one did."""
+    from tlrun.launch.supervise import Supervisor
+
+    said: list[str] = []
+    inside = False
+    reentered = False
+
+    def on_step(message: str) -> None:
+        nonlocal inside, reentered
+        reentered = reentered or inside
+        inside = True
+        try:
+            said.append(message)
+            if len(said) == 1:
+                signal.raise_signal(signal.SIGTERM)  # runs the handler now, inside this call
+        finally:
+            inside = False
+
+    with Supervisor(5.0, on_step) as sup:
+        child = sup.start("worker", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), tmp_path)
+        try:
+            signal.raise_signal(signal.SIGINT)  # the first stop: SIGTERM to the child, words queued
+            assert said == []
+            sup.flush_steps()
+            assert not reentered
+            assert [m.split(":")[0] for m in said] == ["warm shutdown", "cold shutdown"]
+        finally:
+            sup.kill("worker")
+            if child.stdout is not None:
+                child.stdout.close()
+    assert child.poll() is not None

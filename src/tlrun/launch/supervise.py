@@ -8,6 +8,7 @@ SIGKILL. Every child is reaped, and its group is emptied before the main process
 
 from __future__ import annotations
 
+import collections
 import logging
 import signal
 import subprocess
@@ -76,7 +77,12 @@ class Supervisor:
         self.reaper = reaper
         self.requeue_margin = requeue_margin
         self.defer_first_stop = defer_first_stop
-        self._step = on_step or (lambda _msg: None)
+        self._on_step = on_step or (lambda _msg: None)
+        # What a signal handler has to say waits here for the main loop: a handler runs between any two
+        # bytecodes of the main thread, which may be inside a write to the same stream (a reentrant write
+        # raises RuntimeError) or hold the lock of the password masking on it (a deadlock).
+        self._pending_steps: collections.deque[str] = collections.deque()
+        self._in_handler = False
         self._children: dict[str, _Child] = {}
         self.stop_signal: int | None = None
         self._requests = 0
@@ -100,6 +106,7 @@ class Supervisor:
             self.lifeline.close()
             for sig, handler in self._saved.items():
                 signal.signal(sig, handler)
+            self.flush_steps()
 
     @property
     def stop_requested(self) -> bool:
@@ -110,8 +117,24 @@ class Supervisor:
         self.stop_signal = self.stop_signal or signum
         if self._requests == 1 and self.defer_first_stop:
             return
-        for child in self._children.values():
-            self._escalate(child)
+        self._in_handler = True
+        try:
+            for child in list(self._children.values()):
+                self._escalate(child)
+        finally:
+            self._in_handler = False
+
+    def _step(self, message: str) -> None:
+        if self._in_handler:
+            self._pending_steps.append(message)
+            return
+        self.flush_steps()
+        self._on_step(message)
+
+    def flush_steps(self) -> None:
+        """Say what the signal handler did (called from the main loop, never from a handler)."""
+        while self._pending_steps:
+            self._on_step(self._pending_steps.popleft())
 
     def escalate(self) -> None:
         """Apply the stop request now to every child: a deferred first stop, after the owner's drain."""
@@ -201,6 +224,7 @@ class Supervisor:
         """Until a child exits: reap it and return (name, status). None when `interrupt()` turns true
         first, or (without `interrupt`) when there is no child left."""
         while self._children or interrupt is not None:
+            self.flush_steps()
             for child in list(self._children.values()):
                 if signals.child_exited(child.popen):
                     return child.name, self._reap(child)
@@ -217,6 +241,7 @@ class Supervisor:
 
     def _finish_stop(self, child: _Child) -> int:
         while not signals.child_exited(child.popen):
+            self.flush_steps()
             self._enforce_deadlines()
             time.sleep(POLL)
         return self._reap(child)
