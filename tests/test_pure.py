@@ -187,6 +187,17 @@ def _proc(**kw: object) -> CeleryProcess:
     return CeleryProcess(**base)  # type: ignore[arg-type]
 
 
+def test_a_node_names_local_pids_are_this_apps_when_any_are() -> None:
+    """Two projects on one host both answer as Celery's default `celery@host`, each on its own broker."""
+    ours = _proc(pid=10, node="celery@h", app="proj")
+    theirs = _proc(pid=20, node="celery@h", app="shop")
+    unknown = _proc(pid=30, node="w@h", app=None)
+    assert procs.pids_by_node([ours, theirs, unknown], "proj") == {"celery@h": [10], "w@h": [30]}
+    # No process of that name runs this app (named otherwise on its command line): all of them.
+    assert procs.pids_by_node([theirs], "proj") == {"celery@h": [20]}
+    assert procs.pids_by_node([_proc(node=None)], "proj") == {}
+
+
 def test_project_match() -> None:
     pid = project_id(ROOT, "proj")
     uid = os.getuid()

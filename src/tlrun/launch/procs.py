@@ -12,7 +12,7 @@ import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import psutil
 
@@ -369,6 +369,27 @@ def scan(roles: Iterable[str] = ("worker", "beat"), hostname: str | None = None)
             )
         )
     return found
+
+
+class _Named(Protocol):
+    @property
+    def pid(self) -> int: ...
+    @property
+    def node(self) -> str | None: ...
+    @property
+    def app(self) -> str | None: ...
+
+
+def pids_by_node(processes: Iterable[_Named], app: str) -> dict[str, list[int]]:
+    """Local pids for each node name, to show beside a broker's replies. A node name alone is not enough:
+    two projects on one host both answer as `celery@host` (Celery's default), each on its own broker. So a
+    name's pids are its processes running this app; only when none does (an app named otherwise on the
+    command line, say through CELERY_APP), all processes with that name."""
+    named: dict[str, list[_Named]] = {}
+    for proc in processes:
+        if proc.node:
+            named.setdefault(proc.node, []).append(proc)
+    return {node: [p.pid for p in ([p for p in group if p.app == app] or group)] for node, group in named.items()}
 
 
 def main_processes(procs: Sequence[CeleryProcess]) -> list[CeleryProcess]:

@@ -111,12 +111,8 @@ def _stop_holder(holder: procs.Identity, report: Reporter, replaced: list[procs.
     replaced.append(holder)
 
 
-def _local_nodes() -> dict[str, list[int]]:
-    nodes: dict[str, list[int]] = {}
-    for proc in procs.main_processes(procs.scan(("worker",))):
-        if proc.node:
-            nodes.setdefault(proc.node, []).append(proc.pid)
-    return nodes
+def _local_nodes(app: str) -> dict[str, list[int]]:
+    return procs.pids_by_node(procs.main_processes(procs.scan(("worker",))), app)
 
 
 BANNER = " -------------- "  # the first line of a worker's start-up banner: it imported the app
@@ -534,7 +530,11 @@ class Session:
             if self.sup.running(w.child)
         ]
         return verify.build_report(
-            nodes, time.monotonic() - started, replies, self.s.expected_workers, _local_nodes() if others else {}
+            nodes,
+            time.monotonic() - started,
+            replies,
+            self.s.expected_workers,
+            _local_nodes(self.s.app) if others else {},
         )
 
     # -- beat: one per cluster, through the broker's lease ------------------------------------------

@@ -106,12 +106,9 @@ def exit_code_for(findings: list[Finding]) -> tuple[int, str]:
     return 0, "healthy"
 
 
-def node_views(replies: list[str], local: list[inventory.LocalProcess], hostname: str) -> list[NodeView]:
+def node_views(replies: list[str], local: list[inventory.LocalProcess], hostname: str, app: str) -> list[NodeView]:
     counts = collections.Counter(replies)
-    local_by_node: dict[str, list[int]] = {}
-    for proc in local:
-        if proc.node:
-            local_by_node.setdefault(proc.node, []).append(proc.pid)
+    local_by_node = procs.pids_by_node(local, app)
     views = []
     for name, n in sorted(counts.items()):
         host = name.split("@", 1)[1] if "@" in name else ""
@@ -347,7 +344,7 @@ def diagnose(settings: Settings) -> DoctorReport:
     except BrokerError as exc:
         replies, reachable = [], False
         findings.append(Finding("BROKER_UNREACHABLE", "error", str(exc), exc.hint))
-    nodes = node_views(replies, everyone, hostname)
+    nodes = node_views(replies, everyone, hostname, settings.app)
     project_nodes = {p.node for p in local if p.project}
     for node in nodes:
         if node.replies > 1:
