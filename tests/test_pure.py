@@ -370,3 +370,58 @@ def test_old_log_files_are_pruned_by_kind(tmp_path: Path) -> None:
         "redis_notes.txt",
     ]
     assert tmp_path / "redis_100.log.1" in removed
+
+
+# -- the fix to Celery's pool flush (launch/_celery_fix.py) ---------------------------------------------
+class _Proc:
+    def __init__(self, alive: bool) -> None:
+        self.alive = alive
+
+    def _is_alive(self) -> bool:
+        return self.alive
+
+
+class _Job:
+    def __init__(self, job: int, accepted: bool, write_to: _Proc | None) -> None:
+        self._job, self._accepted, self._write_to = job, accepted, write_to
+
+
+class _Pool:
+    """Celery's AsynPool.flush in small: every job no child has acknowledged leaves the cache."""
+
+    def __init__(self, jobs: list[_Job], synack: bool = False) -> None:
+        self._cache = {j._job: j for j in jobs}
+        self.synack = synack
+
+    def flush(self) -> None:
+        for job in tuple(self._cache.values()):
+            if not job._accepted:
+                self._cache.pop(job._job)
+
+
+def test_jobs_written_to_a_live_child_stay_in_the_pool_cache() -> None:
+    from tlrun.launch import _celery_fix
+
+    live, dead = _Proc(True), _Proc(False)
+    jobs = [_Job(1, True, live), _Job(2, False, live), _Job(3, False, None), _Job(4, False, dead)]
+    pool = _Pool(jobs)
+    _celery_fix.keep_written_jobs(_Pool.flush)(pool)
+    # Running (1) and written to a live child (2) stay; never written (3) and its child dead (4) go.
+    assert sorted(pool._cache) == [1, 2]
+    synack = _Pool(jobs, synack=True)  # with synack, Celery nacks unaccepted jobs itself: nothing kept
+    _celery_fix.keep_written_jobs(_Pool.flush)(synack)
+    assert sorted(synack._cache) == [1]
+
+
+def test_the_celery_fix_applies_to_this_celery_once_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery.concurrency.asynpool import AsynPool
+
+    from tlrun.launch import _celery_fix
+
+    original = AsynPool.flush
+    monkeypatch.setattr(AsynPool, "flush", original)
+    assert _celery_fix.install({"TLRUN_CELERY_FIX": "0"}) is False and AsynPool.flush is original
+    assert _celery_fix.install({}) is True
+    patched = AsynPool.flush
+    assert patched is not original and patched.__wrapped__ is original  # type: ignore[attr-defined]
+    assert _celery_fix.install({}) is True and AsynPool.flush is patched  # never wrapped twice

@@ -7,6 +7,7 @@ import ast
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -292,6 +293,66 @@ def test_no_task_lost_when_worker_is_replaced_mid_stream(project: Project) -> No
     assert first.wait(60) == 0
     wait_for(lambda: set(_runs(project)) == set(range(50)), 90, "all 50 tasks completed")
     assert _report("replace", _runs(project))["lost"] == 0
+
+
+def _pending_job_pipe(child: int) -> bool:
+    """Does a pipe of this pool child, other than its stdout/stderr, hold unread bytes (a job's message)?"""
+    import termios
+
+    def inode(fd: str) -> str:
+        return os.readlink(f"/proc/{child}/fd/{fd}")
+
+    console = {inode("1"), inode("2")}
+    for fd in os.listdir(f"/proc/{child}/fd"):
+        try:
+            target = inode(fd)
+            if not target.startswith("pipe:") or target in console:
+                continue
+            reader = os.open(f"/proc/{child}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            pending = fcntl.ioctl(reader, termios.FIONREAD, b"\0\0\0\0")
+        finally:
+            os.close(reader)
+        if int.from_bytes(pending, sys.byteorder) > 0:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("fix", ["on", "off"])
+def test_a_task_handed_to_a_pool_child_as_the_stop_begins_does_not_stall_the_stop(project: Project, fix: str) -> None:
+    """Celery's defect (README, "Recommended Celery settings"): at a warm shutdown `AsynPool.flush()` drops
+    every job no child has acknowledged, even one already written to a child's pipe; the child runs it, nobody
+    reads its result, and billiard's child waits ~30 s for the parent to count it. The race, made certain: the
+    only pool child is stopped (SIGSTOP) while a job is written to it, the stop begins, and the child resumes
+    once the consumer has flushed. tlrun's fix (in the worker it runs in place) keeps the job; without it the
+    stop stalls until tlrun's grace period runs out."""
+    grace = "10"
+    env = project.env(**({"TLRUN_CELERY_FIX": "0"} if fix == "off" else {}))
+    launched = project.launch("--concurrency", "1", "--loglevel", "debug", "--grace", grace, env=env)
+    worker = int(launched.wait_output(READY, 30).group(2))
+    (child,) = psutil.Process(worker).children()
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        send_task(project.broker_url, f"{project.app}.record", 7, 0.1)
+        wait_for(lambda: _pending_job_pipe(child.pid), 20, "the job written to the stopped pool child")
+        launched.send(signal.SIGTERM)
+        launched.wait_output(r"Stopping Pool", 20)  # the consumer has stopped (and flushed the pool)
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    status = launched.proc.wait(30)
+    out = launched.output()
+    assert re.search(r"record\[[0-9a-f-]+\] succeeded", out), out[-3000:]
+    seen = _redis_accounting(project.broker_url)
+    if fix == "on":
+        assert status == 0 and "grace period over" not in out, out[-3000:]
+        # Its result was read, so its late ack went out: the message is gone from Redis, done once.
+        assert seen["queued"] == seen["unacked"] == set() and seen["done"] == {7}, seen
+    else:
+        assert "grace period over: SIGKILL" in out, out[-3000:]
+        # It ran, but its ack never went out: the message is back, and would run a second time.
+        assert seen["queued"] | seen["unacked"] == {7} and seen["done"] == {7}, seen
 
 
 def test_no_task_lost_when_a_stray_is_swept_mid_stream(project: Project) -> None:

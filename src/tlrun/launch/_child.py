@@ -182,6 +182,10 @@ def run_module(module: str, args: Sequence[str], fd: int, launcher: int, grace: 
 
     worker = _Worker(grace, os.environ.pop(LOG_ENV, None))
     watch(fd, launcher, worker.on_gone)
+    if module == "celery" and "worker" in args:
+        from tlrun.launch import _celery_fix
+
+        _celery_fix.install()
     sys.argv = [module, *args]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -1,0 +1,70 @@
+"""One fix to Celery's prefork pool, applied inside a worker that tlrun runs in its own process (`_child.py`).
+
+The defect (Celery 5.x, billiard 4.x; README, "Recommended Celery settings"): at a warm shutdown the
+consumer calls `AsynPool.flush()`, which drops from the pool's job cache every job no pool child has
+acknowledged yet, including a job whose message is already written to a child's pipe. That child runs it
+anyway. Its result then goes unread, because the pool's shutdown reader runs only while the cache is not
+empty, and billiard's child does not exit until the parent has counted each result it sent (it retries
+300 x 0.1 s): the worker's stop stalls about 30 s after its last task, and the task's late ack never goes
+out (the message is restored and runs again). It happens when the SIGTERM lands while the event loop is
+handing out tasks (a worker replaced or stopped under a stream of tasks): 6 of 40 bare Celery stops with
+SIGTERM a few ms after a task finished, 0 of 40 with this fix (`bench/warm_shutdown_race.py`).
+
+The fix keeps such jobs in the cache: the pool then reads their results as it does for any task still
+running at shutdown (acks included), and the children exit as soon as they are done. Jobs not yet written to a child are
+dropped as before (the broker redelivers them). `TLRUN_CELERY_FIX=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+ENV = "TLRUN_CELERY_FIX"
+_MARK = "_tlrun_keeps_written_jobs"
+
+
+def written_jobs(cache: Mapping[Any, Any]) -> list[Any]:
+    """Jobs no child has acknowledged yet but whose message is in a live child's pipe: they will run."""
+    found = []
+    for job in tuple(cache.values()):
+        proc = getattr(job, "_write_to", None)
+        if not getattr(job, "_accepted", True) and proc is not None and proc._is_alive():
+            found.append(job)
+    return found
+
+
+def keep_written_jobs(flush: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wrap `AsynPool.flush` so that jobs already written to a child stay in the cache."""
+
+    @functools.wraps(flush)
+    def wrapper(pool: Any) -> Any:
+        keep = [] if getattr(pool, "synack", False) else written_jobs(pool._cache)
+        try:
+            return flush(pool)
+        finally:
+            for job in keep:
+                if job._write_to._is_alive():
+                    pool._cache.setdefault(job._job, job)
+
+    setattr(wrapper, _MARK, True)
+    return wrapper
+
+
+def install(environ: Mapping[str, str] = os.environ) -> bool:
+    """Apply the fix when this Celery has the pool it fixes (and it is not turned off). True when applied."""
+    if environ.get(ENV) == "0":
+        return False
+    try:
+        from celery.concurrency import asynpool
+    except ImportError:
+        return False
+    pool = getattr(asynpool, "AsynPool", None)
+    flush = getattr(pool, "flush", None)
+    if pool is None or flush is None:
+        return False
+    if not getattr(flush, _MARK, False):
+        pool.flush = keep_written_jobs(flush)
+    return True
