@@ -153,36 +153,35 @@ def reap(proc: subprocess.Popen[Any], first: int = signal.SIGTERM, timeout: floa
 
 class RedisServer:
     def __init__(self, workdir: Path, password: str | None = None) -> None:
-        self.port = free_port()
         self.password = password
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
-        argv = [
-            "redis-server",
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ]
-        if password:
-            argv += ["--requirepass", password]
-        self.proc = subprocess.Popen(argv, cwd=workdir, stdout=subprocess.DEVNULL, start_new_session=True)
-        wait_for(self._listening, 10, f"redis-server on port {self.port}")
+        # A free port is free only until something binds it: another socket can take it before redis-server
+        # does. Then redis-server exits, and whatever holds the port must never pass for it: try another.
+        for _ in range(5):
+            self.port = free_port()
+            self.proc = subprocess.Popen(self._argv(), cwd=workdir, stdout=subprocess.DEVNULL, start_new_session=True)
+            if wait_for(self._listening_or_gone, 10, f"redis-server on port {self.port}") == "listening":
+                return
+        raise AssertionError(f"redis-server exited with {self.proc.returncode} on five free ports in a row")
 
-    def _listening(self) -> bool:
+    def _argv(self) -> list[str]:
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        argv += ["--dir", str(self.workdir)]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        return argv
+
+    def _listening_or_gone(self) -> str | None:
+        """ "listening" once this redis-server process (not any other) listens on its port; "gone" if it exited."""
         if self.proc.poll() is not None:
-            raise AssertionError(f"redis-server exited with {self.proc.returncode}")
+            return "gone"
         try:
-            with socket.create_connection(("127.0.0.1", self.port), 0.2):
-                return True
-        except OSError:
-            return False
+            sockets = psutil.Process(self.proc.pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return None
+        listening = any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in sockets)
+        return "listening" if listening else None
 
     def url(self, db: int = 0) -> str:
         auth = f":{self.password}@" if self.password else ""
@@ -194,10 +193,9 @@ class RedisServer:
     def restart(self) -> None:
         """Stop and start again on the same port (nothing is persisted)."""
         reap(self.proc)
-        self.proc = subprocess.Popen(
-            self.proc.args, cwd=self.workdir, stdout=subprocess.DEVNULL, start_new_session=True
-        )
-        wait_for(self._listening, 10, f"redis-server back on port {self.port}")
+        self.proc = subprocess.Popen(self._argv(), cwd=self.workdir, stdout=subprocess.DEVNULL, start_new_session=True)
+        if wait_for(self._listening_or_gone, 10, f"redis-server back on port {self.port}") == "gone":
+            raise AssertionError(f"redis-server exited with {self.proc.returncode} when started again on {self.port}")
 
 
 def ping_replies(url: str, timeout: float = 1.0) -> list[str]:
