@@ -82,7 +82,7 @@ class Supervisor:
         # bytecodes of the main thread, which may be inside a write to the same stream (a reentrant write
         # raises RuntimeError) or hold the lock of the password masking on it (a deadlock).
         self._pending_steps: collections.deque[str] = collections.deque()
-        self._in_handler = False
+        self._in_handler = 0  # depth: a second signal's handler can run inside the first one's
         self._children: dict[str, _Child] = {}
         self.stop_signal: int | None = None
         self._requests = 0
@@ -117,12 +117,12 @@ class Supervisor:
         self.stop_signal = self.stop_signal or signum
         if self._requests == 1 and self.defer_first_stop:
             return
-        self._in_handler = True
+        self._in_handler += 1
         try:
             for child in list(self._children.values()):
                 self._escalate(child)
         finally:
-            self._in_handler = False
+            self._in_handler -= 1
 
     def _step(self, message: str) -> None:
         if self._in_handler:
