@@ -325,9 +325,24 @@ def test_a_stop_signal_never_speaks_from_inside_the_launchers_own_output(tmp_pat
         finally:
             inside = False
 
-    with Supervisor(5.0, on_step) as sup:
-        child = sup.start("worker", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), tmp_path)
+    def sigmask(pid: int, field: str) -> int:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":")), 16)
+
+    def both_ready(shim: int) -> bool:
+        """The shim forwards SIGTERM (it caught it) to a child that ignores it: both stay for the second."""
+        term = 1 << (signal.SIGTERM - 1)
         try:
+            kids = psutil.Process(shim).children()
+            return bool(sigmask(shim, "SigCgt") & term) and any(sigmask(k.pid, "SigIgn") & term for k in kids)
+        except (OSError, psutil.Error):
+            return False
+
+    stays = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    with Supervisor(5.0, on_step) as sup:
+        child = sup.start("worker", [sys.executable, "-c", stays], dict(os.environ), tmp_path)
+        try:
+            wait_for(lambda: both_ready(child.pid), 10, "the child behind its shim, ignoring SIGTERM")
             signal.raise_signal(signal.SIGINT)  # the first stop: SIGTERM to the child, words queued
             assert said == []
             sup.flush_steps()
