@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,24 +27,10 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from helpers import APP_SOURCE  # noqa: E402
+from helpers import APP_SOURCE, RedisServer, wait_for  # noqa: E402
 
 PY = sys.executable
 STALL = 8.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def one_run(mode: str, base: Path, app: str, url: str, client: redis.Redis, i: int) -> tuple[bool, int]:
@@ -72,14 +57,14 @@ def one_run(mode: str, base: Path, app: str, url: str, client: redis.Redis, i: i
     if pass_fds:
         os.close(pass_fds[0])
     try:
-        wait(lambda: "ready." in log.read_text(errors="replace") or worker.poll() is not None, 30, "the worker")
+        wait_for(lambda: "ready." in log.read_text(errors="replace") or worker.poll() is not None, 30, "the worker")
         sender = Celery(app, broker=url)
         for n in range(50):
             sender.send_task(f"{app}.record", (n, 0.2))
         sender.close()
-        wait(lambda: client.llen("runs") >= 10, 30, "ten tasks done")
+        wait_for(lambda: client.llen("runs") >= 10, 30, "ten tasks done")
         done = client.llen("runs")
-        wait(lambda: client.llen("runs") != done, 10, "the next task done")
+        wait_for(lambda: client.llen("runs") != done, 10, "the next task done", interval=0.01)
         time.sleep(random.uniform(0, 0.004))
         worker.send_signal(signal.SIGTERM)
         try:
@@ -107,13 +92,10 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="tlrun-race-"))
     app = "race_" + base.name.replace("-", "_")
     (base / f"{app}.py").write_text(APP_SOURCE.format(name=app))
-    port = free_port()
-    options = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(base)]
-    server = subprocess.Popen(["redis-server", *options], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    server = RedisServer(base / "redis")
+    url = server.url()
     client = redis.Redis.from_url(url)
     try:
-        wait(lambda: _pings(client), 10, "redis-server")
         for mode in args.modes.split(","):
             stalls = late = 0
             for i in range(args.runs):
@@ -123,16 +105,8 @@ def main() -> None:
             print(f"{mode:6} {stalls:3} of {args.runs} stops stalled; {late} had tasks received after the SIGTERM")
     finally:
         client.close()
-        server.terminate()
-        server.wait()
+        server.stop()
         shutil.rmtree(base, ignore_errors=True)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 if __name__ == "__main__":
