@@ -108,9 +108,9 @@ class Settings:
     app: str
     broker_url: str | None  # from -b or the environment/.env; None: the app's own broker_url
     roles: tuple[Role, ...]  # the roles this command runs or looks at
-    all_roles: tuple[Role, ...] = ()  # every role of the project (for the expected count and doctor)
+    all_roles: tuple[Role, ...] = ()  # every role of the project (doctor, stop, the sweep)
     log_dir: Path = Path("logs")
-    expected_workers: int = 1
+    expected_workers: int = 1  # the roles this command runs (--expected overrides)
     ready_timeout: float = 30.0
     stop_grace: float = 30.0
     ping_window: float = 1.0
@@ -340,7 +340,7 @@ def build_settings(
         roles=roles,
         all_roles=all_roles,
         log_dir=log_dir,
-        expected_workers=num("expected_workers", ENV_EXPECTED, int, sum(r.expected for r in all_roles), 1),
+        expected_workers=num("expected_workers", ENV_EXPECTED, int, sum(r.expected for r in roles), 1),
         ready_timeout=num("ready_timeout", ENV_READY_TIMEOUT, float, 30.0, 0.5),
         stop_grace=num("stop_grace", ENV_GRACE, float, 30.0, 0),
         ping_window=num("ping_window", ENV_PING_WINDOW, float, ping_window_default, 0.1),

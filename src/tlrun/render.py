@@ -43,7 +43,9 @@ def _silence(stream: TextIO) -> None:
 def verdict(report: ReadyReport) -> list[str]:
     n = report.answering
     ours = ", ".join(f"{node.node} (pid {node.pid})" for node in report.nodes)
-    lines = [f"{n} worker{'s' if n != 1 else ''} ready: {ours} in {report.seconds:.1f} s"]
+    per_role = ", ".join(f"{r.role} {r.answering} of {r.expected}" for r in report.roles)
+    counts = f" (roles: {per_role})" if per_role else ""
+    lines = [f"{n} worker{'s' if n != 1 else ''} ready: {ours} in {report.seconds:.1f} s{counts}"]
     for node in report.nodes:
         if node.renamed_from:
             lines.append(f"  (renamed from {node.renamed_from}, which another worker already uses)")
@@ -51,7 +53,12 @@ def verdict(report: ReadyReport) -> list[str]:
         where = f"pid {', '.join(map(str, other.local_pids))} on this host" if other.local_pids else "elsewhere"
         dup = f", DUPLICATE: {other.replies} replies" if other.duplicated else ""
         lines.append(f"  also answering: {other.name} ({where}{dup})")
-    if report.answering != report.expected:
+    for role in report.miscounted:
+        lines.append(
+            f"  warning: {role.answering} workers of role {role.role} answer on this broker, expected "
+            f"{role.expected} (--strict makes this fatal)"
+        )
+    if not report.roles and report.answering != report.expected:
         lines.append(
             f"  warning: {report.answering} workers answer on this broker, expected {report.expected}"
             " (--strict makes this fatal)"

@@ -49,11 +49,21 @@ class ReadyNode:
 
 
 @dataclass(frozen=True)
+class RoleCount:
+    """How many workers of one role answer across the cluster (node names `<prefix><pid>[-N]@host`)."""
+
+    role: str
+    answering: int
+    expected: int
+
+
+@dataclass(frozen=True)
 class ReadyReport:
     nodes: tuple[ReadyNode, ...]  # ours, one per role
     seconds: float
     others: tuple[NodeSeen, ...]
     expected: int
+    roles: tuple[RoleCount, ...] = ()  # declared roles: counted each by its node names; empty: count every reply
 
     @property
     def node(self) -> str:
@@ -73,7 +83,15 @@ class ReadyReport:
 
     @property
     def as_expected(self) -> bool:
-        return not self.duplicated and self.answering == self.expected
+        if self.duplicated:
+            return False
+        if self.roles:
+            return all(r.answering == r.expected for r in self.roles)
+        return self.answering == self.expected
+
+    @property
+    def miscounted(self) -> tuple[RoleCount, ...]:
+        return tuple(r for r in self.roles if r.answering != r.expected)
 
 
 class Census(Generic[T]):
@@ -135,9 +153,16 @@ def build_report(
     census: Sequence[str],
     expected: int,
     local_nodes: Mapping[str, Iterable[int]],
+    roles: Sequence[tuple[str, Callable[[str], bool], int]] = (),
 ) -> ReadyReport:
-    """Pure: each of our nodes answered once (readiness); the census adds every other reply, duplicates kept."""
+    """Pure: each of our nodes answered once (readiness); the census adds every other reply, duplicates kept.
+    `roles` (declared roles: name, whose node names, expected) are counted each on its own: a worker of
+    another role, or of another app on the same broker, is listed but does not count against a role."""
     counts = collections.Counter(census)
     ours = tuple(dataclasses.replace(n, replies=1 + counts.pop(n.node, 0)) for n in started)
     others = tuple(NodeSeen(name, n, tuple(sorted(local_nodes.get(name, ())))) for name, n in sorted(counts.items()))
-    return ReadyReport(ours, seconds, others, expected)
+    every = [(n.node, n.replies) for n in ours] + [(o.name, o.replies) for o in others]
+    per_role = tuple(
+        RoleCount(name, sum(replies for node, replies in every if owns(node)), want) for name, owns, want in roles
+    )
+    return ReadyReport(ours, seconds, others, expected, per_role)
