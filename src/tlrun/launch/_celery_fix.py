@@ -68,3 +68,31 @@ def install(environ: Mapping[str, str] = os.environ) -> bool:
     if not getattr(flush, _MARK, False):
         pool.flush = keep_written_jobs(flush)
     return True
+
+
+# -- tasks running at the end of the grace period ----------------------------------------------------------
+_controller: list[Any] = []  # the WorkController of this process, once Celery sends worker_init
+
+
+def _remember(sender: Any = None, **_kwargs: Any) -> None:
+    _controller[:] = [sender]
+
+
+def track_worker() -> None:
+    """Keep a reference to this process's worker, so that `running_tasks` can look into its pool."""
+    try:
+        from celery import signals
+    except ImportError:
+        return
+    signals.worker_init.connect(_remember, weak=False, dispatch_uid="tlrun-track-worker")
+
+
+def running_tasks() -> int:
+    """Tasks this worker runs now: accepted requests, and jobs its pool still has out (written to a child,
+    not acknowledged yet: with the flush fix they run). Read from a signal handler: no locks, no I/O."""
+    from celery.worker import state
+
+    running = len(state.active_requests)
+    pool = getattr(getattr(_controller[0], "pool", None), "_pool", None) if _controller else None
+    cache = getattr(pool, "_cache", None)
+    return max(running, len(cache)) if cache else running

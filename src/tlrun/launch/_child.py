@@ -39,6 +39,11 @@ PORTABLE_ENV = "TLRUN_PORTABLE"
 LOG_ENV = "TLRUN_LOG_FILE"  # where a worker's output goes once its launcher is gone
 WATCHDOG_WAIT = 3.0  # a non-Python child's time between SIGTERM and SIGKILL once the launcher is gone
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+# "Requeue if busy": sent by the launcher to a stopping worker shortly before the grace period ends. The
+# worker turns it into SIGQUIT (Celery's cold shutdown: running late-acked tasks go back to the queue) only
+# when it runs a task; an idle worker whose warm shutdown is merely slow goes on and exits 0. A realtime
+# signal where there is one: no library of the worker uses it; SIGUSR2 (Celery's rdb, only when asked) else.
+REQUEUE_SIGNAL: int = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
 
 
 def in_process_module(argv: Sequence[str], python: str = sys.executable) -> str | None:
@@ -177,15 +182,41 @@ def kill_own_group() -> None:
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+def requeue_if_busy(_signum: int, _frame: object) -> None:
+    """REQUEUE_SIGNAL's handler in a worker: SIGQUIT to ourselves only when a task runs (see above). It
+    writes with os.write: the main thread may be inside a write to the same stream."""
+    from tlrun.launch import _celery_fix
+
+    try:
+        running = _celery_fix.running_tasks()
+    except Exception:  # Celery not started yet, or changed: assume busy, as before this check existed
+        running = -1
+    if running:
+        what = f"{running} task(s)" if running > 0 else "tasks"
+        os.write(
+            2,
+            f"tlrun: {what} still running near the deadline: cold shutdown (SIGQUIT), late-acked tasks "
+            "go back to the queue\n".encode(),
+        )
+        os.kill(os.getpid(), signal.SIGQUIT)
+    else:
+        os.write(2, b"tlrun: no task running near the deadline: the warm shutdown goes on\n")
+
+
+WORKER_MODULES = ("celery", "tlrun.launch.entry")
+
+
 def run_module(module: str, args: Sequence[str], fd: int, launcher: int, grace: float) -> None:
     import runpy
 
     worker = _Worker(grace, os.environ.pop(LOG_ENV, None))
     watch(fd, launcher, worker.on_gone)
-    if module == "celery" and "worker" in args:
+    if module in WORKER_MODULES and "worker" in args:
         from tlrun.launch import _celery_fix
 
         _celery_fix.install()
+        _celery_fix.track_worker()
+        signal.signal(REQUEUE_SIGNAL, requeue_if_busy)
     sys.argv = [module, *args]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -28,6 +28,14 @@ POLL = 0.05
 KILL_WAIT = 5.0  # after SIGKILL, how long until we call a process a survivor
 
 
+def signal_name(sig: int) -> str:
+    """SIGTERM, or SIGRTMIN+2 for a realtime signal (not a member of signal.Signals)."""
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
 def process_for(identity: Identity) -> psutil.Process | None:
     """The live process with exactly this identity and owner, else None (gone, reused pid, other user)."""
     if identity.pid in protected_pids():
@@ -69,7 +77,7 @@ def send(proc: psutil.Process, sig: int) -> bool:
         if not proc.is_running():
             return False
         proc.send_signal(sig)  # psutil checks the identity once more
-        log.debug("sent %s to pid %d", signal.Signals(sig).name, proc.pid)
+        log.debug("sent %s to pid %d", signal_name(sig), proc.pid)
         return True
     except (psutil.NoSuchProcess, ProcessLookupError):
         return False
@@ -105,7 +113,7 @@ def signal_child(child: subprocess.Popen[bytes], sig: int) -> bool:
         return False
     try:
         os.kill(child.pid, sig)
-        log.debug("sent %s to worker pid %d", signal.Signals(sig).name, child.pid)
+        log.debug("sent %s to worker pid %d", signal_name(sig), child.pid)
         return True
     except ProcessLookupError:
         return False

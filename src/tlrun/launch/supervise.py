@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 from tlrun.launch import signals, spawn
+from tlrun.launch._child import REQUEUE_SIGNAL
 from tlrun.launch.pid1 import Reaper
 
 log = logging.getLogger(__name__)
@@ -210,10 +211,10 @@ class Supervisor:
         for child in self._children.values():
             if child.quit_at is not None and now >= child.quit_at and not signals.child_exited(child.popen):
                 self._step(
-                    f"{child.name} still busy {self.requeue_margin:g} s before the deadline: SIGQUIT (Celery "
-                    "cancels the running tasks; late-acked ones go back to the queue)"
+                    f"{child.name} still stopping {self.requeue_margin:g} s before the deadline: asking it to "
+                    "requeue what it runs (a cold shutdown only if it runs a task)"
                 )
-                signals.signal_child(child.popen, signal.SIGQUIT)
+                signals.signal_child(child.popen, REQUEUE_SIGNAL)
                 child.quit_at = None
             if child.kill_at is not None and now >= child.kill_at and not signals.child_exited(child.popen):
                 self._step(f"grace period over: SIGKILL to {child.name} process group {child.popen.pid}")
