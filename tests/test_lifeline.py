@@ -66,7 +66,7 @@ def reaped(proc: psutil.Process) -> bool:
 # -- units ---------------------------------------------------------------------------------------------------
 def test_only_this_pythons_module_runs_in_place() -> None:
     assert _child.in_process_module([PY, "-m", "celery", "-A", "a", "worker"]) == "celery"
-    assert _child.in_process_module([PY, "-m", "tlrun.dev.worker_entry", "x"]) == "tlrun.dev.worker_entry"
+    assert _child.in_process_module([PY, "-m", "tlrun.launch.entry", "x"]) == "tlrun.launch.entry"
     assert _child.in_process_module(["/usr/bin/redis-server", "--port", "1"]) is None
     assert _child.in_process_module(["/other/python", "-m", "celery"]) is None  # another interpreter
     assert _child.in_process_module([PY, "-X", "dev", "-m", "celery"]) is None  # flags: a watchdog runs it
@@ -350,7 +350,8 @@ def test_a_task_still_running_near_the_deadline_goes_back_to_the_queue(project: 
     launched.send(signal.SIGTERM)
     assert launched.wait(20) == 0
     out = launched.output()
-    assert "still busy 3 s before the deadline: SIGQUIT" in out
+    assert "still stopping 3 s before the deadline" in out
+    assert "1 task(s) still running near the deadline: cold shutdown (SIGQUIT)" in out
     assert "grace period over" not in out  # Celery's cold shutdown ended it before the SIGKILL
     # The cancelled task (late ack) is back in the queue: the next worker receives it again.
     again = project.launch("--concurrency", "1", "--grace", "6")

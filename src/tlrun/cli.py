@@ -175,14 +175,15 @@ def worker_options(func: F) -> F:
     return func
 
 
-def _launch(params: dict[str, Any], ping_window_default: float = 1.0, **opts: Any) -> None:
-    from tlrun.launch.session import LaunchOptions, run
+def _launch(command: str, params: dict[str, Any], ping_window_default: float = 1.0, **opts: Any) -> None:
+    """Load the settings, run the command's composition of the launch path, exit with its status."""
+    from tlrun import compose
     from tlrun.render import ConsoleRenderer
 
     settings = _settings(params, ping_window_default)
-    if opts.get("beat") is None:  # dev: the project file's `beat = true`
+    if command == "dev" and opts.get("beat") is None:  # dev without --beat/--no-beat: the project file's `beat`
         opts["beat"] = settings.beat
-    sys.exit(run(settings, ConsoleRenderer(), LaunchOptions(**opts)))
+    sys.exit(getattr(compose, command)(settings, ConsoleRenderer(), **opts))
 
 
 @cli.command()
@@ -229,6 +230,12 @@ def _launch(params: dict[str, Any], ping_window_default: float = 1.0, **opts: An
     show_default=True,
     help="Give up after this many restarts in total (0: no limit).",
 )
+@click.option(
+    "--beat",
+    "with_beat",
+    is_flag=True,
+    help="Also run beat under this launcher (never implied: the project file's `beat` is for dev and export).",
+)
 @INIT_OPTION
 @click.option(
     "--metrics-port",
@@ -243,6 +250,7 @@ def _launch(params: dict[str, Any], ping_window_default: float = 1.0, **opts: An
 )
 @handle_errors
 def worker(
+    with_beat: bool,
     metrics_port: int | None,
     metrics_addr: str,
     init_mode: bool,
@@ -267,6 +275,9 @@ def worker(
     With --restart, a worker that exits abnormally is started again (guard, sweep, spawn, verify) after a
     delay that doubles with each crash, plus up to 25 % jitter; a clean exit or a stop request is never
     restarted. Exit 16 when the give-up rule or --max-restarts ends it.
+
+    Beat runs here only with --beat: production runs it as a service of its own (`tlrun beat`, as
+    `tlrun export` writes it), so that one worker service per role never races for the beat.
     """
     from tlrun.deploy.restart import RestartSettings
 
@@ -274,11 +285,12 @@ def worker(
     if restart:
         policy = RestartSettings(restart_delay, restart_max_delay, give_up_crashes, give_up_window, max_restarts)
     _launch(
+        "worker",
         params,
+        beat=with_beat,
         restart=policy,
         fast_stop=fast_stop,
         init=init_mode,
-        consume_check=True,
         metrics_port=metrics_port,
         metrics_addr=metrics_addr,
     )
@@ -335,6 +347,7 @@ def dev(
     params["extra"] = dev_extra(params.get("extra") or (), chatter)
     # One developer, a local broker: replies come within milliseconds, so a half-second census will do.
     _launch(
+        "dev",
         params,
         0.5,
         reload=reload,
@@ -342,7 +355,6 @@ def dev(
         managed_broker=not no_broker,
         debug=bool(debug),
         fast_stop=fast_stop and not debug,
-        dev_poll=not debug,
     )
 
 
@@ -359,7 +371,7 @@ def beat(init_mode: bool, **params: Any) -> None:
 
     The schedule file lives in tlrun's state directory, not in the project.
     """
-    _launch(params, worker=False, beat=True, init=init_mode)
+    _launch("beat", params, init=init_mode)
 
 
 @cli.command("sweep")
@@ -575,6 +587,8 @@ def stop(timeout: float | None, **params: Any) -> None:
 
     settings = _settings(params)
     report = control.stop_project(settings, settings.stop_grace if timeout is None else timeout)
+    for unit in report.units:
+        click.echo(f"tlrun: stopped {unit.node} ({unit.kind}) of launcher pid {unit.launcher}, which runs on")
     for pid in report.launchers:
         how = "it did not stop within the grace period: SIGKILL" if pid in report.killed else "it stopped its workers"
         click.echo(f"tlrun: stopped launcher pid {pid} ({how})")
@@ -582,7 +596,7 @@ def stop(timeout: float | None, **params: Any) -> None:
         click.echo(f"tlrun: stopped stray {stray.describe()}")
     if report.killed:
         click.echo(f"tlrun: needed SIGKILL after the grace period: {', '.join(map(str, report.killed))}")
-    if not report.launchers and not report.strays:
+    if not report.launchers and not report.strays and not report.units:
         click.echo("tlrun: nothing of this project was running")
     if report.survivors:
         raise StopError(f"still alive after SIGKILL: {', '.join(map(str, report.survivors))}")
@@ -644,7 +658,8 @@ def health(node: str | None, timeout: float, retries: int, **params: Any) -> Non
     default: all must answer).
 
     Exit 14 ("unknown") when a node's process exists here but does not answer (stopped, busy, in a
-    debugger), 15 ("dead") when nothing answers and no such process runs here, 17 ("not_consuming") when it
+    debugger), 15 ("dead") when nothing answers and no such process runs here (or "waiting": its `tlrun
+    dev --reload` waits for a save that imports), 17 ("not_consuming") when it
     answers but messages wait on its queue while it holds no task and does not consume that queue (or has
     not for TLRUN_STUCK_AFTER seconds, as its launcher saw); the worst one counts.
     """
@@ -656,6 +671,7 @@ def health(node: str | None, timeout: float, retries: int, **params: Any) -> Non
         "alive": 0,
         "unknown": HEALTH_UNKNOWN_EXIT_CODE,
         "dead": HEALTH_DEAD_EXIT_CODE,
+        "waiting": HEALTH_DEAD_EXIT_CODE,  # nothing serves until the next good save
         "not_consuming": NOT_CONSUMING_EXIT_CODE,
     }
     worst = 0

@@ -1,6 +1,7 @@
 """When to restart a crashed worker: exponential backoff with jitter, and a rule for giving up.
 
-Pure logic: the clock and the random source are passed in, so the policy is tested without waiting.
+The policy is pure logic: the clock and the random source are passed in, so it is tested without waiting.
+`RestartStep` attaches it to the launcher.
 """
 
 from __future__ import annotations
@@ -10,6 +11,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tlrun.errors import AppImportError, RestartGiveUpError, WorkerStartError
+from tlrun.events import Notice
+from tlrun.launch.steps import Step
+from tlrun.launch.units import STARTING, Unit, WorkerUnit
+
+if TYPE_CHECKING:
+    from tlrun.launch.launcher import Launcher
 
 
 @dataclass(frozen=True)
@@ -51,3 +61,50 @@ class RestartPolicy:
         if s.max_restarts and self.restarts >= s.max_restarts:
             return f"{self.restarts} restarts, the --max-restarts limit"
         return f"{len(self._crashes)} crashes within {s.give_up_window:g} s"
+
+
+class RestartStep(Step):
+    """tlrun worker --restart: a worker that exits abnormally starts again (guard, sweep, spawn, verify)
+    after its policy's delay; the other units run on meanwhile. RestartGiveUpError ends the launcher."""
+
+    name = "restart"
+
+    def __init__(self, settings: RestartSettings) -> None:
+        self.settings = settings
+        self._policies: dict[str, RestartPolicy] = {}
+        self._due: dict[str, tuple[float, WorkerUnit]] = {}
+
+    def restarts(self, unit: Unit) -> int:
+        policy = self._policies.get(unit.child)
+        return policy.restarts if policy is not None else 0
+
+    def on_exit(self, launcher: Launcher, unit: Unit, status: int, tail: tuple[str, ...]) -> bool:
+        if not isinstance(unit, WorkerUnit) or status == 0:
+            return False  # a clean exit of its own (a remote shutdown) is not a crash
+        self.schedule(launcher, unit, f"{unit.label} exited with status {status}")
+        return True
+
+    def schedule(self, launcher: Launcher, unit: WorkerUnit, why: str) -> None:
+        policy = self._policies.setdefault(unit.child, RestartPolicy(self.settings))
+        delay = policy.on_crash()
+        if delay is None:
+            raise RestartGiveUpError(f"giving up on the {unit.label} after {policy.why_given_up()}")
+        launcher.report(Notice(f"{why}: restart {policy.restarts} in {delay:.1f} s", "warning"))
+        launcher.set_state(unit, STARTING)
+        self._due[unit.child] = (time.monotonic() + delay, unit)
+
+    def poll(self, launcher: Launcher) -> bool:
+        now = time.monotonic()
+        return any(due <= now for due, _unit in self._due.values())
+
+    def act(self, launcher: Launcher) -> None:
+        now = time.monotonic()
+        for child, (due, unit) in list(self._due.items()):
+            if due > now or launcher.sup.stop_requested:
+                continue
+            del self._due[child]
+            try:
+                launcher.restart_worker(unit)
+            except (AppImportError, WorkerStartError) as exc:
+                launcher.report(Notice(f"restart failed: {exc}", "warning"))
+                self.schedule(launcher, unit, f"{unit.label} exited with status {WorkerStartError.exit_code}")

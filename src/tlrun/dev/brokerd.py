@@ -13,11 +13,16 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from tlrun.errors import BrokerError
+from tlrun.events import Notice
+from tlrun.launch.broker import check_reachable
+from tlrun.launch.guard import runtime_dir
+from tlrun.launch.steps import Step
+from tlrun.redact import redact_url
 
 if TYPE_CHECKING:
+    from tlrun.launch.launcher import Launcher
     from tlrun.launch.outputs import Outputs
     from tlrun.launch.supervise import Supervisor
-from tlrun.redact import redact_url
 
 DEFAULT_DEV_BROKER = "redis://127.0.0.1:6379/0"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -90,3 +95,33 @@ def wait_listening(url: str, timeout: float, alive: object) -> None:
         if time.monotonic() > deadline or not callable(alive) or not alive():
             raise BrokerError(f"the private redis-server for {redact_url(url)} did not start")
         time.sleep(0.05)
+
+
+class PrivateBrokerStep(Step):
+    """tlrun dev: a private redis-server when the broker is a local Redis URL that does not answer (or nothing
+    is configured at all), planned before anything is stopped and started once the project's lock is ours."""
+
+    name = "private broker"
+
+    def __init__(self) -> None:
+        self._argv: list[str] | None = None
+
+    def validate(self, launcher: Launcher) -> None:
+        if launcher.broker_source == "default":  # nothing configured anywhere: the local Redis of a laptop
+            launcher.broker_url = DEFAULT_DEV_BROKER
+        self._argv = plan_private_redis(launcher.broker_url, runtime_dir(os.environ))
+        launcher.broker_provided = self._argv is not None
+
+    def prepare(self, launcher: Launcher) -> None:
+        if self._argv is None:
+            return
+        url = launcher.broker_url
+        pid = start_private(launcher.sup, launcher.outputs, url, self._argv, runtime_dir(os.environ))
+        address = local_redis_address(url) or ("?", 0)
+        launcher.report(
+            Notice(
+                f"no broker answered at {address[0]}:{address[1]}: started a private redis-server "
+                f"(pid {pid}, no persistence) for this session; it stops on exit"
+            )
+        )
+        check_reachable(url)

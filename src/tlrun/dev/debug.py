@@ -12,12 +12,17 @@ import dataclasses
 import os
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from tlrun.config import Settings, WorkerOptions
 from tlrun.errors import BrokerError
 from tlrun.events import Notice, Ready, Reporter
 from tlrun.launch import procs, spawn, verify
 from tlrun.launch.broker import Broker, load_app
+from tlrun.launch.units import READY
+
+if TYPE_CHECKING:
+    from tlrun.launch.launcher import Launcher
 
 
 def node_for_roles(hostname: str) -> str:
@@ -105,3 +110,13 @@ def run_in_process(settings: Settings, report: Reporter, node: str, broker_url: 
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     return 0
+
+
+def serve_in_process(launcher: Launcher) -> int:
+    """The launcher's guard and sweep have run: serve every role in this very process. Each role's lock
+    record names this process and its node, so that ps, health and doctor count it as serving that role."""
+    workers = launcher.workers
+    node = workers[0].node if len(workers) == 1 else node_for_roles(launcher.hostname)
+    for w in workers:
+        launcher.set_state(w, READY, node=node, worker_pid=os.getpid(), in_process=True)
+    return run_in_process(launcher.s, launcher.report, node, launcher.broker_url)

@@ -288,7 +288,8 @@ def competing_launchers(
     """The launchers (of this project's directory) that would run one of the same roles, or beat.
 
     Pure: `roles` are ours (None: every role), `beat` whether we run beat; `beat_by_default` is the
-    project file's `beat`, which a `tlrun dev` without --beat/--no-beat follows."""
+    project file's `beat`, which a `tlrun dev` without --beat/--no-beat follows. `tlrun worker` runs beat
+    only when given --beat (production runs beat as a service of its own)."""
     found = []
     for other in launchers:
         cmd = other.cmd
@@ -297,8 +298,10 @@ def competing_launchers(
         theirs_workers = cmd.command in ("worker", "dev")
         we_run_workers = roles is None or len(roles) > 0
         overlap = theirs_workers and we_run_workers and (roles is None or cmd.role is None or cmd.role in roles)
-        their_beat = cmd.command == "beat" or (
-            cmd.command == "dev" and (cmd.beat if cmd.beat is not None else beat_by_default)
+        their_beat = (
+            cmd.command == "beat"
+            or (cmd.command == "dev" and (cmd.beat if cmd.beat is not None else beat_by_default))
+            or (cmd.command == "worker" and cmd.beat is True)
         )
         if overlap or (beat and their_beat):
             found.append(other)
@@ -306,7 +309,13 @@ def competing_launchers(
 
 
 def check_no_other_launcher(
-    root: Path, app: str, roles: Collection[str] | None, beat: bool, beat_by_default: bool, what: str
+    root: Path,
+    app: str,
+    roles: Collection[str] | None,
+    beat: bool,
+    beat_by_default: bool,
+    what: str,
+    coordinated: Collection[int] = (),
 ) -> None:
     """The second, independent check before anything is spawned: a live launcher of the same project and
     role in the process table refuses the start, even when its lock is somewhere else (a lock file removed
@@ -314,12 +323,16 @@ def check_no_other_launcher(
 
     Only launchers started before this one count, and each gets a moment to exit first: launchers started
     at the same instant race for the lock, and the losers (still in the process table for a moment) exit
-    at once. We hold the lock here, so this wait happens only when the lock was bypassed."""
+    at once. We hold the lock here, so this wait happens only when the lock was bypassed.
+
+    `coordinated`: launchers that hold locks of this project in the same lock directory. Holding ours, we
+    know they do not run our units (a launcher that gave a unit up with `tlrun stop --role` still shows
+    the role on its command line)."""
     me = Identity.of_self()
     others = [
         o
         for o in competing_launchers(find_launchers(root), app, roles, beat, beat_by_default)
-        if o.identity.create_time <= me.create_time
+        if o.identity.create_time <= me.create_time and o.identity.pid not in coordinated
     ]
     deadline = time.monotonic() + SETTLE_SECONDS
     while others and time.monotonic() < deadline:

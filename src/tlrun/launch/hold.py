@@ -1,4 +1,4 @@
-"""The launcher's end of a held worker (see tlrun/dev/worker_entry.py): the worker imports its app, says
+"""The launcher's end of a held worker (see tlrun/launch/entry.py): the worker imports its app, says
 `ready <poll interval>`, and connects to the broker only after `go`. Closing instead ends it unconnected."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from tlrun.dev.worker_entry import HOLD_FD_ENV, SPARE_ENV
+from tlrun.launch.entry import HOLD_FD_ENV, SPARE_ENV
 
 
 class Hold:

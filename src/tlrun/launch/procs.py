@@ -35,7 +35,7 @@ _GLOBAL_VALUE_OPTS = {
 _PY_VALUE_FLAGS = {"-W", "-X", "-Q"}  # python interpreter flags that take a value
 # `python -m <these>` runs Celery's command line: Celery itself, and tlrun dev's worker entry (the same
 # command line with a shorter transport poll interval).
-CELERY_MODULES = ("celery", "tlrun.dev.worker_entry")
+CELERY_MODULES = ("celery", "tlrun.launch.entry", "tlrun.dev.worker_entry")  # the last: tlrun <= 0.1.0
 SHIM_MODULE = "tlrun.launch._child"  # every child of a launcher runs behind it: `<shim args> -- <argv>`
 
 

@@ -41,7 +41,7 @@ def worker_argv(
     app: str, opts: WorkerOptions, node: str, python: str = sys.executable, module: str = "celery"
 ) -> list[str]:
     """`python -m celery -A <app> worker -n <node> ...`: the options tlrun knows, then `--` extras verbatim.
-    `module` is `tlrun.dev.worker_entry` for tlrun dev (the same command line, see that module)."""
+    `module` is `tlrun.launch.entry` for tlrun dev (the same command line, see that module)."""
     argv = [python, "-m", module, "-A", app, "worker", "-n", node, "--loglevel", opts.loglevel]
     named: list[tuple[str, object]] = [
         ("--concurrency", opts.concurrency),

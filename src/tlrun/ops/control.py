@@ -7,14 +7,23 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
 from tlrun.config import Settings
 from tlrun.errors import BrokerError, ConfigError, TlrunError
-from tlrun.launch import guard, procs, signals, sweep
+from tlrun.launch import guard, procs, signals, sweep, unitstop
 from tlrun.launch.broker import Broker, resolve_broker_url
+from tlrun.launch.units import WAITING
 from tlrun.ops import inventory
+
+
+@dataclass(frozen=True)
+class UnitStopped:
+    launcher: int  # the launcher that stopped it and runs on
+    kind: str  # the lock kind: worker-ROLE, worker, beat
+    node: str
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,7 @@ class StopReport:
     stopped: tuple[int, ...]
     killed: tuple[int, ...]
     survivors: tuple[int, ...]
+    units: tuple[UnitStopped, ...] = ()  # units stopped inside a launcher that runs others too (stop --role)
 
 
 def _project_launchers(settings: Settings) -> list[psutil.Process]:
@@ -60,8 +70,18 @@ def _project_launchers(settings: Settings) -> list[psutil.Process]:
 
 def stop_project(settings: Settings, timeout: float) -> StopReport:
     """Launchers first (SIGTERM: each stops its children warm; after `timeout` the ladder kills the rest of
-    its tree), then the strays, with the same ladder."""
+    its tree), then the strays, with the same ladder. With --role, a launcher that also runs other units
+    stops only the role's unit (unitstop.py) and runs on."""
     launchers = _project_launchers(settings)
+    units: list[UnitStopped] = []
+    late: list[int] = []
+    if settings.role_filter is not None:
+        launchers, partial = _split_launchers(settings, launchers)
+        for proc, kinds in partial:
+            done = _stop_units(settings, proc, kinds, timeout + signals.KILL_WAIT + 5)
+            units += done
+            if len(done) < len(kinds):
+                late.append(proc.pid)
     first = signals.stop_ladder(launchers, timeout) if launchers else signals.StopResult((), (), ())
     swept = sweep_project(settings, timeout)
     return StopReport(
@@ -69,8 +89,52 @@ def stop_project(settings: Settings, timeout: float) -> StopReport:
         strays=swept.found,
         stopped=first.stopped + swept.stopped,
         killed=first.killed + swept.killed,
-        survivors=first.survivors + swept.survivors,
+        survivors=first.survivors + swept.survivors + tuple(late),
+        units=tuple(units),
     )
+
+
+def _split_launchers(
+    settings: Settings, launchers: list[psutil.Process]
+) -> tuple[list[psutil.Process], list[tuple[psutil.Process, dict[str, str]]]]:
+    """(launchers to stop whole, [(launcher, {lock kind: node} to stop inside it)]): a launcher whose lock
+    records show units beyond the roles asked for, and that listens for unit stops, keeps those units."""
+    wanted = {r.lock_kind for r in settings.roles}
+    every = [r.lock_kind for r in settings.all_roles] + ["beat"]
+    held: dict[int, dict[str, dict[str, Any]]] = {}
+    for kind, record, holder in guard.live_records(settings.project_id, every):
+        held.setdefault(holder.pid, {})[kind] = record
+    whole, partial = [], []
+    for proc in launchers:
+        records = held.get(proc.pid, {})
+        mine = {k: str(r.get("node") or k) for k, r in records.items() if k in wanted}
+        others = set(records) - wanted
+        if records and not mine:
+            continue  # it runs other units only (it gave ours up, or never ran them)
+        if mine and others and all(unitstop.listens(r) for r in records.values()):
+            partial.append((proc, mine))
+        else:
+            whole.append(proc)
+    return whole, partial
+
+
+def _stop_units(settings: Settings, proc: psutil.Process, kinds: dict[str, str], wait: float) -> list[UnitStopped]:
+    """Ask `proc` to stop the units holding `kinds`; wait until it let go of their locks (it does once each
+    unit's process is gone). The units stopped in time."""
+    role_of = {r.lock_kind: r.name for r in settings.all_roles}
+    if not unitstop.ask(proc, settings.project_id, [role_of.get(k, k) for k in kinds]):
+        return []
+    deadline = time.monotonic() + wait
+    left = dict(kinds)
+    while left and time.monotonic() < deadline:
+        live = {
+            kind for kind, _r, holder in guard.live_records(settings.project_id, list(left)) if holder.pid == proc.pid
+        }
+        for kind in [k for k in left if k not in live]:
+            del left[kind]
+        if left:
+            time.sleep(0.05)
+    return [UnitStopped(proc.pid, kind, node) for kind, node in kinds.items() if kind not in left]
 
 
 def sweep_project(
@@ -96,7 +160,7 @@ def sweep_project(
 @dataclass(frozen=True)
 class Health:
     node: str
-    state: str  # "alive" | "not_consuming" | "unknown" | "dead"
+    state: str  # "alive" | "not_consuming" | "unknown" | "waiting" | "dead"
     detail: str
     attempts: int
     seconds: float
@@ -135,6 +199,15 @@ def probe(settings: Settings, node: str, timeout: float, retries: int) -> Health
                 return Health(node, "unknown", f"broker unreachable: {exc}", attempts, time.monotonic() - started)
     # No answer. A local process with that name may be stopped or busy (a solo pool running a task, a
     # debugger): that is not the same as dead. A debug-mode worker is its launcher itself.
+    for row in inventory.held_units(settings):
+        if row.node == node and row.state == WAITING:
+            return Health(
+                node,
+                "waiting",
+                f"its launcher pid {row.pid} waits for a good save (the last one does not import): no worker runs",
+                attempts,
+                time.monotonic() - started,
+            )
     for row in inventory.in_process_workers(settings):
         if row.node == node:
             return Health(

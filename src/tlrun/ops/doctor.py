@@ -29,6 +29,7 @@ from tlrun.errors import (
 from tlrun.launch import guard, procs, verify
 from tlrun.launch.broker import Broker, load_app, resolve_broker_url
 from tlrun.launch.procs import Identity
+from tlrun.launch.units import WAITING
 from tlrun.ops import consuming, inventory
 from tlrun.ops.inventory import STANDBY
 from tlrun.redact import redact_url
@@ -215,17 +216,27 @@ def role_findings(settings: Settings, nodes: list[NodeView], queues: list[tuple[
     """The configured roles against what answers: a missing role, a role with the wrong count, and workers
     that consume queues no role declares."""
     found = []
+    live = guard.live_records(settings.project_id, [r.lock_kind for r in settings.all_roles])
+    held = {kind: (record, holder) for kind, record, holder in live}
     for role in settings.all_roles:
-        count = sum(n.replies for n in nodes if role.owns_node(n.name))
+        record, holder = held.get(role.lock_kind, ({}, None))
+        # A debug-mode worker serves every role it consumes under its own name: its records say which.
+        serving = str(record.get("node") or "") if record.get("in_process") else ""
+        count = sum(n.replies for n in nodes if role.owns_node(n.name) or n.name == serving)
         if count == 0:
-            found.append(
-                Finding(
-                    "ROLE_MISSING",
-                    "error",
-                    f"no worker of role {role.name} answers: tasks on {', '.join(sorted(role.queue_set or []))} wait",
-                    f"tlrun worker --role {role.name} (or tlrun dev)",
-                )
-            )
+            waits = f": tasks on {', '.join(sorted(role.queue_set or []))} wait"
+            if holder is None:
+                advice = f"tlrun worker --role {role.name} (or tlrun dev)"
+                why = "no worker of role"
+            elif record.get("state") == WAITING:
+                # Never advise a start the running launcher would refuse (it holds the role's lock).
+                advice = f"fix the import error its log shows and save (or `tlrun stop --role {role.name}`)"
+                why = f"launcher pid {holder.pid} waits for a good save: no worker of role"
+            else:
+                advice = f"wait for it, or `tlrun stop --role {role.name}` and start it again"
+                state = record.get("state", "starting")
+                why = f"launcher pid {holder.pid} holds role {role.name} ({state}), but no worker of role"
+            found.append(Finding("ROLE_MISSING", "error", f"{why} {role.name} answers{waits}", advice))
         elif count != role.expected:
             found.append(
                 Finding(

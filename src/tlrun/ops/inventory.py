@@ -14,6 +14,7 @@ import psutil
 from tlrun.config import Settings
 from tlrun.errors import TlrunError
 from tlrun.launch import guard, procs
+from tlrun.launch.units import WAITING
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def local_processes(
         )
     if settings is not None:
         seen = {row.pid for row in out}
-        out += [row for row in in_process_workers(settings) + standby_beats(settings) if row.pid not in seen]
+        out += [row for row in in_process_workers(settings) + held_units(settings) if row.pid not in seen]
     return sorted(out, key=lambda p: (p.kind, p.role or "", p.pid))
 
 
@@ -156,32 +157,41 @@ def in_process_workers(settings: Settings) -> list[LocalProcess]:
 STANDBY = "standby"  # the state of a launcher's beat that waits for the cluster's beat lease
 
 
-def standby_beats(settings: Settings) -> list[LocalProcess]:
-    """A beat launcher standing by (another host holds the beat lease) has no beat process: its lock record
-    says so, and it shows as a beat in state `standby` with the launcher's pid."""
-    live = guard.live_records(settings.project_id, ["beat"])
-    if not live or live[0][1].get("beat_lease") not in ("standby", "lost"):
-        return []
-    holder = live[0][2]
-    return [
-        LocalProcess(
-            pid=holder.pid,
-            ppid=_ppid(holder.pid),
-            kind="beat",
-            role=None,
-            node=None,
-            app=settings.app,
-            cwd=str(settings.project_root),
-            state=STANDBY,
-            uptime_s=round(time.time() - holder.create_time, 1),
-            rss_bytes=0,
-            cpu_s=0.0,
-            pool_children=0,
-            launcher_pid=holder.pid,
-            project=True,
-            stray=False,
+def held_units(settings: Settings) -> list[LocalProcess]:
+    """Units a live launcher holds with no process of their own, from their lock records, shown with the
+    launcher's pid: a beat standing by (another host holds the beat lease), and a `tlrun dev --reload`
+    worker waiting for a good save (its app or a task module does not import)."""
+    role_of_kind = {r.lock_kind: r.name for r in settings.all_roles}
+    rows = []
+    for kind, record, holder in guard.live_records(settings.project_id, [*role_of_kind, "beat"]):
+        if kind == "beat":
+            if record.get("beat_lease") not in ("standby", "lost"):
+                continue
+            unit, role, node, state = "beat", None, None, STANDBY
+        elif record.get("state") == WAITING:
+            unit, role, node, state = "worker", role_of_kind[kind], str(record.get("node") or "") or None, WAITING
+        else:
+            continue
+        rows.append(
+            LocalProcess(
+                pid=holder.pid,
+                ppid=_ppid(holder.pid),
+                kind=unit,
+                role=role,
+                node=node,
+                app=settings.app,
+                cwd=str(settings.project_root),
+                state=state,
+                uptime_s=round(time.time() - holder.create_time, 1),
+                rss_bytes=0,
+                cpu_s=0.0,
+                pool_children=0,
+                launcher_pid=holder.pid,
+                project=True,
+                stray=False,
+            )
         )
-    ]
+    return rows
 
 
 def _ppid(pid: int) -> int:

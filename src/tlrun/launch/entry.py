@@ -1,10 +1,15 @@
-"""`python -m tlrun.dev.worker_entry <celery arguments>`: Celery's own command line for `tlrun dev`'s workers.
+"""`python -m tlrun.launch.entry <celery arguments>`: Celery's own command line for held workers (tlrun dev,
+`tlrun worker --fast-stop`).
 
-Two things differ from `python -m celery`, and nothing else:
+Three things differ from `python -m celery`, and nothing else:
 - with TLRUN_DEV_POLL=1 (tlrun dev), on Redis the transport's poll interval (`polling_interval`, the BRPOP
   timeout) is 0.1 s unless the app sets its own, so that a stop or a consumer cancel is seen within 0.1 s
   instead of 1 s;
-- with TLRUN_HOLD_FD (a socket to the launcher), the app is imported first, then the worker says
+- with TLRUN_HOLD_FD (a socket to the launcher), the app is imported first, and with it everything a worker
+  imports at start (`app.loader.import_default_modules()`: the modules of `include`/`imports`, Django's
+  `autodiscover_tasks()` and `django.setup()`); a failure there is printed as a traceback and ends this
+  process with status 2, unconnected (Celery itself would find it only in the new worker, after the old
+  one is gone). Then the worker says
   `ready <poll interval>` and waits for `go` before it connects: on a reload the next worker imports the new
   code while the old one still serves, and the two never consume at the same time. EOF instead of `go` (the
   launcher gave up on this worker, or died) ends it before it ever connects.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import traceback
 from typing import Any
 
 DEV_POLL_INTERVAL = 0.1
@@ -64,6 +70,18 @@ def _warm_up() -> None:
     import kombu.transport.redis  # noqa: F401
 
 
+def load_task_modules(app: Any, sock: socket.socket) -> None:
+    """Import what the worker would import at start. A module that does not import ends us here, before we
+    ever connect: the traceback names the file and line, and the launcher keeps the old worker serving."""
+    try:
+        app.loader.import_default_modules()
+    except Exception:
+        sock.close()
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(2)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     hold = os.environ.pop(HOLD_FD_ENV, None)
@@ -87,7 +105,10 @@ def main() -> None:
             if sock is not None:
                 sock.close()  # never release a worker whose app does not import
                 sock = None
+            # Celery's command line below fails the same way and says why, as it would without tlrun.
         else:
+            if sock is not None:
+                load_task_modules(app, sock)
             interval = tune(app, shorten)
     if sock is not None:
         with sock:

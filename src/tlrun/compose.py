@@ -1,0 +1,93 @@
+"""Each launching command as a composition: the launch core's units plus the steps that command attaches.
+
+The launch core (tlrun/launch/) imports none of dev/, ops/, cluster/ or deploy/; this module is where a
+command picks its steps from them, so that `tlrun dev`, `tlrun worker` and `tlrun beat` share one launch
+path and differ only here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tlrun.config import Settings
+from tlrun.deploy.restart import RestartSettings
+from tlrun.events import Reporter
+from tlrun.launch.launcher import LaunchOptions, run
+from tlrun.launch.steps import Step
+
+if TYPE_CHECKING:
+    from tlrun.cluster.beat_step import LeaseStep
+
+
+def worker(
+    settings: Settings,
+    report: Reporter,
+    *,
+    beat: bool = False,
+    restart: RestartSettings | None = None,
+    fast_stop: bool = False,
+    init: bool = False,
+    metrics_port: int | None = None,
+    metrics_addr: str = "0.0.0.0",
+) -> int:
+    """tlrun worker: every role (or --role's), beat only when asked; restarts, the consumption watch and
+    metrics as steps."""
+    from tlrun.deploy.restart import RestartStep
+    from tlrun.ops.steps import ConsumeStep, MetricsStep
+
+    steps: list[Step] = []
+    lease = _lease(steps) if beat else None
+    restarter = RestartStep(restart) if restart is not None else None
+    if restarter is not None:
+        steps.append(restarter)
+    consume = ConsumeStep(restarter, sample=metrics_port is not None, lease=lease)
+    steps.append(consume)
+    if metrics_port is not None:
+        steps.append(MetricsStep(metrics_port, metrics_addr, consume, restarter, lease))
+    opts = LaunchOptions(beat=beat, fast_stop=fast_stop, init=init)
+    return run(settings, report, opts, steps)
+
+
+def dev(
+    settings: Settings,
+    report: Reporter,
+    *,
+    beat: bool,
+    reload: bool = False,
+    managed_broker: bool = True,
+    debug: bool = False,
+    fast_stop: bool = True,
+) -> int:
+    """tlrun dev: a private broker when none answers, reload, beat under its lease, or debug mode."""
+    from tlrun.dev.brokerd import PrivateBrokerStep
+
+    steps: list[Step] = [PrivateBrokerStep()] if managed_broker else []
+    if beat:
+        _lease(steps)
+    if debug:
+        from tlrun.dev.debug import serve_in_process
+
+        return run(settings, report, LaunchOptions(beat=beat), steps, in_process=serve_in_process)
+    if reload:
+        from tlrun.dev.reload import ReloadStep
+
+        ignore: list[Path] = [settings.log_dir]
+        steps.append(ReloadStep(settings.project_root, ignore))
+    opts = LaunchOptions(beat=beat, fast_stop=fast_stop, held=True, dev_poll=True)
+    return run(settings, report, opts, steps)
+
+
+def beat(settings: Settings, report: Reporter, *, init: bool = False) -> int:
+    """tlrun beat: beat alone, one per cluster through the lease."""
+    steps: list[Step] = []
+    _lease(steps)
+    return run(settings, report, LaunchOptions(workers=False, beat=True, init=init), steps)
+
+
+def _lease(steps: list[Step]) -> LeaseStep:
+    from tlrun.cluster.beat_step import LeaseStep
+
+    lease = LeaseStep()
+    steps.append(lease)
+    return lease

@@ -1,0 +1,85 @@
+"""What the launch path checks before anything is stopped or started, and how a failed start is explained."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import sys
+
+from tlrun.config import Settings
+from tlrun.errors import AppImportError, BrokerError, UsageError, WorkerStartError
+
+
+def celery_version() -> tuple[int, ...]:
+    """The installed Celery's version, without importing Celery."""
+    from importlib.metadata import version
+
+    parts = []
+    for piece in version("celery").split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def start_failure(app: str, ready_timeout: float, status: int | None, tail: list[str], timeout: bool) -> Exception:
+    """Turn a worker that never answered into the error that explains it."""
+    text = "\n".join(tail)
+    if (
+        status == 2
+        and "Unable to load celery application" not in text
+        and ("No such option" in text or "Usage:" in text)
+    ):
+        # Celery's command line refused an argument tlrun passed through (`tlrun worker -- --bogus`).
+        reason = next((ln.strip() for ln in reversed(tail) if ln.strip().startswith("Error:")), "a bad argument")
+        return UsageError(f"celery worker refused its arguments: {reason.removeprefix('Error: ')}")
+    if "Unable to load celery application" in text or (status == 2 and "Error" in text):
+        reason = next(
+            (ln.strip() for ln in reversed(tail) if ln.strip() and not ln.startswith(("Usage:", "Try "))),
+            "unknown error",
+        )
+        # The innermost frame of the traceback that is not Python's own import machinery: the user's line.
+        frames = [m.groups() for m in _FRAME.finditer(text) if "<frozen" not in m.group(1)]
+        where = f" ({frames[-1][0]}, line {frames[-1][1]})" if frames else ""
+        return AppImportError(f"app {app!r} does not import: {reason}{where}", details=tuple(tail))
+    if timeout:
+        return WorkerStartError(
+            f"the worker did not answer a ping within {ready_timeout:g} s",
+            hint="raise --ready-timeout, or read the log: " + (tail[-1] if tail else "(empty)"),
+        )
+    return WorkerStartError(f"the worker exited with status {status} before it answered a ping")
+
+
+def check_app_module(settings: Settings) -> None:
+    """The app's top-level module exists where the worker will look (the project root, then sys.path).
+    Nothing is imported or run: a package's code runs only in the worker (or when the broker comes from it)."""
+    import importlib.util
+
+    top = settings.app.split(":", 1)[0].split(".", 1)[0]
+    root = str(settings.project_root)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise AppImportError(
+            f"app {settings.app!r} does not import: no module named {top!r} in the project root {root}",
+            hint="run tlrun from the project's root directory, or pass --project-dir",
+        )
+
+
+UNSHAREABLE_SCHEMES = ("memory",)
+
+
+def refuse_unshareable(url: str) -> None:
+    """A broker that lives inside one process cannot be shared by a launcher and its worker."""
+    scheme = url.split("://", 1)[0].split("+")[-1].lower()
+    if scheme in UNSHAREABLE_SCHEMES:
+        raise BrokerError(
+            f"broker {scheme}:// lives inside one process: the worker and tlrun cannot share it",
+            hint="use a Redis or RabbitMQ URL (tlrun dev starts a private redis-server when none answers)",
+        )

@@ -1,0 +1,544 @@
+"""The launch path every command shares: guard -> sweep -> spawn -> verify -> supervise, over units.
+
+A `Launcher` runs its units (units.py: one worker per role, beat) and the steps a command attached
+(steps.py). It holds the locks, the broker's address, the census and the children's output; it starts,
+verifies and stops units, each on its own: a unit that waits for a running task does not hold up another.
+Everything else (reload, the beat lease, restarts, the consumption watch, metrics, the private broker,
+debug mode) is attached from dev/, cluster/, ops/ and deploy/ by tlrun/compose.py; this package imports
+none of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tlrun import redact
+from tlrun.config import Settings
+from tlrun.errors import AppImportError, DuplicateNodeError, LockHeldError, StopError, WorkerStartError
+from tlrun.events import Exited, Notice, Ready, Reporter, StrayFound, WorkerOutput
+from tlrun.launch import checks, guard, logfiles, pid1, procs, signals, sweep, unitstop, verify
+from tlrun.launch.broker import Broker, check_reachable, resolve_broker
+from tlrun.launch.hold import Hold
+from tlrun.launch.outputs import Outputs
+from tlrun.launch.steps import Step
+from tlrun.launch.supervise import Supervisor, requeue_margin
+from tlrun.launch.units import GONE, READY, STANDBY, STARTING, STOPPING, WAITING, BeatUnit, Unit, WorkerUnit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    workers: bool = True
+    beat: bool = False
+    fast_stop: bool = False  # stop an idle worker by draining it, then SIGKILL (dev's default; worker --fast-stop)
+    held: bool = False  # workers start through tlrun's entry module, held until released (dev)
+    dev_poll: bool = False  # 0.1 s transport poll on Redis, where the app sets none (dev)
+    init: bool = False  # --init: reap orphans and (Linux) be a subreaper, as PID 1 does
+    is_pid1: bool = field(default_factory=pid1.is_pid1)  # a container's PID 1: also logs to stdout by default
+
+    @property
+    def init_duties(self) -> bool:
+        return self.init or self.is_pid1
+
+    @property
+    def held_workers(self) -> bool:
+        """Held workers report the transport's poll interval, which the fast stop needs."""
+        return self.held or self.fast_stop or self.dev_poll
+
+
+def _stop_holder(holder: procs.Identity, report: Reporter, replaced: list[procs.Identity]) -> None:
+    """--replace: ask the launcher holding the lock for a graceful stop (it stops its own worker)."""
+    proc = signals.launcher_for(holder)
+    if proc is None:
+        raise LockHeldError(
+            f"the lock names pid {holder.pid}, which is gone, reused, or not a tlrun launcher: not stopping it",
+            hint="the real holder is still alive; find it with `tlrun ps`",
+        )
+    report(Notice(f"--replace: asking launcher pid {holder.pid} to stop"))
+    signals.send(proc, signal.SIGTERM)
+    replaced.append(holder)
+
+
+class Launcher:
+    """One launcher's units, steps and children, from the first spawn to the last reap."""
+
+    def __init__(
+        self, settings: Settings, report: Reporter, sup: Supervisor, opts: LaunchOptions, steps: Sequence[Step] = ()
+    ) -> None:
+        self.s = settings
+        self.report = report
+        self.sup = sup
+        self.opts = opts
+        self.steps = list(steps)
+        self.hostname = socket.gethostname()
+        self.workers = [WorkerUnit(role, self.hostname) for role in settings.roles] if opts.workers else []
+        self.beat = BeatUnit() if opts.beat else None
+        self.broker_url = ""
+        self.broker_source = ""
+        self.broker_provided = False  # a step starts the broker (dev's private redis-server): do not check it yet
+        self.status = 0
+        # As a container's PID 1, stdout is the log (the runtime collects it) unless a log directory is set.
+        self.log_dir = None if opts.is_pid1 and not settings.log_dir_given else settings.log_dir
+        self.outputs = Outputs(
+            self.log_dir,
+            lambda label, line: report(WorkerOutput(label, line)),
+            lambda msg: report(Notice(msg, "warning")),
+            lambda: [
+                *redact.secrets_of(self.broker_url),
+                *redact.secrets_of(settings.broker_url),
+                *redact.registered(),
+            ],
+        )
+        self.census: list[str] | verify.Census[list[str]] | None = None
+        self.unit_stops = unitstop.Requests(settings.project_id)
+        self._stopping = False  # the launcher's own stop (a signal) has been acted on
+        self._woken: list[Step] = []
+        self._locks: dict[str, tuple[guard.ProjectLock, dict[str, Any]]] = {}
+
+    @property
+    def units(self) -> list[Unit]:
+        return [*self.workers, *([self.beat] if self.beat is not None else [])]
+
+    def unit_for(self, child: str) -> Unit | None:
+        return next((u for u in self.units if u.child == child), None)
+
+    def beat_schedule_path(self) -> Path:
+        return guard.runtime_dir(os.environ) / f"{self.s.project_id}.celerybeat-schedule"
+
+    # -- guard ---------------------------------------------------------------------------------------
+    def take_locks(self, stack: contextlib.ExitStack) -> None:
+        note = guard.check_env_guard(os.environ)
+        if note is not None:
+            self.report(Notice(note.message, "warning"))
+        base = {
+            "pid": os.getpid(),
+            "create_time": procs.Identity.of_self().create_time,
+            "app": self.s.app,
+            "project_root": str(self.s.project_root),
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "state": STARTING,
+        }
+        wanted = [(w.lock_kind, {"role": w.role.name, "node": w.node}, f"a {w.label}") for w in self.workers]
+        if self.beat is not None:
+            wanted.append(("beat", {}, "a beat"))
+        replaced: list[procs.Identity] = []
+        for kind, fields, noun in wanted:
+            what = f"{noun} of app {self.s.app} in {self.s.project_root}"
+            replace = (lambda holder: _stop_holder(holder, self.report, replaced)) if self.s.replace else None
+            wait = self.s.stop_grace + signals.KILL_WAIT + 5
+            lock = guard.acquire(guard.lock_path(self.s.project_id, kind, self.hostname), what, replace, wait=wait)
+            stack.enter_context(lock)
+            record = {**base, **fields}
+            lock.write(record)
+            self._locks[kind] = (lock, record)
+        # A replaced launcher lets go of its locks just before it exits: let it finish exiting.
+        deadline = time.monotonic() + signals.KILL_WAIT
+        while any(h.is_alive() for h in replaced) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        roles = None if self.s.role_filter is None else [r.name for r in self.s.roles]
+        what = f"{wanted[0][2] if wanted else 'a launcher'} of app {self.s.app} in {self.s.project_root}"
+        every = [r.lock_kind for r in self.s.all_roles] + ["beat"]
+        coordinated = {h.pid for _k, _r, h in guard.live_records(self.s.project_id, every)} - {os.getpid()}
+        guard.check_no_other_launcher(
+            self.s.project_root,
+            self.s.app,
+            roles if self.workers else [],
+            self.beat is not None,
+            self.s.beat,
+            what,
+            coordinated,
+        )
+
+    def record(self, unit: Unit, **fields: Any) -> None:
+        """Update the unit's lock record (what ps, health, doctor and stop read)."""
+        if unit.lock_kind in self._locks:
+            lock, record = self._locks[unit.lock_kind]
+            record.update(fields)
+            lock.write(record)
+
+    def set_state(self, unit: Unit, state: str, **fields: Any) -> None:
+        unit.state = state
+        if state in (GONE, WAITING, STANDBY):  # no process of its own now
+            fields.setdefault("worker_pid" if isinstance(unit, WorkerUnit) else "beat_pid", None)
+        self.record(unit, state=state, **fields)
+
+    def release_lock(self, unit: Unit) -> None:
+        """The unit is gone for good (stop --role): another launcher may start it now."""
+        held = self._locks.pop(unit.lock_kind, None)
+        if held is not None:
+            held[0].release()
+
+    # -- validation and broker ---------------------------------------------------------------------
+    def validate(self) -> None:
+        """Everything that can fail, before anything is stopped (--replace, the sweep) or started: the log
+        directory, the app's module, the broker (resolved, and answering unless a step provides it)."""
+        if self.log_dir is not None:
+            logfiles.check_log_dir(self.log_dir)
+        checks.check_app_module(self.s)
+        choice = resolve_broker(self.s)
+        checks.refuse_unshareable(choice.url)
+        self.broker_url, self.broker_source = choice.url, choice.source
+        for step in self.steps:
+            step.validate(self)
+        if not self.broker_provided:
+            check_reachable(self.broker_url)
+
+    # -- sweep ---------------------------------------------------------------------------------------
+    def sweep(self, units: Sequence[Unit]) -> None:
+        workers = [u for u in units if isinstance(u, WorkerUnit)]
+        kinds = (["worker", procs.LEFTOVER] if workers else []) + (["beat"] if self.beat in units else [])
+        if not self.s.sweep or not kinds:
+            return
+        result = sweep.sweep(
+            self.s.project_id,
+            self.s.app,
+            self.s.project_root,
+            self.s.stop_grace,
+            kinds=kinds,
+            roles=[w.role for w in workers],
+            on_found=lambda stray: self.report(StrayFound(stray)),
+            on_step=lambda msg: self.report(Notice(msg)),
+        )
+        if result.survivors:
+            raise StopError(f"stray process(es) survived SIGKILL: {', '.join(map(str, result.survivors))}")
+
+    # -- spawn and verify ----------------------------------------------------------------------------
+    def alive(self, child: str) -> bool:
+        return self.sup.running(child) and not self.sup.stop_requested
+
+    def stop_asked(self) -> bool:
+        return self.sup.stop_requested
+
+    def end_child(self, name: str, settle: float = 0.0) -> tuple[int | None, tuple[str, ...]]:
+        """End a child that never connected (a spare, a prepared worker): SIGKILL is safe, it holds nothing.
+        With `settle`, first give it that long to exit on its own (to print why its app did not import).
+        Returns its status and its last lines."""
+        deadline = time.monotonic() + settle
+        while self.sup.running(name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        code = self.sup.kill(name) if self.sup.running(name) else self.sup.reap(name)
+        return code, self.outputs.detach(name)
+
+    def wait_ready(self, workers: Sequence[WorkerUnit], deadline: float) -> WorkerUnit | None:
+        """Ping each worker until it answers; the first that does not (exited, or out of time), else None."""
+        with Broker(self.broker_url) as broker:
+            for w in workers:
+                alive = functools.partial(self.sup.running, w.child)
+                if not verify.wait_ready(broker, w.node, deadline, alive, self.stop_asked):
+                    return w
+                self.outputs.release(w.child)
+                w.since = datetime.now().strftime("%H:%M:%S")
+                self.set_state(w, READY, node=w.node, worker_pid=self.sup.pid(w.child))
+        return None
+
+    def _spawn_and_wait(self, workers: list[WorkerUnit]) -> bool:
+        """Spawn the workers, then wait for each one's first pong; False when a stop was asked meanwhile.
+        A worker that never answers stops the others started with it and raises the error that explains it."""
+        holds = {w.child: Hold() for w in workers} if self.opts.held_workers else {}
+        for w in workers:
+            self.set_state(w, STARTING)
+            w.spawn(self, hold=holds.get(w.child))
+        if self.census is None:
+            # Right after the spawn, so that importing Celery overlaps the worker's own start-up. The new
+            # worker cannot answer it: it subscribes to its mailbox only after its own imports (> 0.3 s).
+            self.census = verify.Census(self.broker_url, self.s.ping_window).start()
+        deadline = time.monotonic() + self.s.ready_timeout
+        for w in workers:
+            hold = holds.get(w.child)
+            if hold is not None:
+                if hold.wait_prepared(deadline, functools.partial(self.alive, w.child)):
+                    w.poll_interval = hold.poll_interval
+                    hold.release()
+                else:
+                    hold.close()  # a worker not prepared in time ends unconnected; its failure is reported below
+            elif self.broker_url.startswith(("redis://", "rediss://")):
+                w.poll_interval = 1.0  # kombu's BRPOP timeout when the app sets none
+        failed = self.wait_ready(workers, deadline)
+        if self.sup.stop_requested:
+            return False
+        if failed is not None:
+            timed_out = self.sup.running(failed.child)
+            status = self.sup.stop(failed.child) if timed_out else self.sup.reap(failed.child)
+            tail = list(self.outputs.detach(failed.child))
+            others = [o.child for o in workers if o is not failed]
+            self.sup.stop_each(others)
+            for name in others:
+                self.outputs.detach(name)
+            raise checks.start_failure(self.s.app, self.s.ready_timeout, status, tail, timed_out)
+        return True
+
+    def start_workers(
+        self, workers: list[WorkerUnit], started: float, allow_rename: bool = True
+    ) -> verify.ReadyReport | None:
+        """Spawn and verify `workers`; the report covers every worker of this launcher. None: stop asked."""
+        if not self._spawn_and_wait(workers):
+            return None
+        census = self.census
+        assert census is not None
+        replies = self.census = census if isinstance(census, list) else census.result(self.stop_asked)
+        taken = [w for w in workers if w.node in replies] if allow_rename else []
+        if taken:
+            # A worker elsewhere already answers to our name: stop ours and come back under a unique one.
+            self.sup.stop_each([w.child for w in taken])
+            for w in taken:
+                self.outputs.detach(w.child)
+                old = w.node
+                new = w.rename(set(replies))
+                self.report(Notice(f"node name {old} already answers on the broker: restarting as {new}", "warning"))
+            if not self._spawn_and_wait(taken):
+                return None
+        for w in workers:
+            w.ready_seconds = round(time.monotonic() - started, 3)
+        ours = {w.node for w in self.workers}
+        others = [name for name in replies if name not in ours]
+        running = [w for w in self.workers if self.sup.running(w.child)]
+        local = procs.pids_by_node(procs.main_processes(procs.scan(("worker",))), self.s.app) if others else {}
+        return self.ready_report(running, time.monotonic() - started, replies, local)
+
+    def ready_report(
+        self,
+        workers: Sequence[WorkerUnit],
+        seconds: float,
+        replies: Sequence[str] = (),
+        local: dict[str, list[int]] | None = None,
+    ) -> verify.ReadyReport:
+        nodes = [
+            verify.ReadyNode(w.role.name, w.node, self.sup.pid(w.child) or 0, renamed_from=w.renamed_from)
+            for w in workers
+        ]
+        # Declared roles are counted each by its node names, unless --expected set one total.
+        per_role = [r for r in self.s.roles if r.declared]
+        if self.s.expected_workers != sum(r.expected for r in self.s.roles):
+            per_role = []
+        roles = [(r.name, r.owns_node, r.expected) for r in per_role]
+        return verify.build_report(nodes, seconds, replies, self.s.expected_workers, local or {}, roles)
+
+    def verdict(self, ready: verify.ReadyReport) -> None:
+        for node in ready.duplicated:
+            raise DuplicateNodeError(f"{node.replies} workers answer as {node.node}: node names must be unique")
+        self.report(Ready(ready))
+        if self.s.strict and not ready.as_expected:
+            if ready.roles:
+                wrong = "; ".join(
+                    f"role {r.role}: {r.answering} answer, expected {r.expected}" for r in ready.miscounted
+                )
+                raise DuplicateNodeError(f"--strict: {wrong}")
+            raise DuplicateNodeError(f"--strict: {ready.answering} workers answer, expected {self.s.expected_workers}")
+
+    def restart_worker(self, w: WorkerUnit) -> None:
+        """Start a worker of this launcher again (a restart step): guard, sweep, spawn and verify as at first."""
+        note = guard.check_env_guard(os.environ)  # the lock is still ours; the guard is checked again
+        if note is not None:
+            self.report(Notice(note.message, "warning"))
+        self.sweep([w])
+        ready = self.start_workers([w], time.monotonic(), allow_rename=False)
+        if ready is not None:
+            self.report(Ready(ready))
+
+    # -- beat ----------------------------------------------------------------------------------------
+    def start_beat(self) -> None:
+        assert self.beat is not None
+        child = self.beat.spawn(self)
+        self.set_state(self.beat, READY, beat_pid=child.pid)
+
+    def stop_beat(self, state: str, grace: float | None = None) -> None:
+        """Stop beat now and wait for it (a lost lease, a reload); the unit stays this launcher's."""
+        assert self.beat is not None
+        self.beat.state = STOPPING
+        self.sup.stop(self.beat.child, grace=grace)
+        self.outputs.detach(self.beat.child)
+        self.set_state(self.beat, state)
+
+    # -- stop ----------------------------------------------------------------------------------------
+    def stop_units(
+        self, units: Sequence[Unit], why: str, then: Callable[[Unit], None] | None = None, announce: bool = False
+    ) -> None:
+        """Stop units, each the fastest safe way and all at once: an idle worker drained through the broker
+        and killed (with fast stop; the drains run in parallel), anything else with the warm ladder, whose
+        end the supervise loop sees. `then(unit)` runs once the unit's process is gone."""
+        running = [u for u in units if self.sup.running(u.child)]
+        for u in units:
+            if u not in running:
+                self._stopped(u, None, then)
+        drained = unitstop.drain_all(self, [u for u in running if isinstance(u, WorkerUnit)])
+        warm = []
+        for u in running:
+            u.state, u.stop_began, u.announce_exit, u.after_stop = STOPPING, time.monotonic(), announce, then
+            result = drained.get(u.child)
+            if result is not None and result.ok:
+                self.sup.kill(u.child)
+                self.outputs.detach(u.child)
+                self.report(Notice(f"{why}: {u.node} was idle: drained and stopped in {result.seconds:.2f} s"))
+                self._stopped(u, 0)
+                continue
+            if result is not None:
+                self.report(Notice(f"{why}: {u.node} gets the warm stop ladder ({result.why})"))
+            warm.append(u.child)
+        self.sup.begin_stop(warm)
+
+    def _stopped(self, unit: Unit, status: int | None, then: Callable[[Unit], None] | None = None) -> None:
+        """A unit's process is gone after a stop was asked (of it, or of the launcher)."""
+        then = then or unit.after_stop
+        unit.after_stop = None
+        if status is not None:
+            unit.last_exit_code = status
+            if unit.stop_began is not None:
+                unit.stop_seconds = round(time.monotonic() - unit.stop_began, 3)
+            if unit.announce_exit or self.sup.stop_requested:
+                self.report(Exited(unit.node, status, True))
+            if self._stopping and (isinstance(unit, WorkerUnit) or not self.workers):
+                self.status = self.status or status
+        self.set_state(unit, GONE)
+        if then is not None:
+            then(unit)
+
+    def _serve_unit_stops(self) -> None:
+        """`tlrun stop --role R` asked this launcher to stop some of its units and keep the others."""
+        names = self.unit_stops.take()
+        units = [u for u in self.units if u.alive and ((u.kind == "beat" and "beat" in names) or u.node in names)]
+        units += [w for w in self.workers if w.alive and w.role.name in names and w not in units]
+
+        def done(unit: Unit) -> None:
+            self.release_lock(unit)
+            self.report(Notice(f"stop: the {unit.label} {unit.node} stopped on request; the other units run on"))
+
+        if units:
+            self.stop_units(units, "stop", then=done, announce=True)
+
+    def close(self) -> None:
+        """The children are stopped first (a beat before its lease is released), then each step closes."""
+        self.sup.stop_all()
+        for step in reversed(self.steps):
+            step.close(self)
+
+    # -- supervise -----------------------------------------------------------------------------------
+    def _wake(self) -> bool:
+        if self.sup.stop_requested:
+            return not self._stopping or not self.sup.has_running()
+        if self.unit_stops.pending():
+            return True
+        self._woken = [step for step in self.steps if step.poll(self)]
+        return bool(self._woken) or not any(u.alive for u in self.units)
+
+    def loop(self) -> int:
+        """Until every unit is gone, or the launcher was asked to stop and every child has; the exit status."""
+        while True:
+            got = self.sup.wait(interrupt=self._wake)
+            if got is None:
+                if self.sup.stop_requested:
+                    if not self._stopping:
+                        # The launcher's stop: every unit at once (drain the idle, warm ladder for the rest).
+                        self._stopping = True
+                        self.stop_units([u for u in self.units if u.alive], "stop", announce=True)
+                        self.sup.escalate()
+                    elif not self.sup.has_running():
+                        break
+                    continue
+                if self.unit_stops.pending():
+                    self._serve_unit_stops()
+                for step in self._woken:
+                    step.act(self)
+                self._woken = []
+                if not any(u.alive for u in self.units):
+                    break
+                continue
+            name, code = got
+            tail = self.outputs.detach(name)
+            unit = self.unit_for(name)
+            if unit is None:  # a step's child (a reload's spare)
+                for step in self.steps:
+                    if step.on_child_exit(self, name, code):
+                        break
+                if self.sup.stop_requested and not self.sup.has_running():
+                    break
+                continue
+            unit.last_exit_code = code
+            if unit.state == STOPPING or self.sup.stop_requested:
+                self._stopped(unit, code)
+                if self.sup.stop_requested and not self.sup.has_running():
+                    break
+                if not self.sup.stop_requested and not any(u.alive for u in self.units):
+                    break
+                continue
+            self.report(Exited(unit.node, code, False, tail))
+            if any(step.on_exit(self, unit, code, tail) for step in self.steps):
+                continue
+            self.status = code  # a clean exit of its own (a remote shutdown) is not a crash
+            break
+        self.sup.stop_all()
+        return self.status
+
+
+def run(
+    settings: Settings,
+    report: Reporter,
+    opts: LaunchOptions | None = None,
+    steps: Sequence[Step] = (),
+    in_process: Callable[[Launcher], int] | None = None,
+) -> int:
+    """Run the project's units (a worker per role, beat) with `steps` until they stop; the exit status.
+    `in_process` (debug mode) serves the workers in this very process after the guard and the sweep."""
+    opts = opts or LaunchOptions()
+    started = time.monotonic()
+    reaper = None
+    if opts.init_duties:
+        if not opts.is_pid1:
+            pid1.become_subreaper()
+        reaper = pid1.Reaper()
+    with contextlib.ExitStack() as stack:
+        sup = stack.enter_context(
+            Supervisor(
+                settings.stop_grace,
+                lambda msg: report(Notice(msg)),
+                defer_first_stop=opts.fast_stop,
+                reaper=reaper,
+                requeue_margin=requeue_margin(settings.stop_grace, checks.celery_version()),
+            )
+        )
+        launcher = Launcher(settings, report, sup, opts, steps)
+        stack.callback(launcher.close)
+        # Validate, guard, prepare, sweep: nothing is stopped before everything that can fail was checked. A
+        # stop asked for meanwhile ends the launch before anything is spawned.
+        launcher.validate()
+        launcher.take_locks(stack)
+        stack.enter_context(launcher.unit_stops.listen())
+        for unit in launcher.units:
+            launcher.record(unit, unit_stop=True)  # `tlrun stop --role` may ask for this unit alone
+        for step in launcher.steps:
+            if not sup.stop_requested:
+                step.prepare(launcher)
+        if not sup.stop_requested:
+            launcher.sweep(launcher.units)
+        if sup.stop_requested:
+            return 128 + (sup.stop_signal or signal.SIGINT)
+        if in_process is not None:
+            if launcher.beat is not None:  # beat stays a supervised child; the worker runs in this process
+                launcher.start_beat()
+            return in_process(launcher)
+        if launcher.workers:
+            try:
+                ready = launcher.start_workers(launcher.workers, started)
+            except (AppImportError, WorkerStartError) as exc:
+                if not any(step.on_start_failed(launcher, exc) for step in launcher.steps):
+                    raise
+                ready = None
+            if ready is not None:
+                launcher.verdict(ready)
+        for step in launcher.steps:
+            if not sup.stop_requested:
+                step.started(launcher)
+        if launcher.beat is not None and launcher.beat.state == STARTING and not sup.stop_requested:
+            launcher.start_beat()  # no step took charge of beat (the lease does, where there is one)
+        return launcher.loop()

@@ -1,0 +1,126 @@
+"""Units: every process a launcher runs, each with one life cycle of its own.
+
+A unit is one role's worker, or beat. It owns its lock (one per role, one for beat), its node name, its
+log file, its state and what follows its stop; it knows nothing of the other units. The launcher starts,
+verifies and stops units; steps (steps.py) decide what else happens to them (a reload, a restart).
+
+States, as `tlrun ps` and `tlrun health` show them (the unit's lock record carries it):
+starting -> ready -> stopping -> gone; a reload's `waiting for a good save` (its process exited and the next
+good save starts it again); beat's `standing by` (another host holds the cluster's beat lease).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tlrun.config import Role
+from tlrun.events import Spawned
+from tlrun.launch import procs, spawn
+from tlrun.launch.entry import DEV_POLL_ENV
+from tlrun.launch.hold import Hold
+
+if TYPE_CHECKING:
+    from tlrun.launch.launcher import Launcher
+
+STARTING = "starting"
+READY = "ready"
+WAITING = "waiting for a good save"
+STOPPING = "stopping"
+STANDBY = "standing by"
+GONE = "gone"
+
+BANNER = " -------------- "  # the first line of a worker's start-up banner: it imported the app
+
+
+class Unit:
+    kind = "unit"
+
+    def __init__(self, child: str, lock_kind: str, label: str, node: str) -> None:
+        self.child = child  # its name in the Supervisor
+        self.lock_kind = lock_kind
+        self.label = label  # `worker`, `reports worker`, `beat`
+        self.node = node  # the node name, or "beat"
+        self.state = STARTING
+        self.announce_exit = False  # say "stopped" when its process is gone (a stop, not a reload's swap)
+        self.after_stop: Callable[[Unit], None] | None = None  # what follows once its process is gone
+        self.stop_began: float | None = None
+        self.since = ""  # when the running process became ready (for "the worker of 10:42:07")
+        # For the metrics endpoint:
+        self.last_exit_code: int | None = None
+        self.ready_seconds: float | None = None
+        self.stop_seconds: float | None = None
+
+    @property
+    def alive(self) -> bool:
+        """Still this launcher's business: running, starting, or waiting to run again."""
+        return self.state != GONE
+
+
+class WorkerUnit(Unit):
+    """One role's worker: `<prefix><launcher pid>@host`, consuming the role's queues."""
+
+    kind = "worker"
+
+    def __init__(self, role: Role, hostname: str) -> None:
+        super().__init__(
+            f"worker:{role.name}",
+            role.lock_kind,
+            f"{role.name} worker" if role.declared else "worker",
+            spawn.node_name(role.node_prefix, os.getpid(), hostname),
+        )
+        self.role = role
+        self.hostname = hostname
+        self.renamed_from: str | None = None
+        self.poll_interval: float | None = None  # its transport's poll interval on Redis, when known
+
+    def rename(self, taken: set[str]) -> str:
+        """Come back under a name nobody answers to: `api4242-1@host`."""
+        self.renamed_from = self.node
+        self.node = spawn.unique_node_name(self.role.node_prefix, os.getpid(), self.hostname, taken)
+        return self.node
+
+    def spawn(
+        self, launcher: Launcher, name: str | None = None, hold: Hold | None = None, announce: bool = True
+    ) -> subprocess.Popen[bytes]:
+        """Start this role's worker as child `name` (default: the unit's own). With a hold it imports the new
+        code and waits to be released (entry.py); its output is held until its banner shows."""
+        name = name or self.child
+        s = launcher.s
+        module = "tlrun.launch.entry" if hold is not None else "celery"
+        argv = spawn.worker_argv(s.app, self.role.worker, self.node, module=module)
+        env = spawn.worker_env(s, self.node, procs.Identity.of_self(), launcher.broker_url, self.role.name)
+        if hold is not None:
+            env.update(hold.env(), **({DEV_POLL_ENV: "1"} if launcher.opts.dev_poll else {}))
+        stem = f"celery_{self.role.log_stem}_{os.getpid()}"
+        env.update(launcher.outputs.child_env(stem))
+        fds = (hold.child_fd,) if hold is not None else ()
+        child = launcher.sup.start(name, argv, env, s.project_root, pass_fds=fds, requeue=True)
+        if hold is not None:
+            hold.spawned()
+        log_path = launcher.outputs.attach(name, child, stem, label=self.node, hold_until=BANNER)
+        if announce:
+            launcher.report(Spawned("worker", self.node, child.pid, log_path, tuple(argv)))
+        return child
+
+
+class BeatUnit(Unit):
+    """Celery beat, one per project (and, with the lease, one per cluster)."""
+
+    kind = "beat"
+
+    def __init__(self) -> None:
+        super().__init__("beat", "beat", "beat", "beat")
+
+    def spawn(self, launcher: Launcher) -> subprocess.Popen[bytes]:
+        s = launcher.s
+        argv = spawn.beat_argv(s.app, launcher.beat_schedule_path(), s.roles[0].worker.loglevel)
+        env = spawn.worker_env(s, "beat", procs.Identity.of_self(), launcher.broker_url)
+        stem = f"celery_beat_{os.getpid()}"
+        env.update(launcher.outputs.child_env(stem))
+        child = launcher.sup.start(self.child, argv, env, s.project_root)
+        log_path = launcher.outputs.attach(self.child, child, stem)
+        launcher.report(Spawned("beat", "beat", child.pid, log_path, tuple(argv)))
+        return child

@@ -1,0 +1,126 @@
+"""Stopping units: their drains in parallel, and `tlrun stop --role R` for one unit of a running launcher.
+
+A launcher with several units stops them at once: each idle worker's drain (drain.py, about 0.2 s of
+broker round trips) runs on a thread of its own, so six idle roles stop in about the time of one.
+
+`tlrun stop --role R` reaches a launcher that runs more than role R through a request file in the user's
+private runtime directory (0700, checked) named after the launcher's pid, then SIGUSR1. The launcher reads
+the file (never through a link, never a FIFO or anything but a regular file of its own user), stops the
+named units with the stop ladder, releases their locks and keeps the rest running. A launcher says in its
+lock records that it listens (`"unit_stop": true`); one that does not is never sent SIGUSR1, whose
+default action would kill it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import stat
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from tlrun import safefile
+from tlrun.launch import drain, guard
+
+if TYPE_CHECKING:
+    import psutil
+
+    from tlrun.launch.launcher import Launcher
+    from tlrun.launch.units import WorkerUnit
+
+REQUEST_SIGNAL = signal.SIGUSR1
+MAX_REQUEST_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    ok: bool
+    why: str
+    seconds: float
+
+
+def drain_all(launcher: Launcher, workers: Sequence[WorkerUnit]) -> dict[str, DrainResult]:
+    """Drain each worker on a thread of its own (fast stop only); child name -> result. Nothing is spawned
+    while these threads run: only the main thread spawns (the parent-death signal follows that thread)."""
+    if not launcher.opts.fast_stop or not workers:
+        return {}
+    import celery  # noqa: F401  # imported here, on the main thread, before the threads (see verify.Census)
+
+    def one(w: WorkerUnit) -> tuple[str, DrainResult]:
+        began = time.monotonic()
+        result = drain.drain(launcher.broker_url, w.node, w.poll_interval)
+        return w.child, DrainResult(result.ok, result.why, time.monotonic() - began)
+
+    with ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="tlrun-drain") as pool:
+        return dict(pool.map(one, workers))
+
+
+def request_path(project_id: str, launcher_pid: int) -> Path:
+    return guard.runtime_dir(os.environ) / f"{project_id}.{launcher_pid}.stop"
+
+
+class Requests:
+    """The launcher's side: SIGUSR1 sets a flag (a handler does nothing else); the loop reads the file."""
+
+    def __init__(self, project_id: str) -> None:
+        self.project_id = project_id
+        self._asked = False
+
+    def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        self._asked = True
+
+    @contextlib.contextmanager
+    def listen(self) -> Iterator[None]:
+        saved = signal.signal(REQUEST_SIGNAL, self._on_signal)
+        try:
+            yield
+        finally:
+            signal.signal(REQUEST_SIGNAL, saved)
+            with contextlib.suppress(OSError):
+                os.unlink(request_path(self.project_id, os.getpid()))
+
+    def pending(self) -> bool:
+        return self._asked
+
+    def take(self) -> set[str]:
+        """The names asked for (roles, node names, `beat`); empty when the file is missing or not trusted."""
+        self._asked = False
+        path = request_path(self.project_id, os.getpid())
+        try:
+            # O_NONBLOCK: a FIFO planted here would otherwise block the launcher in open().
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return set()
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                return set()
+            data = os.read(fd, MAX_REQUEST_BYTES)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        try:
+            names = json.loads(data).get("units", [])
+        except (ValueError, AttributeError):
+            return set()
+        return {str(n) for n in names if isinstance(n, str)}
+
+
+def ask(proc: psutil.Process, project_id: str, names: Sequence[str]) -> bool:
+    """The stopper's side: write the request for launcher `proc`, then signal it. False when it is gone."""
+    from tlrun.launch import signals
+
+    safefile.write_atomic(request_path(project_id, proc.pid), json.dumps({"units": list(names)}), mode=0o600)
+    return signals.send(proc, REQUEST_SIGNAL)
+
+
+def listens(record: dict[str, Any]) -> bool:
+    return bool(record.get("unit_stop"))

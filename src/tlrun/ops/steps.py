@@ -1,0 +1,198 @@
+"""What `tlrun worker` adds for operations: the consumption watch (NOT_CONSUMING) and the metrics endpoint."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import TYPE_CHECKING, Any
+
+from tlrun.config import Role
+from tlrun.errors import UsageError
+from tlrun.events import Notice
+from tlrun.launch.steps import Step
+from tlrun.launch.units import Unit, WorkerUnit
+from tlrun.ops import consuming
+
+if TYPE_CHECKING:
+    from tlrun.cluster.beat_step import LeaseStep
+    from tlrun.deploy.restart import RestartStep
+    from tlrun.launch.launcher import Launcher
+    from tlrun.ops import metrics
+
+
+class ConsumeStep(Step):
+    """Every `consume_check_every` seconds, check that each worker consumes its role's queues; one that answers
+    pings but does not is reported, recorded for doctor and health and, with a restart step, restarted."""
+
+    name = "consumption watch"
+
+    def __init__(self, restart: RestartStep | None, sample: bool, lease: LeaseStep | None) -> None:
+        self.restart = restart
+        self.sample = sample
+        self.lease = lease
+        self.watch: consuming.Watch | None = None
+        self.not_consuming: dict[str, tuple[str, ...]] = {}  # node -> queues, for metrics
+        self._recorded: set[str] = set()  # nodes whose lock record names queues they do not consume
+        self._stuck: dict[str, list[consuming.NotConsuming]] = {}
+
+    def started(self, launcher: Launcher) -> None:
+        if not launcher.workers:
+            return
+
+        def targets() -> list[tuple[str, list[str]]]:
+            return [
+                (w.node, consuming.wanted_queues(w.role.queue_set))
+                for w in launcher.workers
+                if launcher.sup.running(w.child)
+            ]
+
+        self.watch = consuming.Watch(
+            launcher.broker_url,
+            targets,
+            launcher.s.consume_check_every,
+            launcher.s.stuck_after,
+            sample=self.sample,
+            queue_owner=(lambda: _holds_queue_metrics(launcher, self.lease)) if self.sample else None,
+        ).start()
+
+    def poll(self, launcher: Launcher) -> bool:
+        if self.watch is not None:
+            self._stuck.update(self.watch.take())
+        return bool(self._stuck)
+
+    def act(self, launcher: Launcher) -> None:
+        verdicts, self._stuck = self._stuck, {}
+        for node, found in verdicts.items():
+            w = next((w for w in launcher.workers if w.node == node), None)
+            if w is None:
+                continue
+            self.not_consuming[node] = tuple(nc.queue for nc in found)
+            if found or node in self._recorded:
+                launcher.record(w, not_consuming=[nc.as_dict() for nc in found])
+                if found:
+                    self._recorded.add(node)
+                else:
+                    self._recorded.discard(node)
+            if not found:
+                continue
+            for nc in found:
+                launcher.report(Notice(nc.message(), "warning"))
+            if self.restart is None or launcher.sup.stop_requested:
+                continue
+            assert self.watch is not None
+            self.watch.forget(node)
+            why = f"{w.label} {node} does not consume {found[0].queue}"
+            launcher.stop_units([w], "not consuming", then=functools.partial(self._again, launcher, node, why))
+
+    def _again(self, launcher: Launcher, node: str, why: str, unit: Unit) -> None:
+        """The worker that did not consume is stopped: start it again under the restart policy."""
+        assert self.restart is not None and isinstance(unit, WorkerUnit)
+        self.not_consuming[node] = ()
+        self._recorded.discard(node)
+        launcher.record(unit, not_consuming=[])
+        self.restart.schedule(launcher, unit, why)
+
+    def close(self, launcher: Launcher) -> None:
+        if self.watch is not None:
+            self.watch.close()
+
+
+def _holds_queue_metrics(launcher: Launcher, lease: LeaseStep | None) -> bool:
+    """celery_queue_length comes from the host holding the beat lease only (hosts would repeat it)."""
+    from tlrun.cluster.lease import backend_for, lease_name
+
+    if lease is not None and lease.lease is not None:
+        return lease.lease.held
+    s = launcher.s
+    try:
+        backend = backend_for(launcher.broker_url, lease_name(s.app, s.project_name), s.beat_lock_ttl)
+    except ValueError:
+        return False
+    try:
+        holder = backend.current()
+    except OSError:
+        return False
+    finally:
+        backend.close()
+    return holder is not None and holder.host == launcher.hostname
+
+
+class MetricsStep(Step):
+    """tlrun worker --metrics-port: Prometheus metrics in celery-exporter's names plus tlrun's own."""
+
+    name = "metrics"
+
+    def __init__(
+        self, port: int, addr: str, consume: ConsumeStep, restart: RestartStep | None, lease: LeaseStep | None
+    ) -> None:
+        self.port, self.addr = port, addr
+        self.consume, self.restart, self.lease = consume, restart, lease
+        self._server: Any = None
+
+    def validate(self, launcher: Launcher) -> None:
+        """A port already taken fails here, before anything is stopped."""
+        from tlrun.ops import metrics
+
+        try:
+            self._server = metrics.serve(self.port, self.addr, lambda: self.sample(launcher))
+        except OSError as exc:
+            raise UsageError(
+                f"cannot serve metrics on {self.addr}:{self.port}: {exc.strerror or exc}",
+                hint="choose another --metrics-port",
+            ) from None
+        launcher.report(Notice(f"metrics on http://{self.addr}:{self.port}/metrics"))
+
+    def close(self, launcher: Launcher) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+
+    def sample(self, launcher: Launcher) -> metrics.LauncherSample:
+        from tlrun.ops import metrics
+
+        watch = self.consume.watch
+        states, lengths = watch.latest() if watch is not None else ({}, {})
+        samples = []
+        for w in launcher.workers:
+            pid = launcher.sup.pid(w.child) if launcher.sup.running(w.child) else None
+            state = states.get(w.node)
+            pool_running, rss = _pool_and_rss(pid)
+            samples.append(
+                metrics.WorkerSample(
+                    node=w.node,
+                    role=w.role.name,
+                    up=pid is not None and w.ready_seconds is not None,
+                    tasks_active=state.active if state is not None else None,
+                    restarts=self.restart.restarts(w) if self.restart is not None else 0,
+                    last_exit_code=w.last_exit_code,
+                    ready_seconds=w.ready_seconds,
+                    stop_seconds=w.stop_seconds,
+                    pool_expected=_pool_expected(w.role),
+                    pool_running=pool_running,
+                    rss_bytes=rss,
+                    not_consuming=self.consume.not_consuming.get(w.node, ()),
+                )
+            )
+        held = self.lease.held() if self.lease is not None else None
+        return metrics.LauncherSample(tuple(samples), dict(lengths), held)
+
+
+def _pool_expected(role: Role) -> int | None:
+    """Prefork pool size: --concurrency, else Celery's default (the number of CPUs); None for other pools."""
+    if (role.worker.pool or "prefork") not in ("prefork", "processes"):
+        return None
+    return role.worker.concurrency or os.cpu_count() or 1
+
+
+def _pool_and_rss(pid: int | None) -> tuple[int | None, int | None]:
+    """The worker's pool processes (children running its own command line) and its main process's RSS."""
+    if pid is None:
+        return None, None
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        argv = proc.cmdline()
+        children = sum(1 for c in proc.children() if c.cmdline() == argv)
+        return children, proc.memory_info().rss
+    except psutil.Error:
+        return None, None
