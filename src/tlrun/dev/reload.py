@@ -108,6 +108,7 @@ class ReloadStep(Step):
         self._changes: list[str] = []
         self._started = 0.0
         self._count = 0
+        self._released: list[WorkerUnit] = []  # successors released, to be verified on the loop's next turn
 
     # -- the step's hooks ------------------------------------------------------------------------------
     def prepare(self, launcher: Launcher) -> None:
@@ -123,10 +124,13 @@ class ReloadStep(Step):
         return True
 
     def poll(self, launcher: Launcher) -> bool:
-        return self.watcher.pending()
+        return bool(self._released) or self.watcher.pending()
 
     def act(self, launcher: Launcher) -> None:
-        self.reload(launcher)
+        if self._released:
+            self._verify_released(launcher)
+        if self.watcher.pending():
+            self.reload(launcher)
 
     def on_exit(self, launcher: Launcher, unit: Unit, status: int, tail: tuple[str, ...]) -> bool:
         launcher.set_state(unit, WAITING)
@@ -175,7 +179,8 @@ class ReloadStep(Step):
         launcher.stop_units(
             [w for w in workers if w.state != STOPPING], "reload", then=lambda unit: self._release(launcher, unit)
         )
-        self._spawn_spares(launcher)
+        if not self._released:  # else after their verification: a spare's start would slow theirs
+            self._spawn_spares(launcher)
 
     def _prepare(self, launcher: Launcher, w: WorkerUnit) -> tuple[str, Hold]:
         """The role's spare, told to import the app now; else a new held worker. Either is named
@@ -196,7 +201,8 @@ class ReloadStep(Step):
         return name, hold
 
     def _release(self, launcher: Launcher, unit: Unit) -> None:
-        """The old worker is gone: its successor takes its name, connects and is verified."""
+        """The old worker is gone: its successor takes its name and connects. It is verified on the loop's
+        next turn, together with every successor released meanwhile (their starts overlap)."""
         assert isinstance(unit, WorkerUnit)
         successor = self._next.pop(unit.child, None)
         if successor is None:
@@ -211,13 +217,19 @@ class ReloadStep(Step):
         unit.poll_interval = hold.poll_interval
         launcher.set_state(unit, STARTING)
         hold.release()
-        failed = launcher.wait_ready([unit], time.monotonic() + launcher.s.ready_timeout)
-        if failed is not None:
-            if not launcher.sup.stop_requested:
-                launcher.report(Notice(f"reload: {unit.node} did not answer after its release", "warning"))
-            return
-        report = launcher.ready_report([unit], time.monotonic() - self._started)
-        launcher.report(Reloaded(tuple(self._changes), time.monotonic() - self._started, report))
+        self._released.append(unit)
+
+    def _verify_released(self, launcher: Launcher) -> None:
+        released, self._released = self._released, []
+        deadline = time.monotonic() + launcher.s.ready_timeout
+        for unit in released:
+            if launcher.wait_ready([unit], deadline) is not None:
+                if not launcher.sup.stop_requested:
+                    launcher.report(Notice(f"reload: {unit.node} did not answer after its release", "warning"))
+                continue
+            report = launcher.ready_report([unit], time.monotonic() - self._started)
+            launcher.report(Reloaded(tuple(self._changes), time.monotonic() - self._started, report))
+        self._spawn_spares(launcher)
 
     def _abandon(self, launcher: Launcher, prepared: dict[str, tuple[str, Hold]], failed: WorkerUnit) -> None:
         """A prepared worker did not import: end every prepared one unconnected; the old ones keep serving."""
