@@ -206,9 +206,17 @@ def requeue_if_busy(_signum: int, _frame: object) -> None:
 WORKER_MODULES = ("celery", "tlrun.launch.entry")
 
 
+def stop_before_start(_signum: int, _frame: object) -> None:
+    """SIGTERM before the program installed its own handler (Celery's worker and beat do, early in their
+    start): nothing runs yet, so end cleanly, status 0, instead of dying by the signal (status 143, which a
+    stop tlrun asked for would report as a failure)."""
+    raise SystemExit(0)
+
+
 def run_module(module: str, args: Sequence[str], fd: int, launcher: int, grace: float) -> None:
     import runpy
 
+    signal.signal(signal.SIGTERM, stop_before_start)
     worker = _Worker(grace, os.environ.pop(LOG_ENV, None))
     watch(fd, launcher, worker.on_gone)
     if module in WORKER_MODULES and "worker" in args:
