@@ -121,10 +121,10 @@ class Bench:
         except OSError:
             return False
 
-    def spawn(self, argv: list[str], out: Path | None = None) -> subprocess.Popen[bytes]:
+    def spawn(self, argv: list[str], out: Path | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
         fh = open(out, "wb") if out else subprocess.DEVNULL  # noqa: SIM115
         proc = subprocess.Popen(
-            argv, cwd=self.dir, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            argv, cwd=cwd or self.dir, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.started.append(proc)
         return proc
@@ -352,6 +352,54 @@ class Bench:
         self._save(1)
         return elapsed
 
+    # -- several roles under one launcher: each unit on its own ----------------------------------------------
+    def _roles_project(self, n: int) -> Path:
+        """A project of `n` roles (queues q0 ... q<n-1>) in a directory of its own."""
+        root = self.dir / f"roles{n}"
+        root.mkdir(exist_ok=True)
+        (root / "benchapp.py").write_text(APP)
+        tables = "".join(f'\n[tool.tlrun.workers.r{i}]\nqueues = ["q{i}"]\nconcurrency = 1\n' for i in range(n))
+        (root / "pyproject.toml").write_text(f'[tool.tlrun]\napp = "benchapp"\n{tables}')
+        return root
+
+    def _every_role_returns(self, n: int, wanted: int) -> None:
+        def all_new() -> bool:
+            return all(
+                int(self._client().send_task("benchapp.value", queue=f"q{i}").get(timeout=10)) == wanted
+                for i in range(n)
+            )
+
+        wait_until(all_new, 60)
+
+    def roles_reload(self, n: int, saves: int = 3) -> float:
+        """Median seconds from a save until every one of `n` idle roles returns the new value."""
+        root = self._roles_project(n)
+        proc = self.spawn([PY, "-m", "tlrun", "dev", "--reload"], root / "reload.out", cwd=root)
+        self._every_role_returns(n, 1)
+        times = []
+        for value in range(2, 2 + saves):
+            time.sleep(SAVE_INTERVAL)  # untimed, as in the other reload measures
+            t0 = time.monotonic()
+            (root / "benchapp.py").write_text(APP.replace("VALUE = 1", f"VALUE = {value}"))
+            self._every_role_returns(n, value)
+            times.append(time.monotonic() - t0)
+        self.stop(proc, signal.SIGINT)
+        (root / "benchapp.py").write_text(APP)
+        return statistics.median(times)
+
+    def roles_dev_stop(self, n: int) -> float:
+        """Ctrl-C of an idle `tlrun dev` running `n` roles until the launcher and every worker tree are gone."""
+        root = self._roles_project(n)
+        out = root / "stop.out"
+        proc = self.spawn([PY, "-m", "tlrun", "dev"], out, cwd=root)
+        wait_until(lambda: self.output_has(out, r"workers? ready:"))
+        line = self.output_has(out, r"workers? ready: .*")
+        assert line is not None
+        workers = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", line.group(0))]
+        time.sleep(IDLE_SETTLE)
+        pids = family(proc.pid) + [p for w in workers for p in family(w)]
+        return self._time_until_gone(proc, signal.SIGINT, pids)
+
     def launcher_rss(self) -> float:
         proc, _, _ = self._start_tlrun()
         time.sleep(1.0)  # a second of supervising, not synchronisation: the figure is the steady state
@@ -475,6 +523,20 @@ def main() -> None:
                 bench.reload_during_task,
                 "s",
                 "the task's rest + swap",
+            )
+            ratio_row(
+                "reload with 3 idle roles: save until every role returns the new value",
+                "the same with 1 role",
+                lambda: bench.roles_reload(3),
+                lambda: bench.roles_reload(1),
+                "<= 1.3",
+            )
+            ratio_row(
+                "Ctrl-C of `tlrun dev` with 6 idle roles until every process is gone",
+                "the same with 1 role",
+                lambda: bench.roles_dev_stop(6),
+                lambda: bench.roles_dev_stop(1),
+                "<= 1.3",
             )
             abs_row("launcher's own RSS while supervising", bench.launcher_rss, "MB", "<= 50 MB")
         finally:

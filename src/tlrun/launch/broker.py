@@ -206,6 +206,30 @@ class Broker:
                 return reply[node]
         return None
 
+    def ask_each(self, nodes: list[str], command: str, timeout: float, **arguments: Any) -> dict[str, Any]:
+        """One control command to several nodes at once: node -> its reply, for those that replied within
+        `timeout` (returns as soon as every node replied)."""
+        if self._conn is None:
+            self.connect()
+        started = time.monotonic()
+        try:
+            replies = self._app.control.broadcast(
+                command, arguments=arguments, destination=nodes, reply=True, timeout=timeout, connection=self._conn
+            )
+        except Exception as exc:
+            raise self._fail(exc, started) from None
+        return {node: answer for reply in replies or [] for node, answer in reply.items() if node in nodes}
+
+    def tell(self, nodes: list[str], command: str, **arguments: Any) -> None:
+        """A control command without waiting for replies (each node's mailbox runs its commands in order)."""
+        if self._conn is None:
+            self.connect()
+        started = time.monotonic()
+        try:
+            self._app.control.broadcast(command, arguments=arguments, destination=nodes, connection=self._conn)
+        except Exception as exc:
+            raise self._fail(exc, started) from None
+
     def queue_depth(self, queue: str) -> int | None:
         """Messages waiting in `queue` (a passive declare: Redis counts with LLEN, RabbitMQ answers itself);
         None when the queue does not exist."""

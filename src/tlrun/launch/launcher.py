@@ -11,7 +11,6 @@ none of them.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -19,18 +18,18 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from tlrun import redact
 from tlrun.config import Settings
-from tlrun.errors import AppImportError, DuplicateNodeError, LockHeldError, StopError, WorkerStartError
-from tlrun.events import Exited, Notice, Ready, Reporter, StrayFound, WorkerOutput
-from tlrun.launch import checks, guard, logfiles, pid1, procs, signals, sweep, unitstop, verify
-from tlrun.launch.broker import Broker, check_reachable, resolve_broker
-from tlrun.launch.hold import Hold
+from tlrun.errors import AppImportError, StopError, WorkerStartError
+from tlrun.events import Exited, Notice, Reporter, StrayFound, WorkerOutput
+from tlrun.launch import checks, guard, logfiles, pid1, procs, sweep, unitstop, verify
+from tlrun.launch.broker import check_reachable, resolve_broker
+from tlrun.launch.locks import UnitLocks
 from tlrun.launch.outputs import Outputs
+from tlrun.launch.startup import Startup
 from tlrun.launch.steps import Step
 from tlrun.launch.supervise import Supervisor, requeue_margin
 from tlrun.launch.units import GONE, READY, STANDBY, STARTING, STOPPING, WAITING, BeatUnit, Unit, WorkerUnit
@@ -58,20 +57,7 @@ class LaunchOptions:
         return self.held or self.fast_stop or self.dev_poll
 
 
-def _stop_holder(holder: procs.Identity, report: Reporter, replaced: list[procs.Identity]) -> None:
-    """--replace: ask the launcher holding the lock for a graceful stop (it stops its own worker)."""
-    proc = signals.launcher_for(holder)
-    if proc is None:
-        raise LockHeldError(
-            f"the lock names pid {holder.pid}, which is gone, reused, or not a tlrun launcher: not stopping it",
-            hint="the real holder is still alive; find it with `tlrun ps`",
-        )
-    report(Notice(f"--replace: asking launcher pid {holder.pid} to stop"))
-    signals.send(proc, signal.SIGTERM)
-    replaced.append(holder)
-
-
-class Launcher:
+class Launcher(Startup):
     """One launcher's units, steps and children, from the first spawn to the last reap."""
 
     def __init__(
@@ -105,7 +91,7 @@ class Launcher:
         self.unit_stops = unitstop.Requests(settings.project_id)
         self._stopping = False  # the launcher's own stop (a signal) has been acted on
         self._woken: list[Step] = []
-        self._locks: dict[str, tuple[guard.ProjectLock, dict[str, Any]]] = {}
+        self.locks = UnitLocks(settings, report, self.hostname)
 
     @property
     def units(self) -> list[Unit]:
@@ -117,68 +103,16 @@ class Launcher:
     def beat_schedule_path(self) -> Path:
         return guard.runtime_dir(os.environ) / f"{self.s.project_id}.celerybeat-schedule"
 
-    # -- guard ---------------------------------------------------------------------------------------
-    def take_locks(self, stack: contextlib.ExitStack) -> None:
-        note = guard.check_env_guard(os.environ)
-        if note is not None:
-            self.report(Notice(note.message, "warning"))
-        base = {
-            "pid": os.getpid(),
-            "create_time": procs.Identity.of_self().create_time,
-            "app": self.s.app,
-            "project_root": str(self.s.project_root),
-            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "state": STARTING,
-        }
-        wanted = [(w.lock_kind, {"role": w.role.name, "node": w.node}, f"a {w.label}") for w in self.workers]
-        if self.beat is not None:
-            wanted.append(("beat", {}, "a beat"))
-        replaced: list[procs.Identity] = []
-        for kind, fields, noun in wanted:
-            what = f"{noun} of app {self.s.app} in {self.s.project_root}"
-            replace = (lambda holder: _stop_holder(holder, self.report, replaced)) if self.s.replace else None
-            wait = self.s.stop_grace + signals.KILL_WAIT + 5
-            lock = guard.acquire(guard.lock_path(self.s.project_id, kind, self.hostname), what, replace, wait=wait)
-            stack.enter_context(lock)
-            record = {**base, **fields}
-            lock.write(record)
-            self._locks[kind] = (lock, record)
-        # A replaced launcher lets go of its locks just before it exits: let it finish exiting.
-        deadline = time.monotonic() + signals.KILL_WAIT
-        while any(h.is_alive() for h in replaced) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        roles = None if self.s.role_filter is None else [r.name for r in self.s.roles]
-        what = f"{wanted[0][2] if wanted else 'a launcher'} of app {self.s.app} in {self.s.project_root}"
-        every = [r.lock_kind for r in self.s.all_roles] + ["beat"]
-        coordinated = {h.pid for _k, _r, h in guard.live_records(self.s.project_id, every)} - {os.getpid()}
-        guard.check_no_other_launcher(
-            self.s.project_root,
-            self.s.app,
-            roles if self.workers else [],
-            self.beat is not None,
-            self.s.beat,
-            what,
-            coordinated,
-        )
-
+    # -- guard: the units' locks and records (locks.py) --------------------------------------------
     def record(self, unit: Unit, **fields: Any) -> None:
         """Update the unit's lock record (what ps, health, doctor and stop read)."""
-        if unit.lock_kind in self._locks:
-            lock, record = self._locks[unit.lock_kind]
-            record.update(fields)
-            lock.write(record)
+        self.locks.record(unit.lock_kind, **fields)
 
     def set_state(self, unit: Unit, state: str, **fields: Any) -> None:
         unit.state = state
         if state in (GONE, WAITING, STANDBY):  # no process of its own now
             fields.setdefault("worker_pid" if isinstance(unit, WorkerUnit) else "beat_pid", None)
         self.record(unit, state=state, **fields)
-
-    def release_lock(self, unit: Unit) -> None:
-        """The unit is gone for good (stop --role): another launcher may start it now."""
-        held = self._locks.pop(unit.lock_kind, None)
-        if held is not None:
-            held[0].release()
 
     # -- validation and broker ---------------------------------------------------------------------
     def validate(self) -> None:
@@ -214,139 +148,6 @@ class Launcher:
         if result.survivors:
             raise StopError(f"stray process(es) survived SIGKILL: {', '.join(map(str, result.survivors))}")
 
-    # -- spawn and verify ----------------------------------------------------------------------------
-    def alive(self, child: str) -> bool:
-        return self.sup.running(child) and not self.sup.stop_requested
-
-    def stop_asked(self) -> bool:
-        return self.sup.stop_requested
-
-    def end_child(self, name: str, settle: float = 0.0) -> tuple[int | None, tuple[str, ...]]:
-        """End a child that never connected (a spare, a prepared worker): SIGKILL is safe, it holds nothing.
-        With `settle`, first give it that long to exit on its own (to print why its app did not import).
-        Returns its status and its last lines."""
-        deadline = time.monotonic() + settle
-        while self.sup.running(name) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        code = self.sup.kill(name) if self.sup.running(name) else self.sup.reap(name)
-        return code, self.outputs.detach(name)
-
-    def wait_ready(self, workers: Sequence[WorkerUnit], deadline: float) -> WorkerUnit | None:
-        """Ping each worker until it answers; the first that does not (exited, or out of time), else None."""
-        with Broker(self.broker_url) as broker:
-            for w in workers:
-                alive = functools.partial(self.sup.running, w.child)
-                if not verify.wait_ready(broker, w.node, deadline, alive, self.stop_asked):
-                    return w
-                self.outputs.release(w.child)
-                w.since = datetime.now().strftime("%H:%M:%S")
-                self.set_state(w, READY, node=w.node, worker_pid=self.sup.pid(w.child))
-        return None
-
-    def _spawn_and_wait(self, workers: list[WorkerUnit]) -> bool:
-        """Spawn the workers, then wait for each one's first pong; False when a stop was asked meanwhile.
-        A worker that never answers stops the others started with it and raises the error that explains it."""
-        holds = {w.child: Hold() for w in workers} if self.opts.held_workers else {}
-        for w in workers:
-            self.set_state(w, STARTING)
-            w.spawn(self, hold=holds.get(w.child))
-        if self.census is None:
-            # Right after the spawn, so that importing Celery overlaps the worker's own start-up. The new
-            # worker cannot answer it: it subscribes to its mailbox only after its own imports (> 0.3 s).
-            self.census = verify.Census(self.broker_url, self.s.ping_window).start()
-        deadline = time.monotonic() + self.s.ready_timeout
-        for w in workers:
-            hold = holds.get(w.child)
-            if hold is not None:
-                if hold.wait_prepared(deadline, functools.partial(self.alive, w.child)):
-                    w.poll_interval = hold.poll_interval
-                    hold.release()
-                else:
-                    hold.close()  # a worker not prepared in time ends unconnected; its failure is reported below
-            elif self.broker_url.startswith(("redis://", "rediss://")):
-                w.poll_interval = 1.0  # kombu's BRPOP timeout when the app sets none
-        failed = self.wait_ready(workers, deadline)
-        if self.sup.stop_requested:
-            return False
-        if failed is not None:
-            timed_out = self.sup.running(failed.child)
-            status = self.sup.stop(failed.child) if timed_out else self.sup.reap(failed.child)
-            tail = list(self.outputs.detach(failed.child))
-            others = [o.child for o in workers if o is not failed]
-            self.sup.stop_each(others)
-            for name in others:
-                self.outputs.detach(name)
-            raise checks.start_failure(self.s.app, self.s.ready_timeout, status, tail, timed_out)
-        return True
-
-    def start_workers(
-        self, workers: list[WorkerUnit], started: float, allow_rename: bool = True
-    ) -> verify.ReadyReport | None:
-        """Spawn and verify `workers`; the report covers every worker of this launcher. None: stop asked."""
-        if not self._spawn_and_wait(workers):
-            return None
-        census = self.census
-        assert census is not None
-        replies = self.census = census if isinstance(census, list) else census.result(self.stop_asked)
-        taken = [w for w in workers if w.node in replies] if allow_rename else []
-        if taken:
-            # A worker elsewhere already answers to our name: stop ours and come back under a unique one.
-            self.sup.stop_each([w.child for w in taken])
-            for w in taken:
-                self.outputs.detach(w.child)
-                old = w.node
-                new = w.rename(set(replies))
-                self.report(Notice(f"node name {old} already answers on the broker: restarting as {new}", "warning"))
-            if not self._spawn_and_wait(taken):
-                return None
-        for w in workers:
-            w.ready_seconds = round(time.monotonic() - started, 3)
-        ours = {w.node for w in self.workers}
-        others = [name for name in replies if name not in ours]
-        running = [w for w in self.workers if self.sup.running(w.child)]
-        local = procs.pids_by_node(procs.main_processes(procs.scan(("worker",))), self.s.app) if others else {}
-        return self.ready_report(running, time.monotonic() - started, replies, local)
-
-    def ready_report(
-        self,
-        workers: Sequence[WorkerUnit],
-        seconds: float,
-        replies: Sequence[str] = (),
-        local: dict[str, list[int]] | None = None,
-    ) -> verify.ReadyReport:
-        nodes = [
-            verify.ReadyNode(w.role.name, w.node, self.sup.pid(w.child) or 0, renamed_from=w.renamed_from)
-            for w in workers
-        ]
-        # Declared roles are counted each by its node names, unless --expected set one total.
-        per_role = [r for r in self.s.roles if r.declared]
-        if self.s.expected_workers != sum(r.expected for r in self.s.roles):
-            per_role = []
-        roles = [(r.name, r.owns_node, r.expected) for r in per_role]
-        return verify.build_report(nodes, seconds, replies, self.s.expected_workers, local or {}, roles)
-
-    def verdict(self, ready: verify.ReadyReport) -> None:
-        for node in ready.duplicated:
-            raise DuplicateNodeError(f"{node.replies} workers answer as {node.node}: node names must be unique")
-        self.report(Ready(ready))
-        if self.s.strict and not ready.as_expected:
-            if ready.roles:
-                wrong = "; ".join(
-                    f"role {r.role}: {r.answering} answer, expected {r.expected}" for r in ready.miscounted
-                )
-                raise DuplicateNodeError(f"--strict: {wrong}")
-            raise DuplicateNodeError(f"--strict: {ready.answering} workers answer, expected {self.s.expected_workers}")
-
-    def restart_worker(self, w: WorkerUnit) -> None:
-        """Start a worker of this launcher again (a restart step): guard, sweep, spawn and verify as at first."""
-        note = guard.check_env_guard(os.environ)  # the lock is still ours; the guard is checked again
-        if note is not None:
-            self.report(Notice(note.message, "warning"))
-        self.sweep([w])
-        ready = self.start_workers([w], time.monotonic(), allow_rename=False)
-        if ready is not None:
-            self.report(Ready(ready))
-
     # -- beat ----------------------------------------------------------------------------------------
     def start_beat(self) -> None:
         assert self.beat is not None
@@ -365,28 +166,29 @@ class Launcher:
     def stop_units(
         self, units: Sequence[Unit], why: str, then: Callable[[Unit], None] | None = None, announce: bool = False
     ) -> None:
-        """Stop units, each the fastest safe way and all at once: an idle worker drained through the broker
-        and killed (with fast stop; the drains run in parallel), anything else with the warm ladder, whose
-        end the supervise loop sees. `then(unit)` runs once the unit's process is gone."""
+        """Stop units, each the fastest safe way and all at once: idle workers drained together through the
+        broker and killed (with fast stop), anything else with the warm ladder, whose end the supervise loop
+        sees. `then(unit)` runs once the unit's process is gone."""
         running = [u for u in units if self.sup.running(u.child)]
         for u in units:
             if u not in running:
                 self._stopped(u, None, then)
-        drained = unitstop.drain_all(self, [u for u in running if isinstance(u, WorkerUnit)])
-        warm = []
         for u in running:
             u.state, u.stop_began, u.announce_exit, u.after_stop = STOPPING, time.monotonic(), announce, then
-            result = drained.get(u.child)
-            if result is not None and result.ok:
-                self.sup.kill(u.child)
-                self.outputs.detach(u.child)
-                self.report(Notice(f"{why}: {u.node} was idle: drained and stopped in {result.seconds:.2f} s"))
-                self._stopped(u, 0)
-                continue
-            if result is not None:
-                self.report(Notice(f"{why}: {u.node} gets the warm stop ladder ({result.why})"))
-            warm.append(u.child)
-        self.sup.begin_stop(warm)
+        workers = [u for u in running if isinstance(u, WorkerUnit)]
+        self.sup.begin_stop([u.child for u in running if u not in workers])  # beat: at once, not after drains
+        drained = unitstop.drain_all(self, workers)
+        idle = [u for u in workers if u.child in drained and drained[u.child].ok]
+        self.sup.kill_each([u.child for u in idle])  # they hold nothing: every group at once, then each reaped
+        for u in idle:
+            self.outputs.detach(u.child)
+            self.report(Notice(f"{why}: {u.node} was idle: drained and stopped in {drained[u.child].seconds:.2f} s"))
+            self._stopped(u, 0)
+        warm = [u for u in workers if u not in idle]
+        for u in warm:
+            if u.child in drained:
+                self.report(Notice(f"{why}: {u.node} gets the warm stop ladder ({drained[u.child].why})"))
+        self.sup.begin_stop([u.child for u in warm])
 
     def _stopped(self, unit: Unit, status: int | None, then: Callable[[Unit], None] | None = None) -> None:
         """A unit's process is gone after a stop was asked (of it, or of the launcher)."""
@@ -411,7 +213,7 @@ class Launcher:
         units += [w for w in self.workers if w.alive and w.role.name in names and w not in units]
 
         def done(unit: Unit) -> None:
-            self.release_lock(unit)
+            self.locks.release(unit.lock_kind)
             self.report(Notice(f"stop: the {unit.label} {unit.node} stopped on request; the other units run on"))
 
         if units:
@@ -512,7 +314,7 @@ def run(
         # Validate, guard, prepare, sweep: nothing is stopped before everything that can fail was checked. A
         # stop asked for meanwhile ends the launch before anything is spawned.
         launcher.validate()
-        launcher.take_locks(stack)
+        launcher.locks.take(stack, launcher.units)
         stack.enter_context(launcher.unit_stops.listen())
         for unit in launcher.units:
             launcher.record(unit, unit_stop=True)  # `tlrun stop --role` may ask for this unit alone

@@ -272,6 +272,13 @@ class Supervisor:
         signals.kill_child_group(child.popen)
         return self._finish_stop(child)
 
+    def kill_each(self, names: list[str]) -> dict[str, int]:
+        """SIGKILL several children's groups at once, then reap each (drained workers of several roles)."""
+        children = [self._children[n] for n in names if n in self._children]
+        for child in children:
+            signals.kill_child_group(child.popen)
+        return {child.name: self._finish_stop(child) for child in children}
+
     def rename(self, old: str, new: str) -> None:
         """A prepared worker takes the name of the one it replaces."""
         child = self._children.pop(old)

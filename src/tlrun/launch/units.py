@@ -24,6 +24,7 @@ from tlrun.launch.hold import Hold
 
 if TYPE_CHECKING:
     from tlrun.launch.launcher import Launcher
+    from tlrun.launch.startup import Startup
 
 STARTING = "starting"
 READY = "ready"
@@ -83,7 +84,7 @@ class WorkerUnit(Unit):
         return self.node
 
     def spawn(
-        self, launcher: Launcher, name: str | None = None, hold: Hold | None = None, announce: bool = True
+        self, launcher: Startup, name: str | None = None, hold: Hold | None = None, announce: bool = True
     ) -> subprocess.Popen[bytes]:
         """Start this role's worker as child `name` (default: the unit's own). With a hold it imports the new
         code and waits to be released (entry.py); its output is held until its banner shows."""

@@ -1,0 +1,176 @@
+"""Steps 3 and 4 of the launch path for a launcher's workers: spawn (held until their code imported, where
+asked), then verify: each answers a ping, and a census of raw replies counts every worker on the broker.
+A mixin of `Launcher`: the reload and restart steps use these too."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from tlrun.config import Settings
+from tlrun.errors import DuplicateNodeError
+from tlrun.events import Notice, Ready, Reporter
+from tlrun.launch import checks, guard, procs, verify
+from tlrun.launch.broker import Broker
+from tlrun.launch.hold import Hold
+from tlrun.launch.outputs import Outputs
+from tlrun.launch.supervise import Supervisor
+from tlrun.launch.units import READY, STARTING, Unit, WorkerUnit
+
+if TYPE_CHECKING:
+    from tlrun.launch.launcher import LaunchOptions
+    from tlrun.launch.units import BeatUnit
+
+
+class Startup:
+    s: Settings
+    report: Reporter
+    sup: Supervisor
+    opts: LaunchOptions
+    outputs: Outputs
+    broker_url: str
+    workers: list[WorkerUnit]
+    beat: BeatUnit | None
+    census: list[str] | verify.Census[list[str]] | None
+
+    def set_state(self, unit: Unit, state: str, **fields: object) -> None:
+        raise NotImplementedError
+
+    def sweep(self, units: Sequence[Unit]) -> None:
+        raise NotImplementedError
+
+    def alive(self, child: str) -> bool:
+        return self.sup.running(child) and not self.sup.stop_requested
+
+    def stop_asked(self) -> bool:
+        return self.sup.stop_requested
+
+    def end_child(self, name: str, settle: float = 0.0) -> tuple[int | None, tuple[str, ...]]:
+        """End a child that never connected (a spare, a prepared worker): SIGKILL is safe, it holds nothing.
+        With `settle`, first give it that long to exit on its own (to print why its app did not import).
+        Returns its status and its last lines."""
+        deadline = time.monotonic() + settle
+        while self.sup.running(name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        code = self.sup.kill(name) if self.sup.running(name) else self.sup.reap(name)
+        return code, self.outputs.detach(name)
+
+    def wait_ready(self, workers: Sequence[WorkerUnit], deadline: float) -> WorkerUnit | None:
+        """Ping each worker until it answers; the first that does not (exited, or out of time), else None."""
+        with Broker(self.broker_url) as broker:
+            for w in workers:
+                alive = functools.partial(self.sup.running, w.child)
+                if not verify.wait_ready(broker, w.node, deadline, alive, self.stop_asked):
+                    return w
+                self.outputs.release(w.child)
+                w.since = datetime.now().strftime("%H:%M:%S")
+                self.set_state(w, READY, node=w.node, worker_pid=self.sup.pid(w.child))
+        return None
+
+    def _spawn_and_wait(self, workers: list[WorkerUnit]) -> bool:
+        """Spawn the workers, then wait for each one's first pong; False when a stop was asked meanwhile.
+        A worker that never answers stops the others started with it and raises the error that explains it."""
+        holds = {w.child: Hold() for w in workers} if self.opts.held_workers else {}
+        for w in workers:
+            self.set_state(w, STARTING)
+            w.spawn(self, hold=holds.get(w.child))
+        if self.census is None:
+            # Right after the spawn, so that importing Celery overlaps the worker's own start-up. The new
+            # worker cannot answer it: it subscribes to its mailbox only after its own imports (> 0.3 s).
+            self.census = verify.Census(self.broker_url, self.s.ping_window).start()
+        deadline = time.monotonic() + self.s.ready_timeout
+        for w in workers:
+            hold = holds.get(w.child)
+            if hold is not None:
+                if hold.wait_prepared(deadline, functools.partial(self.alive, w.child)):
+                    w.poll_interval = hold.poll_interval
+                    hold.release()
+                else:
+                    hold.close()  # a worker not prepared in time ends unconnected; its failure is reported below
+            elif self.broker_url.startswith(("redis://", "rediss://")):
+                w.poll_interval = 1.0  # kombu's BRPOP timeout when the app sets none
+        failed = self.wait_ready(workers, deadline)
+        if self.sup.stop_requested:
+            return False
+        if failed is not None:
+            timed_out = self.sup.running(failed.child)
+            status = self.sup.stop(failed.child) if timed_out else self.sup.reap(failed.child)
+            tail = list(self.outputs.detach(failed.child))
+            others = [o.child for o in workers if o is not failed]
+            self.sup.stop_each(others)
+            for name in others:
+                self.outputs.detach(name)
+            raise checks.start_failure(self.s.app, self.s.ready_timeout, status, tail, timed_out)
+        return True
+
+    def start_workers(
+        self, workers: list[WorkerUnit], started: float, allow_rename: bool = True
+    ) -> verify.ReadyReport | None:
+        """Spawn and verify `workers`; the report covers every worker of this launcher. None: stop asked."""
+        if not self._spawn_and_wait(workers):
+            return None
+        census = self.census
+        assert census is not None
+        replies = self.census = census if isinstance(census, list) else census.result(self.stop_asked)
+        taken = [w for w in workers if w.node in replies] if allow_rename else []
+        if taken:
+            # A worker elsewhere already answers to our name: stop ours and come back under a unique one.
+            self.sup.stop_each([w.child for w in taken])
+            for w in taken:
+                self.outputs.detach(w.child)
+                old = w.node
+                new = w.rename(set(replies))
+                self.report(Notice(f"node name {old} already answers on the broker: restarting as {new}", "warning"))
+            if not self._spawn_and_wait(taken):
+                return None
+        for w in workers:
+            w.ready_seconds = round(time.monotonic() - started, 3)
+        ours = {w.node for w in self.workers}
+        others = [name for name in replies if name not in ours]
+        running = [w for w in self.workers if self.sup.running(w.child)]
+        local = procs.pids_by_node(procs.main_processes(procs.scan(("worker",))), self.s.app) if others else {}
+        return self.ready_report(running, time.monotonic() - started, replies, local)
+
+    def ready_report(
+        self,
+        workers: Sequence[WorkerUnit],
+        seconds: float,
+        replies: Sequence[str] = (),
+        local: dict[str, list[int]] | None = None,
+    ) -> verify.ReadyReport:
+        nodes = [
+            verify.ReadyNode(w.role.name, w.node, self.sup.pid(w.child) or 0, renamed_from=w.renamed_from)
+            for w in workers
+        ]
+        # Declared roles are counted each by its node names, unless --expected set one total.
+        per_role = [r for r in self.s.roles if r.declared]
+        if self.s.expected_workers != sum(r.expected for r in self.s.roles):
+            per_role = []
+        roles = [(r.name, r.owns_node, r.expected) for r in per_role]
+        return verify.build_report(nodes, seconds, replies, self.s.expected_workers, local or {}, roles)
+
+    def verdict(self, ready: verify.ReadyReport) -> None:
+        for node in ready.duplicated:
+            raise DuplicateNodeError(f"{node.replies} workers answer as {node.node}: node names must be unique")
+        self.report(Ready(ready))
+        if self.s.strict and not ready.as_expected:
+            if ready.roles:
+                wrong = "; ".join(
+                    f"role {r.role}: {r.answering} answer, expected {r.expected}" for r in ready.miscounted
+                )
+                raise DuplicateNodeError(f"--strict: {wrong}")
+            raise DuplicateNodeError(f"--strict: {ready.answering} workers answer, expected {self.s.expected_workers}")
+
+    def restart_worker(self, w: WorkerUnit) -> None:
+        """Start a worker of this launcher again (a restart step): guard, sweep, spawn and verify as at first."""
+        note = guard.check_env_guard(os.environ)  # the lock is still ours; the guard is checked again
+        if note is not None:
+            self.report(Notice(note.message, "warning"))
+        self.sweep([w])
+        ready = self.start_workers([w], time.monotonic(), allow_rename=False)
+        if ready is not None:
+            self.report(Ready(ready))
