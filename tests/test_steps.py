@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tlrun.config import Role, WorkerOptions
-from tlrun.launch import guard, procs, unitstop
+from tlrun.launch import guard, launchers, procs, unitstop
 from tlrun.launch.verify import ReadyNode, build_report
 from tlrun.render import verdict
 
@@ -35,9 +35,9 @@ def test_each_declared_role_is_counted_by_its_own_node_names() -> None:
     assert total.as_expected and total.roles == ()
 
 
-def _cmd(command: str, beat: bool | None = None, role: str | None = None) -> procs.Launcher:
+def _cmd(command: str, beat: bool | None = None, role: str | None = None) -> launchers.Launcher:
     identity = procs.Identity(os.getpid(), 0.0)
-    return procs.Launcher(identity, procs.LauncherCommand(command, "app", None, role, beat), "/p")
+    return launchers.Launcher(identity, launchers.LauncherCommand(command, "app", None, role, beat), "/p")
 
 
 def test_tlrun_worker_runs_beat_only_when_given_beat() -> None:

@@ -3,7 +3,7 @@
 The lock is an flock on a file in the user's lock directory (derived from the user, not the environment).
 The kernel drops it when the holder dies, so there is never a stale lock to clean by hand; the JSON inside
 only says who holds it. A second, independent check (no live launcher of the project and role in the
-process table) runs before anything is spawned: see `procs.find_launchers`.
+process table) runs before anything is spawned: see `launchers.find_launchers`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import psutil
 
 from tlrun.config import ENV_GUARD
 from tlrun.errors import LockHeldError, NestedLaunchError, TlrunError, UnsafeStateError
-from tlrun.launch.procs import Identity, Launcher, find_launchers
+from tlrun.launch.launchers import Launcher, find_launchers
+from tlrun.launch.procs import Identity
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import psutil
 
 from tlrun.config import Settings
 from tlrun.errors import BrokerError, ConfigError, TlrunError
-from tlrun.launch import guard, procs, signals, sweep, unitstop
+from tlrun.launch import guard, launchers, procs, signals, sweep, unitstop
 from tlrun.launch.broker import Broker, resolve_broker_url
 from tlrun.launch.units import WAITING
 from tlrun.ops import inventory
@@ -59,7 +59,7 @@ def _project_launchers(settings: Settings) -> list[psutil.Process]:
             if named is not None:
                 identities.add(named)
     roles = None if settings.role_filter is None else [r.name for r in settings.roles]
-    running = procs.find_launchers(settings.project_root)
+    running = launchers.find_launchers(settings.project_root)
     identities.update(
         launcher.identity
         for launcher in guard.competing_launchers(running, settings.app, roles, roles is None, settings.beat)

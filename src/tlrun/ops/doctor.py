@@ -14,46 +14,31 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from tlrun.cluster.lease import Holder, backend_for, lease_name
-from tlrun.config import ENV_GUARD, Settings
+from tlrun.config import Settings
 from tlrun.errors import (
     DOCTOR_WARNINGS_EXIT_CODE,
     NOT_CONSUMING_EXIT_CODE,
     AppImportError,
     BrokerError,
     DuplicateNodeError,
-    TlrunError,
 )
-from tlrun.launch import guard, procs, verify
+from tlrun.launch import procs, verify
 from tlrun.launch.broker import Broker, load_app, resolve_broker_url
-from tlrun.launch.procs import Identity
-from tlrun.launch.units import WAITING
 from tlrun.ops import consuming, inventory
+from tlrun.ops.findings import (
+    Finding,
+    NodeView,
+    config_findings,
+    lease_findings,
+    role_findings,
+    state_findings,
+)
 from tlrun.ops.inventory import STANDBY
 from tlrun.redact import redact_url
 
 SCHEMA_VERSION = 3  # 3: local kind `leftover`, `beat_lease`, findings BEAT_LEASE, BEAT_WITHOUT_LEASE, NOT_CONSUMING
-RECOMMENDED = "see README: Recommended Celery settings"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-@dataclass(frozen=True)
-class Finding:
-    code: str  # stable identifier, e.g. DUPLICATE_NODE
-    severity: str  # "error" | "warning" | "info"
-    message: str
-    fix: str | None = None
-
-
-@dataclass(frozen=True)
-class NodeView:
-    name: str
-    replies: int
-    host: str
-    this_host: bool
-    local_pids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -115,200 +100,6 @@ def node_views(replies: list[str], local: list[inventory.LocalProcess], hostname
         host = name.split("@", 1)[1] if "@" in name else ""
         views.append(NodeView(name, n, host, host == hostname, tuple(sorted(local_by_node.get(name, ())))))
     return views
-
-
-def config_findings(conf: Any, broker_url: str, running_as_root: bool) -> list[Finding]:
-    """Settings that lose or repeat tasks. `conf` is a Celery app's conf (or any mapping-like object)."""
-    found = []
-
-    def get(key: str, default: Any = None) -> Any:
-        try:
-            return conf.get(key, default)
-        except Exception:
-            return default
-
-    if not get("task_acks_late"):
-        found.append(
-            Finding(
-                "ACKS_EARLY",
-                "warning",
-                "task_acks_late is off: a task running when its worker dies is lost",
-                RECOMMENDED,
-            )
-        )
-    prefetch = get("worker_prefetch_multiplier", 4)
-    if isinstance(prefetch, int) and prefetch > 1:
-        found.append(
-            Finding(
-                "PREFETCH",
-                "warning",
-                f"worker_prefetch_multiplier is {prefetch}: with long tasks, messages wait behind a busy "
-                "worker and come back late when it dies",
-                RECOMMENDED,
-            )
-        )
-    accept = get("accept_content") or ["json"]
-    if "pickle" in accept or "application/x-python-serialize" in accept:
-        found.append(
-            Finding(
-                "PICKLE",
-                "warning",
-                "accept_content allows pickle: a message on the broker can run arbitrary code",
-                'accept_content=["json"]',
-            )
-        )
-    time_limit = get("task_time_limit")
-    if not time_limit:
-        found.append(
-            Finding(
-                "NO_TIME_LIMIT", "info", "no task_time_limit: a stuck task holds its worker slot forever", RECOMMENDED
-            )
-        )
-    parts = urlsplit(broker_url)
-    if parts.scheme in ("redis", "rediss"):
-        options = get("broker_transport_options") or {}
-        visibility = options.get("visibility_timeout") if isinstance(options, dict) else None
-        if visibility is None:
-            found.append(
-                Finding(
-                    "VISIBILITY_DEFAULT",
-                    "warning",
-                    "Redis visibility_timeout is left at its default (1 h): an unacked task of a killed "
-                    "worker comes back only after an hour",
-                    RECOMMENDED,
-                )
-            )
-        elif time_limit and visibility < time_limit:
-            found.append(
-                Finding(
-                    "VISIBILITY_SHORT",
-                    "warning",
-                    f"Redis visibility_timeout ({visibility} s) is shorter than task_time_limit "
-                    f"({time_limit} s): long tasks are delivered twice",
-                    RECOMMENDED,
-                )
-            )
-        if not parts.password and parts.hostname not in LOOPBACK:
-            found.append(
-                Finding(
-                    "REDIS_NO_PASSWORD",
-                    "warning",
-                    f"the Redis broker on {parts.hostname} has no password",
-                    "set requirepass and put the password in CELERY_BROKER_URL",
-                )
-            )
-    if running_as_root:
-        # C_FORCE_ROOT is Celery's own "yes, I mean it": then this is a note, not a warning.
-        forced = bool(os.environ.get("C_FORCE_ROOT"))
-        found.append(
-            Finding(
-                "RUNNING_AS_ROOT",
-                "info" if forced else "warning",
-                "workers run as root: a task can do anything to this machine"
-                + (" (C_FORCE_ROOT is set)" if forced else ""),
-                "run workers as an unprivileged user",
-            )
-        )
-    return found
-
-
-def role_findings(settings: Settings, nodes: list[NodeView], queues: list[tuple[str, list[str]]]) -> list[Finding]:
-    """The configured roles against what answers: a missing role, a role with the wrong count, and workers
-    that consume queues no role declares."""
-    found = []
-    live = guard.live_records(settings.project_id, [r.lock_kind for r in settings.all_roles])
-    held = {kind: (record, holder) for kind, record, holder in live}
-    for role in settings.all_roles:
-        record, holder = held.get(role.lock_kind, ({}, None))
-        # A debug-mode worker serves every role it consumes under its own name: its records say which.
-        serving = str(record.get("node") or "") if record.get("in_process") else ""
-        count = sum(n.replies for n in nodes if role.owns_node(n.name) or n.name == serving)
-        if count == 0:
-            waits = f": tasks on {', '.join(sorted(role.queue_set or []))} wait"
-            if holder is None:
-                advice = f"tlrun worker --role {role.name} (or tlrun dev)"
-                why = "no worker of role"
-            elif record.get("state") == WAITING:
-                # Never advise a start the running launcher would refuse (it holds the role's lock).
-                advice = f"fix the import error its log shows and save (or `tlrun stop --role {role.name}`)"
-                why = f"launcher pid {holder.pid} waits for a good save: no worker of role"
-            else:
-                advice = f"wait for it, or `tlrun stop --role {role.name}` and start it again"
-                state = record.get("state", "starting")
-                why = f"launcher pid {holder.pid} holds role {role.name} ({state}), but no worker of role"
-            found.append(Finding("ROLE_MISSING", "error", f"{why} {role.name} answers{waits}", advice))
-        elif count != role.expected:
-            found.append(
-                Finding(
-                    "ROLE_COUNT",
-                    "warning",
-                    f"{count} workers of role {role.name} answer, expected {role.expected}",
-                    f"set expected = {count} under [tool.tlrun.workers.{role.name}], or stop the extra ones",
-                )
-            )
-    declared: set[str] = set()
-    for role in settings.all_roles:
-        declared |= role.queue_set or set()
-    for node, consumed in queues:
-        extra = sorted(set(consumed) - declared)
-        if extra:
-            found.append(
-                Finding(
-                    "UNDECLARED_QUEUES",
-                    "warning",
-                    f"{node} consumes {', '.join(extra)}, which no role of the project file declares",
-                    "declare the queue under a role in [tool.tlrun.workers], or stop that worker",
-                )
-            )
-    return found
-
-
-def _state_findings(settings: Settings) -> list[Finding]:
-    found = []
-    raw = os.environ.get(ENV_GUARD)
-    if raw:
-        launcher = Identity.decode(raw)
-        alive = launcher is not None and launcher.is_alive()
-        found.append(
-            Finding(
-                "GUARD_IN_ENVIRONMENT",
-                "warning",
-                f"{ENV_GUARD} is set in this shell ({'its launcher is alive' if alive else 'stale'}): "
-                "it leaked from a worker's environment",
-                f"unset {ENV_GUARD}",
-            )
-        )
-    for kind in [r.lock_kind for r in settings.all_roles] + ["beat"]:
-        # Read, never lock: a probe holding the lock, even briefly, would make a launch starting then fail.
-        try:
-            record = guard.read_record(guard.lock_path(settings.project_id, kind))
-        except TlrunError:  # an unsafe lock directory: the launch path reports it
-            return found
-        holder = guard.holder_identity(record)
-        if record and holder is not None and not holder.is_alive():
-            found.append(
-                Finding(
-                    "STALE_LOCK",
-                    "info",
-                    f"the {kind} lock names pid {record.get('pid')}, which died without releasing it; "
-                    "the kernel already did (harmless: the next launch takes it)",
-                    None,
-                )
-            )
-    launchers = procs.find_launchers(settings.project_root)
-    for role in settings.all_roles:
-        mine = guard.competing_launchers(launchers, settings.app, [role.name], False, settings.beat)
-        if len(mine) > 1:
-            found.append(
-                Finding(
-                    "TWO_LAUNCHERS",
-                    "error",
-                    f"{len(mine)} tlrun launchers run the {role.name} role of this project on this host "
-                    f"(pids {', '.join(str(m.identity.pid) for m in mine)}): each starts its own worker",
-                    "tlrun stop, then start one launcher",
-                )
-            )
-    return found
 
 
 def _connect_time(url: str) -> float | None:
@@ -461,7 +252,7 @@ def diagnose(settings: Settings) -> DoctorReport:
                     f"kill -CONT {proc.pid}, or tlrun stop",
                 )
             )
-    findings.extend(_state_findings(settings))
+    findings.extend(state_findings(settings))
     if app is not None:
         # Root matters only for workers that run: they get tlrun's user.
         workers_here = any(p.kind == "worker" for p in local)
@@ -514,30 +305,6 @@ class _LeaseProbe:
     def result(self) -> Holder | None:
         self._thread.join(5.0)
         return self._holder
-
-
-def lease_findings(holder: Holder | None, local: list[inventory.LocalProcess], hostname: str) -> list[Finding]:
-    """The lease's holder (info), and every beat of this project running here without it (error: a beat
-    started by hand, or by a launcher from before the lease; with the holder's beat, ticks run twice)."""
-    found = []
-    if holder is not None:
-        found.append(Finding("BEAT_LEASE", "info", f"the beat lease is held by {holder.describe()}", None))
-    for proc in local:
-        if not proc.project or proc.kind != "beat" or proc.state == STANDBY:
-            continue
-        ours = holder is not None and holder.host == hostname and proc.launcher_pid == holder.pid
-        if not ours:
-            by = f"held by {holder.describe()}" if holder is not None else "held by nobody"
-            found.append(
-                Finding(
-                    "BEAT_WITHOUT_LEASE",
-                    "error",
-                    f"beat pid {proc.pid} runs here without the cluster's beat lease ({by}): with the lease "
-                    "holder's beat, every periodic task runs twice",
-                    "stop it and run beat with tlrun beat (one per cluster)",
-                )
-            )
-    return found
 
 
 def _failed(

@@ -1,0 +1,9 @@
+"""The command line: `tlrun.cli:main`. The group and shared options are in base.py; each command module
+registers its commands on the group when imported."""
+
+from __future__ import annotations
+
+from tlrun.cli import launching, operating, setup  # noqa: F401  # register the commands
+from tlrun.cli.base import cli, main
+
+__all__ = ["cli", "main"]

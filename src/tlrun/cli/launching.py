@@ -1,0 +1,217 @@
+"""The commands that run units: worker, dev, beat (each a composition in tlrun/compose.py)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from tlrun.cli.base import (
+    INIT_OPTION,
+    Seconds,
+    _settings,
+    cli,
+    handle_errors,
+    project_options,
+    worker_options,
+)
+
+
+def _launch(command: str, params: dict[str, Any], ping_window_default: float = 1.0, **opts: Any) -> None:
+    """Load the settings, run the command's composition of the launch path, exit with its status."""
+    from tlrun import compose
+    from tlrun.render import ConsoleRenderer
+
+    settings = _settings(params, ping_window_default)
+    if command == "dev" and opts.get("beat") is None:  # dev without --beat/--no-beat: the project file's `beat`
+        opts["beat"] = settings.beat
+    sys.exit(getattr(compose, command)(settings, ConsoleRenderer(), **opts))
+
+
+@cli.command()
+@project_options
+@worker_options
+@click.option("--restart", is_flag=True, help="Restart the worker when it crashes, with exponential backoff.")
+@click.option(
+    "--fast-stop",
+    is_flag=True,
+    help="Stop an idle worker by draining it through the broker, then killing it (skips worker_shutdown hooks).",
+)
+@click.option(
+    "--restart-delay",
+    type=Seconds(min=0),
+    default=1.0,
+    show_default=True,
+    help="First backoff delay, seconds.",
+)
+@click.option(
+    "--restart-max-delay",
+    type=Seconds(min=0),
+    default=60.0,
+    show_default=True,
+    help="Longest backoff delay, seconds.",
+)
+@click.option(
+    "--give-up-crashes",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Give up after this many crashes ...",
+)
+@click.option(
+    "--give-up-window",
+    type=Seconds(min=1),
+    default=300.0,
+    show_default=True,
+    help="... within this many seconds.",
+)
+@click.option(
+    "--max-restarts",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Give up after this many restarts in total (0: no limit).",
+)
+@click.option(
+    "--beat",
+    "with_beat",
+    is_flag=True,
+    help="Also run beat under this launcher (never implied: the project file's `beat` is for dev and export).",
+)
+@INIT_OPTION
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=1, max=65535),
+    help="Serve Prometheus metrics on this port (/metrics): celery-exporter's names plus tlrun's own.",
+)
+@click.option(
+    "--metrics-addr",
+    default="0.0.0.0",
+    show_default=True,
+    help="Address the metrics endpoint listens on (127.0.0.1: this host only).",
+)
+@handle_errors
+def worker(
+    with_beat: bool,
+    metrics_port: int | None,
+    metrics_addr: str,
+    init_mode: bool,
+    fast_stop: bool,
+    restart: bool,
+    restart_delay: float,
+    restart_max_delay: float,
+    give_up_crashes: int,
+    give_up_window: float,
+    max_restarts: int,
+    **params: Any,
+) -> None:
+    """Run supervised workers, one per role: guard, sweep strays, spawn, verify, supervise.
+
+    With a project file that declares roles ([tool.tlrun.workers.NAME]), every role runs under this
+    launcher unless --role NAME picks one (production: one service per role).
+
+    Anything after `--` is passed to `celery worker` verbatim, e.g.
+
+        tlrun worker -A proj.celery --concurrency=2 -- --without-heartbeat
+
+    With --restart, a worker that exits abnormally is started again (guard, sweep, spawn, verify) after a
+    delay that doubles with each crash, plus up to 25 % jitter; a clean exit or a stop request is never
+    restarted. Exit 16 when the give-up rule or --max-restarts ends it.
+
+    Beat runs here only with --beat: production runs it as a service of its own (`tlrun beat`, as
+    `tlrun export` writes it), so that one worker service per role never races for the beat.
+    """
+    from tlrun.deploy.restart import RestartSettings
+
+    policy = None
+    if restart:
+        policy = RestartSettings(restart_delay, restart_max_delay, give_up_crashes, give_up_window, max_restarts)
+    _launch(
+        "worker",
+        params,
+        beat=with_beat,
+        restart=policy,
+        fast_stop=fast_stop,
+        init=init_mode,
+        metrics_port=metrics_port,
+        metrics_addr=metrics_addr,
+    )
+
+
+@cli.command()
+@project_options
+@worker_options
+@click.option(
+    "--debug",
+    is_flag=True,
+    default=None,
+    help="Run the worker in this process (solo pool), for an IDE's debugger. Also DEBUG_MODE=1.",
+)
+@click.option("--reload", is_flag=True, help="Restart the worker when the project's Python files change.")
+@click.option(
+    "--beat/--no-beat",
+    default=None,
+    help="Also run Celery beat, as a supervised child (default: the project file's `beat`).",
+)
+@click.option("--no-broker", is_flag=True, help="Never start a private redis-server.")
+@click.option("--chatter", is_flag=True, help="Keep Celery's mingle and gossip (off in dev for a faster start).")
+@click.option(
+    "--fast-stop/--no-fast-stop",
+    default=True,
+    show_default=True,
+    help="Stop (and reload) an idle worker by draining it through the broker, then killing it.",
+)
+@handle_errors
+def dev(
+    debug: bool | None,
+    reload: bool,
+    beat: bool | None,
+    no_broker: bool,
+    chatter: bool,
+    fast_stop: bool,
+    **params: Any,
+) -> None:
+    """The daily launcher: every role of the project (and beat) with development defaults.
+
+    Faster start (no mingle, no gossip), readable coloured output, a private redis-server when no broker
+    answers at a local Redis URL, and optional --debug, --reload and --beat.
+
+        tlrun dev -A examples.app --reload --beat
+    """
+    import os
+
+    from tlrun.config import dev_extra
+
+    if debug is None:
+        debug = os.environ.get("DEBUG_MODE", "").lower() in ("1", "true", "yes", "on")
+    if debug and reload:
+        raise click.UsageError("--debug and --reload do not go together: the debugger owns the process")
+    params["extra"] = dev_extra(params.get("extra") or (), chatter)
+    # One developer, a local broker: replies come within milliseconds, so a half-second census will do.
+    _launch(
+        "dev",
+        params,
+        0.5,
+        reload=reload,
+        beat=beat,
+        managed_broker=not no_broker,
+        debug=bool(debug),
+        fast_stop=fast_stop and not debug,
+    )
+
+
+@cli.command()
+@project_options
+@click.option("--replace", is_flag=True, default=None, help="Stop this project's beat launcher and take over.")
+@click.option(
+    "-l", "--loglevel", type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False)
+)
+@INIT_OPTION
+@handle_errors
+def beat(init_mode: bool, **params: Any) -> None:
+    """Run Celery beat alone, supervised, one per project (two beats run every periodic task twice).
+
+    The schedule file lives in tlrun's state directory, not in the project.
+    """
+    _launch("beat", params, init=init_mode)

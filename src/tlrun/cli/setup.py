@@ -1,0 +1,111 @@
+"""Setting a project up: init, ide, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tlrun.cli.base import (
+    ROLE_OPTION,
+    _settings,
+    cli,
+    handle_errors,
+    project_options,
+)
+
+
+@cli.command()
+@click.option("-A", "--app", help="Celery app (default: found in the project, as every command finds it).")
+@click.option(
+    "--project-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Project root (default: the current directory).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing [tool.tlrun] table.")
+@handle_errors
+def init(app: str | None, project_dir: Path | None, force: bool) -> None:
+    """Write [tool.tlrun] into pyproject.toml: the app, and one worker role per queue the app routes to.
+
+    Other tables and comments are kept. Creates .env from .env.example when there is none. Afterwards
+    `tlrun dev`, `tlrun ps`, `tlrun stop` and `tlrun doctor` need no arguments.
+    """
+    from tlrun.project.init import init_project
+
+    root = (project_dir or Path.cwd()).resolve()
+    result = init_project(root, app, force)
+    if result.found:
+        click.echo(f"tlrun: using app {result.app} ({result.found})")
+    if result.note:
+        click.echo(f"tlrun: warning: {result.note}", err=True)
+    roles = ", ".join(f"{name} ({', '.join(queues)})" for name, queues in result.roles)
+    verb = "created" if result.created else "wrote [tool.tlrun] into"
+    click.echo(f"tlrun: {verb} {result.pyproject}: app {result.app}, beat {str(result.beat).lower()}, roles {roles}")
+    if result.dotenv is not None:
+        click.echo(f"tlrun: created {result.dotenv} from .env.example")
+
+
+@cli.command()
+@click.argument("editor", type=click.Choice(["pycharm", "vscode"]))
+@project_options
+@click.option("--force", is_flag=True, help="Overwrite configurations you have edited.")
+@handle_errors
+def ide(editor: str, force: bool, **params: Any) -> None:
+    """Write run configurations: PyCharm's .run/*.run.xml or VS Code's .vscode/launch.json.
+
+    Two entries, "tlrun dev" and "tlrun dev (debug)", run the module tlrun in the project root with
+    the .env loaded. Files you edited are kept unless --force.
+    """
+    from tlrun.dev import ide as ide_mod
+
+    settings = _settings(params)
+    writer = ide_mod.write_pycharm if editor == "pycharm" else ide_mod.write_vscode
+    for written in writer(settings.project_root, settings.app, force):
+        click.echo(f"tlrun: {written.path.relative_to(settings.project_root)}: {written.action}")
+
+
+@cli.command("export")
+@click.argument("kind", type=click.Choice(["systemd", "supervisor", "procfile"]))
+@project_options
+@ROLE_OPTION
+@click.option("--node-prefix", help="Node name prefix (default api).")
+@click.option("--log-dir", type=click.Path(file_okay=False), help="Where supervisord writes tlrun's output.")
+@click.option(
+    "--beat/--no-beat", default=None, help="Also run beat (a unit or program of its own; default: the project file)."
+)
+@click.option("--user", help="Run as this user (systemd User=, supervisor user=).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write the file(s) into this directory instead of printing.",
+)
+@handle_errors
+def export_cmd(kind: str, beat: bool | None, user: str | None, output: Path | None, **params: Any) -> None:
+    """Service configuration that runs tlrun for this project and stops Celery the right way: one
+    service per worker role, plus beat.
+
+    systemd: KillMode=mixed with TimeoutStopSec above the grace period; supervisor: stopasgroup=false,
+    killasgroup=true, stopwaitsecs above the grace period; procfile: one line per process.
+    """
+    from tlrun.deploy import export
+
+    log_dir = params.get("log_dir")
+    settings = _settings(params)
+    spec = export.spec_for(
+        settings, beat=settings.beat if beat is None else beat, user=user, pass_log_dir=log_dir is not None
+    )
+    if kind == "supervisor":  # supervisord refuses a program whose stdout_logfile's directory is missing
+        from tlrun.launch.logfiles import check_log_dir
+
+        check_log_dir(settings.log_dir)
+    files = export.RENDERERS[kind](spec)
+    for name, text in files.items():
+        if output is None:
+            click.echo(text, nl=False)
+        else:
+            from tlrun import safefile
+
+            safefile.write_atomic(output / name, text)
+            click.echo(f"tlrun: wrote {output / name}")
