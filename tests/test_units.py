@@ -294,31 +294,12 @@ def test_an_idle_worker_whose_stop_is_slow_is_not_cold_stopped(project: Project)
 
 
 # -- the exported services of a project with roles and beat run together under supervisord ---------------------
-SUPERVISORD_CONF = """
-[unix_http_server]
-file={run}/supervisor.sock
-
-[supervisord]
-nodaemon=true
-logfile={run}/supervisord.log
-pidfile={run}/supervisord.pid
-childlogdir={run}
-
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-
-[supervisorctl]
-serverurl=unix://{run}/supervisor.sock
-
-[include]
-files = {run}/conf.d/*.conf
-"""
-
-
 def test_exported_roles_and_beat_all_run_under_supervisord(project: Project) -> None:
     import shutil
     import subprocess
     import sys
+
+    from test_production import SUPERVISORD_CONF
 
     supervisord = shutil.which("supervisord", path=str(Path(sys.executable).parent))
     if supervisord is None:
