@@ -96,6 +96,28 @@ CASES = [
     Case("a project file that is not TOML", W, 3, "TOML syntax error", {"pyproject.toml": "[tool.tlrun\n"}),
     Case("an unknown project-file key", W, 3, "unknown key", {"pyproject.toml": "[tool.tlrun]\nap = 'x'\n"}),
     Case("a role that does not exist", (*W, "--role", "nope"), 3, "no role named 'nope'"),
+    # Passthrough that would defeat the guarantees: refused before anything is swept or started.
+    Case("--detach after -- (an unsupervised worker)", (*W, "--", "--detach"), 2, "--detach is tlrun's to set"),
+    Case("a node name after --", (*W, "--", "-n", "other@%h"), 2, "-n is tlrun's to set"),
+    Case("--hostname= after --", (*W, "--", "--hostname=x@y"), 2, "--hostname is tlrun's to set"),
+    Case("a pidfile after --", (*W, "--", "--pidfile=/tmp/w.pid"), 2, "--pidfile is tlrun's to set"),
+    Case("a log file after --", (*W, "--", "-f", "/tmp/w.log"), 2, "-f is tlrun's to set"),
+    Case("an embedded beat after --", (*W, "--", "-B"), 2, "-B is tlrun's to set"),
+    Case(
+        "-Q after -- in a project with roles",
+        (*W, "--", "-Q", "xq"),
+        2,
+        "-Q is tlrun's to set",
+        {"pyproject.toml": '[tool.tlrun.workers.a]\nqueues = ["a"]\n[tool.tlrun.workers.b]\nqueues = ["b"]\n'},
+    ),
+    Case(
+        "--detach in a role's extra_args",
+        W,
+        3,
+        "extra_args of role a: --detach is tlrun's to set",
+        {"pyproject.toml": '[tool.tlrun.workers.a]\nqueues = ["a"]\nextra_args = ["--detach"]\n'},
+    ),
+    Case("a queue list with no names", (*W, "-Q", ","), 3, "no queue name"),
 ]
 
 

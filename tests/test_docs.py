@@ -22,6 +22,13 @@ def test_readme_exit_codes_match_errors() -> None:
         assert f"| {code} | {text} |" in readme
 
 
+def test_readme_lists_every_refused_passthrough_option() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for names in [*config.OWNED_OPTIONS, *config.ROLE_OWNED_OPTIONS]:
+        row = ", ".join(f"`{name}`" for name in names)
+        assert f"| {row}" in readme, row
+
+
 def test_env_example_documents_every_key() -> None:
     example = (ROOT / ".env.example").read_text()
     keys = [value for name, value in vars(config).items() if name.startswith("ENV_")]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from tlrun import redact
-from tlrun.errors import ConfigError, UsageError
+from tlrun.errors import ConfigError, TlrunError, UsageError
 from tlrun.project.file import LOGLEVELS, POOLS, ProjectFile, RoleSpec
 
 if TYPE_CHECKING:
@@ -399,7 +399,12 @@ def _role(spec: RoleSpec, values: Mapping[str, tuple[Any, str]], declared: bool,
     if loglevel not in LOGLEVELS:
         raise ConfigError(f"{values['loglevel'][1]}={loglevel!r}: expected one of {', '.join(LOGLEVELS)}")
     prefix = validate_prefix(str(get("node_prefix") or (spec.name if declared else IMPLICIT_PREFIX)))
-    extra = tuple(spec.values.get("extra_args", ())) + tuple(cli.get("extra") or ())
+    from_file, from_cli = tuple(spec.values.get("extra_args", ())), tuple(cli.get("extra") or ())
+    refuse_owned_options(from_file, f"extra_args of role {spec.name}", declared, ConfigError)
+    refuse_owned_options(from_cli, "after --", declared, UsageError)
+    extra = from_file + from_cli
+    if get("queues") is not None:
+        check_queues(str(get("queues")), values["queues"][1])
     worker = WorkerOptions(
         concurrency=number("concurrency", int, 1, 10_000),
         queues=str(get("queues")) if get("queues") else None,
@@ -414,6 +419,51 @@ def _role(spec: RoleSpec, values: Mapping[str, tuple[Any, str]], declared: bool,
         extra=extra,
     )
     return Role(spec.name, prefix, worker, int(spec.values.get("expected", 1)), declared)
+
+
+# Options of `celery worker` that tlrun owns, or that would defeat what it guarantees: refused after `--` and in
+# a role's extra_args (README, "Passthrough"). Short forms take their value attached too (`-nname`).
+OWNED_OPTIONS: dict[tuple[str, ...], str] = {
+    ("-D", "--detach"): "tlrun supervises the worker in the foreground: a detached worker runs unsupervised",
+    ("--pidfile",): "tlrun holds a lock per role instead (a pidfile goes stale when its worker dies)",
+    ("-n", "--hostname"): "tlrun names each worker uniquely (use --node-prefix or the role's node_prefix)",
+    ("-f", "--logfile"): "tlrun writes each worker's log file (use --log-dir)",
+    ("-B", "--beat"): "beat is a unit of its own (tlrun dev --beat, tlrun beat): an embedded one escapes the lease",
+}
+ROLE_OWNED_OPTIONS: dict[tuple[str, ...], str] = {
+    ("-Q", "--queues"): "the project file declares each role's queues (use --role NAME -Q ... for one role)",
+}
+
+
+def _owned(arg: str, names: tuple[str, ...]) -> str | None:
+    """The option of `names` that `arg` is (`--hostname=x`, `-nx` included), else None."""
+    for name in names:
+        if arg == name or arg.startswith(name + "="):
+            return name
+        if len(name) == 2 and arg.startswith(name) and not arg.startswith("--"):
+            return name  # -nvalue
+    return None
+
+
+def refuse_owned_options(args: tuple[str, ...], where: str, declared: bool, error: type[TlrunError]) -> None:
+    """Refuse, before anything is swept or started, a passthrough option that tlrun owns."""
+    table = {**OWNED_OPTIONS, **(ROLE_OWNED_OPTIONS if declared else {})}
+    for arg in args:
+        if "\n" in arg or "\r" in arg:
+            raise error(f"{where}: {arg!r} has a line break")
+        for names, why in table.items():
+            option = _owned(arg, names)
+            if option is not None:
+                raise error(f"{where}: {option} is tlrun's to set: {why}")
+
+
+def check_queues(queues: str, source: str) -> None:
+    names = [q.strip() for q in queues.split(",")]
+    if not any(names):
+        raise ConfigError(f"{source}={queues!r}: no queue name (a worker would consume nothing it should)")
+    bad = next((q for q in names if any(c.isspace() for c in q)), None)
+    if bad is not None or "" in names:
+        raise ConfigError(f"{source}={queues!r}: queue names are comma-separated, without spaces or line breaks")
 
 
 DEV_QUIET_FLAGS = ("--without-mingle", "--without-gossip")
