@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import Project, RedisServer, free_port, ping_replies, send_task, wait_for
+from helpers import Project, RedisServer, free_port, ping_replies, processes_under, send_task, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 HOST = socket.gethostname()
@@ -186,7 +186,8 @@ def test_log_files_never_follow_a_planted_symlink(project: Project, other_user: 
         proc.send_signal(signal.SIGCONT)
         out = proc.communicate(timeout=60)[0].decode()
         assert proc.returncode == 12, out
-        assert f"celery_worker_{proc.pid}.log is a symlink: refusing to write through it" in out
+        # The sticky bit stops others replacing tlrun's files, not planting the next names: refused outright.
+        assert "is writable by every user (mode 1777)" in out and "refusing it" in out, out
         assert victim.read_text() == "root's file\n"
     finally:
         if proc.poll() is None:
@@ -215,6 +216,50 @@ def test_an_unsafe_log_directory_is_refused(project: Project, other_user: pwd.st
     result = project.run("worker", "-A", project.app, "--log-dir", str(logs), timeout=60)
     assert result.returncode == 12, result.stdout + result.stderr
     assert "refusing it" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_fifo_at_the_log_name_is_refused_at_once_and_logs_never_blocks(project: Project) -> None:
+    """A FIFO where tlrun writes or reads a log would block open() forever (and ignore Ctrl-C there)."""
+    proc = _stopped_launcher(project)
+    logs = project.root / "logs"
+    logs.mkdir(exist_ok=True)
+    os.mkfifo(logs / f"celery_worker_{proc.pid}.log")
+    proc.send_signal(signal.SIGCONT)
+    out = proc.communicate(timeout=30)[0].decode()  # a blocked open() would time out here
+    assert proc.returncode == 12 and "is not a regular file of yours" in out, out
+    assert not [p for p in processes_under(project.base) if p.pid != os.getpid()]
+    # `tlrun logs` (and -f) skip a FIFO named like a log instead of blocking on it.
+    result = project.run("logs", "-A", project.app, timeout=20)
+    assert result.returncode == 12 and "no log files" in result.stderr, result.stdout + result.stderr
+    named = project.run("logs", "-A", project.app, f"celery_worker_{proc.pid}.log", "-f", timeout=20)
+    assert named.returncode == 12 and "no log file named" in named.stderr, named.stdout + named.stderr
+
+
+def test_doctor_textfile_never_replaces_what_is_not_a_regular_file(project: Project) -> None:
+    import stat
+
+    target = project.base / "metrics.prom"
+    os.mkfifo(target)  # a special file of our own (a device node would do the same: never replaced)
+    result = project.run("doctor", "-A", project.app, "--textfile", str(target), timeout=30)
+    assert result.returncode == 2 and "exists and is not a regular file" in result.stderr, result.stderr
+    assert result.stdout == "" and stat.S_ISFIFO(os.lstat(target).st_mode)
+
+
+def test_prune_never_touches_another_users_files(project: Project, other_user: pwd.struct_passwd) -> None:
+    logs = project.root / "logs"
+    logs.mkdir()
+    theirs = []
+    for pid in range(100, 115):  # more launches than tlrun keeps, all older than ours, named like tlrun's
+        path = logs / f"celery_worker_{pid}.log"
+        path.write_text("theirs\n")
+        os.chown(path, other_user.pw_uid, other_user.pw_gid)
+        os.utime(path, (1_000_000, 1_000_000))
+        theirs.append(path)
+    launched = project.launch("--concurrency", "1")
+    launched.wait_output(r"worker ready", 60)
+    launched.send(signal.SIGINT)
+    assert launched.wait(30) == 0
+    assert all(p.exists() for p in theirs)
 
 
 def test_ide_files_never_follow_a_planted_symlink(project: Project) -> None:

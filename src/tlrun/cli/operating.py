@@ -95,6 +95,10 @@ def doctor(
         return
     if remote and not fix:
         raise click.UsageError("--remote goes with --fix")
+    if textfile is not None:
+        from tlrun.ops.metrics import check_textfile
+
+        check_textfile(textfile)  # before anything is asked or fixed
     if cluster and (fix or textfile is not None or fmt == "prometheus"):
         raise click.UsageError("--cluster goes with --json only")
     settings = _settings(params)
@@ -208,7 +212,7 @@ def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: b
     files = logfiles.log_files(settings.log_dir, rotated=rotated or list_only, stems=stems)
     if list_only:
         for path in files:
-            click.echo(f"{path.stat().st_size:>10}  {path}")
+            click.echo(f"{path.lstat().st_size:>10}  {path}")
         return
     if name:
         chosen = [
@@ -221,14 +225,17 @@ def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: b
         path = files[0]
     else:
         raise LogError(f"no log files in {settings.log_dir}", hint="start a worker with tlrun worker or tlrun dev")
-    for line in logfiles.tail_lines(path, lines):
-        click.echo(line)
-    if follow:
-        try:
-            for line in logfiles.follow(path):
-                click.echo(line)
-        except KeyboardInterrupt:
-            pass
+    try:
+        for line in logfiles.tail_lines(path, lines):
+            click.echo(line)
+        if follow:
+            try:
+                for line in logfiles.follow(path):
+                    click.echo(line)
+            except KeyboardInterrupt:
+                pass
+    except OSError as exc:  # replaced since it was listed (by a link, a FIFO): never read through it
+        raise LogError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 @cli.command()

@@ -11,6 +11,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from tlrun.errors import LogError
 
@@ -23,9 +24,33 @@ class _PrivateRotatingHandler(logging.handlers.RotatingFileHandler):
 
     def _open(self):  # type: ignore[no-untyped-def]
         # O_NOFOLLOW: whoever can write the log directory must not make tlrun append to a file of their choice.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+        # O_NONBLOCK: a FIFO planted at the name would otherwise block open() until someone reads it.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         fd = os.open(self.baseFilename, flags, 0o600)
+        _own_regular_file(fd, self.baseFilename)
         return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors="replace")
+
+
+class NotOurFile(OSError):
+    """A FIFO, a device, a directory, or another user's file where tlrun reads or writes a log."""
+
+
+def _own_regular_file(fd: int, path: str) -> None:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+        os.close(fd)
+        raise NotOurFile(errno.EPERM, "not a regular file of yours", path)
+
+
+def open_for_reading(path: Path) -> BinaryIO:
+    """A log file opened to read: never through a link, never a FIFO or device (open() would block on a
+    FIFO), only a regular file. NotOurFile otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotOurFile(errno.EPERM, "not a regular file", str(path))
+    return os.fdopen(fd, "rb")
 
 
 class WorkerLog:
@@ -59,12 +84,23 @@ def check_log_dir(log_dir: Path) -> None:
     hint = "choose another directory with --log-dir or TLRUN_LOG_DIR"
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        st = os.stat(log_dir)
+        st = os.lstat(log_dir)
     except OSError as exc:
         raise LogError(f"cannot write the worker log in {log_dir}: {exc.strerror}", hint=hint) from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        # Followed, a link planted in a directory someone else owns would send tlrun's files (and its prune)
+        # wherever its target is.
+        raise LogError(f"log directory {log_dir} is a symlink or not a directory: refusing it", hint=hint)
     if st.st_uid not in (os.getuid(), 0):
         raise LogError(f"log directory {log_dir} belongs to uid {st.st_uid}, not to you: refusing it", hint=hint)
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+    if st.st_mode & 0o002:
+        # The sticky bit stops others replacing tlrun's files, not planting the next names (a FIFO, a link).
+        raise LogError(
+            f"log directory {log_dir} is writable by every user (mode {st.st_mode & 0o7777:o}): another user "
+            "could plant files under the names tlrun writes; refusing it",
+            hint="use a directory of your own (mode 0755 or 0700) with --log-dir or TLRUN_LOG_DIR",
+        )
+    if st.st_mode & 0o020 and not st.st_mode & stat.S_ISVTX:
         raise LogError(
             f"log directory {log_dir} is writable by others (mode {st.st_mode & 0o7777:o}) without the sticky "
             "bit: another user could replace its files; refusing it",
@@ -90,7 +126,8 @@ def prune(log_dir: Path, stem: str, keep: int = KEEP_LAUNCHES) -> list[Path]:
         return []
     for entry in entries:
         match = pattern.match(entry.name)
-        if match and entry.is_file(follow_symlinks=False):
+        # Only regular files of ours: never another user's file whose name looks like a tlrun log.
+        if match and entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid():
             launches.setdefault(match.group(1), []).append(Path(entry.path))
     newest = sorted(launches, key=lambda pid: max(p.stat().st_mtime for p in launches[pid]), reverse=True)
     removed = []
@@ -114,6 +151,12 @@ def open_log(log_dir: Path, stem: str) -> WorkerLog:
         # ELOOP from O_NOFOLLOW, or EACCES from Linux's protected_symlinks in a sticky directory.
         if exc.errno == errno.ELOOP or path.is_symlink():
             raise LogError(f"{path} is a symlink: refusing to write through it (remove it)") from None
+        # ENXIO: a FIFO nobody reads, opened without blocking.
+        if isinstance(exc, NotOurFile) or exc.errno == errno.ENXIO:
+            raise LogError(
+                f"{path} is not a regular file of yours (a FIFO, a device, another user's file): refusing to "
+                "write to it (remove it)"
+            ) from None
         raise LogError(
             f"cannot write the worker log in {log_dir}: {exc.strerror}",
             hint="choose another directory with --log-dir or TLRUN_LOG_DIR",
@@ -130,14 +173,16 @@ def log_files(log_dir: Path, rotated: bool = False, stems: list[str] | None = No
     files = [
         p
         for p in log_dir.iterdir()
-        if p.name.startswith(prefixes) and (p.name.endswith(".log") or (rotated and ".log." in p.name))
+        if p.name.startswith(prefixes)
+        and (p.name.endswith(".log") or (rotated and ".log." in p.name))
+        and stat.S_ISREG(p.lstat().st_mode)  # never a link, a FIFO or a device named like a log
     ]
-    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted(files, key=lambda p: p.lstat().st_mtime, reverse=True)
 
 
 def tail_lines(path: Path, count: int) -> list[str]:
     """The last `count` lines of a file (reads from the end; log files can be large)."""
-    with path.open("rb") as fh:
+    with open_for_reading(path) as fh:
         fh.seek(0, os.SEEK_END)
         size = fh.tell()
         block, data = 8192, b""
@@ -151,7 +196,7 @@ def tail_lines(path: Path, count: int) -> list[str]:
 
 def follow(path: Path, poll: float = 0.2, stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
     """Yield lines appended to `path`, like `tail -F`: reopens it when it is rotated or truncated."""
-    fh = path.open("rb")
+    fh = open_for_reading(path)
     fh.seek(0, os.SEEK_END)
     inode = os.fstat(fh.fileno()).st_ino
     pending = b""
@@ -171,7 +216,7 @@ def follow(path: Path, poll: float = 0.2, stop: Callable[[], bool] = lambda: Fal
                 continue
             if st.st_ino != inode or st.st_size < fh.tell():  # rotated, or truncated
                 fh.close()
-                fh = path.open("rb")
+                fh = open_for_reading(path)
                 inode = os.fstat(fh.fileno()).st_ino
                 continue
             time.sleep(poll)

@@ -93,8 +93,23 @@ def prometheus(report: DoctorReport) -> str:
     return generate_latest(registry).decode()
 
 
+def check_textfile(path: Path) -> None:
+    """An existing target must be a regular file: the rename would replace a device node, a FIFO or a link."""
+    import stat
+
+    from tlrun.errors import UsageError
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"--textfile {path} exists and is not a regular file: refusing to replace it")
+
+
 def write_textfile(path: Path, text: str) -> None:
     """Atomically, as node_exporter's textfile collector wants: write a temp file, then rename."""
+    check_textfile(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
