@@ -19,6 +19,8 @@ class Case:
 
 
 W = ("worker", "-A", "{app}")
+# 64 bytes, then each line four times the one before: line 9 would be 4 MiB (a 400-byte file, 3.5 GB unchecked)
+NESTED = "A0=" + "x" * 64 + "\n" + "".join(f"A{i}=" + f"${{A{i - 1}}}" * 4 + "\n" for i in range(1, 9))
 CASES = [
     Case(
         "unknown app module (or the wrong directory)",
@@ -39,6 +41,13 @@ CASES = [
     Case("an in-process broker (memory://)", (*W, "-b", "memory://"), 5, "lives inside one process"),
     Case("malformed broker URL", (*W, "-b", "redis://[::1"), 2, "cannot be parsed"),
     Case("empty -b", (*W, "-b", ""), 2, "-b/--broker is empty"),
+    Case("port 0 (kombu would pick its default port)", (*W, "-b", "redis://127.0.0.1:0/0"), 2, "has port 0"),
+    Case(
+        "an unknown URL query parameter",
+        (*W, "-b", "redis://127.0.0.1:{free}/0?foo=1"),
+        3,
+        "a query parameter the Redis client does not know: foo",
+    ),
     Case(
         "unencoded '#' in a password",
         (*W, "-b", "redis://:pa#ss@127.0.0.1:1/0"),
@@ -48,6 +57,7 @@ CASES = [
     Case("malformed .env", W, 3, ".env:2: malformed line", {".env": "A=1\nthis line is wrong\n"}),
     Case("NUL byte in .env", W, 3, ".env:2: NUL byte", {".env": "A=1\nB=\0\n"}),
     Case(".env over 1 MiB", W, 3, "larger than 1024 KiB", {".env": "A=" + "x" * (1024 * 1024) + "\n"}),
+    Case(".env whose nested ${VAR}s expand past 1 MiB", W, 3, ".env:9: the value expands", {".env": NESTED}),
     Case("unknown option", (*W, "--bogus"), 2, "No such option '--bogus'"),
     Case("unknown Celery option after --", (*W, "--", "--bogus"), 2, "celery worker refused its arguments"),
     Case("zero concurrency", (*W, "--concurrency", "0"), 2, "--concurrency"),

@@ -78,7 +78,9 @@ def test_full_disk_for_the_log_keeps_the_worker_running(project: Project) -> Non
         pytest.skip("mount is not available")
     tiny = project.base / "tiny"
     tiny.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(tiny)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8k,mode=0755", "tmpfs", str(tiny)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
         with (tiny / "filler").open("wb", buffering=0) as fh:  # fill the disk: the log file can be created, not written

@@ -165,7 +165,6 @@ def read_dotenv(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     from dotenv.parser import parse_stream
-    from dotenv.variables import parse_variables
 
     try:
         if path.stat().st_size > MAX_DOTENV_BYTES:
@@ -187,8 +186,23 @@ def read_dotenv(path: Path) -> dict[str, str]:
         if binding.key is None:
             continue
         value = binding.value
-        resolved[binding.key] = None if value is None else "".join(a.resolve(env) for a in parse_variables(value))
+        resolved[binding.key] = None if value is None else _expand(value, env, path, binding.original.line)
     return {k: v for k, v in resolved.items() if v is not None}
+
+
+def _expand(value: str, env: Mapping[str, str | None], path: Path, line: int) -> str:
+    """`${VAR}` interpolation with the expanded value capped at MAX_DOTENV_BYTES: nested references multiply
+    (a 391-byte file expanded to 3.5 GB), so the size is checked as the parts are joined."""
+    from dotenv.variables import parse_variables
+
+    parts, size = [], 0
+    for atom in parse_variables(value):
+        part = atom.resolve(env)
+        size += len(part)
+        if size > MAX_DOTENV_BYTES:
+            raise ConfigError(f"{path}:{line}: the value expands to more than {MAX_DOTENV_BYTES // 1024} KiB")
+        parts.append(part)
+    return "".join(parts)
 
 
 def check_broker_url(url: str, source: str) -> None:
@@ -200,12 +214,14 @@ def check_broker_url(url: str, source: str) -> None:
         raise error(f"{source}: {shown} is not a URL (expected scheme://host...)")
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - parsing the port is the check
+        port = parts.port
     except ValueError as exc:
         raise error(
             f"{source}: broker URL {shown} cannot be parsed ({redact.mask(str(exc))})",
             hint="a password holding '#', '/', '?', '@' or ':' must be percent-encoded (# is %23, / is %2F)",
         ) from None
+    if port == 0:  # kombu reads port 0 as "its default port": another broker, silently
+        raise error(f"{source}: broker URL {shown} has port 0", hint="give the broker's real port")
 
 
 def _number(raw: Any, key: str, kind: type[int] | type[float], minimum: float, maximum: float | None = None) -> Any:

@@ -97,6 +97,17 @@ def check_reachable(url: str, timeout: float = CONNECT_TIMEOUT) -> None:
             client.close()
     except (redis.RedisError, ValueError, OSError) as exc:
         raise Broker.failure(url, exc, started) from None
+    except TypeError as exc:  # redis-py hands every URL query parameter to its connection as a keyword
+        import re
+
+        from tlrun.errors import ConfigError
+
+        unknown = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+        name = unknown.group(1) if unknown else str(exc)
+        raise ConfigError(
+            f"broker URL {redact_url(url)} has a query parameter the Redis client does not know: {name}",
+            hint="remove it, or check its spelling (redis-py's connection options)",
+        ) from None
 
 
 class Broker:
