@@ -101,6 +101,35 @@ def test_dev_starts_a_private_broker_when_none_answers(tmp_path: Path) -> None:
         proj.cleanup()
 
 
+def test_private_broker_takes_a_tricky_password_on_stdin_and_leaves_it_nowhere(tmp_path: Path) -> None:
+    from urllib.parse import quote
+
+    import psutil
+    import redis
+
+    password = 'p"a\\ss%40 w:rd#é'
+    port = free_port()
+    proj = Project(tmp_path / "projects", f"redis://:{quote(password, safe='')}@127.0.0.1:{port}/0")
+    write_app(proj, 1)
+    try:
+        launched = dev(proj)
+        launched.wait_output(r"started a private redis-server", 30)
+        launched.wait_output(READY, 30)
+        assert call(proj, "value") == 1  # the worker and this client authenticate with the decoded password
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, socket_timeout=2).ping()  # nobody gets in without it
+        everything = [p for p in tmp_path.rglob("*") if p.is_file()] + [
+            p for p in proj.runtime.rglob("*") if p.is_file()
+        ]
+        assert not [p for p in everything if password.encode() in p.read_bytes()]
+        for proc in psutil.process_iter(["cmdline"]):
+            assert password not in " ".join(proc.info["cmdline"] or [])
+        launched.send(signal.SIGINT)
+        assert launched.wait(30) == 0
+    finally:
+        proj.cleanup()
+
+
 def test_debug_mode_runs_tasks_in_the_launcher_and_never_kills_a_busy_worker(dev_project: Project) -> None:
     # A long task waits in the queue: the solo worker takes it at once and cannot answer pings meanwhile.
     busy = send_task(dev_project.broker_url, f"{dev_project.app}.sleep", 8)

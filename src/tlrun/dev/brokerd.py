@@ -8,9 +8,10 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from tlrun.errors import BrokerError
 from tlrun.events import Notice
@@ -47,17 +48,35 @@ def answers(host: str, port: int, timeout: float = 0.3) -> bool:
         return False
 
 
-def redis_server_argv(executable: str, host: str, port: int, workdir: Path, config: Path | None) -> list[str]:
-    """No persistence, loopback only. A password goes in a 0600 config file, never on the command line."""
-    argv = [executable]
-    if config is not None:
-        argv.append(str(config))
+def redis_server_argv(executable: str, host: str, port: int, workdir: Path, config_on_stdin: bool) -> list[str]:
+    """No persistence, loopback only. A password goes on the server's standard input (`-`), never on its
+    command line (every user reads it) nor in a file (which would outlive the session)."""
+    argv = [executable, *(["-"] if config_on_stdin else [])]
     argv += ["--bind", host, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)]
     return argv
 
 
-def plan_private_redis(url: str, state_dir: Path) -> list[str] | None:
-    """The argv of a private redis-server to start for `url`, or None when none is needed."""
+def redis_config(password: str) -> bytes:
+    """`requirepass "<password>"` in redis.conf's quoting: `"` and `\\` escaped, anything unprintable as \\xHH."""
+    out = []
+    for char in password:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char.isprintable():
+            out.append(char)
+        else:
+            out.extend(f"\\x{byte:02x}" for byte in char.encode())
+    return f'requirepass "{"".join(out)}"\n'.encode()
+
+
+@dataclass(frozen=True)
+class PrivateRedis:
+    argv: list[str]
+    config: bytes | None  # fed on the server's standard input
+
+
+def plan_private_redis(url: str, state_dir: Path) -> PrivateRedis | None:
+    """The private redis-server to start for `url`, or None when none is needed."""
     address = local_redis_address(url)
     if address is None or answers(*address):
         return None
@@ -69,19 +88,15 @@ def plan_private_redis(url: str, state_dir: Path) -> list[str] | None:
             "start it, or point CELERY_BROKER_URL at a running broker",
         )
     password = urlsplit(url).password
-    config = None
-    if password:
-        config = state_dir / f"redis-{address[1]}.conf"
-        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f'requirepass "{password}"\n')
-    return redis_server_argv(executable, address[0], address[1], state_dir, config)
+    # The URL carries it percent-encoded; the server gets what clients send after decoding it.
+    config = redis_config(unquote(password)) if password else None
+    return PrivateRedis(redis_server_argv(executable, address[0], address[1], state_dir, config is not None), config)
 
 
-def start_private(sup: Supervisor, outputs: Outputs, url: str, argv: list[str], state_dir: Path) -> int:
+def start_private(sup: Supervisor, outputs: Outputs, url: str, plan: PrivateRedis, state_dir: Path) -> int:
     """Start the planned redis-server as the supervisor's "broker" child, stopped after the workers; its
     output goes to `redis_<launcher pid>.log` only. Returns its pid once it listens."""
-    child = sup.start("broker", argv, dict(os.environ), state_dir, stop_order=1)
+    child = sup.start("broker", plan.argv, dict(os.environ), state_dir, stop_order=1, stdin_data=plan.config)
     outputs.attach("broker", child, f"redis_{os.getpid()}", echo=False)
     wait_listening(url, 5.0, lambda: sup.running("broker"))
     return child.pid
@@ -104,19 +119,19 @@ class PrivateBrokerStep(Step):
     name = "private broker"
 
     def __init__(self) -> None:
-        self._argv: list[str] | None = None
+        self._plan: PrivateRedis | None = None
 
     def validate(self, launcher: Launcher) -> None:
         if launcher.broker_source == "default":  # nothing configured anywhere: the local Redis of a laptop
             launcher.broker_url = DEFAULT_DEV_BROKER
-        self._argv = plan_private_redis(launcher.broker_url, runtime_dir(os.environ))
-        launcher.broker_provided = self._argv is not None
+        self._plan = plan_private_redis(launcher.broker_url, runtime_dir(os.environ))
+        launcher.broker_provided = self._plan is not None
 
     def prepare(self, launcher: Launcher) -> None:
-        if self._argv is None:
+        if self._plan is None:
             return
         url = launcher.broker_url
-        pid = start_private(launcher.sup, launcher.outputs, url, self._argv, runtime_dir(os.environ))
+        pid = start_private(launcher.sup, launcher.outputs, url, self._plan, runtime_dir(os.environ))
         address = local_redis_address(url) or ("?", 0)
         launcher.report(
             Notice(

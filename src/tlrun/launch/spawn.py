@@ -121,22 +121,32 @@ def spawn(
     lifeline: Lifeline,
     grace: float,
     pass_fds: tuple[int, ...] = (),
+    stdin_data: bytes | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start argv in a new session behind the parent-death shim. Must run on the main thread: the kernel
-    sends Linux's parent-death signal when the thread that forked exits."""
+    sends Linux's parent-death signal when the thread that forked exits. `stdin_data` (a secret that must
+    not be on a command line or on disk) is written to the child's standard input, which is then closed."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("tlrun spawns workers from the main thread only")
-    return subprocess.Popen(
+    popen = subprocess.Popen(
         shim_argv(argv, lifeline, grace),
         cwd=cwd,
         env=dict(env),
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL if stdin_data is None else subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
         close_fds=True,
         pass_fds=(lifeline.read_fd, *pass_fds),
     )
+    if stdin_data is not None and popen.stdin is not None:
+        try:
+            popen.stdin.write(stdin_data)  # far below a pipe's buffer: never blocks
+        except BrokenPipeError:
+            pass  # it died at once: the supervisor sees that
+        finally:
+            popen.stdin.close()
+    return popen
 
 
 class OutputPump:

@@ -166,10 +166,11 @@ class Supervisor:
         stop_order: int = 0,
         pass_fds: tuple[int, ...] = (),
         requeue: bool = False,
+        stdin_data: bytes | None = None,
     ) -> subprocess.Popen[bytes]:
         if self.running(name):
             raise RuntimeError(f"a {name} is already running under this supervisor")
-        popen = spawn.spawn(argv, env, cwd, self.lifeline, self.grace, pass_fds)
+        popen = spawn.spawn(argv, env, cwd, self.lifeline, self.grace, pass_fds, stdin_data)
         child = _Child(name, popen, stop_order, requeue)
         self._children[name] = child
         if self.stop_requested:  # a signal came while we were spawning
