@@ -398,3 +398,66 @@ def test_a_stop_signal_never_speaks_from_inside_the_launchers_own_output(tmp_pat
             if child.stdout is not None:
                 child.stdout.close()
     assert child.poll() is not None
+
+
+# -- a local broker run by another user ------------------------------------------------------------------------
+def test_listener_owners_are_read_from_proc_net(tmp_path: Path) -> None:
+    from tlrun.launch import owner
+
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    (tmp_path / "tcp").write_text(
+        header
+        + "   0: 0100007F:18EB 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1001        0 1 1\n"
+        + "   1: 0100007F:18EB 0100007F:9C40 01 00000000:00000000 00:00000000 00000000  1002        0 2 1\n"
+        + "   2: 00000000:1538 00000000:0000 0A 00000000:00000000 00:00000000 00000000   107        0 3 1\n"
+    )
+    (tmp_path / "tcp6").write_text(header)
+    assert owner.listener_uids(0x18EB, tmp_path) == {1001}  # the established connection does not count
+    assert owner.foreign_listener("redis://127.0.0.1:6379/0", tmp_path) == 1001
+    assert owner.foreign_listener("amqp://guest:guest@localhost:5432//", tmp_path) is None  # uid 107: a service
+    assert owner.foreign_listener("redis://10.0.0.5:6379/0", tmp_path) is None  # not this host's loopback
+
+
+def test_a_broker_run_by_another_user_is_a_warning_and_a_doctor_finding(
+    project: Project, other_user: pwd.struct_passwd
+) -> None:
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("no /proc/net/tcp")
+    port = free_port()
+    theirs = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            "/tmp",
+        ],
+        user=other_user.pw_uid,
+        group=other_user.pw_gid,
+        cwd="/tmp",
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        from tlrun.launch import owner
+
+        wait_for(lambda: owner.listener_uids(port) == {other_user.pw_uid}, 10, "their redis-server to listen")
+        env = project.env(CELERY_BROKER_URL=url, TEST_RESULT_BACKEND=url)
+        launched = project.launch(env=env)
+        launched.wait_output(r"worker ready", 60)
+        assert f"is run by {other_user.pw_name}, another local user" in launched.output()
+        doctor = project.run("doctor", "-A", project.app, "--json", env=env)
+        codes = [f["code"] for f in json.loads(doctor.stdout)["findings"]]
+        assert "FOREIGN_BROKER" in codes, doctor.stdout
+        launched.send(signal.SIGINT)
+        assert launched.wait(30) == 0
+    finally:
+        theirs.terminate()
+        theirs.wait(10)

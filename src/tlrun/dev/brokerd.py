@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 from tlrun.errors import BrokerError
 from tlrun.events import Notice
+from tlrun.launch import owner
 from tlrun.launch.broker import check_reachable
 from tlrun.launch.guard import runtime_dir
 from tlrun.launch.steps import Step
@@ -124,6 +125,14 @@ class PrivateBrokerStep(Step):
     def validate(self, launcher: Launcher) -> None:
         if launcher.broker_source == "default":  # nothing configured anywhere: the local Redis of a laptop
             launcher.broker_url = DEFAULT_DEV_BROKER
+            stranger = owner.foreign_listener(DEFAULT_DEV_BROKER)
+            if stranger is not None:  # never fall back to another user's broker where we would start our own
+                raise BrokerError(
+                    f"nothing is configured, and {DEFAULT_DEV_BROKER} is run by {owner.user_name(stranger)}, "
+                    "another local user: tlrun dev will not hand your tasks to their broker",
+                    hint="put CELERY_BROKER_URL=redis://127.0.0.1:<a free port>/0 in .env: tlrun dev then starts a "
+                    "private redis-server there",
+                )
         self._plan = plan_private_redis(launcher.broker_url, runtime_dir(os.environ))
         launcher.broker_provided = self._plan is not None
 

@@ -25,7 +25,7 @@ from tlrun import redact
 from tlrun.config import Settings
 from tlrun.errors import AppImportError, StopError, WorkerStartError
 from tlrun.events import Exited, Notice, Reporter, StrayFound, WorkerOutput
-from tlrun.launch import checks, guard, logfiles, pid1, procs, sweep, unitstop, verify
+from tlrun.launch import checks, guard, logfiles, owner, pid1, procs, sweep, unitstop, verify
 from tlrun.launch.broker import check_reachable, resolve_broker
 from tlrun.launch.locks import UnitLocks
 from tlrun.launch.outputs import Outputs
@@ -128,6 +128,16 @@ class Launcher(Startup):
             step.validate(self)
         if not self.broker_provided:
             check_reachable(self.broker_url)
+            stranger = owner.foreign_listener(self.broker_url)
+            if stranger is not None:
+                where = redact.redact_url(self.broker_url)
+                self.report(
+                    Notice(
+                        f"the broker at {where} is run by {owner.user_name(stranger)}, another local user: they can "
+                        "read every message and feed your workers tasks (use a broker of your own)",
+                        "warning",
+                    )
+                )
 
     # -- sweep ---------------------------------------------------------------------------------------
     def sweep(self, units: Sequence[Unit]) -> None:

@@ -24,7 +24,7 @@ from tlrun.errors import (
     BrokerError,
     DuplicateNodeError,
 )
-from tlrun.launch import procs, verify
+from tlrun.launch import owner, procs, verify
 from tlrun.launch.broker import Broker, load_app, resolve_broker_url
 from tlrun.ops import consuming, inventory
 from tlrun.ops.findings import (
@@ -253,6 +253,17 @@ def diagnose(settings: Settings) -> DoctorReport:
                 )
             )
     findings.extend(state_findings(settings))
+    stranger = owner.foreign_listener(broker_url)
+    if stranger is not None:
+        findings.append(
+            Finding(
+                "FOREIGN_BROKER",
+                "warning",
+                f"the broker at {redact_url(broker_url)} is run by {owner.user_name(stranger)}, another local user: "
+                "they can read every message and feed your workers tasks",
+                "run a broker of your own (tlrun dev starts one when CELERY_BROKER_URL names a free local port)",
+            )
+        )
     if app is not None:
         # Root matters only for workers that run: they get tlrun's user.
         workers_here = any(p.kind == "worker" for p in local)

@@ -1,0 +1,69 @@
+"""Who runs a local broker: the uids owning the TCP sockets that listen on its port.
+
+Any local user can listen on a free loopback port first, and then be the broker that a developer's
+workers read their tasks from. Linux lists every socket in /proc/net/tcp and /proc/net/tcp6 with its state
+(0A: listening) and owner uid; elsewhere nothing is known (no warning). System accounts (uid below the
+login range, like Debian's `redis` user) and root run system services: only another login user's listener
+is foreign.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+LISTEN = "0A"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671, "pyamqp": 5672}
+
+
+def listener_uids(port: int, proc_net: Path = Path("/proc/net")) -> set[int]:
+    """The uids of the sockets listening on `port` (any local address); empty when not known."""
+    uids = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            rows = (proc_net / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) < 8 or fields[3] != LISTEN:
+                continue
+            try:
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    uids.add(int(fields[7]))
+            except ValueError:
+                continue
+    return uids
+
+
+def first_login_uid(login_defs: Path = Path("/etc/login.defs")) -> int:
+    try:
+        match = re.search(r"^\s*UID_MIN\s+(\d+)", login_defs.read_text(), re.M)
+    except OSError:
+        match = None
+    return int(match.group(1)) if match else 1000
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def foreign_listener(url: str, proc_net: Path = Path("/proc/net")) -> int | None:
+    """The uid of another login user listening where `url` points on this host, else None."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme.split("+")[-1])
+    except ValueError:
+        return None
+    if (parts.hostname or "") not in LOCAL_HOSTS or not port:
+        return None
+    me, login = os.getuid(), first_login_uid()
+    foreign = sorted(uid for uid in listener_uids(port, proc_net) if uid != me and uid >= login)
+    return foreign[0] if foreign else None
