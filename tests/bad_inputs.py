@@ -64,7 +64,12 @@ CASES = [
     Case("negative concurrency", (*W, "--concurrency", "-3"), 2, "--concurrency"),
     Case("huge concurrency", (*W, "-c", "99999999999999999999"), 2, "--concurrency"),
     Case("NaN grace period", (*W, "--grace", "nan"), 2, "'nan' is not a finite number"),
-    Case("infinite ping window", (*W, "--ping-window", "inf"), 2, "'inf' is not a finite number"),
+    Case("infinite ping window", (*W, "--ping-window", "inf"), 2, "inf is not in the range 0.1<=x<=604800"),
+    Case("a ping window of 300 years", (*W, "--ping-window", "1e10"), 2, "--ping-window"),
+    Case("a grace period of 1e308 s", (*W, "--grace", "1e308"), 2, "--grace"),
+    Case(
+        "a grace of years in .env", W, 3, "TLRUN_STOP_GRACE='1e9': must be at most", {".env": "TLRUN_STOP_GRACE=1e9\n"}
+    ),
     Case("NaN grace for sweep", ("sweep", "-A", "{app}", "--grace", "nan"), 2, "'nan' is not a finite number"),
     Case(
         "NaN in the environment",
@@ -105,6 +110,20 @@ CASES = [
     ),
     Case("a project file that is not TOML", W, 3, "TOML syntax error", {"pyproject.toml": "[tool.tlrun\n"}),
     Case("an unknown project-file key", W, 3, "unknown key", {"pyproject.toml": "[tool.tlrun]\nap = 'x'\n"}),
+    Case(
+        "a project file nested 5,000 deep",
+        W,
+        3,
+        "nested too deeply",
+        {"pyproject.toml": "x = " + "[" * 5000 + "]" * 5000 + "\n"},
+    ),
+    Case(
+        "an unwritable HOME and no runtime directory",
+        ("dev", "-A", "{app}"),
+        11,
+        "cannot create tlrun's state directory",
+        env={"HOME": "/proc/tlrun-no-home", "XDG_RUNTIME_DIR": "", "XDG_CACHE_HOME": ""},
+    ),
     Case("a role that does not exist", (*W, "--role", "nope"), 3, "no role named 'nope'"),
     # Passthrough that would defeat the guarantees: refused before anything is swept or started.
     Case("--detach after -- (an unsupervised worker)", (*W, "--", "--detach"), 2, "--detach is tlrun's to set"),

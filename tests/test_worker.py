@@ -272,6 +272,8 @@ def test_launch_from_inside_a_worker_is_refused_and_stale_guard_is_not(project: 
     nested = project.run("worker", "-A", project.app, env=env, timeout=30)
     assert nested.returncode == 7
     assert "inside a worker launched by tlrun" in nested.stderr
+    stop = project.run("stop", "-A", project.app, env=env, timeout=30)  # `tlrun stop` from a task's subprocess
+    assert stop.returncode == 7 and "refusing to stop from inside a task" in stop.stderr, stop.stderr
 
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -154,6 +154,7 @@ def project_id(root: Path, app: str) -> str:
 
 
 MAX_DOTENV_BYTES = 1024 * 1024
+MAX_SECONDS = 7 * 24 * 3600.0  # no duration tlrun takes is longer than a week (timers overflow past ~1e9 s)
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -325,7 +326,8 @@ def build_settings(
 
     def num(cli_key: str, env_key: str, kind: type[int] | type[float], default: Any, minimum: float) -> Any:
         raw, source = pick(cli_key, env_key, file_key=_FILE_KEYS.get(cli_key, cli_key))
-        return default if raw is None else _number(raw, source, kind, minimum)
+        maximum = MAX_SECONDS if kind is float else None  # every float here is a duration
+        return default if raw is None else _number(raw, source, kind, minimum, maximum)
 
     log_dir_raw, _ = pick("log_dir", ENV_LOG_DIR, file_key="log_dir")
     log_dir = Path(log_dir_raw) if log_dir_raw else Path("logs")

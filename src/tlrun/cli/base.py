@@ -17,15 +17,20 @@ from typing import Any, TypeVar
 import click
 
 from tlrun import __version__
+from tlrun.config import MAX_SECONDS
 from tlrun.errors import EXIT_CODES, INTERRUPTED_EXIT_CODE, TlrunError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Seconds(click.FloatRange):
-    """A FloatRange that refuses NaN and infinities: `--grace nan` would never send SIGKILL."""
+    """A FloatRange that refuses NaN, infinities and more than a week (`--grace 1e308` overflowed the
+    worker's own timer): `--grace nan` would never send SIGKILL."""
 
     name = "seconds"
+
+    def __init__(self, min: float | None = None, max: float | None = MAX_SECONDS, **kwargs: Any) -> None:
+        super().__init__(min=min, max=max, **kwargs)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         result = super().convert(value, param, ctx)

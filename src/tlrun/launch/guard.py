@@ -37,7 +37,7 @@ class GuardNote:
     message: str
 
 
-def check_env_guard(environ: Mapping[str, str]) -> GuardNote | None:
+def check_env_guard(environ: Mapping[str, str], action: str = "start") -> GuardNote | None:
     """Refuse when we run inside a worker whose launcher is alive; otherwise say why we go on."""
     raw = environ.get(ENV_GUARD)
     if not raw:
@@ -50,7 +50,7 @@ def check_env_guard(environ: Mapping[str, str]) -> GuardNote | None:
     ancestors = {p.pid for p in psutil.Process().parents()}
     if launcher.pid in ancestors:
         raise NestedLaunchError(
-            f"refusing to start: this process runs inside a worker launched by tlrun (launcher pid {launcher.pid})",
+            f"refusing to {action}: this process runs inside a worker launched by tlrun (launcher pid {launcher.pid})",
             hint="start tlrun from a shell or your IDE, not from task or application code",
         )
     # Alive but not our ancestor: the variable leaked into this shell (an IDE's saved environment).
@@ -65,17 +65,27 @@ def runtime_dir(environ: Mapping[str, str]) -> Path:
     if xdg and os.path.isdir(xdg):
         base = Path(xdg) / "tlrun"
     else:
-        cache = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        home = os.path.expanduser("~")
+        if not os.path.isabs(home):
+            # No HOME and no password entry: expanduser returns "~" itself, a directory named `~` in the
+            # project (which a later `rm -rf ~` would take for a home). Use the per-user temporary one.
+            return _private_dir(Path(tempfile.gettempdir()) / f"tlrun-{os.getuid()}")
+        cache = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
         base = Path(cache) / "tlrun"
     return _private_dir(base)
 
 
 def _private_dir(base: Path) -> Path:
-    base.parent.mkdir(parents=True, exist_ok=True)
     try:
+        base.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(base, 0o700)
     except FileExistsError:
         pass
+    except OSError as exc:  # an unwritable HOME or cache directory: say which, never a traceback
+        raise UnsafeStateError(
+            f"cannot create tlrun's state directory {base}: {exc.strerror}",
+            hint="set XDG_RUNTIME_DIR (or XDG_CACHE_HOME) to a directory of yours",
+        ) from None
     st = os.lstat(base)
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeStateError(f"{base} is not a directory (a symlink?): refusing to use it")

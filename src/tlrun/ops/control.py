@@ -71,7 +71,9 @@ def _project_launchers(settings: Settings) -> list[psutil.Process]:
 def stop_project(settings: Settings, timeout: float) -> StopReport:
     """Launchers first (SIGTERM: each stops its children warm; after `timeout` the ladder kills the rest of
     its tree), then the strays, with the same ladder. With --role, a launcher that also runs other units
-    stops only the role's unit (unitstop.py) and runs on."""
+    stops only the role's unit (unitstop.py) and runs on. From inside a task: refused (it would stop the
+    worker that runs it, or see nothing and say so)."""
+    guard.check_env_guard(os.environ, "stop from inside a task")
     launchers = _project_launchers(settings)
     units: list[UnitStopped] = []
     late: list[int] = []

@@ -153,6 +153,8 @@ def _read(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         # The message carries "(at line N, column M)".
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    except RecursionError:  # arrays or tables nested thousands deep
+        raise ConfigError(f"{path}: nested too deeply to be a project file") from None
 
 
 def _check_table(table: Mapping[str, Any], schema: Mapping[str, Check], where: Callable[[str], str]) -> None:
