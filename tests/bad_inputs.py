@@ -147,6 +147,7 @@ CASES = [
         {"pyproject.toml": '[tool.tlrun.workers.a]\nqueues = ["a"]\nextra_args = ["--detach"]\n'},
     ),
     Case("a queue list with no names", (*W, "-Q", ","), 3, "no queue name"),
+    Case("a line break in --log-dir", (*W, "--log-dir", "logs\nx"), 3, "has a line break"),
 ]
 
 

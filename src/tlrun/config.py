@@ -330,6 +330,8 @@ def build_settings(
         return default if raw is None else _number(raw, source, kind, minimum, maximum)
 
     log_dir_raw, _ = pick("log_dir", ENV_LOG_DIR, file_key="log_dir")
+    if log_dir_raw and any(c in str(log_dir_raw) for c in "\n\r\0"):
+        raise ConfigError(f"log directory {str(log_dir_raw)[:80]!r} has a line break or a NUL byte")
     log_dir = Path(log_dir_raw) if log_dir_raw else Path("logs")
     if not log_dir.is_absolute():
         log_dir = project_root / log_dir
