@@ -461,3 +461,25 @@ def test_a_broker_run_by_another_user_is_a_warning_and_a_doctor_finding(
     finally:
         theirs.terminate()
         theirs.wait(10)
+
+
+def test_a_renamed_project_directory_is_still_one_project(project: Project) -> None:
+    """Started with --project-dir from elsewhere, then the directory is renamed: a second launcher in the new
+    path is refused (it is the same directory), and `tlrun stop` there stops the first one."""
+    from helpers import PY, Launched
+
+    old = project.root
+    argv = [PY, "-m", "tlrun", "worker", "-A", project.app, "--project-dir", str(old), "--", "--without-mingle"]
+    first = Launched(argv, project.base, project.env(), project.base / "first.out")
+    project.started.append(first)
+    first.wait_output(r"worker ready", 60)
+    new = project.base / "renamed"
+    old.rename(new)
+    try:
+        second = project.run("worker", "-A", project.app, "--project-dir", str(new), cwd=project.base, timeout=60)
+        assert second.returncode == 6 and "renamed or moved since" in second.stderr, second.stderr
+        stop = project.run("stop", "-A", project.app, "--project-dir", str(new), cwd=project.base, timeout=60)
+        assert stop.returncode == 0 and f"stopped launcher pid {first.pid}" in stop.stdout, stop.stdout + stop.stderr
+        assert first.wait(30) == 0
+    finally:
+        new.rename(old)

@@ -164,6 +164,44 @@ def live_records(project_id: str, kinds: list[str]) -> list[tuple[str, dict[str,
     return found
 
 
+def root_identity(root: Path) -> tuple[int, int] | None:
+    """The project directory's (device, inode): the same project after a rename or a move."""
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def moved_holders(root: Path, app: str, project_id: str, kinds: Collection[str]) -> list[tuple[str, Identity, str]]:
+    """Live launchers of this host holding one of `kinds` for this very directory (same device and inode) and
+    app under another project id: the directory was renamed or moved since they started (their path, and so
+    their lock name, is the old one). (kind, holder, the path they started in)."""
+    here = root_identity(root)
+    host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())[:64]
+    if here is None:
+        return []
+    found = []
+    try:
+        entries = list(os.scandir(lock_dir()))
+    except OSError:
+        return []
+    for entry in entries:
+        name_id, _, rest = entry.name.partition(".")
+        if name_id == project_id or not rest.startswith(host + ".") or not rest.endswith(".lock"):
+            continue
+        kind = rest[len(host) + 1 : -len(".lock")]
+        if kind not in kinds:
+            continue
+        record = read_record(Path(entry.path))
+        holder = holder_identity(record)
+        if not record or holder is None or record.get("app") != app or not holder.is_alive():
+            continue
+        if [record.get("root_dev"), record.get("root_ino")] == list(here):
+            found.append((kind, holder, str(record.get("project_root", "?"))))
+    return found
+
+
 def holder_identity(record: Mapping[str, Any] | None) -> Identity | None:
     if not record:
         return None

@@ -53,6 +53,9 @@ class UnitLocks:
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "state": STARTING,
         }
+        root = guard.root_identity(s.project_root)
+        if root is not None:  # the same project however its path changes (guard.moved_holders)
+            base["root_dev"], base["root_ino"] = root
         replaced: list[procs.Identity] = []
         for unit in units:
             fields = {"role": unit.role.name, "node": unit.node} if isinstance(unit, WorkerUnit) else {}
@@ -65,6 +68,14 @@ class UnitLocks:
             record = {**base, **fields}
             lock.write(record)
             self._held[unit.lock_kind] = (lock, record)
+        moved = guard.moved_holders(s.project_root, s.app, s.project_id, [u.lock_kind for u in units])
+        if moved:
+            kind, holder, started_in = moved[0]
+            raise LockHeldError(
+                f"this project's {kind} is already running under tlrun launcher pid {holder.pid}, started in "
+                f"{started_in}: the same directory, renamed or moved since",
+                hint="stop it first: tlrun stop (here), then start again",
+            )
         # A replaced launcher lets go of its locks just before it exits: let it finish exiting.
         deadline = time.monotonic() + signals.KILL_WAIT
         while any(h.is_alive() for h in replaced) and time.monotonic() < deadline:

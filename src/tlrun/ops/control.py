@@ -41,6 +41,10 @@ def _project_launchers(settings: Settings) -> list[psutil.Process]:
     launchers running in the project's directory (one still starting has no lock record yet)."""
     identities: set[procs.Identity] = set()
     kinds = [r.lock_kind for r in settings.roles] + ([] if settings.role_filter else ["beat"])
+    # Launchers that started before the project's directory was renamed or moved hold the old lock names.
+    identities.update(
+        h for _kind, h, _path in guard.moved_holders(settings.project_root, settings.app, settings.project_id, kinds)
+    )
     for kind in kinds:
         try:
             holder = guard.holder_identity(guard.read_record(guard.lock_path(settings.project_id, kind)))
