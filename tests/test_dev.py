@@ -86,7 +86,7 @@ def dev_project(project: Project) -> Project:
 
 def test_dev_starts_a_private_broker_when_none_answers(tmp_path: Path) -> None:
     port = free_port()
-    proj = Project(tmp_path / "projects", f"redis://127.0.0.1:{port}/0")
+    proj = Project(tmp_path / "projects", f"redis://:dev-pw@127.0.0.1:{port}/0")  # other login users here
     write_app(proj, 1)
     try:
         launched = dev(proj)
@@ -99,6 +99,34 @@ def test_dev_starts_a_private_broker_when_none_answers(tmp_path: Path) -> None:
         assert gone([redis_pid])
     finally:
         proj.cleanup()
+
+
+def test_no_password_private_broker_on_a_host_with_other_login_users_is_refused(tmp_path: Path) -> None:
+    import os
+    import pwd
+    import uuid
+
+    from tlrun.launch import owner
+
+    entries = [pwd.struct_passwd(("alice", "x", 1500, 1500, "", "/home/alice", "/bin/bash"))]
+    entries.append(pwd.struct_passwd(("svc", "x", 1501, 1501, "", "/", "/usr/sbin/nologin")))
+    entries.append(pwd.struct_passwd(("me", "x", os.getuid(), 0, "", "/", "/bin/sh")))
+    assert owner.other_login_users(entries) == ["alice"]  # a service account and we ourselves do not count
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("creating a user needs root and useradd")
+    name = f"tlrl{uuid.uuid4().hex[:8]}"
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True, timeout=30)
+    port = free_port()
+    proj = Project(tmp_path / "projects", f"redis://127.0.0.1:{port}/0")
+    write_app(proj, 1)
+    try:
+        result = proj.run("dev", "-A", proj.app, timeout=60)
+        assert result.returncode == 5, result.stdout + result.stderr
+        assert "other login users" in result.stderr and name in result.stderr
+        assert f"CELERY_BROKER_URL=redis://:<a password>@127.0.0.1:{port}/0" in result.stderr
+    finally:
+        proj.cleanup()
+        subprocess.run(["userdel", name], check=False, timeout=30)
 
 
 def test_private_broker_takes_a_tricky_password_on_stdin_and_leaves_it_nowhere(tmp_path: Path) -> None:
@@ -218,7 +246,7 @@ def test_beat_runs_periodic_tasks_and_a_second_beat_is_refused(dev_project: Proj
 
 
 def test_ide_stop_sigint_then_sigkill_leaves_nothing(tmp_path: Path) -> None:
-    proj = Project(tmp_path / "projects", f"redis://127.0.0.1:{free_port()}/0")
+    proj = Project(tmp_path / "projects", f"redis://:dev-pw@127.0.0.1:{free_port()}/0")
     write_app(proj, 1)
     try:
         launched = dev(proj, "--beat", "--concurrency", "2")

@@ -216,7 +216,7 @@ def test_a_leftover_in_its_own_session_is_found_by_its_marker(project: Project) 
 
 
 def test_idle_worker_beat_and_private_redis_gone_without_pdeathsig(tmp_path: Path) -> None:
-    proj = Project(tmp_path / "projects", f"redis://127.0.0.1:{free_port()}/0")
+    proj = Project(tmp_path / "projects", f"redis://:dev-pw@127.0.0.1:{free_port()}/0")
     (proj.root / f"{proj.app}.py").write_text((proj.root / f"{proj.app}.py").read_text() + PDEATHSIG_TASK)
     try:
         launched = proj.launch("--beat", "--pool", "solo", "--grace", "5", command="dev", env=proj.env(**AS_ON_MACOS))

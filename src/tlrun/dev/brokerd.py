@@ -135,6 +135,20 @@ class PrivateBrokerStep(Step):
                 )
         self._plan = plan_private_redis(launcher.broker_url, runtime_dir(os.environ))
         launcher.broker_provided = self._plan is not None
+        if self._plan is not None and self._plan.config is None:
+            others = owner.other_login_users()
+            if others:
+                # Any local user can connect to a password-less Redis on loopback, read every message and
+                # have this worker run tasks of their choosing. Alone on the machine, nobody else can.
+                shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+                raise BrokerError(
+                    f"this host has other login users ({shown}): a private redis-server without a password "
+                    "would let them read your tasks and run theirs in your worker",
+                    hint="give it a password in .env, which your web app reads too: "
+                    "CELERY_BROKER_URL=redis://:<a password>@"
+                    + ":".join(map(str, local_redis_address(launcher.broker_url) or ("127.0.0.1", 6379)))
+                    + "/0",
+                )
 
     def prepare(self, launcher: Launcher) -> None:
         if self._plan is None:

@@ -67,3 +67,18 @@ def foreign_listener(url: str, proc_net: Path = Path("/proc/net")) -> int | None
     me, login = os.getuid(), first_login_uid()
     foreign = sorted(uid for uid in listener_uids(port, proc_net) if uid != me and uid >= login)
     return foreign[0] if foreign else None
+
+
+NO_LOGIN_SHELLS = ("nologin", "false", "sync", "halt", "shutdown")
+
+
+def other_login_users(entries: list[pwd.struct_passwd] | None = None) -> list[str]:
+    """Names of the other accounts on this host that can log in (a login-range uid and a shell): each could
+    reach a password-less broker on loopback."""
+    me, login = os.getuid(), first_login_uid()
+    names = []
+    for entry in pwd.getpwall() if entries is None else entries:
+        shell = os.path.basename(entry.pw_shell or "")
+        if entry.pw_uid != me and login <= entry.pw_uid < 65534 and shell and shell not in NO_LOGIN_SHELLS:
+            names.append(entry.pw_name)
+    return sorted(names)
