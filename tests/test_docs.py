@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from tlrun import config
+from tlrun import config, passthrough
 from tlrun.errors import EXIT_CODES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def test_readme_exit_codes_match_errors() -> None:
 
 def test_readme_lists_every_refused_passthrough_option() -> None:
     readme = (ROOT / "README.md").read_text()
-    for names in [*config.OWNED_OPTIONS, *config.ROLE_OWNED_OPTIONS]:
+    for names in [*passthrough.OWNED_OPTIONS, *passthrough.ROLE_OWNED_OPTIONS]:
         row = ", ".join(f"`{name}`" for name in names)
         assert f"| {row}" in readme, row
 

@@ -151,8 +151,8 @@ def test_parse_celery_argv_never_raises(argv: list[str]) -> None:
 
 @given(st.lists(st.text(alphabet=string.ascii_letters + string.digits + "-=_.@%", min_size=1, max_size=15), max_size=6))
 def test_extra_args_pass_through_verbatim_and_last(extra: list[str]) -> None:
-    from tlrun.config import OWNED_OPTIONS, _owned
     from tlrun.errors import UsageError
+    from tlrun.passthrough import OWNED_OPTIONS, _owned
 
     if any(_owned(arg, names) for arg in extra for names in OWNED_OPTIONS):  # tlrun's own: refused, never passed
         with pytest.raises(UsageError, match="is tlrun's to set"):

@@ -6,9 +6,7 @@ tested without touching the real environment.
 
 from __future__ import annotations
 
-import collections
 import hashlib
-import io
 import math
 import os
 import re
@@ -19,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from tlrun import redact
-from tlrun.errors import ConfigError, TlrunError, UsageError
+from tlrun.envfile import read_dotenv
+from tlrun.errors import ConfigError, UsageError
+from tlrun.passthrough import check_queues, refuse_owned_options
 from tlrun.project.file import LOGLEVELS, POOLS, ProjectFile, RoleSpec
 
 if TYPE_CHECKING:
@@ -153,57 +153,7 @@ def project_id(root: Path, app: str) -> str:
     return digest[:16]
 
 
-MAX_DOTENV_BYTES = 1024 * 1024
 MAX_SECONDS = 7 * 24 * 3600.0  # no duration tlrun takes is longer than a week (timers overflow past ~1e9 s)
-
-
-def read_dotenv(path: Path) -> dict[str, str]:
-    """The variables of a .env file, with python-dotenv's syntax and `${VAR}` interpolation.
-
-    A line python-dotenv cannot parse is a ConfigError with file and line (never the line itself: it may
-    hold a secret); so is a NUL byte, and a file over 1 MiB. Interpolation runs in one pass over a ChainMap
-    (python-dotenv's own copies the environment for every line: 20,000 lines took 5-13 s)."""
-    if not path.is_file():
-        return {}
-    from dotenv.parser import parse_stream
-
-    try:
-        if path.stat().st_size > MAX_DOTENV_BYTES:
-            raise ConfigError(f"{path}: larger than {MAX_DOTENV_BYTES // 1024} KiB; not a .env file tlrun reads")
-        with path.open(encoding="utf-8") as stream:
-            text = stream.read()
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
-    if "\0" in text:
-        line = text[: text.index("\0")].count("\n") + 1
-        raise ConfigError(f"{path}:{line}: NUL byte in .env")
-    resolved: dict[str, str | None] = {}
-    env: collections.ChainMap[str, str | None] = collections.ChainMap(resolved, os.environ)  # type: ignore[arg-type]
-    for binding in parse_stream(io.StringIO(text)):
-        if binding.error:
-            raise ConfigError(f"{path}:{binding.original.line}: malformed line in .env (expected KEY=VALUE)")
-        if binding.key is None:
-            continue
-        value = binding.value
-        resolved[binding.key] = None if value is None else _expand(value, env, path, binding.original.line)
-    return {k: v for k, v in resolved.items() if v is not None}
-
-
-def _expand(value: str, env: Mapping[str, str | None], path: Path, line: int) -> str:
-    """`${VAR}` interpolation with the expanded value capped at MAX_DOTENV_BYTES: nested references multiply
-    (a 391-byte file expanded to 3.5 GB), so the size is checked as the parts are joined."""
-    from dotenv.variables import parse_variables
-
-    parts, size = [], 0
-    for atom in parse_variables(value):
-        part = atom.resolve(env)
-        size += len(part)
-        if size > MAX_DOTENV_BYTES:
-            raise ConfigError(f"{path}:{line}: the value expands to more than {MAX_DOTENV_BYTES // 1024} KiB")
-        parts.append(part)
-    return "".join(parts)
 
 
 def check_broker_url(url: str, source: str) -> None:
@@ -439,51 +389,6 @@ def _role(spec: RoleSpec, values: Mapping[str, tuple[Any, str]], declared: bool,
         extra=extra,
     )
     return Role(spec.name, prefix, worker, int(spec.values.get("expected", 1)), declared)
-
-
-# Options of `celery worker` that tlrun owns, or that would defeat what it guarantees: refused after `--` and in
-# a role's extra_args (README, "Passthrough"). Short forms take their value attached too (`-nname`).
-OWNED_OPTIONS: dict[tuple[str, ...], str] = {
-    ("-D", "--detach"): "tlrun supervises the worker in the foreground: a detached worker runs unsupervised",
-    ("--pidfile",): "tlrun holds a lock per role instead (a pidfile goes stale when its worker dies)",
-    ("-n", "--hostname"): "tlrun names each worker uniquely (use --node-prefix or the role's node_prefix)",
-    ("-f", "--logfile"): "tlrun writes each worker's log file (use --log-dir)",
-    ("-B", "--beat"): "beat is a unit of its own (tlrun dev --beat, tlrun beat): an embedded one escapes the lease",
-}
-ROLE_OWNED_OPTIONS: dict[tuple[str, ...], str] = {
-    ("-Q", "--queues"): "the project file declares each role's queues (use --role NAME -Q ... for one role)",
-}
-
-
-def _owned(arg: str, names: tuple[str, ...]) -> str | None:
-    """The option of `names` that `arg` is (`--hostname=x`, `-nx` included), else None."""
-    for name in names:
-        if arg == name or arg.startswith(name + "="):
-            return name
-        if len(name) == 2 and arg.startswith(name) and not arg.startswith("--"):
-            return name  # -nvalue
-    return None
-
-
-def refuse_owned_options(args: tuple[str, ...], where: str, declared: bool, error: type[TlrunError]) -> None:
-    """Refuse, before anything is swept or started, a passthrough option that tlrun owns."""
-    table = {**OWNED_OPTIONS, **(ROLE_OWNED_OPTIONS if declared else {})}
-    for arg in args:
-        if "\n" in arg or "\r" in arg:
-            raise error(f"{where}: {arg!r} has a line break")
-        for names, why in table.items():
-            option = _owned(arg, names)
-            if option is not None:
-                raise error(f"{where}: {option} is tlrun's to set: {why}")
-
-
-def check_queues(queues: str, source: str) -> None:
-    names = [q.strip() for q in queues.split(",")]
-    if not any(names):
-        raise ConfigError(f"{source}={queues!r}: no queue name (a worker would consume nothing it should)")
-    bad = next((q for q in names if any(c.isspace() for c in q)), None)
-    if bad is not None or "" in names:
-        raise ConfigError(f"{source}={queues!r}: queue names are comma-separated, without spaces or line breaks")
 
 
 DEV_QUIET_FLAGS = ("--without-mingle", "--without-gossip")
