@@ -289,8 +289,17 @@ class Bench:
         return int(self._client().send_task("benchapp.value").get(timeout=timeout))
 
     def _until_value(self, wanted: int) -> None:
-        """Send the `value` task until one returns `wanted`: the new code is serving."""
-        wait_until(lambda: self._value() == wanted, 60)
+        """Send the `value` task until one returns `wanted`: the new code is serving. A task sent while a worker
+        restarts may wait longer than one attempt's timeout (watchfiles' restart): that attempt just failed."""
+        from celery.exceptions import TimeoutError as ResultTimeout
+
+        def serving() -> bool:
+            try:
+                return self._value() == wanted
+            except ResultTimeout:
+                return False
+
+        wait_until(serving, 60)
 
     def _save(self, n: int) -> None:
         (self.dir / "benchapp.py").write_text(APP.replace("VALUE = 1", f"VALUE = {n}"))
