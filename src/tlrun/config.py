@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from tlrun import redact
 from tlrun.envfile import read_dotenv
 from tlrun.errors import ConfigError, UsageError
+from tlrun.limits import MAX_SECONDS
 from tlrun.passthrough import check_queues, refuse_owned_options
 from tlrun.project.file import LOGLEVELS, POOLS, ProjectFile, RoleSpec
 
@@ -151,9 +152,6 @@ def project_id(root: Path, app: str) -> str:
     """A short stable id for (project directory, app): the sweep's marker and the lock's name."""
     digest = hashlib.sha256(f"{os.path.realpath(root)}\0{app}".encode()).hexdigest()
     return digest[:16]
-
-
-MAX_SECONDS = 7 * 24 * 3600.0  # no duration tlrun takes is longer than a week (timers overflow past ~1e9 s)
 
 
 def check_broker_url(url: str, source: str) -> None:

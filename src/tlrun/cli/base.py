@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import click
 
 from tlrun import __version__
-from tlrun.config import MAX_SECONDS
 from tlrun.errors import EXIT_CODES, INTERRUPTED_EXIT_CODE, TlrunError
+from tlrun.limits import MAX_SECONDS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
