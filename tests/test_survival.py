@@ -232,12 +232,18 @@ def test_no_zombies_after_reloads_and_stops(project: Project) -> None:
     for n in range(2):
         app_file.write_text(app_file.read_text() + f"\n# change {n}\n")
         wait_for(lambda n=n: launched.output().count("reloaded:") > n, 30, f"reload {n + 1}")
-    children = psutil.Process(launched.pid).children()
-    assert children and all(c.status() != psutil.STATUS_ZOMBIE for c in children)
-    # One worker and, for the next save, one spare (Celery imported, held before it loads the app).
-    workers = [c.pid for c in children if procs.parse_celery_argv(c.cmdline())]
+
+    # One worker and, for the next save, one spare (Celery imported, held before it loads the app). The spare
+    # starts just after the reload's verdict line is printed: wait for it.
+    def worker_and_spare() -> list[int]:
+        children = psutil.Process(launched.pid).children()
+        assert all(c.status() != psutil.STATUS_ZOMBIE for c in children)
+        found = [c.pid for c in children if procs.parse_celery_argv(c.cmdline())]
+        return found if len(found) == 2 else []
+
+    workers = wait_for(worker_and_spare, 15, "the worker and the next spare")
     record = guard.read_record(project.lock_file())
-    assert len(workers) == 2 and record is not None and record["worker_pid"] in workers
+    assert record is not None and record["worker_pid"] in workers
 
 
 # 11 ------------------------------------------------------------------------------------------------

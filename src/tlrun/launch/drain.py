@@ -21,6 +21,7 @@ from tlrun.launch.broker import Broker
 
 CONTROL_TIMEOUT = 1.0
 POLL_MARGIN = 0.05  # how much longer than the poll interval to wait for an in-flight BRPOP
+CANCEL_POLL = 0.02  # between two looks at a node's queues while its cancel is pending
 CELERY_POLL_INTERVAL = 1.0  # kombu's Redis BRPOP timeout when the app sets none (plain `celery worker`)
 
 
@@ -56,7 +57,14 @@ def drain_many(url: str, nodes: dict[str, float | None]) -> dict[str, Drained]:
                     by_queue.setdefault(str(name), []).append(node)
             for queue, consumers in by_queue.items():
                 broker.tell(consumers, "cancel_consumer", queue=queue)
-            after = broker.ask_each(list(left), "active_queues", CONTROL_TIMEOUT)  # after the cancels, in order
+            # Celery's cancel_consumer only schedules the cancel (call_soon) for the worker's next loop turn,
+            # and a mailbox may answer the next command in the same turn: ask until no queue is left.
+            deadline = time.monotonic() + CONTROL_TIMEOUT
+            while True:
+                after = broker.ask_each(list(left), "active_queues", CONTROL_TIMEOUT)
+                if not any(after.get(node) for node in left) or time.monotonic() >= deadline:
+                    break
+                time.sleep(CANCEL_POLL)
             for node in list(left):
                 if node not in after:
                     fail(node, "it did not answer active_queues")
