@@ -31,11 +31,6 @@ class Drained:
     why: str = ""  # why the worker may not be killed (ok False)
 
 
-def drain(url: str, node: str, poll_interval: float | None) -> Drained:
-    """Drain `node`; `poll_interval` is its transport's poll interval on Redis (None: not Redis)."""
-    return drain_many(url, {node: poll_interval})[node]
-
-
 def drain_many(url: str, nodes: dict[str, float | None]) -> dict[str, Drained]:
     """Drain several nodes at once, over one connection: each step is one broadcast to all of them (it returns
     when every node replied), so draining six costs about what draining one does. node -> its verdict."""
