@@ -18,7 +18,7 @@ def test_doctor_outside_the_project_does_not_claim_an_unreachable_broker(project
     env.pop("CELERY_BROKER_URL")
     result = project.run("doctor", "-A", "examples.app", env=env)
     assert result.returncode == 4
-    assert "No module named 'examples' (modules are looked up in the project root" in result.stdout, result.stdout
+    assert "No module named 'examples' (modules are looked up in /" in result.stdout, result.stdout
     assert "not checked" in result.stdout and "UNREACHABLE" not in result.stdout, result.stdout
 
 

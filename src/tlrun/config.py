@@ -128,6 +128,12 @@ class Settings:
     beat_lock_ttl: float = 30.0  # the beat lease's time to live on the broker
     stuck_after: float = 60.0  # an idle worker with messages waiting this long on its queue is not consuming
     consume_check_every: float = 30.0  # how often `tlrun worker` checks that its workers consume
+    source_dir: Path | None = None  # where the code lives when not at the root (a src/ layout)
+
+    @property
+    def code_root(self) -> Path:
+        """The folder the project's top-level modules are in: first on the workers' PYTHONPATH."""
+        return self.source_dir or self.project_root
 
     @property
     def project_id(self) -> str:
@@ -224,6 +230,7 @@ def build_settings(
     project: ProjectFile | None = None,
     discover: Callable[[], Discovery] | None = None,
     app_required: bool = True,
+    source_dir: Path | None = None,
 ) -> Settings:
     """Merge the sources. `cli` holds only the options given on the command line (None means not given).
 
@@ -253,7 +260,7 @@ def build_settings(
             )
         found = discover()
         app = found.app
-        notes.append(("info", f"using app {app} ({found.found}; pin it with [tool.tlrun] app)"))
+        notes.append(("info", f"using app {app} ({found.found}; pin it with `tlrun init` or [tool.tlrun] app)"))
     broker = cli.get("broker")
     if broker is not None and broker == "":
         raise UsageError("-b/--broker is empty", hint="give a URL such as redis://127.0.0.1:6379/0, or leave it out")
@@ -324,6 +331,7 @@ def build_settings(
         beat_lock_ttl=num("beat_lock_ttl", ENV_BEAT_LOCK_TTL, float, 30.0, 2),
         stuck_after=num("stuck_after", ENV_STUCK_AFTER, float, 60.0, 1),
         consume_check_every=num("consume_check_every", ENV_CONSUME_CHECK_EVERY, float, 30.0, 0.5),
+        source_dir=source_dir,
     )
 
 
@@ -408,17 +416,25 @@ def load_settings(
     """Read the real sources: the project file, the project's .env and os.environ."""
     from tlrun.project import file as project_file
     from tlrun.project.discover import discover_app
+    from tlrun.project.layout import find_root, find_source
 
-    root = Path(project_root or os.getcwd()).resolve()
-    if not root.is_dir():
-        raise ConfigError(f"project directory {root} does not exist")
+    if project_root is not None:
+        root = Path(project_root).resolve()
+        if not root.is_dir():
+            raise ConfigError(f"project directory {root} does not exist")
+    else:
+        root = find_root(Path(os.getcwd()))
+    pf = project_file.load(root)
+    declared = pf.values.get("source")
+    source = find_source(root, dict(pf.pyproject or {}), str(declared) if declared is not None else None)
     return build_settings(
         cli,
         os.environ,
         read_dotenv(root / ".env"),
         root,
         ping_window_default,
-        project=project_file.load(root),
-        discover=lambda: discover_app(root),
+        project=pf,
+        discover=lambda: discover_app(root, source),
         app_required=app_required,
+        source_dir=source.directory if source.directory != root else None,
     )

@@ -99,7 +99,8 @@ def project_options(func: F) -> F:
         click.option(
             "--project-dir",
             type=click.Path(file_okay=False, path_type=Path),
-            help="Project root (default: the current directory); its .env is read.",
+            help="Project root (default: the nearest folder up from here with pyproject.toml, tlrun.toml, "
+            "manage.py or .git); its .env is read.",
         ),
         click.option(
             "--grace", "stop_grace", type=Seconds(min=0), show_default="30", help="Stop grace period, seconds."
@@ -115,10 +116,21 @@ def _settings(params: dict[str, Any], ping_window_default: float = 1.0, app_requ
     from tlrun.config import load_settings
 
     project_dir = params.pop("project_dir", None)
+    in_project_env(project_dir)
     settings = load_settings(params, project_dir, ping_window_default, app_required=app_required)
     for level, message in settings.notes:
         click.echo(f"tlrun: {'warning: ' if level == 'warning' else ''}{message}", err=True)
     return settings
+
+
+def in_project_env(project_dir: Path | None) -> None:
+    """Hand over to the tlrun of the project's own environment when this one runs elsewhere (pipx, another
+    venv), before anything is read or started; or exit 3 saying how to install it there."""
+    from tlrun.project.interpreter import hand_over
+    from tlrun.project.layout import find_root, read_pyproject
+
+    root = project_dir.resolve() if project_dir is not None else find_root(Path.cwd())
+    hand_over(root, sys.argv[1:], pyproject=read_pyproject(root), say=lambda line: click.echo(line, err=True))
 
 
 MAX_CONCURRENCY = 10_000  # Celery accepts more and then fails to start the pool

@@ -50,10 +50,13 @@ def resolve_broker_url(settings: Settings) -> str:
 
 
 def load_app(settings: Settings) -> Any:
-    root = str(settings.project_root)
+    # Celery first, from tlrun's own environment: a project module named like it (a celery.py at the top)
+    # must not shadow the real one.
+    from celery.app.utils import find_app
+
+    root = str(settings.code_root)
     if root not in sys.path:
         sys.path.insert(0, root)
-    from celery.app.utils import find_app
 
     try:
         return find_app(settings.app)
@@ -62,8 +65,8 @@ def load_app(settings: Settings) -> Any:
         if (exc.name or "").split(".", 1)[0] != top:  # a dependency the app imports is missing
             raise AppImportError(f"app {settings.app!r} does not import: ModuleNotFoundError: {exc}") from None
         raise AppImportError(
-            f"app {settings.app!r} does not import: {exc} (modules are looked up in the project root, {root})",
-            hint="run tlrun from the project's root directory, or pass --project-dir",
+            f"app {settings.app!r} does not import: {exc} (modules are looked up in {root})",
+            hint='packages under src/? set source = "src" under [tool.tlrun]; or pass --project-dir',
         ) from None
     except SyntaxError as exc:
         raise AppImportError(

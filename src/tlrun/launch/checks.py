@@ -58,7 +58,7 @@ def check_app_module(settings: Settings) -> None:
     import importlib.util
 
     top = settings.app.split(":", 1)[0].split(".", 1)[0]
-    root = str(settings.project_root)
+    root = str(settings.code_root)
     if root not in sys.path:
         sys.path.insert(0, root)
     try:
@@ -67,8 +67,8 @@ def check_app_module(settings: Settings) -> None:
         spec = None
     if spec is None:
         raise AppImportError(
-            f"app {settings.app!r} does not import: no module named {top!r} in the project root {root}",
-            hint="run tlrun from the project's root directory, or pass --project-dir",
+            f"app {settings.app!r} does not import: no module named {top!r} in {root}",
+            hint='packages under src/? set source = "src" under [tool.tlrun]; or pass --project-dir',
         )
 
 

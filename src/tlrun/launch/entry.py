@@ -95,9 +95,10 @@ def main() -> None:
     name = app_name(argv)
     interval = None
     if name is not None:
+        from celery.app.utils import find_app  # before the project's folder can shadow it
+
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
-        from celery.app.utils import find_app
 
         try:
             app = find_app(name)

@@ -11,7 +11,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+__all__ = ["ProjectFile", "RoleSpec", "load", "parse", "tomllib"]
 
 PYPROJECT = "pyproject.toml"
 TLRUN_TOML = "tlrun.toml"
@@ -102,6 +104,7 @@ ROLE_KEYS: dict[str, Check] = {
 TOP_KEYS: dict[str, Check] = {
     "app": _string,
     "name": _string,
+    "source": _string,
     "beat": _bool,
     "beat_lock_ttl": _number(2),
     "stuck_after": _number(1),
@@ -131,6 +134,8 @@ class ProjectFile:
     path: Path | None  # None: the project has no tlrun table
     values: Mapping[str, Any] = field(default_factory=dict)
     roles: tuple[RoleSpec, ...] = ()
+    # The whole parsed pyproject.toml (for the packaging tools' src/ settings), when there is one.
+    pyproject: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def where(self, key: str) -> str:
         table = "[tool.tlrun]" if self.path is not None and self.path.name == PYPROJECT else "top level"
@@ -205,11 +210,13 @@ def parse(path: Path, document: Mapping[str, Any]) -> ProjectFile:
 def load(root: Path) -> ProjectFile:
     """`[tool.tlrun]` of root/pyproject.toml; else root/tlrun.toml; else an empty ProjectFile."""
     pyproject = root / PYPROJECT
+    document = None
     if pyproject.is_file():
-        found = parse(pyproject, _read(pyproject))
+        document = _read(pyproject)
+        found = parse(pyproject, document)
         if found.path is not None:
-            return found
+            return replace(found, pyproject=document)
     alt = root / TLRUN_TOML
     if alt.is_file():
-        return parse(alt, _read(alt))
-    return ProjectFile(None)
+        return replace(parse(alt, _read(alt)), pyproject=document)
+    return ProjectFile(None, pyproject=document)
