@@ -287,10 +287,11 @@ def test_discovery_zero_one_two_candidates(tmp_path: Path) -> None:
         },
     )
     found = discover_app(one)
-    assert (found.app, found.found) == ("proj.celery", "found proj/celery.py")
+    assert (found.app, found.found) == ("proj.celery", "found proj/celery.py: creates Celery('x')")
     custom = _tree(tmp_path / "custom", {"worker.py": "import celery\n\nqueue_app = celery.Celery('w')\n"})
     assert discover_app(custom).app == "worker:queue_app"
-    with pytest.raises(ConfigError, match=r"2 found in .*: proj\.celery \(proj/celery\.py\); tasks \(tasks\.py\)"):
+    two = r"2 candidates in .*: proj\.celery \(proj/celery\.py: creates Celery\('x'\)\); tasks \(tasks\.py: creates"
+    with pytest.raises(ConfigError, match=two):
         discover_app(
             _tree(tmp_path / "two", {"proj/__init__.py": "", "proj/celery.py": APP_LINE, "tasks.py": APP_LINE})
         )
@@ -311,7 +312,7 @@ def test_discovery_of_a_large_tree_says_what_it_found(tmp_path: Path, project: P
         _tree(project.root, {f"pkg{i}/__init__.py": "", **{f"pkg{i}/m{j}.py": "x = 1\n" * 50 for j in range(120)}})
     _tree(project.root, {"pkg7/celery_app.py": APP_LINE})
     result = project.run("logs", "--list", env=project.env())
-    assert "tlrun: using app pkg7.celery_app (found pkg7/celery_app.py; pin it with [tool.tlrun] app)" in result.stderr
+    assert "tlrun: using app pkg7.celery_app (found pkg7/celery_app.py: creates Celery('x'); pin it" in result.stderr
 
 
 def test_commands_without_any_app_say_how_to_name_one(project: Project) -> None:
