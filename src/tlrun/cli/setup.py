@@ -21,7 +21,7 @@ from tlrun.cli.base import (
 @click.option(
     "--project-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Project root (default: the current directory).",
+    help="Project root (default: the nearest folder up from here with pyproject.toml, manage.py or .git).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing [tool.tlrun] table.")
 @handle_errors
@@ -31,12 +31,19 @@ def init(app: str | None, project_dir: Path | None, force: bool) -> None:
     Other tables and comments are kept. Creates .env from .env.example when there is none. Afterwards
     `tlrun dev`, `tlrun ps`, `tlrun stop` and `tlrun doctor` need no arguments.
     """
+    from tlrun.cli.base import in_project_env
     from tlrun.project.init import init_project
+    from tlrun.project.layout import find_root
 
-    root = (project_dir or Path.cwd()).resolve()
+    in_project_env(project_dir)
+    root = project_dir.resolve() if project_dir is not None else find_root(Path.cwd())
     result = init_project(root, app, force)
     if result.found:
         click.echo(f"tlrun: using app {result.app} ({result.found})")
+    if result.source:
+        click.echo(f"tlrun: the code lives in {result.source}/ (source = {result.source!r})")
+    if result.beat_why:
+        click.echo(f"tlrun: beat = true: {result.beat_why}")
     if result.note:
         click.echo(f"tlrun: warning: {result.note}", err=True)
     roles = ", ".join(f"{name} ({', '.join(queues)})" for name, queues in result.roles)

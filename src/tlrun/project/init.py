@@ -14,8 +14,11 @@ from typing import Any
 
 from tlrun import safefile
 from tlrun.errors import AppImportError, ConfigError, TlrunError
+from tlrun.project import appconfig
 from tlrun.project.discover import discover_app
 from tlrun.project.file import PYPROJECT, RESERVED_ROLE_NAMES
+from tlrun.project.layout import Source, find_source
+from tlrun.project.table import replace_table
 
 DEFAULT_ROLE = "default"
 
@@ -30,6 +33,8 @@ class InitResult:
     roles: tuple[tuple[str, tuple[str, ...]], ...]  # (role, queues)
     dotenv: Path | None  # the .env created from .env.example
     note: str | None = None  # why the roles are a guess (the app did not import)
+    source: str | None = None  # `source` written for a src/ layout
+    beat_why: str | None = None  # the evidence for beat = true beyond a beat_schedule
 
 
 def role_name(queue: str) -> str:
@@ -66,25 +71,32 @@ def plan_roles(default_queue: str, queues: Iterable[str]) -> tuple[tuple[str, tu
     return tuple(roles.items())
 
 
-def _app_routes(root: Path, app: str) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], bool]:
+def _app_routes(root: Path, source: Source, app: str) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], bool]:
     """(roles, beat) from the app's own configuration."""
     from tlrun.config import Settings
     from tlrun.launch.broker import load_app
 
-    celery_app = load_app(Settings(project_root=root, app=app, broker_url=None, roles=()))
+    source_dir = source.directory if source.directory != root else None
+    celery_app = load_app(Settings(project_root=root, app=app, broker_url=None, roles=(), source_dir=source_dir))
     conf = celery_app.conf
     default_queue = str(conf.task_default_queue or "celery")
     queues = _route_queues(conf.task_routes or {})
     queues += [str(getattr(q, "name", q)) for q in conf.task_queues or ()]
-    return plan_roles(default_queue, queues), bool(conf.beat_schedule)
+    scheduler = str(conf.beat_scheduler or "")
+    own_scheduler = scheduler not in ("", "celery.beat:PersistentScheduler", "celery.beat.PersistentScheduler")
+    return plan_roles(default_queue, queues), bool(conf.beat_schedule) or own_scheduler
 
 
-def render_table(app: str, beat: bool, roles: tuple[tuple[str, tuple[str, ...]], ...]) -> Any:
+def render_table(
+    app: str, beat: bool, roles: tuple[tuple[str, tuple[str, ...]], ...], source: str | None = None
+) -> Any:
     import tomlkit
 
     table = tomlkit.table()
     table.add(tomlkit.comment("Written by `tlrun init`. Keys: see tlrun's README, section Configuration."))
     table.add("app", app)
+    if source is not None:
+        table.add("source", source)
     table.add("beat", beat)
     workers = tomlkit.table(is_super_table=True)
     for name, queues in roles:
@@ -111,27 +123,42 @@ def init_project(root: Path, app: str | None = None, force: bool = False) -> Ini
     tool = document.get("tool")
     if tool is not None and "tlrun" in tool and not force:
         raise ConfigError(f"{path} already has [tool.tlrun]", hint="edit it by hand, or run tlrun init --force")
+    old = tool.get("tlrun") if tool is not None else None
+    declared = old.get("source") if isinstance(old, dict) and isinstance(old.get("source"), str) else None
+    source = find_source(root, document.unwrap(), declared)
+    written_source = source.directory.relative_to(root).as_posix() if source.directory != root else None
     found = None
     if app is None:
-        discovery = discover_app(root)
+        discovery = discover_app(root, source)
         app, found = discovery.app, discovery.found
     note = None
     try:
-        roles, beat = _app_routes(root, app)
+        roles, beat = _app_routes(root, source, app)
     except (AppImportError, TlrunError) as exc:
-        roles, beat = plan_roles("celery", ()), False
-        note = f"{exc}; wrote a single default role"
-    if tool is None:
-        document["tool"] = tomlkit.table(is_super_table=True)
-        tool = document["tool"]
-    if "tlrun" in tool:
-        del tool["tlrun"]
-    tool["tlrun"] = render_table(app, beat, roles)
+        # What the settings say as text: Django-namespaced queues, a database scheduler.
+        default, queues = appconfig.namespaced_queues(root, source.directory)
+        roles, beat = plan_roles(default or "celery", queues), False
+        note = f"{exc}; wrote the roles the settings name as text" if queues else f"{exc}; wrote a single default role"
+    beat_why = None
+    if not beat:
+        beat_why = appconfig.beat_evidence(root, source.directory, app)
+        beat = beat_why is not None
+    table = render_table(app, beat, roles, written_source)
+    if text is not None and tool is not None and "tlrun" in tool:
+        new_text = replace_table(text, table)
+    else:
+        if tool is None:
+            document["tool"] = tomlkit.table(is_super_table=True)
+            tool = document["tool"]
+        tool["tlrun"] = table
+        new_text = tomlkit.dumps(document)
     try:
-        safefile.write_atomic(path, tomlkit.dumps(document))
+        safefile.write_atomic(path, new_text)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
-    return InitResult(path, text is None, app, found, beat, roles, _dotenv_from_example(root), note)
+    return InitResult(
+        path, text is None, app, found, beat, roles, _dotenv_from_example(root), note, written_source, beat_why
+    )
 
 
 def _dotenv_from_example(root: Path) -> Path | None:
