@@ -19,6 +19,7 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
+    task_time_limit=1800,
     broker_transport_options={"visibility_timeout": 3600},
     accept_content=["json"],
     task_serializer="json",

@@ -267,7 +267,10 @@ def diagnose(settings: Settings) -> DoctorReport:
     if app is not None:
         # Root matters only for workers that run: they get tlrun's user.
         workers_here = any(p.kind == "worker" for p in local)
-        findings.extend(config_findings(app.conf, broker_url, os.geteuid() == 0 and workers_here))
+        from tlrun.project.appconfig import dialect
+
+        style = dialect(settings.project_root, settings.code_root, settings.app)
+        findings.extend(config_findings(app.conf, broker_url, os.geteuid() == 0 and workers_here, style))
     exit_code, status = exit_code_for(findings)
     return DoctorReport(
         project_root=str(settings.project_root),

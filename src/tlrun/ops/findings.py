@@ -16,6 +16,7 @@ from tlrun.launch.procs import Identity
 from tlrun.launch.units import WAITING
 from tlrun.ops import inventory
 from tlrun.ops.inventory import STANDBY
+from tlrun.project.appconfig import Dialect
 
 RECOMMENDED = "see README: Recommended Celery settings"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -38,9 +39,14 @@ class NodeView:
     local_pids: tuple[int, ...]
 
 
-def config_findings(conf: Any, broker_url: str, running_as_root: bool) -> list[Finding]:
-    """Settings that lose or repeat tasks. `conf` is a Celery app's conf (or any mapping-like object)."""
+VISIBILITY_DEFAULT_S = 3600  # kombu's Redis transport, when the app sets none
+
+
+def config_findings(conf: Any, broker_url: str, running_as_root: bool, dialect: Dialect | None = None) -> list[Finding]:
+    """Settings that lose or repeat tasks. `conf` is a Celery app's conf (or any mapping-like object). Each fix
+    is written where and how this app is configured (`dialect`: app.conf, a config module, Django settings)."""
     found = []
+    say = (dialect or Dialect("conf")).assign
 
     def get(key: str, default: Any = None) -> Any:
         try:
@@ -54,7 +60,8 @@ def config_findings(conf: Any, broker_url: str, running_as_root: bool) -> list[F
                 "ACKS_EARLY",
                 "warning",
                 "task_acks_late is off: a task running when its worker dies is lost",
-                RECOMMENDED,
+                f"{say('task_acks_late', 'True')}, with {say('task_reject_on_worker_lost', 'True')} "
+                f"(tasks must be idempotent; {RECOMMENDED})",
             )
         )
     prefetch = get("worker_prefetch_multiplier", 4)
@@ -65,7 +72,7 @@ def config_findings(conf: Any, broker_url: str, running_as_root: bool) -> list[F
                 "warning",
                 f"worker_prefetch_multiplier is {prefetch}: with long tasks, messages wait behind a busy "
                 "worker and come back late when it dies",
-                RECOMMENDED,
+                f"{say('worker_prefetch_multiplier', '1')} ({RECOMMENDED})",
             )
         )
     accept = get("accept_content") or ["json"]
@@ -75,38 +82,45 @@ def config_findings(conf: Any, broker_url: str, running_as_root: bool) -> list[F
                 "PICKLE",
                 "warning",
                 "accept_content allows pickle: a message on the broker can run arbitrary code",
-                'accept_content=["json"]',
+                say("accept_content", '["json"]'),
             )
         )
     time_limit = get("task_time_limit")
     if not time_limit:
         found.append(
             Finding(
-                "NO_TIME_LIMIT", "info", "no task_time_limit: a stuck task holds its worker slot forever", RECOMMENDED
+                "NO_TIME_LIMIT",
+                "info",
+                "no task_time_limit: a stuck task holds its worker slot forever",
+                f"{say('task_time_limit', '<seconds, above your longest task>')} ({RECOMMENDED}, time limits)",
             )
         )
     parts = urlsplit(broker_url)
     if parts.scheme in ("redis", "rediss"):
         options = get("broker_transport_options") or {}
         visibility = options.get("visibility_timeout") if isinstance(options, dict) else None
-        if visibility is None:
-            found.append(
-                Finding(
-                    "VISIBILITY_DEFAULT",
-                    "warning",
-                    "Redis visibility_timeout is left at its default (1 h): an unacked task of a killed "
-                    "worker comes back only after an hour",
-                    RECOMMENDED,
-                )
-            )
-        elif time_limit and visibility < time_limit:
+        shown = f"{visibility} s" if visibility is not None else f"{VISIBILITY_DEFAULT_S} s, its default"
+        visibility = VISIBILITY_DEFAULT_S if visibility is None else visibility
+        wanted = f'{{"visibility_timeout": {int(time_limit * 2) if time_limit else "<above task_time_limit>"}}}'
+        fix = f"{say('broker_transport_options', wanted)} ({RECOMMENDED}, time limits)"
+        if time_limit and isinstance(visibility, (int, float)) and visibility < time_limit:
             found.append(
                 Finding(
                     "VISIBILITY_SHORT",
                     "warning",
-                    f"Redis visibility_timeout ({visibility} s) is shorter than task_time_limit "
-                    f"({time_limit} s): long tasks are delivered twice",
-                    RECOMMENDED,
+                    f"Redis visibility_timeout ({shown}) is shorter than task_time_limit ({time_limit} s): a task "
+                    "that runs longer is delivered a second time while it still runs",
+                    fix,
+                )
+            )
+        elif not time_limit:
+            found.append(
+                Finding(
+                    "VISIBILITY_DEFAULT",
+                    "info",
+                    f"Redis visibility_timeout is {shown} and tasks have no time limit: a task that runs longer "
+                    "is delivered a second time while it still runs",
+                    fix,
                 )
             )
         if not parts.password and parts.hostname not in LOOPBACK:
