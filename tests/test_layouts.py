@@ -99,6 +99,19 @@ def test_an_unconfigured_bare_app_is_never_picked_silently(tmp_path: Path) -> No
     assert found.app == "pkg.tasks.celery_app:app" and found.found.startswith("Procfile: `celery -A pkg.tasks")
 
 
+def test_a_bare_app_beside_the_configured_one_loses_to_it(tmp_path: Path) -> None:
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/extensions.py": "from celery import Celery\n\ncelery = Celery()\n",
+        "pkg/worker.py": "from celery import Celery\n\napp = Celery('pkg', broker='redis://127.0.0.1:1/0')\n",
+    }
+    found = discover_app(_tree(tmp_path / "two", files))
+    assert (found.app, found.found) == (
+        "pkg.worker",
+        "found pkg/worker.py: creates Celery('pkg', ...)",
+    )
+
+
 @pytest.mark.parametrize(
     "line",
     [

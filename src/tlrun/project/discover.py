@@ -147,7 +147,10 @@ def _read_module(rel: str, source: bytes) -> _Module:
         creation = _PLAIN_CREATION if len(aliases) == 1 and len(prefixes) == 1 else _creation_re(aliases, prefixes)
         for match in creation.finditer(source):
             attr, args = match.group(1).decode(), match.group(2).decode()
-            call = "Celery(" + (args.split(")")[0] + ")" if ")" in args else args + "...")
+            # Its first argument only: the rest may hold a broker URL with a password, never printed.
+            first = re.split(r"[,)]", args, maxsplit=1)[0].strip()
+            more = ", ..." if re.match(r"[^,)]*,", args) or (")" not in args and args) else ""
+            call = f"Celery({first}{more})"
             configured = not args.lstrip().startswith(")") or re.search(
                 rb"^" + re.escape(match.group(1)) + rb"\.(?:config_from_object|conf\.|autodiscover_tasks)",
                 source,
