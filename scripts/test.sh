@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, types, unit and end-to-end tests (each test starts its own redis-server).
+# The whole test suite: lint, types, unit and end-to-end tests on the locked versions (each test starts its
+# own redis-server), then the Celery version matrix (noxfile.py) for every other supported Celery.
+# With arguments, only pytest runs, with them (scripts/test.sh tests/test_worker.py -x).
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
-.venv/bin/ruff check src tests bench examples
-.venv/bin/ruff format --check src tests bench examples
+if [ "$#" -gt 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+.venv/bin/ruff check src tests bench examples noxfile.py
+.venv/bin/ruff format --check src tests bench examples noxfile.py
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest
+exec bash scripts/matrix.sh

@@ -92,6 +92,7 @@ def test_doctor_and_health_report_a_worker_that_stopped_consuming(any_project: P
     assert all(r.state == "PENDING" for r in results)
 
 
+@pytest.mark.matrix
 def test_worker_restart_brings_back_a_worker_that_runs_the_waiting_tasks(project: Project) -> None:
     launched = project.launch("--pool", "solo", "--restart", "--restart-delay", "0.2", env=project.env(**CHECK))
     node = launched.wait_output(READY, 30).group(1)

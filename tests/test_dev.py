@@ -158,6 +158,7 @@ def test_private_broker_takes_a_tricky_password_on_stdin_and_leaves_it_nowhere(t
         proj.cleanup()
 
 
+@pytest.mark.matrix
 def test_debug_mode_runs_tasks_in_the_launcher_and_never_kills_a_busy_worker(dev_project: Project) -> None:
     # A long task waits in the queue: the solo worker takes it at once and cannot answer pings meanwhile.
     busy = send_task(dev_project.broker_url, f"{dev_project.app}.sleep", 8)
@@ -232,6 +233,7 @@ def test_reload_swaps_to_new_code_never_two_at_once_and_survives_a_syntax_error(
     assert most == 1, f"saw {most} workers answering at once during reloads"
 
 
+@pytest.mark.matrix
 def test_beat_runs_periodic_tasks_and_a_second_beat_is_refused(dev_project: Project) -> None:
     launched = dev(dev_project, "--beat")
     launched.wait_output(READY, 30)

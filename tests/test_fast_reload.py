@@ -72,6 +72,7 @@ def test_twenty_reloads_never_two_workers_and_every_task_exactly_once(dev_projec
     assert launched.wait(30) == 0
 
 
+@pytest.mark.matrix
 def test_a_task_running_at_the_save_finishes_and_the_new_code_follows(dev_project: Project) -> None:
     launched = dev(dev_project, "--reload")
     launched.wait_output(READY, 30)
@@ -86,6 +87,7 @@ def test_a_task_running_at_the_save_finishes_and_the_new_code_follows(dev_projec
     assert launched.wait(30) == 0
 
 
+@pytest.mark.matrix
 def test_ctrl_c_drains_an_idle_worker_and_waits_for_a_busy_one(dev_project: Project) -> None:
     idle = dev(dev_project)
     idle.wait_output(READY, 30)

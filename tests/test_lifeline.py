@@ -342,6 +342,7 @@ def test_a_grandchild_that_outlives_its_task_leaves_no_zombie(project: Project, 
 
 
 # -- the end of the grace: Celery 5.5+ requeues what cannot finish ----------------------------------------
+@pytest.mark.matrix
 def test_a_task_still_running_near_the_deadline_goes_back_to_the_queue(project: Project) -> None:
     launched = project.launch("--concurrency", "1", "--grace", "6")
     launched.wait_output(READY, 30)

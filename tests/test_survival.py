@@ -160,6 +160,7 @@ def test_sweep_spares_another_users_process(project: Project, tmp_path: Path) ->
 
 
 # 6 -------------------------------------------------------------------------------------------------
+@pytest.mark.matrix
 def test_stopping_a_busy_prefork_worker_lets_its_task_finish(project: Project) -> None:
     launched = project.launch("--concurrency", "1", "--grace", "60")
     launched.wait_output(READY, 30)
@@ -326,6 +327,7 @@ def _pending_job_pipe(child: int) -> bool:
     return False
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("fix", ["on", "off"])
 def test_a_task_handed_to_a_pool_child_as_the_stop_begins_does_not_stall_the_stop(project: Project, fix: str) -> None:
     """Celery's defect (README, "Recommended Celery settings"): at a warm shutdown `AsynPool.flush()` drops

@@ -36,6 +36,7 @@ def lock_file(proj: Project) -> Path:
     return proj.lock_file()
 
 
+@pytest.mark.matrix
 def test_worker_reaches_verdict_and_sigint_ends_everything(project: Project) -> None:
     launched = project.launch("--concurrency=2", "--grace", "10")
     node, worker_pid = ready(launched)
