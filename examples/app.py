@@ -10,7 +10,7 @@ import time
 
 from celery import Celery
 
-BROKER = os.environ.get("CELERY_BROKER_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+BROKER = os.environ.get("CELERY_BROKER_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/15"
 
 app = Celery("examples", broker=BROKER)
 app.conf.update(

@@ -26,7 +26,7 @@ CASES = [
         "unknown app module (or the wrong directory)",
         ("worker", "-A", "no_such_module_xyz"),
         4,
-        "no module named 'no_such_module_xyz' in /",
+        "no module named 'no_such_module_xyz' in",
     ),
     Case("app with a syntax error", ("worker", "-A", "synerr"), 4, "SyntaxError", {"synerr.py": "def broken(:\n"}),
     Case(

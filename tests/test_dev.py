@@ -273,13 +273,13 @@ def test_ide_configurations(project: Project) -> None:
         assert conf is not None and conf.get("type") == "PythonConfigurationType"
         options = {o.get("name"): o.get("value") for o in conf.findall("option")}
         configs[conf.get("name")] = options
-    assert set(configs) == {"tlrun dev", "tlrun dev (debug)"}
+    assert set(configs) == {"tlrun dev", "tlrun dev (reload)", "tlrun dev (debug)"}
     for name, options in configs.items():
         assert options["MODULE_MODE"] == "true" and options["SCRIPT_NAME"] == "tlrun"
         assert options["WORKING_DIRECTORY"] == "$PROJECT_DIR$"
         assert options["ENV_FILES"] == "$PROJECT_DIR$/.env"
-        expected = f"dev -A {project.app}" + (" --debug" if "debug" in name else "")
-        assert options["PARAMETERS"] == expected
+        flag = " --debug" if "debug" in name else " --reload" if "reload" in name else ""
+        assert options["PARAMETERS"] == f"dev -A {project.app}" + flag
     # An edited file is kept without --force.
     edited = run_dir / "tlrun_dev.run.xml"
     edited.write_text(edited.read_text().replace("PYTHONUNBUFFERED", "PYTHONUNBUFFERED_EDITED"))
@@ -317,10 +317,15 @@ def test_ide_configurations(project: Project) -> None:
     forced = project.run("ide", "vscode", "-A", project.app, "--force")
     assert forced.returncode == 0 and "merged (its comments were dropped)" in forced.stdout, forced.stdout
     names = [c["name"] for c in json.loads(launch.read_text())["configurations"]]
-    assert names == ["my own", "another", "tlrun dev", "tlrun dev (debug)"]
+    assert names == ["my own", "another", "tlrun dev", "tlrun dev (reload)", "tlrun dev (debug)"]
     launch.write_text("{ this is not json")
     replaced = project.run("ide", "vscode", "-A", project.app, "--force")
     assert "replaced (it was not JSON)" in replaced.stdout and "merged" not in replaced.stdout
+    # With the app in the project file, no configuration names it: it follows the file.
+    (project.root / "pyproject.toml").write_text(f'[tool.tlrun]\napp = "{project.app}"\n')
+    project.run("ide", "vscode", "-A", project.app, "--force")
+    entries = {c["name"]: c for c in json.loads(launch.read_text())["configurations"]}
+    assert entries["tlrun dev"]["args"] == ["dev"] and entries["tlrun dev (reload)"]["args"] == ["dev", "--reload"]
 
 
 def test_quick_start_reaches_a_task_result(tmp_path: Path, redis_server: RedisServer) -> None:
@@ -328,7 +333,7 @@ def test_quick_start_reaches_a_task_result(tmp_path: Path, redis_server: RedisSe
     arguments, `python -m examples.send` prints add(2, 3) = 5, and logs and stop need no -A either."""
     proj = Project(tmp_path / "projects", redis_server.url(), write_app=False)
     shutil.copytree(ROOT / "examples", proj.root / "examples", ignore=shutil.ignore_patterns("__pycache__"))
-    example_env = (ROOT / ".env.example").read_text().replace("redis://127.0.0.1:6379/0", redis_server.url())
+    example_env = (ROOT / ".env.example").read_text().replace("redis://127.0.0.1:6379/15", redis_server.url())
     (proj.root / ".env").write_text(example_env)
     env = proj.env()
     env.pop("CELERY_BROKER_URL")  # from .env, as on a laptop

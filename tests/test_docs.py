@@ -119,3 +119,13 @@ def test_the_kubernetes_example_gives_tlrun_its_grace_before_the_kubelets_sigkil
     assert pod["terminationGracePeriodSeconds"] > grace
     for probe in ("readinessProbe", "livenessProbe"):
         _tlrun_accepts(pod["containers"][0][probe]["exec"]["command"][3:])
+
+
+def test_the_readme_ps_example_shows_beats_node_as_ps_prints_it() -> None:
+    from tlrun.launch.units import BeatUnit
+
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("    $ tlrun ps\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    header = example[0].split()
+    beat = next(line.split() for line in example[1:] if line.split()[1] == "beat")
+    assert beat[header.index("NODE")] == BeatUnit().node

@@ -230,7 +230,7 @@ def test_a_fifo_at_the_log_name_is_refused_at_once_and_logs_never_blocks(project
     assert not [p for p in processes_under(project.base) if p.pid != os.getpid()]
     # `tlrun logs` (and -f) skip a FIFO named like a log instead of blocking on it.
     result = project.run("logs", "-A", project.app, timeout=20)
-    assert result.returncode == 12 and "no log files" in result.stderr, result.stdout + result.stderr
+    assert result.returncode == 0 and "no log files" in result.stdout, result.stdout + result.stderr
     named = project.run("logs", "-A", project.app, f"celery_worker_{proc.pid}.log", "-f", timeout=20)
     assert named.returncode == 12 and "no log file named" in named.stderr, named.stdout + named.stderr
 
@@ -483,3 +483,38 @@ def test_a_renamed_project_directory_is_still_one_project(project: Project) -> N
         assert first.wait(30) == 0
     finally:
         new.rename(old)
+
+
+# -- tlrun's state directories do not grow --------------------------------------------------------------
+def test_stale_lock_files_and_old_schedules_are_pruned_and_live_ones_kept(tmp_path: Path) -> None:
+    import time
+
+    from tlrun.launch import guard, tidy
+
+    lock_dir = guard.lock_dir()
+    stale = lock_dir / f"{'a' * 16}.testhost.worker.lock"
+    stale.write_text('{"pid": 999999999}')  # what a SIGKILLed launcher leaves
+    held_path = lock_dir / f"{'b' * 16}.testhost.beat.lock"
+    held = guard.ProjectLock.try_acquire(held_path)
+    assert held is not None
+    foreign = lock_dir / "notes.txt"  # not named as tlrun names its locks: never touched
+    foreign.write_text("mine")
+    try:
+        removed = tidy.stale_locks(lock_dir)
+        assert stale in removed and not stale.exists()
+        assert held_path.exists() and held.still_held() and foreign.exists()
+    finally:
+        held.release()
+        foreign.unlink()
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    old = runtime / f"{'c' * 16}.celerybeat-schedule"
+    recent = runtime / f"{'d' * 16}.celerybeat-schedule"
+    other = runtime / "redis-x.conf"
+    for path in (old, recent, other):
+        path.write_text("x")
+    month_ago = time.time() - tidy.SCHEDULE_MAX_AGE - 60
+    os.utime(old, (month_ago, month_ago))
+    os.utime(other, (month_ago, month_ago))
+    assert tidy.old_schedules(runtime) == [old]
+    assert not old.exists() and recent.exists() and other.exists()

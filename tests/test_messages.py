@@ -52,3 +52,18 @@ def test_help_shows_the_defaults() -> None:
     text = CliRunner().invoke(cli, ["worker", "--help"]).output
     for option, default in [("--grace", "30"), ("--ready-timeout", "30"), ("--ping-window", "1.0; dev 0.5")]:
         assert re.search(rf"{re.escape(option)} .*?\[default: \(?{re.escape(default)}", " ".join(text.split())), option
+
+
+def test_a_transport_that_does_not_load_is_named_with_its_install_command(project: Project) -> None:
+    """A broken or missing client library (pip resolved the wrong redis-py, or none) is an installation
+    problem, said as one: never "unsupported scheme"."""
+    shadow = project.base / "no_redis"
+    (shadow / "redis").mkdir(parents=True)
+    (shadow / "redis" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'redis'\", name='redis')\n"
+    )
+    result = project.run("worker", "-A", project.app, env=project.env(PYTHONPATH=str(shadow)))
+    assert result.returncode == 5, result.stderr
+    assert "the redis transport cannot be loaded: module 'redis' is missing" in result.stderr
+    assert "-m pip install -U 'redis'" in result.stderr and "unsupported scheme" not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -72,7 +72,18 @@ def test_exported_systemd_unit_stops_celery_correctly(project: Project) -> None:
     result = project.run("export", "systemd", "-A", project.app, "--grace", "40", "--beat", "-o", str(out))
     assert result.returncode == 0, result.stderr
     units = sorted(out.iterdir())
-    assert [u.name for u in units] == [f"tlrun-{project.app}-beat.service", f"tlrun-{project.app}.service"]
+    name = f"tlrun-{project.app}"
+    assert [u.name for u in units] == [f"{name}-beat.service", f"{name}.service", f"{name}.target"]
+    assert "warning: the units run as root (no --user)" in result.stderr
+    # The target starts and stops the project's services together; each service is part of it.
+    target = configparser.ConfigParser(strict=False, interpolation=None)
+    target.read(out / f"{name}.target")
+    assert target["Unit"]["Wants"] == f"{name}.service {name}-beat.service"
+    beat_unit = (out / f"{name}-beat.service").read_text()
+    assert "warm shutdown" not in beat_unit and "crashed worker" not in beat_unit  # the worker's comments
+    assert f"PartOf={name}.target" in beat_unit
+    with_user = project.run("export", "systemd", "-A", project.app, "--user", "nobody")
+    assert with_user.returncode == 0 and "warning" not in with_user.stderr
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.read(out / f"tlrun-{project.app}.service")
     service = unit["Service"]
@@ -98,9 +109,13 @@ def test_exported_supervisor_program_and_procfile(project: Project) -> None:
     assert program["stopsignal"] == "TERM" and int(program["stopwaitsecs"]) > 40
     assert program["directory"] == str(project.root)
     assert f"program:tlrun-{project.app}-beat" in conf
+    group = conf[f"group:tlrun-{project.app}"]
+    assert group["programs"] == f"tlrun-{project.app},tlrun-{project.app}-beat"
     procfile = _export(project, "procfile", "--beat").splitlines()
-    assert procfile[0].startswith("worker: ") and "-m tlrun worker" in procfile[0]
-    assert procfile[1].startswith("beat: ") and "-m tlrun beat" in procfile[1]
+    # Run in the project root, in the project's environment, by honcho or foreman: nothing absolute.
+    assert procfile[0].startswith(f"worker: python -m tlrun worker -A {project.app} --grace 40 ")
+    assert procfile[1] == f"beat: python -m tlrun beat -A {project.app} --grace 40"
+    assert str(project.root) not in "\n".join(procfile) and sys.executable not in "\n".join(procfile)
 
 
 def _metrics(text: str) -> dict[str, float]:

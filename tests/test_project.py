@@ -214,7 +214,7 @@ def test_roles_run_side_by_side_and_sweep_only_their_own(project: Project) -> No
     nodes = sorted(ping_replies(project.broker_url))
     assert nodes == [f"default{default.pid}@{HOST}", f"reports{reports.pid}@{HOST}"]
     twice = project.run("worker", "--role", "reports")
-    assert twice.returncode == 6 and "a reports worker of app" in twice.stderr
+    assert twice.returncode == 6 and "a worker of role reports of app" in twice.stderr
     logs = project.run("logs", "--role", "reports", "--list")
     assert f"celery_reports_{reports.pid}.log" in logs.stdout and "celery_default_" not in logs.stdout
     health = project.run("health")
@@ -238,7 +238,12 @@ def test_export_writes_one_service_per_role_plus_beat(project: Project) -> None:
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in out.iterdir())
     prefix = f"tlrun-{project.app}"
-    assert names == [f"{prefix}-beat.service", f"{prefix}-default.service", f"{prefix}-reports.service"]
+    assert names == [
+        f"{prefix}-beat.service",
+        f"{prefix}-default.service",
+        f"{prefix}-reports.service",
+        f"{prefix}.target",
+    ]
     unit = (out / f"{prefix}-reports.service").read_text()
     assert re.search(rf"^ExecStart=.* -m tlrun worker -A {project.app} .*--role reports --restart$", unit, re.M)
     supervisor = project.run("export", "supervisor", "--log-dir", str(project.base / "svlogs")).stdout

@@ -336,6 +336,12 @@ def test_a_task_handed_to_a_pool_child_as_the_stop_begins_does_not_stall_the_sto
     only pool child is stopped (SIGSTOP) while a job is written to it, the stop begins, and the child resumes
     once the consumer has flushed. tlrun's fix (in the worker it runs in place) keeps the job; without it the
     stop stalls into tlrun's stop ladder (the requeue request 3 s before the grace period ends, then SIGKILL)."""
+    import celery
+
+    if fix == "off" and celery.VERSION[:2] < (5, 6):
+        # Measured in the version matrix: Celery 5.5's flush kept this job (the warm stop ended at once,
+        # status 0, without the fix); the unconditional discard of not-accepted jobs came with 5.6.
+        pytest.skip("Celery 5.5's flush does not drop the written job: the defect is 5.6's and later")
     grace = "10"
     env = project.env(**({"TLRUN_CELERY_FIX": "0"} if fix == "off" else {}))
     launched = project.launch("--concurrency", "1", "--loglevel", "debug", "--grace", grace, env=env)

@@ -328,9 +328,11 @@ def test_exported_roles_and_beat_all_run_under_supervisord(project: Project) -> 
         wait_for(lambda: len(status()) == 3, 30, "three programs")
         wait_for(lambda: uptime_over(20), 60, "every program RUNNING for 20 s")  # losers would have exited 6
         assert set(status().values()) == {"RUNNING"}, status()
+        group = f"tlrun-{project.app}"
+        assert all(name.startswith(f"{group}:") for name in status()), status()  # the project's group
         busy = _client(project).send_task(f"{project.app}_tasks.slow", args=(3,), queue="slow")
         wait_for(lambda: "slow[" in "".join(p.read_text() for p in project.root.glob("logs/*.log")), 20, "the task")
-        stop = subprocess.run([*ctl, "stop", "all"], capture_output=True, text=True, timeout=60)
+        stop = subprocess.run([*ctl, "stop", f"{group}:*"], capture_output=True, text=True, timeout=60)
         assert stop.returncode == 0, stop.stdout + stop.stderr
         assert busy.get(timeout=10) == 3  # finished during the warm stop, not killed
     finally:

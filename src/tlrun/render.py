@@ -40,12 +40,17 @@ def _silence(stream: TextIO) -> None:
         pass
 
 
+def plural(n: int, word: str) -> str:
+    """`1 worker`, `2 workers`; `1 worker answers`, `2 workers answer` with verb=True."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def verdict(report: ReadyReport) -> list[str]:
-    n = report.answering
+    # The count is of this launcher's nodes, the ones the line names; other workers follow as "also answering".
     ours = ", ".join(f"{node.node} (pid {node.pid})" for node in report.nodes)
     per_role = ", ".join(f"{r.role} {r.answering} of {r.expected}" for r in report.roles)
     counts = f" (roles: {per_role})" if per_role else ""
-    lines = [f"{n} worker{'s' if n != 1 else ''} ready: {ours} in {report.seconds:.1f} s{counts}"]
+    lines = [f"{plural(len(report.nodes), 'worker')} ready: {ours} in {report.seconds:.1f} s{counts}"]
     for node in report.nodes:
         if node.renamed_from:
             lines.append(f"  (renamed from {node.renamed_from}, which another worker already uses)")
@@ -55,12 +60,14 @@ def verdict(report: ReadyReport) -> list[str]:
         lines.append(f"  also answering: {other.name} ({where}{dup})")
     for role in report.miscounted:
         lines.append(
-            f"  warning: {role.answering} workers of role {role.role} answer on this broker, expected "
+            f"  warning: {plural(role.answering, 'worker')} of role {role.role} "
+            f"{'answers' if role.answering == 1 else 'answer'} on this broker, expected "
             f"{role.expected} (--strict makes this fatal)"
         )
     if not report.roles and report.answering != report.expected:
         lines.append(
-            f"  warning: {report.answering} workers answer on this broker, expected {report.expected}"
+            f"  warning: {plural(report.answering, 'worker')} {'answers' if report.answering == 1 else 'answer'} "
+            f"on this broker, expected {report.expected}"
             " (--strict makes this fatal)"
         )
     return lines
@@ -135,9 +142,10 @@ class ConsoleRenderer:
                 self._say(f"tlrun: {event.node} stopped (status {event.status})", "cyan")
             else:
                 self._say(f"tlrun: {event.node} exited on its own with status {event.status}", "red", err=True)
-                if event.tail:
+                tail = [line for line in event.tail[-15:] if line.strip()]
+                if tail:  # as PID 1 its output went to stdout, above: no log file to quote
                     self._say("tlrun: last lines of its log:", err=True)
-                    for line in event.tail[-15:]:
+                    for line in tail:
                         self._say("  " + line, err=True)
 
 

@@ -85,10 +85,38 @@ def _exit_codes_epilog() -> str:
 @click.option("-v", "--verbose", is_flag=True, help="Log every step; show tracebacks.")
 def cli(verbose: bool) -> None:
     """tlrun: exactly one worker of your Celery app, running your current code."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="tlrun: %(levelname)s %(name)s: %(message)s",
-    )
+    _logging(verbose)
+
+
+def _logging(verbose: bool) -> None:
+    """-v: tlrun's own steps at DEBUG; libraries (redis-py, kombu, amqp) stay at WARNING, so that their
+    debug chatter (redis-py's MAINT_NOTIFICATIONS lines) never reaches the terminal."""
+    logging.basicConfig(level=logging.WARNING, format="tlrun: %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tlrun").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _verbose_anywhere(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """`tlrun ps -v` means `tlrun -v ps`: -v is accepted after every command too."""
+    if value:
+        ctx.find_root().params["verbose"] = True
+        _logging(True)
+
+
+VERBOSE_OPTION = click.Option(
+    ["-v", "--verbose"],
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_verbose_anywhere,
+    help="Log every step; show tracebacks (as tlrun -v).",
+)
+
+
+def accept_verbose_everywhere() -> None:
+    """Give every command the -v of the group (called once all commands are defined)."""
+    for command in cli.commands.values():
+        if not any("-v" in p.opts for p in command.params if isinstance(p, click.Option)):
+            command.params.append(VERBOSE_OPTION)
 
 
 def project_options(func: F) -> F:

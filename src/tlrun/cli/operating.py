@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -202,13 +203,16 @@ def stop(timeout: float | None, **params: Any) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (survives rotation).")
 @handle_errors
 def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: bool, **params: Any) -> None:
-    """Show or follow a worker's log file (default: the newest)."""
+    """Show or follow a log file: with several roles (or beat), the newest file of each, each under its name;
+    `--role R` (or `--role beat`) one role's; NAME one file (see --list)."""
     from tlrun.errors import LogError
     from tlrun.launch import logfiles
 
     role = params.get("role")
+    if role == "beat":  # beat is no worker role, but it has its log files: celery_beat_<pid>.log
+        params["role"] = None
     settings = _settings(params, app_required=False)
-    stems = [r.log_stem for r in settings.roles] if role else None
+    stems = ["beat"] if role == "beat" else [r.log_stem for r in settings.roles] if role else None
     files = logfiles.log_files(settings.log_dir, rotated=rotated or list_only, stems=stems)
     if list_only:
         for path in files:
@@ -220,22 +224,38 @@ def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: b
         ]
         if not chosen:
             raise LogError(f"no log file named {name} in {settings.log_dir}", hint="tlrun logs --list")
-        path = chosen[0]
-    elif files:
-        path = files[0]
+        shown = chosen[:1]
+    elif not files:
+        what = f"of {'beat' if role == 'beat' else f'role {role}'} " if role else ""
+        click.echo(f"tlrun: no log files {what}in {settings.log_dir} yet (tlrun dev or tlrun worker writes them)")
+        return
     else:
-        raise LogError(f"no log files in {settings.log_dir}", hint="start a worker with tlrun worker or tlrun dev")
+        shown = _newest_of_each(files) if not follow else files[:1]
     try:
-        for line in logfiles.tail_lines(path, lines):
-            click.echo(line)
+        for path in shown:
+            if len(shown) > 1 or not (name or role):
+                click.echo(f"==> {path} <==", err=len(shown) == 1)  # the file's name, as tail prints it
+            for line in logfiles.tail_lines(path, lines):
+                click.echo(line)
         if follow:
             try:
-                for line in logfiles.follow(path):
+                for line in logfiles.follow(shown[0]):
                     click.echo(line)
             except KeyboardInterrupt:
                 pass
     except OSError as exc:  # replaced since it was listed (by a link, a FIFO): never read through it
         raise LogError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _newest_of_each(files: list[Path]) -> list[Path]:
+    """The newest file of each kind (`celery_<role>_`, `celery_beat_`, `redis_`), newest kind first."""
+    import re
+
+    seen: dict[str, Path] = {}
+    for path in files:  # newest first
+        kind = re.sub(r"_\d+\.log(\.\d+)?$", "", path.name)
+        seen.setdefault(kind, path)
+    return list(seen.values())
 
 
 @cli.command()
@@ -267,7 +287,12 @@ def health(node: str | None, timeout: float, retries: int, **params: Any) -> Non
         "not_consuming": NOT_CONSUMING_EXIT_CODE,
     }
     worst = 0
-    for name in [node] if node else control.default_nodes(settings):
+    for role, name in [("", node)] if node else control.default_nodes(settings):
+        if name is None:  # no launcher of this role runs here: nothing to ask the broker about
+            which = f"role {role} of app {settings.app}" if settings.declared_roles else f"app {settings.app}"
+            click.echo(f"tlrun: {which}: dead (no tlrun worker runs on this host, {socket.gethostname()})")
+            worst = max(worst, codes["dead"])
+            continue
         result = control.probe(settings, name, timeout, retries)
         click.echo(f"tlrun: {result.node}: {result.state} ({result.detail}, {result.seconds:.1f} s)")
         worst = max(worst, codes[result.state])

@@ -61,14 +61,18 @@ def init(app: str | None, project_dir: Path | None, force: bool) -> None:
 def ide(editor: str, force: bool, **params: Any) -> None:
     """Write run configurations: PyCharm's .run/*.run.xml or VS Code's .vscode/launch.json.
 
-    Two entries, "tlrun dev" and "tlrun dev (debug)", run the module tlrun in the project root with
-    the .env loaded. Files you edited are kept unless --force.
+    Three entries, "tlrun dev", "tlrun dev (reload)" and "tlrun dev (debug)", run the module tlrun in the
+    project root with the .env loaded. They name the app (-A) only when it was given here and the project
+    file does not say it. Files you edited are kept unless --force.
     """
     from tlrun.dev import ide as ide_mod
+    from tlrun.project import file as project_file
 
+    given = params.get("app")
     settings = _settings(params)
+    in_file = "app" in project_file.load(settings.project_root).values
     writer = ide_mod.write_pycharm if editor == "pycharm" else ide_mod.write_vscode
-    for written in writer(settings.project_root, settings.app, force):
+    for written in writer(settings.project_root, given if given and not in_file else None, force):
         click.echo(f"tlrun: {written.path.relative_to(settings.project_root)}: {written.action}")
 
 
@@ -103,6 +107,13 @@ def export_cmd(kind: str, beat: bool | None, user: str | None, output: Path | No
     spec = export.spec_for(
         settings, beat=settings.beat if beat is None else beat, user=user, pass_log_dir=log_dir is not None
     )
+    if kind in ("systemd", "supervisor") and user is None:
+        # As Celery warns when it runs as root: a task, or a message on the broker, can do anything there.
+        click.echo(
+            f"tlrun: warning: the {'units' if kind == 'systemd' else 'programs'} run as root (no --user): "
+            "a task can do anything to this machine; pass --user NAME",
+            err=True,
+        )
     if kind == "supervisor":  # supervisord refuses a program whose stdout_logfile's directory is missing
         from tlrun.launch.logfiles import check_log_dir
 

@@ -15,7 +15,7 @@ from xml.sax.saxutils import quoteattr
 from tlrun import safefile
 from tlrun.errors import ConfigError
 
-CONFIGS = (("tlrun dev", ()), ("tlrun dev (debug)", ("--debug",)))
+CONFIGS = (("tlrun dev", ()), ("tlrun dev (reload)", ("--reload",)), ("tlrun dev (debug)", ("--debug",)))
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,13 @@ class Written:
     action: str  # "created" | "updated" | "unchanged" | "kept (edited; --force to overwrite)" | "merged"
 
 
-def _args(app: str, extra: tuple[str, ...]) -> list[str]:
-    return ["dev", "-A", app, *extra]
+def _args(app: str | None, extra: tuple[str, ...]) -> list[str]:
+    """`dev` and its flags; `-A` only when the app is not where tlrun reads it on every run (the project file,
+    .env's CELERY_APP, discovery): a configuration then never goes stale when the app moves."""
+    return ["dev", *(["-A", app] if app else []), *extra]
 
 
-def pycharm_xml(name: str, app: str, extra: tuple[str, ...]) -> str:
+def pycharm_xml(name: str, app: str | None, extra: tuple[str, ...]) -> str:
     params = " ".join(_args(app, extra))
     return f"""<component name="ProjectRunConfigurationManager">
   <configuration default="false" name={quoteattr(name)} type="PythonConfigurationType" factoryName="Python">
@@ -56,7 +58,7 @@ def pycharm_xml(name: str, app: str, extra: tuple[str, ...]) -> str:
 """
 
 
-def vscode_entry(name: str, app: str, extra: tuple[str, ...]) -> dict[str, object]:
+def vscode_entry(name: str, app: str | None, extra: tuple[str, ...]) -> dict[str, object]:
     return {
         "name": name,
         "type": "debugpy",
@@ -94,7 +96,7 @@ def _read(path: Path) -> str | None:
         raise ConfigError(f"cannot read {path}: {exc.strerror} (a symlink is never followed)") from None
 
 
-def write_pycharm(root: Path, app: str, force: bool = False) -> list[Written]:
+def write_pycharm(root: Path, app: str | None, force: bool = False) -> list[Written]:
     results = []
     for name, extra in CONFIGS:
         filename = name.replace(" ", "_").replace("(", "").replace(")", "") + ".run.xml"
@@ -135,7 +137,7 @@ def _checked(loaded: object) -> dict[str, object]:
     return loaded
 
 
-def write_vscode(root: Path, app: str, force: bool = False) -> list[Written]:
+def write_vscode(root: Path, app: str | None, force: bool = False) -> list[Written]:
     path = root / ".vscode" / "launch.json"
     text = _read(path)
     document: dict[str, object] = {"version": "0.2.0", "configurations": []}

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from tlrun import redact
 from tlrun.config import Settings, check_broker_url
@@ -76,6 +77,26 @@ def load_app(settings: Settings) -> Any:
         raise AppImportError(f"app {settings.app!r} does not import: {type(exc).__name__}: {exc}") from None
 
 
+# The client library each transport needs, and what installs it.
+_TRANSPORT_PACKAGES = {"redis": "redis", "rediss": "redis", "amqp": "amqp", "amqps": "amqp", "pyamqp": "amqp"}
+
+
+def transport_unloadable(url: str, exc: BaseException) -> BrokerError | None:
+    """A transport whose client library is missing or the wrong version (an ImportError, kombu's
+    VersionMismatch): said as what it is, with the command that installs a working one; else None."""
+    if not isinstance(exc, ImportError) and type(exc).__name__ != "VersionMismatch":
+        return None
+    scheme = urlsplit(url).scheme.split("+")[-1].lower()
+    package = _TRANSPORT_PACKAGES.get(scheme, f"kombu[{scheme}]")
+    missing = getattr(exc, "name", None)
+    what = f"module {missing!r} is missing" if missing else redact.mask(str(exc).strip() or type(exc).__name__)
+    return BrokerError(
+        f"the {scheme} transport cannot be loaded: {what}",
+        hint=f"install a working client into this environment: {sys.executable} -m pip install -U '{package}' "
+        "(pip resolves the version your kombu needs)",
+    )
+
+
 def check_reachable(url: str, timeout: float = CONNECT_TIMEOUT) -> None:
     """Fail fast, before anything is stopped or started, when the broker does not answer.
 
@@ -83,13 +104,14 @@ def check_reachable(url: str, timeout: float = CONNECT_TIMEOUT) -> None:
     0.1 s, which this keeps off the path before the worker is spawned. Other brokers go through kombu.
     (A hand-written RESP exchange instead of redis-py was measured too: no gain in bench/run.py's ratios.)
     """
-    from urllib.parse import urlsplit
-
     if urlsplit(url).scheme not in ("redis", "rediss"):
         with Broker(url, timeout) as broker:
             broker.connect()
         return
-    import redis
+    try:
+        import redis
+    except ImportError as exc:
+        raise transport_unloadable(url, exc) or exc from None
 
     started = time.monotonic()
     try:
@@ -142,7 +164,10 @@ class Broker:
         waited = time.monotonic() - started
         redact.register(url)
         reason = redact.mask(str(exc).strip() or type(exc).__name__)
-        if isinstance(exc, (KeyError, ImportError)) or "transport" in reason.lower():
+        unloadable = transport_unloadable(url, exc)
+        if unloadable is not None:
+            return unloadable
+        if isinstance(exc, KeyError) or "transport" in reason.lower():
             return BrokerError(
                 f"broker URL {redact_url(url)} has an unsupported scheme ({reason})",
                 hint="use redis://host:port/db or amqp://user:password@host:port/vhost",

@@ -25,7 +25,7 @@ from tlrun import redact
 from tlrun.config import Settings
 from tlrun.errors import AppImportError, StopError, WorkerStartError
 from tlrun.events import Exited, Notice, Reporter, StrayFound, WorkerOutput
-from tlrun.launch import checks, guard, logfiles, owner, pid1, procs, sweep, unitstop, verify
+from tlrun.launch import checks, guard, logfiles, owner, pid1, procs, sweep, tidy, unitstop, verify
 from tlrun.launch.broker import check_reachable, resolve_broker
 from tlrun.launch.locks import UnitLocks
 from tlrun.launch.outputs import Outputs
@@ -325,6 +325,7 @@ def run(
         # stop asked for meanwhile ends the launch before anything is spawned.
         launcher.validate()
         launcher.locks.take(stack, launcher.units)
+        tidy.tidy(guard.runtime_dir(os.environ))  # what SIGKILLed launchers and old projects left behind
         stack.enter_context(launcher.unit_stops.listen())
         for unit in launcher.units:
             launcher.record(unit, unit_stop=True)  # `tlrun stop --role` may ask for this unit alone

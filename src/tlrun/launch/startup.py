@@ -163,7 +163,9 @@ class Startup:
                     f"role {r.role}: {r.answering} answer, expected {r.expected}" for r in ready.miscounted
                 )
                 raise DuplicateNodeError(f"--strict: {wrong}")
-            raise DuplicateNodeError(f"--strict: {ready.answering} workers answer, expected {self.s.expected_workers}")
+            n = ready.answering
+            answer = f"{n} worker{'s answer' if n != 1 else ' answers'}"
+            raise DuplicateNodeError(f"--strict: {answer}, expected {self.s.expected_workers}")
 
     def restart_worker(self, w: WorkerUnit) -> None:
         """Start a worker of this launcher again (a restart step): guard, sweep, spawn and verify as at first."""

@@ -42,7 +42,7 @@ class Unit:
     def __init__(self, child: str, lock_kind: str, label: str, node: str) -> None:
         self.child = child  # its name in the Supervisor
         self.lock_kind = lock_kind
-        self.label = label  # `worker`, `reports worker`, `beat`
+        self.label = label  # `worker`, `worker of role reports`, `beat`
         self.node = node  # the node name, or "beat"
         self.state = STARTING
         self.announce_exit = False  # say "stopped" when its process is gone (a stop, not a reload's swap)
@@ -69,7 +69,7 @@ class WorkerUnit(Unit):
         super().__init__(
             f"worker:{role.name}",
             role.lock_kind,
-            f"{role.name} worker" if role.declared else "worker",
+            f"worker of role {role.name}" if role.declared else "worker",
             spawn.node_name(role.node_prefix, os.getpid(), hostname),
         )
         self.role = role

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from typing import Any
 import psutil
 
 from tlrun.config import Settings
-from tlrun.errors import BrokerError, ConfigError, TlrunError
+from tlrun.errors import BrokerError, TlrunError
 from tlrun.launch import guard, launchers, procs, signals, sweep, unitstop
 from tlrun.launch.broker import Broker, resolve_broker_url
 from tlrun.launch.units import WAITING
@@ -172,19 +171,15 @@ class Health:
     seconds: float
 
 
-def default_nodes(settings: Settings) -> list[str]:
-    """The node of each role's tlrun worker on this host, from the role's lock record."""
-    nodes = []
+def default_nodes(settings: Settings) -> list[tuple[str, str | None]]:
+    """(role, node) of each role's tlrun worker on this host, from the role's lock record; node None when no
+    live launcher of that role runs here."""
+    nodes: list[tuple[str, str | None]] = []
     for role in settings.roles:
         record = guard.read_record(guard.lock_path(settings.project_id, role.lock_kind))
         holder = guard.holder_identity(record)
-        if not (record and holder is not None and holder.is_alive() and record.get("node")):
-            which = f" of role {role.name}" if role.declared else ""
-            raise ConfigError(
-                f"no tlrun worker{which} of app {settings.app} runs on this host ({socket.gethostname()})",
-                hint="pass --node NAME@HOST to probe a given node",
-            )
-        nodes.append(str(record["node"]))
+        alive = record and holder is not None and holder.is_alive() and record.get("node")
+        nodes.append((role.name, str(record["node"]) if alive and record else None))
     return nodes
 
 

@@ -1,0 +1,75 @@
+"""Keep tlrun's state directories from growing: the lock files SIGKILLed launchers left behind, and beat
+schedule files of projects that have not run beat for a month. Only what no live launcher holds, only
+regular files of ours named as tlrun names them; run at each launch, after the launcher took its own locks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import time
+from pathlib import Path
+
+from tlrun.errors import TlrunError
+from tlrun.launch import guard
+
+SCHEDULE_MAX_AGE = 30 * 24 * 3600.0  # a schedule untouched this long belongs to a project that stopped
+_LOCK_NAME = re.compile(r"^[0-9a-f]{16}\.[A-Za-z0-9_.-]+\.(worker|worker-[A-Za-z0-9_-]+|beat)\.lock$")
+_SCHEDULE_NAME = re.compile(r"^([0-9a-f]{16})\.celerybeat-schedule(\.(db|dat|dir|bak))?$")
+
+
+def _ours(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+
+
+def stale_locks(lock_dir: Path) -> list[Path]:
+    """Remove the lock files no live process holds (taking each lock first, so that a launcher starting
+    meanwhile sees the path change and tries again, as with any released lock); the removed paths."""
+    removed = []
+    for entry in os.scandir(lock_dir):
+        path = Path(entry.path)
+        if not _LOCK_NAME.match(entry.name) or not _ours(path):
+            continue
+        try:
+            lock = guard.ProjectLock.try_acquire(path)
+        except TlrunError:
+            continue
+        if lock is not None:
+            lock.release()  # unlinks the file while holding it
+            removed.append(path)
+    return removed
+
+
+def old_schedules(runtime_dir: Path, now: float | None = None, max_age: float = SCHEDULE_MAX_AGE) -> list[Path]:
+    """Remove beat schedule files untouched for `max_age` whose project runs no beat on this host."""
+    now = time.time() if now is None else now
+    removed = []
+    for entry in os.scandir(runtime_dir):
+        match = _SCHEDULE_NAME.match(entry.name)
+        path = Path(entry.path)
+        if match is None or not _ours(path):
+            continue
+        try:
+            if now - os.lstat(path).st_mtime < max_age or guard.live_records(match.group(1), ["beat"]):
+                continue
+            os.unlink(path)
+        except (OSError, TlrunError):
+            continue
+        removed.append(path)
+    return removed
+
+
+def tidy(runtime_dir: Path) -> list[Path]:
+    """Both, never failing a launch: a directory that cannot be read is left as it is."""
+    removed: list[Path] = []
+    try:
+        removed += stale_locks(guard.lock_dir())
+        removed += old_schedules(runtime_dir)
+    except (OSError, TlrunError):
+        pass
+    return removed
