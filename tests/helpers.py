@@ -422,9 +422,9 @@ def close_clients() -> None:
             pubsub = getattr(consumer, "_pubsub", None)
             if pubsub is not None:
                 pubsub.close()
-                import celery
-
-                if celery.VERSION[:2] < (5, 6):  # 5.5's cancel_for skips a None pub/sub (5.6+ never reconnects)
+                if not hasattr(consumer, "_pending_unsubscribe"):
+                    # Celery 5.5 and 5.6: cancel_for skips a None pub/sub (5.7's queues the unsubscribe and
+                    # never reconnects from __del__).
                     consumer._pubsub = None
             redis_client = getattr(backend, "client", None)
             if redis_client is not None:
