@@ -7,6 +7,7 @@ projects use and that once made tlrun pick the wrong app, or none."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -496,3 +497,12 @@ def test_tlrun_outside_the_projects_environment_hands_over_or_says_how_to_instal
         assert workers and all(p.cmdline()[0] == str(venv / "bin" / "python") for p in workers)
     finally:
         dev.reap()
+
+
+def test_discovery_never_blocks_on_a_planted_fifo(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path / "fifo", {"pkg/__init__.py": "", "pkg/app.py": "from celery import Celery\n\napp = Celery('p')\n"}
+    )
+    os.mkfifo(root / "pkg" / "planted.py")  # a read would block forever
+    os.mkfifo(root / "Procfile")
+    assert discover_app(root).app == "pkg.app"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tlrun.errors import ConfigError
 from tlrun.project import evidence
-from tlrun.project.layout import SHADOWED, Source, inside_package
+from tlrun.project.layout import SHADOWED, Source, inside_package, walk
 
 SKIP_DIRS = frozenset(
     {
@@ -164,41 +164,33 @@ def _read_module(rel: str, source: bytes) -> _Module:
 def _scan(code_root: Path) -> dict[str, bytes]:
     """The source of every module that may matter, by path relative to the code root."""
     found: dict[str, bytes] = {}
-    # (directory, its path relative to the code root, depth); only the root and packages are read.
-    stack: list[tuple[str, str, int]] = [(str(code_root), "", 0)]
-    while stack:
-        directory, rel_dir, depth = stack.pop()
+
+    def descend(entry: os.DirEntry[str], depth: int) -> bool:
+        """Only packages (with an __init__.py) are read below the code root."""
+        return (
+            depth < MAX_DEPTH
+            and entry.name not in SKIP_DIRS
+            and not entry.name.startswith(".")
+            and entry.name.isidentifier()
+            and os.path.isfile(os.path.join(entry.path, "__init__.py"))
+        )
+
+    for entry, rel in walk(code_root, descend):
+        name = entry.name
+        if not name.endswith(".py") or name.startswith("test_") or not _is_identifier_path(rel):
+            continue
+        if os.sep not in rel and name[:-3] in SHADOWED:
+            continue  # `celery.py` at the top would shadow Celery itself: never the app's module
+        if not entry.is_file(follow_symlinks=False):
+            continue  # a FIFO or device named like a module is never opened
         try:
-            entries = list(os.scandir(directory))
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as fh:
+                source = fh.read(MAX_SOURCE_BYTES + 1)
         except OSError:
             continue
-        for entry in entries:
-            rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
-            try:
-                if entry.is_symlink():
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    if (
-                        depth < MAX_DEPTH
-                        and entry.name not in SKIP_DIRS
-                        and not entry.name.startswith(".")
-                        and entry.name.isidentifier()
-                        and os.path.isfile(os.path.join(entry.path, "__init__.py"))
-                    ):
-                        stack.append((entry.path, rel, depth + 1))
-                    continue
-                if not entry.name.endswith(".py") or entry.name.startswith("test_") or not _is_identifier_path(rel):
-                    continue
-                if not rel_dir and entry.name[:-3] in SHADOWED:
-                    continue  # `celery.py` at the top would shadow Celery itself: never the app's module
-                with open(entry.path, "rb") as fh:
-                    source = fh.read(MAX_SOURCE_BYTES + 1)
-            except OSError:
-                continue
-            if len(source) > MAX_SOURCE_BYTES:
-                continue
-            if b"import" in source or b"Celery" in source:
-                found[rel] = source
+        if len(source) <= MAX_SOURCE_BYTES and (b"import" in source or b"Celery" in source):
+            found[rel] = source
     return found
 
 

@@ -15,6 +15,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlrun.project.layout import walk
+
 MAX_RUN_FILE_BYTES = 256 * 1024
 MAX_RUN_DEPTH = 3
 _SKIP = frozenset(
@@ -89,30 +91,11 @@ def _kind(name: str) -> str | None:
 
 def run_files(root: Path) -> list[tuple[str, str]]:
     """(path relative to root, kind) of every file that may run Celery, shallowest first."""
-    found: list[tuple[str, str]] = []
-    queue: list[tuple[str, str, int]] = [(str(root), "", 0)]
-    while queue:
-        directory, rel_dir, depth = queue.pop(0)
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError:
-            continue
-        for entry in entries:
-            rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
-            try:
-                if entry.is_symlink():
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    hidden = entry.name.startswith(".")
-                    if depth < MAX_RUN_DEPTH and not hidden and entry.name not in _SKIP:
-                        queue.append((entry.path, rel, depth + 1))
-                    continue
-            except OSError:
-                continue
-            kind = _kind(entry.name)
-            if kind is not None:
-                found.append((rel, kind))
-    return found
+
+    def descend(entry: os.DirEntry[str], depth: int) -> bool:
+        return depth < MAX_RUN_DEPTH and not entry.name.startswith(".") and entry.name not in _SKIP
+
+    return [(rel, kind) for entry, rel in walk(root, descend) if (kind := _kind(entry.name)) is not None]
 
 
 def said_in(text: str) -> list[tuple[str, str]]:

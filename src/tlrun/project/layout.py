@@ -8,8 +8,10 @@ Nothing is imported; only small files are read.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +175,30 @@ def find_source(root: Path, document: dict[str, Any] | None, declared: str | Non
     if src.is_dir() and not src.is_symlink() and _packages_in(src) and not any(os.path.isdir(root / n) for n in top):
         return Source(src, "src/ layout")
     return Source(root, "")
+
+
+def walk(root: Path, descend: Callable[[os.DirEntry[str], int], bool]) -> Iterator[tuple[os.DirEntry[str], str]]:
+    """(entry, path relative to root) of every file under root, breadth first, in name order, never through a
+    symlink; a folder is entered when `descend(entry, its depth)` says so (the root is depth 0)."""
+    queue: collections.deque[tuple[str, str, int]] = collections.deque([(str(root), "", 0)])
+    while queue:
+        directory, rel_dir, depth = queue.popleft()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
+            try:
+                if entry.is_symlink():
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    if descend(entry, depth):
+                        queue.append((entry.path, rel, depth + 1))
+                    continue
+            except OSError:
+                continue
+            yield entry, rel
 
 
 def inside_package(directory: Path) -> bool:
