@@ -179,13 +179,15 @@ def on_host(
     return launched
 
 
-def run_as(project: Project, host: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """A one-shot tlrun command as seen from a simulated host (its host name, its runtime directory)."""
+def run_as(project: Project, host: str, *args: str, near: Launched | None = None) -> subprocess.CompletedProcess[str]:
+    """A one-shot tlrun command as seen from a simulated host (its host name, its runtime directory); with
+    `near`, inside that launcher's own UTS namespace, where its processes are this host's."""
     runtime = project.base / f"run-{host}"
     runtime.mkdir(mode=0o700, exist_ok=True)
     tlrun = " ".join(shlex.quote(a) for a in [PY, "-m", "tlrun", *args])
+    enter = ["nsenter", "--target", str(near.pid), "--uts"] if near is not None else ["unshare", "--uts"]
     return subprocess.run(
-        ["unshare", "--uts", "sh", "-c", f"hostname {host} && exec {tlrun}"],
+        [*enter, "sh", "-c", f"hostname {host} && exec {tlrun}"],
         cwd=project.root,
         env={**project.env(), "XDG_RUNTIME_DIR": str(runtime)},
         capture_output=True,
@@ -226,28 +228,101 @@ def any_broker_project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
 def test_two_hosts_one_beat_then_the_standby_takes_over_after_a_sigkill(any_broker_project: Project) -> None:
     proj = any_broker_project
     a = on_host(proj, "hostA")
-    a.wait_output(r"beat lease taken \(hostA pid", 30)
-    a.wait_output(r"starting beat \(pid (\d+)\)", 10)
+    a_beat = int(a.wait_output(r"starting beat \(pid (\d+)\)", 30).group(1))
+    a.wait_output(rf"beat lease taken \(hostA pid {a_beat},", 30)  # the beat process holds it, not its launcher
     b = on_host(proj, "hostB")
-    b.wait_output(r"beat held by hostA pid \d+ since \S+; standing by", 30)
+    b_beat = int(b.wait_output(r"starting beat \(pid (\d+)\)", 30).group(1))  # warm: imported, fenced
+    b.wait_output(rf"beat held by hostA pid {a_beat} since \S+; standing by", 30)
     wait_for(lambda: len(sends(proj, a)) >= 4, 20, "hostA's beat sending ticks")
-    assert sends(proj, b) == []  # one beat runs: B never started its own
-    # What B's host sees: a beat standing by, and who holds the lease.
-    ps = run_as(proj, "hostB", "ps", "-A", proj.app, "--json")
+    assert sends(proj, b) == []  # B's beat runs, and its fence lets nothing out
+    # What B's host sees: its beat standing by, and who holds the lease.
+    ps = run_as(proj, "hostB", "ps", "-A", proj.app, "--json", near=b)
     rows = [r for r in json.loads(ps.stdout) if r["kind"] == "beat"]
-    assert [(r["state"], r["pid"]) for r in rows] == [("standby", b.pid)], ps.stdout + ps.stderr
-    doctor = json.loads(run_as(proj, "hostB", "doctor", "-A", proj.app, "--json").stdout)
+    assert [(r["state"], r["pid"]) for r in rows] == [("standby", b_beat)], ps.stdout + ps.stderr
+    doctor = json.loads(run_as(proj, "hostB", "doctor", "-A", proj.app, "--json", near=b).stdout)
     assert doctor["beat_lease"].startswith("hostA pid ")
     assert not [f for f in doctor["findings"] if f["code"] in ("BEAT_WITHOUT_LEASE", "MULTIPLE_BEATS")]
     a.send(signal.SIGKILL)
     a.wait(5)
     killed = datetime.now()
-    b.wait_output(r"beat lease taken \(hostB pid", TTL + 10)
+    b.wait_output(rf"beat lease taken \(hostB pid {b_beat},", TTL + 10)
     wait_for(lambda: sends(proj, b), 20, "hostB's beat sending ticks")
     taken = (datetime.now() - killed).total_seconds()
-    assert taken < TTL + 10
+    assert taken < TTL + TTL / 3 + 1 + 0.5  # ttl + a renewal interval + 1 s, plus one 0.5 s schedule
     # No tick twice: every send of B's beat comes after the last one of A's.
     assert max(sends(proj, a)) < min(sends(proj, b))
+    # The lease's `since` is when B took it, not when B's launcher started.
+    lease = json.loads(run_as(proj, "hostB", "doctor", "-A", proj.app, "--json", near=b).stdout)["beat_lease"]
+    since = datetime.fromisoformat(lease.rsplit(" since ", 1)[1]).astimezone().replace(tzinfo=None)
+    assert since >= killed.replace(microsecond=0), (lease, killed)
+    b.send(signal.SIGTERM)
+    assert b.wait(30) == 0
+    if not proj.broker_url.startswith("redis"):  # nothing of the lease stays in the vhost
+        vhost = proj.broker_url.rsplit("/", 1)[1]
+        queues = subprocess.run(
+            ["rabbitmqctl", "list_queues", "-p", vhost, "-q", "name"], capture_output=True, text=True, timeout=60
+        ).stdout
+        assert "beat-lease" not in queues, queues
+
+
+def _ticks_ok(a: list[datetime], b: list[datetime], broker_url: str) -> None:
+    """Never two beats sending: all of A's sends before B's first; and no gap longer than the takeover's
+    bound. Redis: ttl + a renewal interval + 1 s, plus the 0.5 s schedule. RabbitMQ: the lease of a paused
+    (not dead) holder passes when the broker gives up on its connection's heartbeats (heartbeat = ttl; about
+    2-3 heartbeats, 8.5 s measured with ttl 3); the holder's fence closed long before (ttl minus the margin
+    after its last renewal): slower, never two beats."""
+    assert a and b, (a, b)
+    assert max(a) < min(b), (a, b)
+    gap = (min(b) - max(a)).total_seconds()
+    bound = TTL + TTL / 3 + 1 + 0.5 if broker_url.startswith("redis") else 4 * TTL
+    assert gap < bound, gap
+
+
+@needs_root
+def test_a_paused_launcher_does_not_matter_its_beat_holds_the_lease(any_broker_project: Project) -> None:
+    proj = any_broker_project
+    a = on_host(proj, "hostA")
+    a.wait_output(r"beat lease taken \(hostA pid", 30)
+    b = on_host(proj, "hostB")
+    b.wait_output(r"beat held by hostA pid \d+ since \S+; standing by", 30)
+    a.send(signal.SIGSTOP)  # a paused VM, a laptop lid, Ctrl-Z in a terminal: the launcher only
+    try:
+        paused_at = datetime.now()
+        _sleep_through(3 * TTL)
+    finally:
+        a.send(signal.SIGCONT)
+    wait_for(lambda: any(t > paused_at for t in sends(proj, a)), 10, "A's sends of the paused time, relayed")
+    assert sends(proj, b) == [], "B's beat sent while A's beat held the lease"
+    during = [t for t in sends(proj, a) if t > paused_at]
+    assert len(during) >= 2 * TTL, during  # A's beat went on every 0.5 s: its launcher holds nothing
+
+
+@needs_root
+def test_a_paused_beat_resumed_after_the_takeover_sends_nothing(any_broker_project: Project) -> None:
+    proj = any_broker_project
+    a = on_host(proj, "hostA")
+    a_beat = psutil.Process(int(a.wait_output(r"starting beat \(pid (\d+)\)", 30).group(1)))
+    a.wait_output(r"beat lease taken \(hostA pid", 30)
+    b = on_host(proj, "hostB")
+    b.wait_output(r"beat held by hostA pid \d+ since \S+; standing by", 30)
+    wait_for(lambda: len(sends(proj, a)) >= 2, 20, "hostA's beat sending ticks")
+    a_beat.send_signal(signal.SIGSTOP)  # the beat itself: its lease's thread stops with it
+    try:
+        b.wait_output(r"beat lease taken \(hostB pid", 3 * TTL + 10)
+        wait_for(lambda: len(sends(proj, b)) >= 2, 20, "hostB's beat sending ticks")
+    finally:
+        a_beat.send_signal(signal.SIGCONT)
+    # A's beat wakes up past its lease: it stops without sending, and a standby takes its place.
+    a.wait_output(r"beat stopped: it lost the lease; a standby beat waits for it", 20)
+    wait_for(lambda: len(sends(proj, b)) >= 6, 20, "hostB's beat going on")
+    _ticks_ok(sends(proj, a), sends(proj, b), proj.broker_url)
+
+
+def _sleep_through(seconds: float) -> None:
+    """Let real time pass while a process is paused (what the test measures is that time itself)."""
+    import time
+
+    time.sleep(seconds)
 
 
 @needs_root

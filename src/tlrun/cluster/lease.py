@@ -20,7 +20,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -148,7 +148,9 @@ class AmqpLease:
     def __init__(self, url: str, name: str, ttl: float, timeout: float = 2.0) -> None:
         self.url = url
         self.queue = f"{KEY_PREFIX}:{name}"
-        self.info_queue = f"{self.queue}:holder"
+        # Who holds it: a one-message queue that expires when no holder has redeclared it for two ttls, and is
+        # deleted by a holder that lets go (`:holder`, its first form, never expired: one stayed in the vhost).
+        self.info_queue = f"{self.queue}:holder-info"
         self._ttl = ttl
         self._timeout = timeout
         self._conn: Any = None  # the holder's dedicated connection
@@ -186,10 +188,14 @@ class AmqpLease:
         self._publish_holder(holder)
         return None
 
+    def _declare_info(self) -> None:
+        arguments = {"x-max-length": 1, "x-overflow": "drop-head", "x-expires": int(self._ttl * 2000)}
+        self._channel.queue_declare(self.info_queue, arguments=arguments)
+
     def _publish_holder(self, holder: Holder) -> None:
         kombu = _kombu()
         channel = self._channel
-        channel.queue_declare(self.info_queue, arguments={"x-max-length": 1, "x-overflow": "drop-head"})
+        self._declare_info()
         producer = kombu.Producer(channel, exchange=kombu.Exchange(""), routing_key=self.info_queue)
         producer.publish(holder.encode(), content_type="text/plain", content_encoding="utf-8")
 
@@ -203,6 +209,7 @@ class AmqpLease:
             except TimeoutError:
                 pass
             self._conn.heartbeat_check(rate=2)  # ours, when due
+            self._declare_info()  # a redeclared queue does not expire
         except Exception as exc:
             self._drop()
             raise _unreachable(exc) from exc
@@ -215,6 +222,11 @@ class AmqpLease:
         return True
 
     def release(self, holder: Holder) -> None:
+        if self._channel is not None:
+            try:
+                self._channel.queue_delete(self.info_queue)  # nothing of ours stays in the vhost
+            except Exception:
+                pass
         self._drop()
 
     def _drop(self) -> None:
@@ -299,12 +311,17 @@ class BeatLease:
         self._rng = rng
         self.held = False
         self._next = 0.0
-        self._renewed_at = 0.0  # when the last successful renewal (or the acquisition) was *sent*
+        self.renewed_at = 0.0  # when the last successful renewal (or the acquisition) was *sent*
         self._told: str | None = None  # the last holder we reported, so a standby says it once
 
     @property
     def renew_every(self) -> float:
         return self.ttl / 3
+
+    def valid(self, now: float) -> bool:
+        """May the holder act now? Held, and renewed within ttl minus the safety margin: until then no other
+        host can have taken the lease, whatever happened since the last renewal."""
+        return self.held and now - self.renewed_at < self.ttl - self.margin
 
     def tick(self, now: float) -> Change:
         if now < self._next:
@@ -312,14 +329,17 @@ class BeatLease:
         return self._renew(now) if self.held else self._try(now)
 
     def _try(self, now: float) -> Change:
-        self._next = now + self.renew_every * (0.5 + self._rng())  # jitter: standbys do not retry in step
+        # Jitter, so that standbys do not retry in step; at most 3/4 of a renewal interval, so that a standby
+        # takes a lease that expired within ttl plus one renewal interval of its holder's last renewal.
+        self._next = now + self.renew_every * (0.25 + 0.5 * self._rng())
+        self.me = replace(self.me, since=time.time())  # `since` says when the lease was taken
         try:
             other = self.backend.acquire(self.me, self.ttl)
         except OSError as exc:
             return self._tell(f"cannot reach the broker for the beat lease ({exc}); standing by")
         if other is None:
             self.held = True
-            self._renewed_at = now
+            self.renewed_at = now
             self._next = now + self.renew_every
             self._told = None
             return Change("start", f"beat lease taken ({self.me.host} pid {self.me.pid}, ttl {self.ttl:g} s)")
@@ -335,16 +355,16 @@ class BeatLease:
         try:
             ok = self.backend.renew(self.me, self.ttl)
         except OSError as exc:
-            if now - self._renewed_at >= self.ttl - self.margin:
+            if now - self.renewed_at >= self.ttl - self.margin:
                 return self._lose(
-                    f"cannot renew the beat lease ({exc}) for {now - self._renewed_at:.1f} s: "
+                    f"cannot renew the beat lease ({exc}) for {now - self.renewed_at:.1f} s: "
                     "stopping beat before the lease can pass to another host"
                 )
             self._next = now + min(1.0, self.margin / 2)  # retry soon
             return Change("none", None)
         if not ok:
             return self._lose("the beat lease is no longer ours (it expired and another host took it): stopping beat")
-        self._renewed_at = now
+        self.renewed_at = now
         self._next = now + self.renew_every
         return Change("none")
 

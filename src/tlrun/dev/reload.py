@@ -171,8 +171,10 @@ class ReloadStep(Step):
                 stale[1].close()
                 launcher.end_child(stale[0])
             self._next[w.child] = prepared[w.child]
-        if launcher.beat is not None and launcher.beat.state == READY:
-            launcher.stop_beat(READY)
+        if launcher.beat is not None and launcher.sup.running(launcher.beat.child):
+            # Holding the lease or a warm standby: the new beat takes the lease again (the old one releases it
+            # on its way out); the lease step reads its state.
+            launcher.stop_beat(launcher.beat.state)
             launcher.start_beat()
         elif launcher.beat is not None and launcher.beat.state == WAITING:
             launcher.start_beat()

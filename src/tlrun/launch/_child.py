@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 
 EXIT_PARENT_GONE = 125
@@ -37,6 +38,9 @@ NO_PDEATHSIG_ENV = "TLRUN_NO_PDEATHSIG"
 # CPython on macOS before 3.13), no PR_SET_CHILD_SUBREAPER.
 PORTABLE_ENV = "TLRUN_PORTABLE"
 LOG_ENV = "TLRUN_LOG_FILE"  # where a worker's output goes once its launcher is gone
+# Modules a step asks to run inside the child before its program starts (the beat lease's fence): each has
+# `install()`, and may have `exit_status(status) -> status`, called once the program has ended.
+HOOKS_ENV = "TLRUN_CHILD_HOOKS"
 WATCHDOG_WAIT = 3.0  # a non-Python child's time between SIGTERM and SIGKILL once the launcher is gone
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 # "Requeue if busy": sent by the launcher to a stopping worker shortly before the grace period ends. The
@@ -225,11 +229,32 @@ def run_module(module: str, args: Sequence[str], fd: int, launcher: int, grace: 
         _celery_fix.install()
         _celery_fix.track_worker()
         signal.signal(REQUEUE_SIGNAL, requeue_if_busy)
+    hooks = _hooks(os.environ.pop(HOOKS_ENV, ""))
     sys.argv = [module, *args]
+    status: object = 0
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        status = exc.code
     finally:
         worker.on_exit()
+    code = status if isinstance(status, int) else (0 if status is None else 1)
+    for hook in hooks:
+        code = getattr(hook, "exit_status", lambda c: c)(code)
+    if status is not None and not isinstance(status, int):
+        sys.stderr.write(f"{status}\n")  # SystemExit("message"): Python prints it, as it would have
+    sys.exit(code)
+
+
+def _hooks(names: str) -> list[types.ModuleType]:
+    import importlib
+
+    hooks: list[types.ModuleType] = []
+    for name in filter(None, names.split(",")):
+        hook = importlib.import_module(name)
+        hook.install()
+        hooks.append(hook)
+    return hooks
 
 
 def run_watchdog(argv: Sequence[str], fd: int, launcher: int, wait: float = WATCHDOG_WAIT) -> int:

@@ -68,6 +68,7 @@ class Launcher(Startup):
         self.sup = sup
         self.opts = opts
         self.steps = list(steps)
+        self.beat_env: dict[str, str] = {}  # added to beat's environment by steps (the lease's fence)
         self.hostname = socket.gethostname()
         self.workers = [WorkerUnit(role, self.hostname) for role in settings.roles] if opts.workers else []
         self.beat = BeatUnit() if opts.beat else None
@@ -284,7 +285,8 @@ class Launcher(Startup):
                 if not self.sup.stop_requested and not any(u.alive for u in self.units):
                     break
                 continue
-            self.report(Exited(unit.node, code, False, tail))
+            if not any(step.explains_exit(self, unit, code) for step in self.steps):
+                self.report(Exited(unit.node, code, False, tail))
             if any(step.on_exit(self, unit, code, tail) for step in self.steps):
                 continue
             self.status = code  # a clean exit of its own (a remote shutdown) is not a crash

@@ -49,6 +49,11 @@ class Step:
     def act(self, launcher: Launcher) -> None:
         pass
 
+    def explains_exit(self, launcher: Launcher, unit: Unit, status: int) -> bool:
+        """An exit the step expected and handles in on_exit (a beat that lost its lease): not reported as a
+        unit that ended on its own."""
+        return False
+
     def on_exit(self, launcher: Launcher, unit: Unit, status: int, tail: tuple[str, ...]) -> bool:
         return False
 

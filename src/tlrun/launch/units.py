@@ -119,6 +119,7 @@ class BeatUnit(Unit):
         s = launcher.s
         argv = spawn.beat_argv(s.app, launcher.beat_schedule_path(), s.roles[0].worker.loglevel)
         env = spawn.worker_env(s, "beat", procs.Identity.of_self(), launcher.broker_url)
+        env.update(launcher.beat_env)  # what a step runs inside beat (the lease's fence)
         stem = f"celery_beat_{os.getpid()}"
         env.update(launcher.outputs.child_env(stem))
         child = launcher.sup.start(self.child, argv, env, s.project_root)

@@ -255,7 +255,8 @@ def lease_findings(holder: Holder | None, local: list[inventory.LocalProcess], h
     for proc in local:
         if not proc.project or proc.kind != "beat" or proc.state == STANDBY:
             continue
-        ours = holder is not None and holder.host == hostname and proc.launcher_pid == holder.pid
+        # The beat process holds the lease itself (a launcher did, before): either pid is the holder's.
+        ours = holder is not None and holder.host == hostname and holder.pid in (proc.pid, proc.launcher_pid)
         if not ours:
             by = f"held by {holder.describe()}" if holder is not None else "held by nobody"
             found.append(

@@ -67,6 +67,7 @@ def local_processes(
     now = time.time()
     out = []
     workers = _recorded_workers(settings) if settings is not None else set()
+    standby_beat = _standby_beat(settings) if settings is not None else None
     # A process in another UTS namespace runs on another host as far as tlrun is concerned (Linux only).
     mine = [p for p in rows if p.uid == uid and procs.same_host_namespace(p.pid)]
     for proc in procs.main_processes(mine):
@@ -81,6 +82,8 @@ def local_processes(
         if proc.role == procs.LEFTOVER and launcher is not None:
             continue  # a running task's subprocess: its launcher answers for it
         state, rss, cpu, children = _stats(proc.pid)
+        if proc.pid == standby_beat:
+            state = STANDBY  # a warm beat that may not send: another host holds the lease
         role = procs.role_of(proc, settings.all_roles) if settings is not None and is_project else proc.role_name
         out.append(
             LocalProcess(
@@ -105,6 +108,17 @@ def local_processes(
         seen = {row.pid for row in out}
         out += [row for row in in_process_workers(settings) + held_units(settings) if row.pid not in seen]
     return sorted(out, key=lambda p: (p.kind, p.role or "", p.pid))
+
+
+def _standby_beat(settings: Settings) -> int | None:
+    """The pid of this project's beat when its launcher's record says it stands by (fenced: it sends nothing)."""
+    try:
+        record = guard.read_record(guard.lock_path(settings.project_id, "beat"))
+    except TlrunError:
+        return None
+    if record and record.get("beat_lease") in ("standby", "lost") and isinstance(record.get("beat_pid"), int):
+        return int(record["beat_pid"])
+    return None
 
 
 def _recorded_workers(settings: Settings) -> set[int]:
@@ -165,8 +179,8 @@ def held_units(settings: Settings) -> list[LocalProcess]:
     rows = []
     for kind, record, holder in guard.live_records(settings.project_id, [*role_of_kind, "beat"]):
         if kind == "beat":
-            if record.get("beat_lease") not in ("standby", "lost"):
-                continue
+            if record.get("beat_lease") not in ("standby", "lost") or record.get("beat_pid"):
+                continue  # a beat with a process of its own is a row of the process table
             unit, role, node, state = "beat", None, None, STANDBY
         elif record.get("state") == WAITING:
             unit, role, node, state = "worker", role_of_kind[kind], str(record.get("node") or "") or None, WAITING

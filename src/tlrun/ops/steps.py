@@ -101,8 +101,9 @@ def _holds_queue_metrics(launcher: Launcher, lease: LeaseStep | None) -> bool:
     """celery_queue_length comes from the host holding the beat lease only (hosts would repeat it)."""
     from tlrun.cluster.lease import backend_for, lease_name
 
-    if lease is not None and lease.lease is not None:
-        return lease.lease.held
+    held = lease.held() if lease is not None else None
+    if held is not None:
+        return held
     s = launcher.s
     try:
         backend = backend_for(launcher.broker_url, lease_name(s.app, s.project_name), s.beat_lock_ttl)

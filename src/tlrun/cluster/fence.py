@@ -1,0 +1,131 @@
+"""The beat process holds the cluster's beat lease itself, and fences every send with it.
+
+Loaded by tlrun's shim into a beat it runs in place (`TLRUN_CHILD_HOOKS`), before Celery's beat starts:
+
+- a thread takes the lease (standing by while another host holds it) and renews it (lease.py's BeatLease,
+  on the beat's own connection: on RabbitMQ the exclusive queue's connection belongs to this process);
+- Celery's `Scheduler.apply_entry` is wrapped: before each tick's send, the lease must be held and its last
+  successful renewal younger than ttl minus the safety margin, on a clock that also runs while the machine
+  sleeps (CLOCK_BOOTTIME on Linux). Otherwise nothing is sent. So a paused launcher does not matter (it
+  holds nothing), a paused beat cannot send when it resumes (its renewal is too old), and a beat cut off from
+  the broker stops sending before the broker could let the lease pass to another host;
+- a beat that held the lease and lost it stops (status EXIT_LEASE_LOST: its launcher starts a standby);
+- the state goes to a small JSON file the launcher reads (`held`, `standby`, `lost`, with a message).
+
+A standby beat runs warm: Celery and the app imported, its scheduler running, every send fenced. When it
+takes the lease the next due tick is sent, from its own schedule file (per host, as before).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from tlrun.cluster.lease import BeatLease, Holder, backend_for
+
+CONFIG_ENV = "TLRUN_BEAT_FENCE"  # JSON: name, ttl, host, status (the status file's path)
+EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: the beat lost the lease and stopped; its launcher stands by
+TICK = 0.1  # how often the lease's thread looks whether a renewal or a retry is due
+
+
+def clock() -> float:
+    """Seconds on a clock that never goes back and keeps running while the machine is suspended."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+
+
+class Fence:
+    def __init__(self, lease: BeatLease, status_path: str | None) -> None:
+        self.lease = lease
+        self.status_path = status_path
+        self.lost = False
+        self._stop = threading.Event()
+
+    def may_send(self) -> bool:
+        return self.lease.valid(clock())
+
+    def write_status(self, state: str, message: str | None) -> None:
+        if not self.status_path:
+            return
+        record = {"state": state, "message": message, "pid": os.getpid(), "holder": self.lease.me.encode()}
+        tmp = f"{self.status_path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(record, fh)
+            os.replace(tmp, self.status_path)
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        """The lease's thread: take it, renew it, and stop the beat when it is lost."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # signals go to beat's main thread
+        while not self._stop.is_set():
+            change = self.lease.tick(clock())
+            if change.action == "start":
+                self.write_status("held", change.message)
+            elif change.action == "standby" and change.message:
+                self.write_status("standby", change.message)
+            elif change.action == "stop":
+                self.lose(change.message or "the beat lease is lost")
+                return
+            self._stop.wait(TICK)
+
+    def lose(self, message: str) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        self.write_status("lost", message)
+        os.write(2, f"tlrun: {message}\n".encode())
+        os.kill(os.getpid(), signal.SIGTERM)  # beat's own handler: it saves its schedule and exits
+
+    def close(self) -> None:
+        self._stop.set()
+        self.lease.release()
+
+
+def _guard(fence: Fence) -> None:
+    from celery import beat
+
+    original = beat.Scheduler.apply_entry
+
+    def apply_entry(self: Any, entry: Any, producer: Any = None) -> Any:
+        if fence.may_send():
+            return original(self, entry, producer=producer)
+        if fence.lease.held:  # held, but not renewed in time: another host may take it before we send
+            fence.lose(
+                f"the beat lease was last renewed {clock() - fence.lease.renewed_at:.1f} s ago (ttl "
+                f"{fence.lease.ttl:g} s): not sending {entry.name}; stopping beat"
+            )
+        return None
+
+    beat.Scheduler.apply_entry = apply_entry
+
+
+_fence: Fence | None = None
+
+
+def install() -> None:
+    """Called by the shim in a beat process when CONFIG_ENV is set."""
+    global _fence
+    config = json.loads(os.environ.pop(CONFIG_ENV))
+    url = os.environ.get("CELERY_BROKER_URL") or ""
+    ttl = float(config["ttl"])
+    lease = BeatLease(backend_for(url, str(config["name"]), ttl), Holder.new(os.getpid(), config["host"]), ttl)
+    _fence = Fence(lease, config.get("status"))
+    _fence.write_status("standby", None)
+    _guard(_fence)
+    threading.Thread(target=_fence.run, name="tlrun-beat-lease", daemon=True).start()
+
+
+def exit_status(status: int) -> int:
+    """The beat's exit status, once Celery's beat has stopped: EXIT_LEASE_LOST when it stopped because the
+    lease was lost. The lease is released on the way out (a stopped beat's lease passes at once)."""
+    if _fence is None:
+        return status
+    _fence.close()
+    return EXIT_LEASE_LOST if _fence.lost else status
