@@ -359,3 +359,30 @@ def test_a_task_still_running_near_the_deadline_goes_back_to_the_queue(project: 
     again.wait_output(rf"Task \S+\.sleep\[{result.id}\] received", 30)
     again.send(signal.SIGTERM)
     assert again.wait(20) == 0
+
+
+def test_init_writes_no_log_file_and_needs_no_writable_project(project: Project) -> None:
+    """`--init` (docker run --init, compose `init: true`) means what PID 1 means: output on stdout, no log
+    file unless a log directory is set. The example image's /app is root's while the worker runs as `app`:
+    here the project directory is made read-only (a read-only bind mount of itself: root ignores modes)."""
+    import subprocess
+
+    root = str(project.root)
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "--bind", "-o", "ro", root, root], timeout=30).returncode != 0:
+            pytest.skip("cannot bind-mount the project directory read-only here")
+    else:
+        os.chmod(root, 0o555)
+    try:
+        assert not os.access(root, os.W_OK) or os.geteuid() == 0
+        launched = project.launch("--init")
+        launched.wait_output(READY, 30)
+        assert "output on stdout" in launched.output()
+        launched.send(signal.SIGTERM)
+        assert launched.wait(30) == 0, launched.output()
+        assert not (project.root / "logs").exists()
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", root], timeout=30)
+        else:
+            os.chmod(root, 0o755)

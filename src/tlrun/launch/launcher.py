@@ -77,7 +77,9 @@ class Launcher(Startup):
         self.broker_provided = False  # a step starts the broker (dev's private redis-server): do not check it yet
         self.status = 0
         # As a container's PID 1, stdout is the log (the runtime collects it) unless a log directory is set.
-        self.log_dir = None if opts.is_pid1 and not settings.log_dir_given else settings.log_dir
+        # As a container's init (PID 1 or --init) the output goes to stdout, where the runtime collects it, and
+        # no log file is written unless a log directory was set: the image's files may be read-only to us.
+        self.log_dir = None if opts.init_duties and not settings.log_dir_given else settings.log_dir
         self.outputs = Outputs(
             self.log_dir,
             lambda label, line: report(WorkerOutput(label, line)),
