@@ -237,6 +237,15 @@ class Bench:
         )
         return time.monotonic() - t0
 
+    def cpu_command(self, *args: str) -> float:
+        """CPU seconds (user + system) that `python -m <args>` spends, run to completion."""
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.time_command(*args)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
     def tlrun_doctor(self) -> float:
         return self.time_command("tlrun", "doctor", "-A", "benchapp")
 
@@ -437,7 +446,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
+    parser.add_argument("--probes", action="store_true", help="Only the health probes (bench/probes.md).")
     args = parser.parse_args()
+    if args.probes:
+        return probes(args.pairs, ROOT / "bench" / "probes.md")
     if shutil.which("redis-server") is None:
         sys.exit("bench: redis-server is not on PATH")
     rows: list[tuple[str, str, float, float | None, str, str]] = []
@@ -554,6 +566,38 @@ def main() -> None:
 
 
 _HELD: dict[str, subprocess.Popen[bytes]] = {}
+
+
+def probes(n: int, out: Path) -> None:
+    """What a container's probes cost, each against a running `tlrun worker`: wall and CPU time of
+    `tlrun health --liveness` (local evidence), `--readiness` (ping and consumption) and `celery inspect
+    ping` (what probes ran before)."""
+    rows: list[tuple[str, str, float, float | None, str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="tlrun-bench-") as tmp:
+        bench = Bench(Path(tmp))
+        try:
+            _HELD["worker"], _, _ = bench._start_tlrun()
+            health = ("tlrun", "health", "-A", "benchapp")
+            commands = {
+                "`tlrun health --liveness`": (*health, "--liveness"),
+                "`tlrun health --readiness`": (*health, "--readiness"),
+            }
+            for name, argv in commands.items():
+                for what, measure in (("wall", bench.time_command), ("CPU", bench.cpu_command)):
+                    xs, ys = pairs(
+                        n,
+                        lambda a=argv, m=measure: m(*a),
+                        lambda m=measure: m("celery", "-A", "benchapp", "inspect", "ping"),
+                    )  # type: ignore[misc]
+                    ma, mb = statistics.median(xs), statistics.median(ys)
+                    rows.append((f"{name}, {what} time", "`celery inspect ping`", ma, mb, f"{ma / mb:.2f}", "-"))
+                    print(f"{name} {what}: {ma:.3f} s, celery inspect ping {mb:.3f} s", flush=True)
+        finally:
+            held = _HELD.pop("worker", None)
+            if held is not None:
+                bench.stop(held, signal.SIGINT)
+            bench.close()
+    write_table(out, rows, n)
 
 
 def _with_worker(bench: Bench, measure: Callable[[], float]) -> float:

@@ -245,3 +245,49 @@ def test_doctor_stop_health_and_worker_over_amqp(tmp_path: Path, amqp_vhost: str
         assert launched.wait(30) == 0
     finally:
         proj.cleanup()
+
+
+def _heartbeat(project: Project) -> dict[str, Any]:
+    """The worker's heartbeat file, as its lock record names it."""
+    from tlrun.launch import guard
+
+    record = guard.read_record(project.lock_file()) or {}
+    path = Path(str(record.get("heartbeat") or "/nonexistent"))
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def test_liveness_from_local_evidence_never_from_the_broker(project: Project, redis_server: Any) -> None:
+    """A broker outage makes the worker not ready, never not alive (a liveness probe that restarts every pod
+    during an outage makes it worse); a stopped worker is not alive; a busy solo task within its time limit
+    is, though it blocks the event loop that writes the heartbeat."""
+    import time
+
+    launched = project.launch("--pool", "solo", "--time-limit", "60")
+    node, worker_pid = launched.wait_output(READY, 30).groups()
+    wait_for(lambda: _heartbeat(project).get("pid") == int(worker_pid), 30, "the worker's first heartbeat")
+    alive = project.run("health", "-A", project.app, "--liveness")
+    assert alive.returncode == 0 and f"{node}: alive (heartbeat" in alive.stdout, alive.stdout + alive.stderr
+    redis_server.stop()
+    try:
+        live = project.run("health", "-A", project.app, "--liveness")
+        assert live.returncode == 0, live.stdout + live.stderr
+        ready = project.run("health", "-A", project.app, "--readiness", "--timeout", "0.5", "--retries", "0")
+        assert ready.returncode == 5, ready.stdout + ready.stderr  # not ready: the broker is down
+    finally:
+        redis_server.restart()
+    os.kill(int(worker_pid), signal.SIGSTOP)
+    try:
+        stopped = project.run("health", "-A", project.app, "--liveness")
+        assert stopped.returncode == 14 and "is stopped" in stopped.stdout, stopped.stdout
+    finally:
+        os.kill(int(worker_pid), signal.SIGCONT)
+    from helpers import send_task
+
+    result = send_task(project.broker_url, f"{project.app}.sleep", 20)
+    wait_for(lambda: _heartbeat(project).get("busy_since"), 30, "the solo task to start")
+    busy_at = _heartbeat(project)["t"]
+    # Past a 2 s window with no heartbeat (the task blocks the loop): alive, as its task is within its limit.
+    wait_for(lambda: time.time() - busy_at > 3, 10, "the heartbeat to age past the window")
+    busy = project.run("health", "-A", project.app, "--liveness", "--window", "2")
+    assert busy.returncode == 0 and "running a task for" in busy.stdout and "time limit 60 s" in busy.stdout
+    assert result.get(timeout=40) == 20

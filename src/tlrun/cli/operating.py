@@ -264,18 +264,36 @@ def _newest_of_each(files: list[Path]) -> list[Path]:
 @click.option("--node", help="Node name to probe (default: this host's tlrun node of each role).")
 @click.option("--timeout", type=Seconds(min=0.1), default=2.0, show_default=True, help="Per attempt.")
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--readiness", "liveness", flag_value=False, default=False, help="Ping and consumption (default).")
+@click.option("--liveness", "liveness", flag_value=True, help="Local evidence only: no broker, no Celery.")
+@click.option(
+    "--window", type=Seconds(min=1), default=30.0, show_default=True, help="Liveness: the heartbeat's age limit."
+)
 @handle_errors
-def health(node: str | None, timeout: float, retries: int, **params: Any) -> None:
-    """Liveness/readiness probe: exit 0 if and only if the node answers a ping (every role's node, by
-    default: all must answer).
+def health(node: str | None, timeout: float, retries: int, liveness: bool, window: float, **params: Any) -> None:
+    """Readiness (default, or --readiness): exit 0 if and only if the node answers a ping (every role's
+    node, by default: all must answer) and consumes. Liveness (--liveness): from local evidence only.
 
-    Exit 14 ("unknown") when a node's process exists here but does not answer (stopped, busy, in a
-    debugger), 15 ("dead") when nothing answers and no such process runs here (or "waiting": its `tlrun
-    dev --reload` waits for a save that imports), 17 ("not_consuming") when it
-    answers but messages wait on its queue while it holds no task and does not consume that queue (or has
-    not for TLRUN_STUCK_AFTER seconds, as its launcher saw); the worst one counts.
+    Readiness: exit 14 ("unknown") when a node's process exists here but does not answer (stopped, busy, in
+    a debugger), 15 ("dead") when nothing answers and no such process runs here (or "waiting": its `tlrun
+    dev --reload` waits for a save that imports), 17 ("not_consuming") when it answers but messages wait on
+    its queue while it holds no task and does not consume that queue (or has not for TLRUN_STUCK_AFTER
+    seconds, as its launcher saw), 5 when the broker cannot be reached; the worst one counts.
+
+    Liveness: no broker, no Celery: the worker's main process exists, is not stopped, and its own event
+    loop wrote its heartbeat within --window seconds (a task running in the main process, as on the solo
+    pool, counts while within its time limit). 0 alive, 14 a process that shows no progress, 15 none.
     """
-    from tlrun.errors import HEALTH_DEAD_EXIT_CODE, HEALTH_UNKNOWN_EXIT_CODE, NOT_CONSUMING_EXIT_CODE
+    if liveness:
+        from tlrun.ops.liveness import check_roles
+
+        settings = _settings(params)
+        results = check_roles(settings, window)
+        for r in results:
+            which = r.node or f"role {r.role}"
+            click.echo(f"tlrun: {which}: {'alive' if r.alive else 'not alive'} ({r.why})")
+        sys.exit(max((r.exit_code for r in results), default=0))
+    from tlrun.errors import HEALTH_DEAD_EXIT_CODE, HEALTH_UNKNOWN_EXIT_CODE, NOT_CONSUMING_EXIT_CODE, BrokerError
     from tlrun.ops import control
 
     settings = _settings(params)
@@ -285,6 +303,7 @@ def health(node: str | None, timeout: float, retries: int, **params: Any) -> Non
         "dead": HEALTH_DEAD_EXIT_CODE,
         "waiting": HEALTH_DEAD_EXIT_CODE,  # nothing serves until the next good save
         "not_consuming": NOT_CONSUMING_EXIT_CODE,
+        "unreachable": BrokerError.exit_code,  # not ready; liveness does not depend on the broker
     }
     worst = 0
     for role, name in [("", node)] if node else control.default_nodes(settings):

@@ -228,6 +228,11 @@ def run_module(module: str, args: Sequence[str], fd: int, launcher: int, grace: 
 
         _celery_fix.install()
         _celery_fix.track_worker()
+        beat_file = os.environ.pop("TLRUN_HEARTBEAT", None)  # heartbeat.ENV
+        if beat_file:
+            from tlrun.launch import heartbeat
+
+            heartbeat.install(beat_file)
         signal.signal(REQUEUE_SIGNAL, requeue_if_busy)
     hooks = _hooks(os.environ.pop(HOOKS_ENV, ""))
     sys.argv = [module, *args]

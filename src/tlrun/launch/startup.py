@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tlrun.config import Settings
 from tlrun.errors import DuplicateNodeError
@@ -38,6 +38,9 @@ class Startup:
     census: list[str] | verify.Census[list[str]] | None
 
     def set_state(self, unit: Unit, state: str, **fields: object) -> None:
+        raise NotImplementedError
+
+    def record(self, unit: Unit, **fields: Any) -> None:
         raise NotImplementedError
 
     def sweep(self, units: Sequence[Unit]) -> None:

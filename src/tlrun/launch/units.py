@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from tlrun.config import Role
 from tlrun.events import Spawned
-from tlrun.launch import procs, spawn
+from tlrun.launch import guard, heartbeat, procs, spawn
 from tlrun.launch.entry import DEV_POLL_ENV
 from tlrun.launch.hold import Hold
 
@@ -93,6 +93,9 @@ class WorkerUnit(Unit):
         module = "tlrun.launch.entry" if hold is not None else "celery"
         argv = spawn.worker_argv(s.app, self.role.worker, self.node, module=module)
         env = spawn.worker_env(s, self.node, procs.Identity.of_self(), launcher.broker_url, self.role.name)
+        beat_file = str(guard.runtime_dir(os.environ) / f"{s.project_id}.{self.role.name}.{os.getpid()}.alive")
+        env[heartbeat.ENV] = beat_file  # the worker's own event loop writes it: `tlrun health --liveness`
+        launcher.record(self, heartbeat=beat_file)
         if hold is not None:
             env.update(hold.env(), **({DEV_POLL_ENV: "1"} if launcher.opts.dev_poll else {}))
         stem = f"celery_{self.role.log_stem}_{os.getpid()}"

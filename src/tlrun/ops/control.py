@@ -197,7 +197,7 @@ def probe(settings: Settings, node: str, timeout: float, retries: int) -> Health
                         return Health(node, "not_consuming", stuck, attempts, time.monotonic() - started)
                     return Health(node, "alive", "answered a ping", attempts, time.monotonic() - started)
             except BrokerError as exc:
-                return Health(node, "unknown", f"broker unreachable: {exc}", attempts, time.monotonic() - started)
+                return Health(node, "unreachable", f"broker unreachable: {exc}", attempts, time.monotonic() - started)
     # No answer. A local process with that name may be stopped or busy (a solo pool running a task, a
     # debugger): that is not the same as dead. A debug-mode worker is its launcher itself.
     for row in inventory.held_units(settings):

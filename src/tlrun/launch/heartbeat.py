@@ -1,0 +1,126 @@
+"""Liveness from local evidence: a heartbeat file the worker writes from its own event loop.
+
+Worker side (`install`, called by tlrun's shim in a worker it runs in place): once the worker is ready, a
+timer on the consumer's own timer (the event loop's, where there is one) rewrites a small JSON file every
+INTERVAL seconds: a wedged loop stops it. A task that runs in the main process itself (the solo pool: it
+blocks the loop) is noted with its start and its hard time limit, so that a busy solo worker counts as
+alive while its task is within that limit.
+
+Probe side (`check`): no broker, no Celery, no app: the worker's main process exists and is not stopped,
+and the file is fresh (or its task still within its limit). What `tlrun health --liveness` answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+ENV = "TLRUN_HEARTBEAT"  # where the worker writes its heartbeat
+INTERVAL = 5.0
+DEFAULT_WINDOW = 30.0
+
+_state: dict[str, Any] = {"busy_since": None, "limit": None}
+_worker_limit: list[float | None] = [None]  # the worker's own --time-limit (the solo pool enforces none)
+
+
+def _write(path: str) -> None:
+    record = {"t": time.time(), "pid": os.getpid(), **_state}
+    tmp = f"{path}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record, fh)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def install(path: str) -> None:
+    from celery import signals
+
+    main = os.getpid()
+
+    def ready(sender: Any = None, **_kw: Any) -> None:
+        _worker_limit[0] = getattr(getattr(sender, "controller", None), "time_limit", None)
+        _write(path)
+        timer = getattr(sender, "timer", None)
+        if timer is not None:
+            timer.call_repeatedly(INTERVAL, _write, (path,), priority=0)
+
+    def prerun(task: Any = None, **_kw: Any) -> None:
+        if os.getpid() != main:
+            return  # a pool child: the main process's loop goes on
+        limits = getattr(getattr(task, "request", None), "timelimit", None) or (None, None)
+        hard = limits[0] if limits and limits[0] else getattr(task, "time_limit", None)
+        if not hard and task is not None:
+            hard = task.app.conf.task_time_limit or _worker_limit[0]
+        _state.update(busy_since=time.time(), limit=hard or None)
+        _write(path)
+
+    def postrun(**_kw: Any) -> None:
+        if os.getpid() == main:
+            _state.update(busy_since=None, limit=None)
+            _write(path)
+
+    signals.worker_ready.connect(ready, weak=False, dispatch_uid="tlrun-heartbeat")
+    signals.task_prerun.connect(prerun, weak=False, dispatch_uid="tlrun-heartbeat-busy")
+    signals.task_postrun.connect(postrun, weak=False, dispatch_uid="tlrun-heartbeat-idle")
+
+
+@dataclass(frozen=True)
+class Liveness:
+    alive: bool
+    why: str
+
+
+def _stopped(pid: int) -> bool | None:
+    """True when stopped (SIGSTOP, a debugger), None when gone; from /proc, else psutil."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+        return state in (b"T", b"t")
+    except FileNotFoundError:
+        return None
+    except OSError:
+        import psutil
+
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+        except psutil.Error:
+            return None
+
+
+def check(
+    pid: int, path: str | None, started: float, window: float = DEFAULT_WINDOW, now: float | None = None
+) -> Liveness:
+    """Is the worker `pid` alive, from its process and its heartbeat file (`started`: when it was spawned)?"""
+    now = time.time() if now is None else now
+    stopped = _stopped(pid)
+    if stopped is None:
+        return Liveness(False, f"worker pid {pid} is gone")
+    if stopped:
+        return Liveness(False, f"worker pid {pid} is stopped (SIGSTOP or a debugger)")
+    try:
+        with open(path or "", "rb") as fh:
+            beat = json.loads(fh.read(4096))
+    except (OSError, ValueError):
+        beat = None
+    if beat is None:
+        if now - started < window:
+            return Liveness(True, f"starting ({now - started:.0f} s, no heartbeat yet)")
+        return Liveness(False, f"no heartbeat in {now - started:.0f} s since its start")
+    age = now - float(beat.get("t", 0))
+    busy_since, limit = beat.get("busy_since"), beat.get("limit")
+    if busy_since is not None:
+        running = now - float(busy_since)
+        if limit is None:
+            return Liveness(True, f"running a task for {running:.0f} s (no time limit)")
+        if running <= float(limit) + window:
+            return Liveness(True, f"running a task for {running:.0f} s (time limit {float(limit):g} s)")
+        return Liveness(False, f"a task has run {running:.0f} s, past its time limit of {float(limit):g} s")
+    if age <= window:
+        return Liveness(True, f"heartbeat {age:.0f} s ago")
+    return Liveness(False, f"no heartbeat for {age:.0f} s (window {window:g} s): its event loop is wedged")
