@@ -4,6 +4,8 @@ container's PID 1 (a fresh PID namespace, as root). Real processes, a real broke
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -386,3 +388,42 @@ def test_init_writes_no_log_file_and_needs_no_writable_project(project: Project)
             subprocess.run(["umount", root], timeout=30)
         else:
             os.chmod(root, 0o755)
+
+
+@needs_root
+def test_pid1_replicas_started_together_never_share_a_node_name(project: Project) -> None:
+    """Two containers with one host name (host networking, `hostname:` with --scale), each running tlrun worker
+    as PID 1, started at the same instant: as PID 1 the pid says nothing, so the node name carries a random
+    9-digit number instead. 10 rounds: distinct names, one ping reply each."""
+    from helpers import ping_replies
+
+    replica = project.other_project("replica")  # its own checkout (as another container's filesystem)
+    for round_ in range(10):
+        started = []
+        for proj in (project, replica):
+            tlrun = " ".join(shlex.quote(a) for a in proj.tlrun_argv("worker", "--pool", "solo"))
+            argv = [
+                "unshare",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--uts",
+                "sh",
+                "-c",
+                f"hostname rhost && exec {tlrun}",
+            ]
+            launched = Launched(
+                argv, proj.root, proj.env(**NO_PDEATHSIG), proj.base / f"replica-{round_}-{len(started)}.txt"
+            )
+            project.started.append(launched)  # the fixture's teardown reaps both replicas' launchers
+            started.append(launched)
+        nodes = [launched.wait_output(READY, 30).group(1) for launched in started]
+        assert len(set(nodes)) == 2 and all(re.match(r"^api\d{9}@rhost$", n) for n in nodes), nodes
+        assert sorted(ping_replies(project.broker_url)) == sorted(nodes)  # one reply each
+        for launched in started:
+            tlrun_proc = wait_for(
+                lambda run=launched: next(iter(psutil.Process(run.pid).children()), None), 10, "tlrun"
+            )
+            tlrun_proc.send_signal(signal.SIGTERM)
+        for launched in started:
+            assert launched.wait(30) == 0, launched.output()

@@ -104,10 +104,10 @@ def test_the_restart_step_schedules_without_blocking_and_gives_up() -> None:
     unit = WorkerUnit(Role("a", "a", WorkerOptions(), 1, True), "h")
     assert step.on_exit(launcher, unit, 0, ()) is False  # a clean exit is not a crash
     assert step.on_exit(launcher, unit, 137, ()) is True
-    assert launcher.said == ["a worker exited with status 137: restart 1 in 0.0 s"]
+    assert launcher.said == ["worker of role a exited with status 137: restart 1 in 0.0 s"]
     assert unit.state == "starting" and step.poll(launcher)
     step.act(launcher)
     assert launcher.restarted == [unit.node] and not step.poll(launcher)
     assert step.restarts(unit) == 1
-    with pytest.raises(RestartGiveUpError, match="giving up on the a worker after 2 crashes"):
+    with pytest.raises(RestartGiveUpError, match="giving up on the worker of role a after 2 crashes"):
         step.on_exit(launcher, unit, 1, ())

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 def node_for_roles(hostname: str) -> str:
     """With several roles, the one in-process worker serves them all under its own name."""
-    return spawn.node_name(DEBUG_PREFIX, os.getpid(), hostname)
+    return spawn.node_name(DEBUG_PREFIX, spawn.node_token(), hostname)
 
 
 DEBUG_PREFIX = "debug"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -22,6 +23,29 @@ from tlrun.launch.procs import Identity
 from tlrun.redact import Redactor
 
 PYTHON = sys.executable
+
+
+INITIAL_PID_NS = 0xEFFFFFFC  # the kernel's PROC_PID_INIT_INO: the host's own pid namespace
+
+
+def node_token(pid: int | None = None) -> int:
+    """The number in a node name: this launcher's pid, unique on its host. In a container (pid 1, or a pid
+    namespace of its own) every replica has the same pids, and containers started together may share a host
+    name: a random 9-digit number then (no pid reaches 10^8, so it is never mistaken for one)."""
+    pid = os.getpid() if pid is None else pid
+    if pid == 1 or _own_pid_namespace():
+        return _CONTAINER_TOKEN
+    return pid
+
+
+def _own_pid_namespace() -> bool:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino != INITIAL_PID_NS
+    except OSError:  # no /proc (macOS): pids are the host's
+        return False
+
+
+_CONTAINER_TOKEN = 100_000_000 + secrets.randbelow(900_000_000)
 
 
 def node_name(prefix: str, pid: int, hostname: str, suffix: int = 0) -> str:

@@ -70,7 +70,7 @@ class WorkerUnit(Unit):
             f"worker:{role.name}",
             role.lock_kind,
             f"worker of role {role.name}" if role.declared else "worker",
-            spawn.node_name(role.node_prefix, os.getpid(), hostname),
+            spawn.node_name(role.node_prefix, spawn.node_token(), hostname),
         )
         self.role = role
         self.hostname = hostname
@@ -80,7 +80,7 @@ class WorkerUnit(Unit):
     def rename(self, taken: set[str]) -> str:
         """Come back under a name nobody answers to: `api4242-1@host`."""
         self.renamed_from = self.node
-        self.node = spawn.unique_node_name(self.role.node_prefix, os.getpid(), self.hostname, taken)
+        self.node = spawn.unique_node_name(self.role.node_prefix, spawn.node_token(), self.hostname, taken)
         return self.node
 
     def spawn(
