@@ -129,3 +129,26 @@ def test_the_readme_ps_example_shows_beats_node_as_ps_prints_it() -> None:
     header = example[0].split()
     beat = next(line.split() for line in example[1:] if line.split()[1] == "beat")
     assert beat[header.index("NODE")] == BeatUnit().node
+
+
+def test_the_container_recipe_as_an_experienced_docker_user_expects_it() -> None:
+    """A .dockerignore (no .venv, .git or .env in the build context), the lock installed, a build for every
+    service that runs the image, Flower behind a password and on loopback, restart policies, and a grace
+    that lets the documented task length (25 s) finish before tlrun's requeue margin."""
+    from tlrun.launch.supervise import requeue_margin
+
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv/", ".git/", ".env"} <= set(ignored)
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert "pip install -c requirements-dev.lock ." in dockerfile
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    for name, service in services.items():
+        if service.get("image") == "tlrun-example":
+            assert "build" in service, name
+        assert service.get("restart") == "unless-stopped", name
+    flower = services["flower"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
+    assert all(port.startswith("127.0.0.1:") for port in flower["ports"])
+    grace = float(services["worker"]["environment"]["TLRUN_STOP_GRACE"])
+    margin = requeue_margin(grace, (5, 7)) or 0.0
+    assert grace - margin >= 25
