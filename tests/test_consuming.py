@@ -126,14 +126,19 @@ def test_the_metrics_endpoint_speaks_celery_exporters_names(project: Project) ->
         return found if found.get("celery_worker_tasks_active") else None
 
     metrics = wait_for(sampled, 10, "a sample with the running task")
-    assert metrics["celery_worker_up"] == [({"hostname": node}, 1.0)]
-    assert metrics["celery_worker_tasks_active"] == [({"hostname": node}, 1.0)]
-    assert metrics["tlrun_worker_restarts_total"] == [({"role": "default"}, 0.0)]
-    assert ({"hostname": node, "state": "expected"}, 2.0) in metrics["tlrun_pool_processes"]
-    assert ({"hostname": node, "state": "running"}, 2.0) in metrics["tlrun_pool_processes"]
+    # celery-exporter's `hostname` is the host part (a restart continues the series); `worker` is the role.
+    at = {"hostname": node.split("@", 1)[1], "worker": "default"}
+    assert metrics["celery_worker_up"] == [(at, 1.0)]
+    assert metrics["celery_worker_tasks_active"] == [(at, 1.0)]
+    assert metrics["tlrun_worker_restarts_total"] == [(at, 0.0)]
+    assert ({**at, "state": "expected"}, 2.0) in metrics["tlrun_pool_processes"]
+    assert ({**at, "state": "running"}, 2.0) in metrics["tlrun_pool_processes"]
     assert metrics["tlrun_worker_ready_seconds"][0][1] > 0
     assert metrics["tlrun_worker_rss_bytes"][0][1] > 10_000_000
-    assert "tlrun_not_consuming" not in metrics and "celery_queue_length" not in metrics  # no beat lease here
+    assert "tlrun_not_consuming" not in metrics
+    # Without beat, one launcher per cluster (this one: the only one) publishes every queue's length, 0 too.
+    lengths = wait_for(lambda: scrape(port).get("celery_queue_length"), 10, "the queue lengths")
+    assert lengths == [({"queue_name": "celery"}, 0.0)]
     assert busy.get(timeout=20) == 4
     # A second launcher cannot take the port: refused before it stops or sweeps anything.
     other = project.run("worker", "-A", project.app, "--metrics-port", str(port), "--metrics-addr", "127.0.0.1")
@@ -146,6 +151,51 @@ def test_doctor_prometheus_output_parses_with_celery_exporters_names(project: Pr
     result = project.run("doctor", "-A", project.app, "--format", "prometheus")
     families = {f.name: f for f in text_string_to_metric_families(result.stdout)}
     up = [(s.labels, s.value) for s in families["celery_worker_up"].samples]
-    assert up == [({"hostname": node}, 1.0)]
+    assert up == [({"hostname": node.split("@", 1)[1], "worker": "default"}, 1.0)]
     for name in ("tlrun_not_consuming", "tlrun_beat_lease_held", "tlrun_workers_answering"):
         assert name in families, sorted(families)
+    # The same label set for a name, whether doctor or a launcher's endpoint says it; `project` is the
+    # project's name (the same on every host), not a hash of this host's directory.
+    assert families["tlrun_not_consuming"].samples == []  # a series per (hostname, worker, queue_name) stuck
+    answering = families["tlrun_workers_answering"].samples[0].labels
+    assert answering == {"app": project.app, "project": project.app}
+
+
+# celery-exporter's metrics tlrun also publishes: name -> (type, labels), as its source declares them
+# (danihodovic/celery-exporter, src/exporter.py), without its optional static labels.
+CELERY_EXPORTER = {
+    "celery_worker_up": ("gauge", {"hostname"}),
+    "celery_worker_tasks_active": ("gauge", {"hostname"}),
+    "celery_queue_length": ("gauge", {"queue_name"}),
+}
+
+
+def test_a_dashboard_for_celery_exporter_reads_tlruns_metrics(project: Project) -> None:
+    """Every celery-exporter name tlrun publishes has its type and at least its labels (tlrun adds `worker`
+    to the worker metrics: two roles on one host are two series), from the endpoint and from doctor."""
+    port = free_port()
+    launched = project.launch("--metrics-port", str(port), "--metrics-addr", "127.0.0.1", env=project.env(**CHECK))
+    launched.wait_output(READY, 30)
+    wait_for(lambda: "celery_queue_length" in scrape(port), 10, "the queue lengths")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        endpoint = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    doctor = {
+        f.name: f
+        for f in text_string_to_metric_families(
+            project.run("doctor", "-A", project.app, "--format", "prometheus").stdout
+        )
+    }
+    for source, families in (("endpoint", endpoint), ("doctor", doctor)):
+        for name, (kind, labels) in CELERY_EXPORTER.items():
+            if name not in families:
+                assert source == "doctor" and name != "celery_worker_up", (source, name)
+                continue
+            family = families[name]
+            assert family.type == kind, (source, name, family.type)
+            for sample in family.samples:
+                assert labels <= set(sample.labels), (source, name, sample.labels)
+    shared = set(endpoint) & set(doctor)
+    for name in shared:  # one label set per name, whichever says it
+        ends = {frozenset(s.labels) for s in endpoint[name].samples}
+        docs = {frozenset(s.labels) for s in doctor[name].samples}
+        assert not ends or not docs or ends == docs, (name, ends, docs)

@@ -78,10 +78,22 @@ def dev(
     return run(settings, report, opts, steps)
 
 
-def beat(settings: Settings, report: Reporter, *, init: bool = False) -> int:
-    """tlrun beat: beat alone, one per cluster through the lease."""
+def beat(
+    settings: Settings,
+    report: Reporter,
+    *,
+    init: bool = False,
+    metrics_port: int | None = None,
+    metrics_addr: str = "0.0.0.0",
+) -> int:
+    """tlrun beat: beat alone, one per cluster through the lease; with a metrics endpoint when asked."""
+    from tlrun.ops.steps import ConsumeStep, MetricsStep
+
     steps: list[Step] = []
-    _lease(steps)
+    lease = _lease(steps)
+    if metrics_port is not None:
+        consume = ConsumeStep(None, sample=True, lease=lease)  # no workers here: it watches nothing
+        steps += [consume, MetricsStep(metrics_port, metrics_addr, consume, None, lease)]
     return run(settings, report, LaunchOptions(workers=False, beat=True, init=init), steps)
 
 

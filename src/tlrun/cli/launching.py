@@ -208,10 +208,21 @@ def dev(
     "-l", "--loglevel", type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False)
 )
 @INIT_OPTION
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=1, max=65535),
+    help="Serve Prometheus metrics on this port (/metrics): celery-exporter's names plus tlrun's own.",
+)
+@click.option(
+    "--metrics-addr",
+    default="0.0.0.0",
+    show_default=True,
+    help="Address the metrics endpoint listens on (127.0.0.1: this host only).",
+)
 @handle_errors
-def beat(init_mode: bool, **params: Any) -> None:
+def beat(init_mode: bool, metrics_port: int | None, metrics_addr: str, **params: Any) -> None:
     """Run Celery beat alone, supervised, one per project (two beats run every periodic task twice).
 
     The schedule file lives in tlrun's state directory, not in the project.
     """
-    _launch("beat", params, init=init_mode)
+    _launch("beat", params, init=init_mode, metrics_port=metrics_port, metrics_addr=metrics_addr)

@@ -100,10 +100,10 @@ UNKNOWN = Holder("another host", 0, "", 0.0)
 
 
 class RedisLease:
-    def __init__(self, url: str, name: str, timeout: float = 2.0) -> None:
+    def __init__(self, url: str, name: str, timeout: float = 2.0, prefix: str = KEY_PREFIX) -> None:
         import redis
 
-        self.key = f"{KEY_PREFIX}:{name}"
+        self.key = f"{prefix}:{name}"
         self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._renew = self._client.register_script(_RENEW)
         self._release = self._client.register_script(_RELEASE)
@@ -145,9 +145,9 @@ class RedisLease:
 class AmqpLease:
     """The lease is an exclusive queue: it lives exactly as long as the holder's connection."""
 
-    def __init__(self, url: str, name: str, ttl: float, timeout: float = 2.0) -> None:
+    def __init__(self, url: str, name: str, ttl: float, timeout: float = 2.0, prefix: str = KEY_PREFIX) -> None:
         self.url = url
-        self.queue = f"{KEY_PREFIX}:{name}"
+        self.queue = f"{prefix}:{name}"
         # Who holds it: a one-message queue that expires when no holder has redeclared it for two ttls, and is
         # deleted by a holder that lets go (`:holder`, its first form, never expired: one stayed in the vhost).
         self.info_queue = f"{self.queue}:holder-info"
@@ -278,11 +278,12 @@ def _unreachable(exc: BaseException) -> OSError:
     return OSError(f"{type(exc).__name__}: {exc}")
 
 
-def backend_for(url: str, name: str, ttl: float) -> Backend:
+def backend_for(url: str, name: str, ttl: float, prefix: str = KEY_PREFIX) -> Backend:
+    """The lease `prefix:name` on the broker at `url` (the beat lease, or another one: the queue metrics')."""
     if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisLease(url, name, timeout=min(2.0, ttl / 6))
+        return RedisLease(url, name, timeout=min(2.0, ttl / 6), prefix=prefix)
     if url.startswith(("amqp://", "amqps://", "pyamqp://")):
-        return AmqpLease(url, name, ttl, timeout=min(2.0, ttl / 6))
+        return AmqpLease(url, name, ttl, timeout=min(2.0, ttl / 6), prefix=prefix)
     raise ValueError(f"no beat lease for this broker's transport ({url.split(':', 1)[0]})")
 
 

@@ -144,13 +144,15 @@ class Watch:
         every: float = CHECK_EVERY,
         stuck_after: float = STUCK_AFTER,
         sample: bool = False,
-        queue_owner: Callable[[], bool] | None = None,  # report queue lengths (the beat-lease host)
+        queue_owner: Callable[[], bool] | None = None,  # report queue lengths (one launcher per cluster)
+        all_queues: Callable[[], list[str]] | None = None,  # the project's queues, every role's
     ) -> None:
         """`sample`: ask every node for its state at every check (for metrics), not only when messages wait."""
         import threading
 
         self.sample = sample
         self._queue_owner = queue_owner
+        self._all_queues = all_queues
         self._states: dict[str, NodeState] = {}
         self._lengths: dict[str, int] = {}
         self.url = url
@@ -180,11 +182,11 @@ class Watch:
                 targets = list(self._targets())
                 if not targets:
                     continue
-                lengths: dict[str, int] = {}
+                lengths: dict[str, int | None] = {}
                 with Broker(self.url) as broker:
                     for node, queues in targets:
                         waiting = depths(broker, queues)
-                        lengths.update({q: n for q, n in waiting.items() if n is not None})
+                        lengths.update(waiting)
                         if self.sample or any(waiting.values()):
                             state = node_state(broker, node)
                         else:
@@ -195,8 +197,12 @@ class Watch:
                             if state.busy is not None:
                                 self._states[node] = state
                 owner = self._queue_owner() if self._queue_owner is not None else False
+                if owner:  # every queue of the project, 0 when empty (as celery-exporter reports it)
+                    with Broker(self.url) as broker:
+                        rest = [q for q in (self._all_queues() if self._all_queues else []) if q not in lengths]
+                        lengths.update(depths(broker, rest))
                 with self._lock:
-                    self._lengths = lengths if owner else {}
+                    self._lengths = {q: n or 0 for q, n in lengths.items()} if owner else {}
             except BrokerError:
                 continue  # the broker is away: the worker's own reconnect logic is at work, not ours to judge
 

@@ -59,9 +59,16 @@ class DoctorReport:
     seconds: float
     schema_version: int = field(default=SCHEMA_VERSION)
     beat_lease: str | None = None  # who holds the cluster's beat lease ("hostA pid 4242 since ..."), if anyone
+    # For the metrics only (not in --json): labels the same on every host, and the per-series facts.
+    project_name: str = ""  # the project file's `name`, else the app
+    node_roles: dict[str, str] = field(default_factory=dict)  # node -> role (by node prefix)
+    not_consuming: tuple[tuple[str, str], ...] = ()  # (node, queue)
+    lease_host: str | None = None  # the host whose beat holds the lease
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        for private in ("project_name", "node_roles", "not_consuming", "lease_host"):
+            data.pop(private)
         data["nodes"] = [asdict(n) for n in self.nodes]
         data["local"] = [p.as_dict() for p in self.local]
         data["findings"] = [asdict(f) for f in self.findings]
@@ -223,6 +230,7 @@ def diagnose(settings: Settings) -> DoctorReport:
                 )
             )
     holder = lease.result()
+    stuck: list[tuple[str, str]] = []
     findings.extend(lease_findings(holder, local, hostname))
     if reachable:
         try:
@@ -231,6 +239,7 @@ def diagnose(settings: Settings) -> DoctorReport:
             depths = None
         for nc in consuming.project_check(settings, broker_url, [n.name for n in nodes], depths):
             findings.append(Finding("NOT_CONSUMING", "error", nc.message(), "tlrun worker --restart restarts it"))
+            stuck.append((nc.node, nc.queue))
     beats = [p for p in local if p.project and p.kind == "beat" and p.state != STANDBY]
     if len(beats) > 1:
         findings.append(
@@ -288,6 +297,10 @@ def diagnose(settings: Settings) -> DoctorReport:
         status=status,
         seconds=round(time.monotonic() - started, 2),
         beat_lease=holder.describe() if holder is not None else None,
+        project_name=settings.project_name or settings.app,
+        node_roles={n.name: role.name for n in nodes for role in settings.all_roles if role.owns_node(n.name)},
+        not_consuming=tuple(stuck),
+        lease_host=holder.host if holder is not None else None,
     )
 
 

@@ -59,38 +59,41 @@ _DOCTOR_GAUGES: tuple[tuple[str, str, Callable[[DoctorReport], float]], ...] = (
         lambda r: r.broker_connect_s if r.broker_connect_s is not None else float("nan"),
     ),
     ("tlrun_doctor_exit_code", "What `tlrun doctor` would exit with (0 healthy).", lambda r: r.exit_code),
-    (
-        "tlrun_not_consuming",
-        "Queues that a worker of the project answers pings for but does not consume (NOT_CONSUMING).",
-        lambda r: sum(1 for f in r.findings if f.code == "NOT_CONSUMING"),
-    ),
-    (
-        "tlrun_beat_lease_held",
-        "1 when someone holds the project's beat lease on the broker, else 0.",
-        lambda r: int(r.beat_lease is not None),
-    ),
 )
 
 
+def host_of(node: str) -> str:
+    """celery-exporter's `hostname` label: the host part of a node name (`api4242@web-1` -> `web-1`), so that
+    a restart (a new pid in the name) continues the same series."""
+    return node.rsplit("@", 1)[1] if "@" in node else node
+
+
 def prometheus(report: DoctorReport) -> str:
-    """The doctor's view: tlrun's gauges labelled with app and project, and `celery_worker_up` per node."""
+    """The doctor's view: tlrun's gauges labelled with the app and the project's name (the same on every
+    host), and the metrics it shares with the launcher's endpoint in the endpoint's labels and meaning."""
     registry = CollectorRegistry()
-    labels = {"app": report.app, "project": report.project_id}
+    labels = {"app": report.app, "project": report.project_name or report.app}
     for name, help_text, value in _DOCTOR_GAUGES:
         gauge = Gauge(name, help_text, list(labels), registry=registry)
         gauge.labels(**labels).set(value(report))
-    up = Gauge(
-        "celery_worker_up",
-        "1 when the worker answered a ping (celery-exporter's name).",
-        ["hostname"],
-        registry=registry,
-    )
+    up = Gauge("celery_worker_up", WORKER_UP_HELP, ["hostname", "worker"], registry=registry)
     for node in report.nodes:
-        up.labels(hostname=node.name).set(1)
+        up.labels(hostname=host_of(node.name), worker=report.node_roles.get(node.name, "")).set(1)
     for proc in report.local:
         if proc.project and proc.kind == "worker" and proc.node and all(n.name != proc.node for n in report.nodes):
-            up.labels(hostname=proc.node).set(0)
+            up.labels(hostname=host_of(proc.node), worker=proc.role or "").set(0)
+    stuck = Gauge("tlrun_not_consuming", NOT_CONSUMING_HELP, ["hostname", "worker", "queue_name"], registry=registry)
+    for name, queue in report.not_consuming:
+        stuck.labels(hostname=host_of(name), worker=report.node_roles.get(name, ""), queue_name=queue).set(1)
+    lease = Gauge("tlrun_beat_lease_held", LEASE_HELP, ["hostname"], registry=registry)
+    if report.lease_host is not None:
+        lease.labels(hostname=report.lease_host).set(1)
     return generate_latest(registry).decode()
+
+
+WORKER_UP_HELP = "1 when the worker runs and answered (celery-exporter's name)."
+NOT_CONSUMING_HELP = "1 when the worker answers pings but does not consume this queue while messages wait."
+LEASE_HELP = "1 when the beat on this host holds the project's beat lease."
 
 
 def check_textfile(path: Path) -> None:
@@ -143,6 +146,7 @@ class LauncherSample:
     workers: tuple[WorkerSample, ...]
     queue_lengths: dict[str, int] = field(default_factory=dict)  # only on the beat-lease holder's host
     beat_lease_held: bool | None = None  # None: this launcher runs no beat
+    hostname: str = ""  # this host (the `hostname` label of tlrun_beat_lease_held)
 
 
 class LauncherCollector(Collector):
@@ -153,47 +157,42 @@ class LauncherCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         s = self._sample()
-        host = ["hostname"]
-        up = GaugeMetricFamily(
-            "celery_worker_up", "1 when the worker runs and answered (celery-exporter's name).", labels=host
-        )
+        # celery-exporter's `hostname` (the host part of the node name: a restart continues the series) and a
+        # `worker` label, the role: two roles on one host are two series.
+        host = ["hostname", "worker"]
+        up = GaugeMetricFamily("celery_worker_up", WORKER_UP_HELP, labels=host)
         active = GaugeMetricFamily("celery_worker_tasks_active", "Tasks the worker is running.", labels=host)
-        restarts = CounterMetricFamily(
-            "tlrun_worker_restarts", "Restarts of the role's worker by tlrun.", labels=["role"]
-        )
-        code = GaugeMetricFamily(
-            "tlrun_worker_last_exit_code", "Exit status of the role's last worker.", labels=["role"]
-        )
-        ready = GaugeMetricFamily("tlrun_worker_ready_seconds", "Start to verified ready, last start.", labels=["role"])
+        restarts = CounterMetricFamily("tlrun_worker_restarts", "Restarts of the role's worker by tlrun.", labels=host)
+        code = GaugeMetricFamily("tlrun_worker_last_exit_code", "Exit status of the role's last worker.", labels=host)
+        ready = GaugeMetricFamily("tlrun_worker_ready_seconds", "Start to verified ready, last start.", labels=host)
         stop = GaugeMetricFamily(
-            "tlrun_worker_stop_seconds", "Duration of the last stop of the role's worker.", labels=["role"]
+            "tlrun_worker_stop_seconds", "Duration of the last stop of the role's worker.", labels=host
         )
         pool = GaugeMetricFamily(
-            "tlrun_pool_processes", "Pool processes of the worker: expected and running.", labels=["hostname", "state"]
+            "tlrun_pool_processes", "Pool processes of the worker: expected and running.", labels=[*host, "state"]
         )
         rss = GaugeMetricFamily("tlrun_worker_rss_bytes", "Resident memory of the worker's main process.", labels=host)
-        stuck = GaugeMetricFamily(
-            "tlrun_not_consuming", "1 when the worker does not consume this queue.", labels=["hostname", "queue_name"]
-        )
+        stuck = GaugeMetricFamily("tlrun_not_consuming", NOT_CONSUMING_HELP, labels=[*host, "queue_name"])
         for w in s.workers:
-            up.add_metric([w.node], 1 if w.up else 0)
+            at = [host_of(w.node), w.role]
+            up.add_metric(at, 1 if w.up else 0)
             if w.tasks_active is not None:
-                active.add_metric([w.node], w.tasks_active)
-            restarts.add_metric([w.role], w.restarts)
+                active.add_metric(at, w.tasks_active)
+            restarts.add_metric(at, w.restarts)
             if w.last_exit_code is not None:
-                code.add_metric([w.role], w.last_exit_code)
+                code.add_metric(at, w.last_exit_code)
             if w.ready_seconds is not None:
-                ready.add_metric([w.role], w.ready_seconds)
+                ready.add_metric(at, w.ready_seconds)
             if w.stop_seconds is not None:
-                stop.add_metric([w.role], w.stop_seconds)
+                stop.add_metric(at, w.stop_seconds)
             if w.pool_expected is not None:
-                pool.add_metric([w.node, "expected"], w.pool_expected)
+                pool.add_metric([*at, "expected"], w.pool_expected)
             if w.pool_running is not None:
-                pool.add_metric([w.node, "running"], w.pool_running)
+                pool.add_metric([*at, "running"], w.pool_running)
             if w.rss_bytes is not None:
-                rss.add_metric([w.node], w.rss_bytes)
+                rss.add_metric(at, w.rss_bytes)
             for queue in w.not_consuming:
-                stuck.add_metric([w.node, queue], 1)
+                stuck.add_metric([*at, queue], 1)
         families: list[Any] = [up, active, restarts, code, ready, stop, pool, rss, stuck]
         if s.queue_lengths:
             length = GaugeMetricFamily("celery_queue_length", "Messages waiting in the queue.", labels=["queue_name"])
@@ -201,13 +200,9 @@ class LauncherCollector(Collector):
                 length.add_metric([queue], n)
             families.append(length)
         if s.beat_lease_held is not None:
-            families.append(
-                GaugeMetricFamily(
-                    "tlrun_beat_lease_held",
-                    "1 while this launcher holds the cluster's beat lease.",
-                    value=int(s.beat_lease_held),
-                )
-            )
+            lease = GaugeMetricFamily("tlrun_beat_lease_held", LEASE_HELP, labels=["hostname"])
+            lease.add_metric([s.hostname], int(s.beat_lease_held))
+            families.append(lease)
         yield from families
 
 

@@ -31,6 +31,7 @@ class ConsumeStep(Step):
         self.sample = sample
         self.lease = lease
         self.watch: consuming.Watch | None = None
+        self.queue_lease: QueueMetricsLease | None = None
         self.not_consuming: dict[str, tuple[str, ...]] = {}  # node -> queues, for metrics
         self._recorded: set[str] = set()  # nodes whose lock record names queues they do not consume
         self._stuck: dict[str, list[consuming.NotConsuming]] = {}
@@ -52,8 +53,13 @@ class ConsumeStep(Step):
             launcher.s.consume_check_every,
             launcher.s.stuck_after,
             sample=self.sample,
-            queue_owner=(lambda: _holds_queue_metrics(launcher, self.lease)) if self.sample else None,
+            queue_owner=self._owner(launcher) if self.sample else None,
+            all_queues=lambda: sorted({q for r in launcher.s.all_roles for q in consuming.wanted_queues(r.queue_set)}),
         ).start()
+
+    def _owner(self, launcher: Launcher) -> QueueMetricsLease:
+        self.queue_lease = QueueMetricsLease(launcher)
+        return self.queue_lease
 
     def poll(self, launcher: Launcher) -> bool:
         if self.watch is not None:
@@ -95,27 +101,39 @@ class ConsumeStep(Step):
     def close(self, launcher: Launcher) -> None:
         if self.watch is not None:
             self.watch.close()
+        if self.queue_lease is not None:
+            self.queue_lease.close()  # the next launcher publishes the queue lengths at once
 
 
-def _holds_queue_metrics(launcher: Launcher, lease: LeaseStep | None) -> bool:
-    """celery_queue_length comes from the host holding the beat lease only (hosts would repeat it)."""
-    from tlrun.cluster.lease import backend_for, lease_name
+class QueueMetricsLease:
+    """celery_queue_length comes from one launcher per cluster (hosts would repeat it), elected with the
+    broker lease beat uses, on a key of its own: with beat or without, someone publishes it. Asked by the
+    consumption watch's thread after each check: the lease renews itself there (ttl: three checks)."""
 
-    held = lease.held() if lease is not None else None
-    if held is not None:
-        return held
-    s = launcher.s
-    try:
-        backend = backend_for(launcher.broker_url, lease_name(s.app, s.project_name), s.beat_lock_ttl)
-    except ValueError:
-        return False
-    try:
-        holder = backend.current()
-    except OSError:
-        return False
-    finally:
-        backend.close()
-    return holder is not None and holder.host == launcher.hostname
+    def __init__(self, launcher: Launcher) -> None:
+        from tlrun.cluster.lease import BeatLease, Holder, backend_for, lease_name
+
+        s = launcher.s
+        ttl = max(3 * s.consume_check_every, 2.0)
+        name = lease_name(s.app, s.project_name)
+        self.lease: Any = None
+        try:
+            backend = backend_for(launcher.broker_url, name, ttl, prefix="tlrun:queue-metrics")
+        except ValueError:
+            return  # a transport without a lease: no queue lengths from tlrun
+        self.lease = BeatLease(backend, Holder.new(os.getpid(), launcher.hostname), ttl)
+
+    def __call__(self) -> bool:
+        from tlrun.cluster.fence import clock
+
+        if self.lease is None:
+            return False
+        self.lease.tick(clock())
+        return bool(self.lease.valid(clock()))
+
+    def close(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
 
 class MetricsStep(Step):
@@ -174,7 +192,7 @@ class MetricsStep(Step):
                 )
             )
         held = self.lease.held() if self.lease is not None else None
-        return metrics.LauncherSample(tuple(samples), dict(lengths), held)
+        return metrics.LauncherSample(tuple(samples), dict(lengths), held, launcher.hostname)
 
 
 def _pool_expected(role: Role) -> int | None:
