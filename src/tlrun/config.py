@@ -7,9 +7,7 @@ tested without touching the real environment.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,26 +18,50 @@ from tlrun import redact
 from tlrun.envfile import read_dotenv
 from tlrun.errors import ConfigError, UsageError
 from tlrun.limits import MAX_SECONDS
-from tlrun.passthrough import check_queues, refuse_owned_options
-from tlrun.project.file import LOGLEVELS, POOLS, ProjectFile, RoleSpec
+from tlrun.project.file import ProjectFile
+from tlrun.roles import (
+    ENV_CONCURRENCY,
+    ENV_LOGLEVEL,
+    ENV_POOL,
+    ENV_PREFIX,
+    ENV_QUEUES,
+    IMPLICIT_PREFIX,
+    IMPLICIT_ROLE,
+    Role,
+    WorkerOptions,
+    number,
+    project_roles,
+    validate_prefix,
+)
 
 if TYPE_CHECKING:
     from tlrun.project.discover import Discovery
+
+# Names of roles.py the settings re-export (config.py held them before roles.py did).
+__all__ = [
+    "ENV_CONCURRENCY",
+    "ENV_LOGLEVEL",
+    "ENV_POOL",
+    "ENV_PREFIX",
+    "ENV_QUEUES",
+    "IMPLICIT_PREFIX",
+    "IMPLICIT_ROLE",
+    "Role",
+    "WorkerOptions",
+    "number",
+    "project_roles",
+    "validate_prefix",
+]
 
 # Every environment key tlrun reads; .env.example documents each one.
 ENV_APP = "CELERY_APP"
 ENV_BROKER = "CELERY_BROKER_URL"
 ENV_BROKER_FALLBACK = "REDIS_URL"
-ENV_PREFIX = "TLRUN_NODE_PREFIX"
 ENV_LOG_DIR = "TLRUN_LOG_DIR"
 ENV_EXPECTED = "TLRUN_EXPECTED_WORKERS"
 ENV_READY_TIMEOUT = "TLRUN_READY_TIMEOUT"
 ENV_GRACE = "TLRUN_STOP_GRACE"
 ENV_PING_WINDOW = "TLRUN_PING_WINDOW"
-ENV_CONCURRENCY = "TLRUN_CONCURRENCY"
-ENV_POOL = "TLRUN_POOL"
-ENV_QUEUES = "TLRUN_QUEUES"
-ENV_LOGLEVEL = "TLRUN_LOGLEVEL"
 ENV_BEAT_LOCK_TTL = "TLRUN_BEAT_LOCK_TTL"
 ENV_STUCK_AFTER = "TLRUN_STUCK_AFTER"
 ENV_CONSUME_CHECK_EVERY = "TLRUN_CONSUME_CHECK_EVERY"
@@ -49,58 +71,6 @@ ENV_GUARD = "TL_CELERY_STARTED"  # launcher identity "<pid>:<create_time>"
 ENV_MARKER = "TLRUN_PROJECT"  # project id: sha of project root + app
 ENV_NODE = "TLRUN_NODE"  # node name given to the worker
 ENV_ROLE = "TLRUN_ROLE"  # the role the worker runs
-
-MAX_PREFIX_LEN = 40
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """The Celery worker options tlrun knows by name; `extra` goes to Celery verbatim."""
-
-    concurrency: int | None = None
-    queues: str | None = None
-    pool: str | None = None
-    loglevel: str = "info"
-    max_tasks_per_child: int | None = None
-    max_memory_per_child: int | None = None
-    prefetch_multiplier: int | None = None
-    time_limit: float | None = None
-    soft_time_limit: float | None = None
-    events: bool = False
-    extra: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Role:
-    """One worker role: a group of queues, one worker process tree per launcher, its own lock and log."""
-
-    name: str
-    node_prefix: str
-    worker: WorkerOptions
-    expected: int = 1
-    declared: bool = False  # from the project file; False for the implicit single role
-
-    @property
-    def queue_set(self) -> frozenset[str] | None:
-        """The queues this role consumes; None when not configured (Celery's default queue)."""
-        if not self.worker.queues:
-            return None
-        return frozenset(q.strip() for q in self.worker.queues.split(",") if q.strip())
-
-    def owns_node(self, node: str) -> bool:
-        """Is this one of the role's node names, `<prefix><pid>[-N]@host`?"""
-        return re.match(rf"^{re.escape(self.node_prefix)}\d+(-\d+)?@", node) is not None
-
-    @property
-    def lock_kind(self) -> str:
-        """The role's lock: `worker` for the implicit single role (as before roles), `worker-NAME` otherwise."""
-        return f"worker-{self.name}" if self.declared else "worker"
-
-    @property
-    def log_stem(self) -> str:
-        """`celery_<stem>_<launcher pid>.log`: the role's name, `worker` for the implicit role."""
-        return self.name if self.declared else "worker"
 
 
 @dataclass(frozen=True)
@@ -179,48 +149,6 @@ def check_broker_url(url: str, source: str) -> None:
         raise error(f"{source}: broker URL {shown} has port 0", hint="give the broker's real port")
 
 
-def _number(raw: Any, key: str, kind: type[int] | type[float], minimum: float, maximum: float | None = None) -> Any:
-    try:
-        value = kind(raw)
-    except (TypeError, ValueError, OverflowError):
-        name = "an integer" if kind is int else "a number"
-        raise ConfigError(f"{key}={raw!r}: expected {name}") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{key}={raw!r}: expected a finite number")
-    if value < minimum:
-        raise ConfigError(f"{key}={raw!r}: must be at least {minimum:g}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{key}={raw!r}: must be at most {maximum:g}")
-    return value
-
-
-def validate_prefix(prefix: str) -> str:
-    if not prefix or len(prefix) > MAX_PREFIX_LEN or not _PREFIX_RE.match(prefix):
-        raise ConfigError(
-            f"node prefix {prefix[:60]!r}{'...' if len(prefix) > 60 else ''} is invalid: "
-            f"use 1-{MAX_PREFIX_LEN} letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )
-    return prefix
-
-
-IMPLICIT_ROLE = "default"
-IMPLICIT_PREFIX = "api"
-# Worker options: (command-line key, environment key, project-file key)
-_ROLE_OPTIONS = (
-    ("concurrency", ENV_CONCURRENCY, "concurrency"),
-    ("pool", ENV_POOL, "pool"),
-    ("loglevel", ENV_LOGLEVEL, "loglevel"),
-    ("queues", ENV_QUEUES, "queues"),
-    ("max_tasks_per_child", None, "max_tasks_per_child"),
-    ("max_memory_per_child", None, "max_memory_per_child"),
-    ("prefetch_multiplier", None, "prefetch_multiplier"),
-    ("time_limit", None, "time_limit"),
-    ("soft_time_limit", None, "soft_time_limit"),
-    ("events", None, "events"),
-    ("node_prefix", ENV_PREFIX, "node_prefix"),
-)
-
-
 def build_settings(
     cli: Mapping[str, Any],
     environ: Mapping[str, str],
@@ -282,7 +210,7 @@ def build_settings(
     def num(cli_key: str, env_key: str, kind: type[int] | type[float], default: Any, minimum: float) -> Any:
         raw, source = pick(cli_key, env_key, file_key=_FILE_KEYS.get(cli_key, cli_key))
         maximum = MAX_SECONDS if kind is float else None  # every float here is a duration
-        return default if raw is None else _number(raw, source, kind, minimum, maximum)
+        return default if raw is None else number(raw, source, kind, minimum, maximum)
 
     log_dir_raw, _ = pick("log_dir", ENV_LOG_DIR, file_key="log_dir")
     if log_dir_raw and any(c in str(log_dir_raw) for c in "\n\r\0"):
@@ -291,7 +219,7 @@ def build_settings(
     if not log_dir.is_absolute():
         log_dir = project_root / log_dir
 
-    all_roles = _roles(cli, merged_env, pf)
+    all_roles = project_roles(cli, merged_env, pf)
     wanted = cli.get("role")
     if wanted:
         roles = tuple(r for r in all_roles if r.name == wanted)
@@ -337,64 +265,6 @@ def build_settings(
 
 # Settings whose project-file key differs from the command-line key.
 _FILE_KEYS = {"stop_grace": "grace", "expected_workers": "expected"}
-
-
-def _roles(cli: Mapping[str, Any], env: Mapping[str, str], pf: ProjectFile) -> tuple[Role, ...]:
-    """Every role of the project with the command line and environment applied over the file's values."""
-    specs = pf.roles or (RoleSpec(IMPLICIT_ROLE, {}),)
-    declared = bool(pf.roles)
-    roles = []
-    for spec in specs:
-        values: dict[str, Any] = {}
-        for cli_key, env_key, file_key in _ROLE_OPTIONS:
-            if cli.get(cli_key) is not None:
-                values[cli_key] = (cli[cli_key], "--" + cli_key.replace("_", "-"))
-            elif env_key and env.get(env_key):
-                values[cli_key] = (env[env_key], env_key)
-            elif file_key in spec.values:
-                raw = spec.values[file_key]
-                values[cli_key] = (
-                    ",".join(raw) if file_key == "queues" else raw,
-                    pf.where(f"workers.{spec.name}.{file_key}"),
-                )
-        roles.append(_role(spec, values, declared, cli))
-    return tuple(roles)
-
-
-def _role(spec: RoleSpec, values: Mapping[str, tuple[Any, str]], declared: bool, cli: Mapping[str, Any]) -> Role:
-    def get(key: str) -> Any:
-        return values[key][0] if key in values else None
-
-    def number(key: str, kind: type[int] | type[float], minimum: float, maximum: float | None = None) -> Any:
-        return None if key not in values else _number(values[key][0], values[key][1], kind, minimum, maximum)
-
-    pool = get("pool")
-    if pool is not None and pool not in POOLS:
-        raise ConfigError(f"{values['pool'][1]}={pool!r}: expected one of {', '.join(POOLS)}")
-    loglevel = str(get("loglevel") or "info").lower()
-    if loglevel not in LOGLEVELS:
-        raise ConfigError(f"{values['loglevel'][1]}={loglevel!r}: expected one of {', '.join(LOGLEVELS)}")
-    prefix = validate_prefix(str(get("node_prefix") or (spec.name if declared else IMPLICIT_PREFIX)))
-    from_file, from_cli = tuple(spec.values.get("extra_args", ())), tuple(cli.get("extra") or ())
-    refuse_owned_options(from_file, f"extra_args of role {spec.name}", declared, ConfigError)
-    refuse_owned_options(from_cli, "after --", declared, UsageError)
-    extra = from_file + from_cli
-    if get("queues") is not None:
-        check_queues(str(get("queues")), values["queues"][1])
-    worker = WorkerOptions(
-        concurrency=number("concurrency", int, 1, 10_000),
-        queues=str(get("queues")) if get("queues") else None,
-        pool=pool,
-        loglevel=loglevel,
-        max_tasks_per_child=number("max_tasks_per_child", int, 1),
-        max_memory_per_child=number("max_memory_per_child", int, 1),
-        prefetch_multiplier=number("prefetch_multiplier", int, 0),
-        time_limit=number("time_limit", float, 0),
-        soft_time_limit=number("soft_time_limit", float, 0),
-        events=bool(get("events")),
-        extra=extra,
-    )
-    return Role(spec.name, prefix, worker, int(spec.values.get("expected", 1)), declared)
 
 
 DEV_QUIET_FLAGS = ("--without-mingle", "--without-gossip")

@@ -9,6 +9,7 @@ import click
 
 from tlrun.cli.base import (
     INIT_OPTION,
+    F,
     Seconds,
     _settings,
     cli,
@@ -27,6 +28,21 @@ def _launch(command: str, params: dict[str, Any], ping_window_default: float = 1
     if command == "dev" and opts.get("beat") is None:  # dev without --beat/--no-beat: the project file's `beat`
         opts["beat"] = settings.beat
     sys.exit(getattr(compose, command)(settings, ConsoleRenderer(), **opts))
+
+
+def metrics_options(func: F) -> F:
+    """--metrics-port and --metrics-addr (worker, beat)."""
+    func = click.option(
+        "--metrics-addr",
+        default="0.0.0.0",
+        show_default=True,
+        help="Address the metrics endpoint listens on (127.0.0.1: this host only).",
+    )(func)
+    return click.option(
+        "--metrics-port",
+        type=click.IntRange(min=1, max=65535),
+        help="Serve Prometheus metrics on this port (/metrics): celery-exporter's names plus tlrun's own.",
+    )(func)
 
 
 @cli.command()
@@ -80,17 +96,7 @@ def _launch(command: str, params: dict[str, Any], ping_window_default: float = 1
     help="Also run beat under this launcher (never implied: the project file's `beat` is for dev and export).",
 )
 @INIT_OPTION
-@click.option(
-    "--metrics-port",
-    type=click.IntRange(min=1, max=65535),
-    help="Serve Prometheus metrics on this port (/metrics): celery-exporter's names plus tlrun's own.",
-)
-@click.option(
-    "--metrics-addr",
-    default="0.0.0.0",
-    show_default=True,
-    help="Address the metrics endpoint listens on (127.0.0.1: this host only).",
-)
+@metrics_options
 @handle_errors
 def worker(
     with_beat: bool,
@@ -208,17 +214,7 @@ def dev(
     "-l", "--loglevel", type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False)
 )
 @INIT_OPTION
-@click.option(
-    "--metrics-port",
-    type=click.IntRange(min=1, max=65535),
-    help="Serve Prometheus metrics on this port (/metrics): celery-exporter's names plus tlrun's own.",
-)
-@click.option(
-    "--metrics-addr",
-    default="0.0.0.0",
-    show_default=True,
-    help="Address the metrics endpoint listens on (127.0.0.1: this host only).",
-)
+@metrics_options
 @handle_errors
 def beat(init_mode: bool, metrics_port: int | None, metrics_addr: str, **params: Any) -> None:
     """Run Celery beat alone, supervised, one per project (two beats run every periodic task twice).
