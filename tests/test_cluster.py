@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -409,3 +410,46 @@ def test_doctor_cluster_groups_three_hosts_and_finds_a_duplicate_across_two(beat
     human = proj.run("doctor", "-A", proj.app, "--cluster")
     assert "hostA  (holds the beat lease)" in human.stdout
     assert "twin@shared" in human.stdout and "DUPLICATE: 2 replies" in human.stdout
+
+
+# -- node names claimed on the broker -----------------------------------------------------------------------
+@pytest.fixture(params=["redis", "amqp"])
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "amqp":
+        yield request.getfixturevalue("amqp_vhost")
+        return
+    server = RedisServer(tmp_path / "redis")
+    try:
+        yield server.url()
+    finally:
+        server.stop()
+
+
+def test_a_node_name_is_claimed_once_renamed_when_taken_and_released_at_the_end(broker_url: str) -> None:
+    """Two launchers that pick the same name at the same instant (same host name and pid: clones, containers
+    with a fixed host name): the census cannot see the other (neither answers yet); the broker's claim can."""
+    from types import SimpleNamespace
+
+    from tlrun.cluster.names import NodeClaimStep
+    from tlrun.config import Role, WorkerOptions
+    from tlrun.launch.startup import Startup
+    from tlrun.launch.units import WorkerUnit
+
+    first = NodeClaimStep()
+    second = NodeClaimStep(holder=Holder("elsewhere", 4242, "other", 0.0))  # the same name on another machine
+    launcher: Any = SimpleNamespace(broker_url=broker_url, workers=[])
+    unit = WorkerUnit(Role("default", "api", WorkerOptions()), "host")
+    name = unit.node  # api<this pid>@host
+    assert first.claim(launcher, name) and first.claim(launcher, name)  # ours, and ours again
+    assert not second.claim(launcher, name)
+    # The launcher's path: a claimed name is renamed before its worker starts, and says so.
+    said: list[str] = []
+    starter: Any = Startup.__new__(Startup)
+    starter.steps, starter.report = [second], lambda event: said.append(event.message)
+    starter.broker_url = broker_url
+    starter.claim_names([unit])
+    assert unit.node == name.replace("@", "-1@") and unit.renamed_from == name
+    assert said == [f"node name {name} is claimed by another launcher: starting as {unit.node}"]
+    first.close(launcher)  # a stopped launcher lets its names go
+    assert wait_for(lambda: second.claim(launcher, name), 10, "the name free again")
+    second.close(launcher)

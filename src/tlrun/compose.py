@@ -33,10 +33,11 @@ def worker(
 ) -> int:
     """tlrun worker: every role (or --role's), beat only when asked; restarts, the consumption watch and
     metrics as steps."""
+    from tlrun.cluster.names import NodeClaimStep
     from tlrun.deploy.restart import RestartStep
     from tlrun.ops.steps import ConsumeStep, MetricsStep
 
-    steps: list[Step] = []
+    steps: list[Step] = [NodeClaimStep()]
     lease = _lease(steps) if beat else None
     restarter = RestartStep(restart) if restart is not None else None
     if restarter is not None:
@@ -60,9 +61,11 @@ def dev(
     fast_stop: bool = True,
 ) -> int:
     """tlrun dev: a private broker when none answers, reload, beat under its lease, or debug mode."""
+    from tlrun.cluster.names import NodeClaimStep
     from tlrun.dev.brokerd import PrivateBrokerStep
 
     steps: list[Step] = [PrivateBrokerStep()] if managed_broker else []
+    steps.append(NodeClaimStep())
     if beat:
         _lease(steps)
     if debug:

@@ -23,6 +23,7 @@ from tlrun.launch.units import READY, STARTING, Unit, WorkerUnit
 
 if TYPE_CHECKING:
     from tlrun.launch.launcher import LaunchOptions
+    from tlrun.launch.steps import Step
     from tlrun.launch.units import BeatUnit
 
 
@@ -36,6 +37,7 @@ class Startup:
     workers: list[WorkerUnit]
     beat: BeatUnit | None
     census: list[str] | verify.Census[list[str]] | None
+    steps: list[Step]
 
     def set_state(self, unit: Unit, state: str, **fields: object) -> None:
         raise NotImplementedError
@@ -114,6 +116,7 @@ class Startup:
         self, workers: list[WorkerUnit], started: float, allow_rename: bool = True
     ) -> verify.ReadyReport | None:
         """Spawn and verify `workers`; the report covers every worker of this launcher. None: stop asked."""
+        self.claim_names(workers)
         if not self._spawn_and_wait(workers):
             return None
         census = self.census
@@ -137,6 +140,17 @@ class Startup:
         running = [w for w in self.workers if self.sup.running(w.child)]
         local = procs.pids_by_node(procs.main_processes(procs.scan(("worker",))), self.s.app) if others else {}
         return self.ready_report(running, time.monotonic() - started, replies, local)
+
+    def claim_names(self, workers: Sequence[WorkerUnit]) -> None:
+        """Before a worker starts, its node name must be free on the broker (a step claims it there): a name
+        another launcher holds is renamed, even when that one's worker does not answer yet."""
+        for w in workers:
+            refused: set[str] = set()
+            while not all(step.claim(self, w.node) for step in self.steps):  # type: ignore[arg-type]
+                refused.add(w.node)
+                old = w.node
+                new = w.rename(refused)
+                self.report(Notice(f"node name {old} is claimed by another launcher: starting as {new}", "warning"))
 
     def ready_report(
         self,

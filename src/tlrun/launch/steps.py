@@ -49,6 +49,10 @@ class Step:
     def act(self, launcher: Launcher) -> None:
         pass
 
+    def claim(self, launcher: Launcher, node: str) -> bool:
+        """May a worker start under this node name? False: another launcher claimed it (then it is renamed)."""
+        return True
+
     def explains_exit(self, launcher: Launcher, unit: Unit, status: int) -> bool:
         """An exit the step expected and handles in on_exit (a beat that lost its lease): not reported as a
         unit that ended on its own."""
