@@ -15,7 +15,6 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -465,12 +464,11 @@ def _project_venv(root: Path, with_tlrun: bool) -> Path:
 def test_tlrun_outside_the_projects_environment_hands_over_or_says_how_to_install(project: Project) -> None:
     (project.root / "uv.lock").write_text("version = 1\n")
     venv = _project_venv(project.root, with_tlrun=False)
-    started = time.monotonic()
     result = project.run("ps")
     assert result.returncode == 3, result.stderr
     assert f"this project's environment is {venv} (found as .venv/), where tlrun is not installed" in result.stderr
     assert "tlrun: hint: install tlrun into the project: uv add --dev tlrun" in result.stderr
-    assert "Traceback" not in result.stderr and time.monotonic() - started < 60
+    assert "Traceback" not in result.stderr
     (project.root / "uv.lock").unlink()
     result = project.run("ps")
     assert f"{venv}/bin/python -m pip install tlrun" in result.stderr

@@ -53,7 +53,7 @@ def test_logs_of_each_unit_named_and_no_files_is_no_error(project: Project) -> N
     assert one.stdout == "b line\n"
 
 
-@pytest.mark.parametrize("command", [["ps"], ["stop"], ["logs", "--list"], ["doctor", "--help"]])
+@pytest.mark.parametrize("command", [["ps"], ["stop"], ["logs", "--list"], ["logs"]])
 def test_verbose_is_accepted_after_the_command_too(project: Project, command: list[str]) -> None:
     result = project.run(*command, "-A", project.app, "-v")
     assert result.returncode == 0, result.stderr

@@ -42,7 +42,7 @@ def worker(
     restarter = RestartStep(restart) if restart is not None else None
     if restarter is not None:
         steps.append(restarter)
-    consume = ConsumeStep(restarter, sample=metrics_port is not None, lease=lease)
+    consume = ConsumeStep(restarter, sample=metrics_port is not None)
     steps.append(consume)
     if metrics_port is not None:
         steps.append(MetricsStep(metrics_port, metrics_addr, consume, restarter, lease))
@@ -95,7 +95,7 @@ def beat(
     steps: list[Step] = []
     lease = _lease(steps)
     if metrics_port is not None:
-        consume = ConsumeStep(None, sample=True, lease=lease)  # no workers here: it watches nothing
+        consume = ConsumeStep(None, sample=True)  # no workers here: it watches nothing
         steps += [consume, MetricsStep(metrics_port, metrics_addr, consume, None, lease)]
     return run(settings, report, LaunchOptions(workers=False, beat=True, init=init), steps)
 

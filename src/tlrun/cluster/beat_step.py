@@ -14,6 +14,7 @@ from tlrun.cluster.fence import CONFIG_ENV, EXIT_LEASE_LOST
 from tlrun.cluster.lease import backend_for, lease_name
 from tlrun.events import Notice
 from tlrun.launch import guard
+from tlrun.launch._child import HOOKS_ENV
 from tlrun.launch.steps import Step
 from tlrun.launch.units import READY, STANDBY
 
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from tlrun.launch.launcher import Launcher
     from tlrun.launch.units import Unit
 
-HOOKS_ENV = "TLRUN_CHILD_HOOKS"  # the shim's (launch/_child.py): modules it installs in the child
 FENCE_MODULE = "tlrun.cluster.fence"
 
 

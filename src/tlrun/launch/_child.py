@@ -41,6 +41,7 @@ LOG_ENV = "TLRUN_LOG_FILE"  # where a worker's output goes once its launcher is 
 # Modules a step asks to run inside the child before its program starts (the beat lease's fence): each has
 # `install()`, and may have `exit_status(status) -> status`, called once the program has ended.
 HOOKS_ENV = "TLRUN_CHILD_HOOKS"
+HEARTBEAT_ENV = "TLRUN_HEARTBEAT"  # where a worker writes its liveness heartbeat (heartbeat.py)
 WATCHDOG_WAIT = 3.0  # a non-Python child's time between SIGTERM and SIGKILL once the launcher is gone
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 # "Requeue if busy": sent by the launcher to a stopping worker shortly before the grace period ends. The
@@ -228,7 +229,7 @@ def run_module(module: str, args: Sequence[str], fd: int, launcher: int, grace: 
 
         _celery_fix.install()
         _celery_fix.track_worker()
-        beat_file = os.environ.pop("TLRUN_HEARTBEAT", None)  # heartbeat.ENV
+        beat_file = os.environ.pop(HEARTBEAT_ENV, None)
         if beat_file:
             from tlrun.launch import heartbeat
 

@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-ENV = "TLRUN_HEARTBEAT"  # where the worker writes its heartbeat
+from tlrun.launch._child import HEARTBEAT_ENV
+
+ENV = HEARTBEAT_ENV  # where the worker writes its heartbeat
 INTERVAL = 5.0
 DEFAULT_WINDOW = 30.0
 

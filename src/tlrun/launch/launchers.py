@@ -10,7 +10,8 @@ from pathlib import Path
 
 import psutil
 
-from tlrun.launch.procs import Identity, _tlrun_index, protected_pids, same_host_namespace
+from tlrun.launch.argv import tlrun_index
+from tlrun.launch.procs import Identity, protected_pids, same_host_namespace
 
 LAUNCH_COMMANDS = ("worker", "dev", "beat")
 _TLRUN_VALUE_OPTS = {
@@ -60,7 +61,7 @@ class LauncherCommand:
 
 def parse_tlrun_argv(argv: Sequence[str]) -> LauncherCommand | None:
     """Parse a command line; None unless it runs `tlrun worker`, `dev` or `beat`."""
-    start = _tlrun_index(argv)
+    start = tlrun_index(argv)
     if start is None:
         return None
     args = list(argv[start:])

@@ -26,10 +26,9 @@ class ConsumeStep(Step):
 
     name = "consumption watch"
 
-    def __init__(self, restart: RestartStep | None, sample: bool, lease: LeaseStep | None) -> None:
+    def __init__(self, restart: RestartStep | None, sample: bool) -> None:
         self.restart = restart
         self.sample = sample
-        self.lease = lease
         self.watch: consuming.Watch | None = None
         self.queue_lease: QueueMetricsLease | None = None
         self.not_consuming: dict[str, tuple[str, ...]] = {}  # node -> queues, for metrics
