@@ -46,7 +46,7 @@ class Reloaded:
 @dataclass(frozen=True)
 class WorkerOutput:
     node: str  # the node name, or "beat"
-    line: str
+    lines: tuple[str, ...]  # a chunk of the child's output, one or more lines, redacted
 
 
 @dataclass(frozen=True)

@@ -135,8 +135,8 @@ class ConsoleRenderer:
                 "green",
             )
         elif isinstance(event, WorkerOutput):
-            tag = self._paint(f"[{event.node.split('@', 1)[0]}]", "dim")
-            self._write(self.out, f"{tag} {event.line}\n", worker_line=True)
+            tag = self._paint(f"[{event.node.split('@', 1)[0]}]", "dim") + " "
+            self._write(self.out, "".join(tag + line + "\n" for line in event.lines), worker_line=True)
         elif isinstance(event, Exited):
             if event.requested:
                 self._say(f"tlrun: {event.node} stopped (status {event.status})", "cyan")

@@ -82,7 +82,7 @@ class Launcher(Startup):
         self.log_dir = None if opts.init_duties and not settings.log_dir_given else settings.log_dir
         self.outputs = Outputs(
             self.log_dir,
-            lambda label, line: report(WorkerOutput(label, line)),
+            lambda label, lines: report(WorkerOutput(label, tuple(lines))),
             lambda msg: report(Notice(msg, "warning")),
             lambda: [
                 *redact.secrets_of(self.broker_url),

@@ -61,14 +61,16 @@ class WorkerLog:
         self._handler = _PrivateRotatingHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
         self._handler.setFormatter(logging.Formatter("%(message)s"))
 
-    def write(self, line: str) -> None:
-        """Append one line; raises OSError (a full disk) instead of logging's print-and-carry-on."""
-        record = logging.LogRecord("tlrun.worker", logging.INFO, "", 0, line, None, None)
+    def write_lines(self, lines: list[str]) -> None:
+        """Append lines in one write (the output pump's chunk), rotation checked once per chunk; raises OSError
+        (a full disk) instead of logging's print-and-carry-on."""
+        text = "\n".join(lines) + "\n"
+        record = logging.LogRecord("tlrun.worker", logging.INFO, "", 0, text, None, None)
         handler = self._handler
         if handler.shouldRollover(record):
             handler.doRollover()
         assert handler.stream is not None
-        handler.stream.write(line + "\n")
+        handler.stream.write(text)
         handler.stream.flush()
 
     def close(self) -> None:

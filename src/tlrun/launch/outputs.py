@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tlrun.launch._child import LOG_ENV
 from tlrun.launch.logfiles import open_log
-from tlrun.launch.spawn import OutputPump
+from tlrun.launch.pump import OutputPump
 from tlrun.redact import Redactor
 
 
@@ -17,12 +17,12 @@ class Outputs:
     def __init__(
         self,
         log_dir: Path | None,
-        on_line: Callable[[str, str], None],
+        on_lines: Callable[[str, list[str]], None],
         on_log_error: Callable[[str], None],
         secrets: Callable[[], list[str | None]],
     ) -> None:
         self._log_dir = log_dir  # None: no log files, the console only (tlrun as PID 1: stdout is the log)
-        self._on_line = on_line  # (label, line)
+        self._on_lines = on_lines  # (label, lines)
         self._on_log_error = on_log_error
         self._secrets = secrets
         self._pumps: dict[str, OutputPump] = {}
@@ -48,13 +48,13 @@ class Outputs:
         a worker that fails before that shows tlrun's one-line error, not Celery's traceback (which stays
         in the log file and in the error's details, shown with -v)."""
         tag = label or name
-        on_line: Callable[[str], None] | None = None
+        on_lines: Callable[[list[str]], None] | None = None
         if echo:
-            gate = _Gate(lambda line: self._on_line(tag, line), hold_until)
+            gate = _Gate(lambda lines: self._on_lines(tag, lines), hold_until)
             self._gates[name] = gate
-            on_line = gate
+            on_lines = gate
         log = open_log(self._log_dir, stem) if self._log_dir is not None else None
-        pump = OutputPump(child, log, Redactor(self._secrets()), on_line, on_log_error=self._on_log_error)
+        pump = OutputPump(child, log, Redactor(self._secrets()), on_lines, on_log_error=self._on_log_error)
         self._pumps[name] = pump
         return pump.log_path
 
@@ -84,27 +84,29 @@ class Outputs:
 class _Gate:
     """Passes lines on, or holds them until a line contains `marker` (or `open()`), then flushes them."""
 
-    def __init__(self, out: Callable[[str], None], marker: str | None) -> None:
+    def __init__(self, out: Callable[[list[str]], None], marker: str | None) -> None:
         self._out = out
         self._marker = marker
         self._held: list[str] | None = [] if marker else None
         self._lock = threading.Lock()
 
-    def __call__(self, line: str) -> None:
+    def __call__(self, lines: list[str]) -> None:
         with self._lock:
-            if self._held is not None and self._marker is not None and self._marker in line:
-                self._flush()
             if self._held is not None:
-                self._held.append(line)
-                return
-        self._out(line)
+                marker = self._marker
+                at = next((i for i, line in enumerate(lines) if marker is not None and marker in line), None)
+                if at is None:
+                    self._held.extend(lines)
+                    return
+                # The banner's line and what follows it pass with the held lines, in order.
+                held, self._held = self._held, None
+                lines = held + lines
+        if lines:
+            self._out(lines)
 
     def open(self) -> None:
         with self._lock:
             if self._held is not None:
-                self._flush()
-
-    def _flush(self) -> None:
-        held, self._held = self._held or [], None
-        for line in held:
-            self._out(line)
+                held, self._held = self._held, None
+                if held:
+                    self._out(held)

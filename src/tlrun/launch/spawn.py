@@ -8,19 +8,16 @@ never on its command line.
 
 from __future__ import annotations
 
-import collections
 import os
 import secrets
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from tlrun.config import ENV_BROKER, ENV_GUARD, ENV_MARKER, ENV_NODE, ENV_ROLE, Settings, WorkerOptions
-from tlrun.launch.logfiles import WorkerLog
 from tlrun.launch.procs import Identity
-from tlrun.redact import Redactor
 
 PYTHON = sys.executable
 
@@ -173,67 +170,3 @@ def spawn(
         finally:
             popen.stdin.close()
     return popen
-
-
-class OutputPump:
-    """Copies a child's output, line by line and redacted, to its log file and to a callback.
-
-    Keeps the last lines for error reports. Runs on a daemon thread: the launcher never blocks on it.
-    """
-
-    def __init__(
-        self,
-        child: subprocess.Popen[bytes],
-        log: WorkerLog | None,
-        redact: Redactor,
-        on_line: Callable[[str], None] | None = None,
-        keep: int = 40,
-        on_log_error: Callable[[str], None] | None = None,
-    ) -> None:
-        self._child = child
-        self._log = log
-        self._redact = redact
-        self._on_line = on_line
-        self._on_log_error = on_log_error
-        self._log_failed = False
-        self.tail: collections.deque[str] = collections.deque(maxlen=keep)
-        self.log_path = log.path if log is not None else None
-        self._thread = threading.Thread(target=self._run, name=f"tlrun-output-{child.pid}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        # This loop must never stop before the child's output ends: a child whose pipe nobody drains blocks
-        # on its next write, and a worker blocked there takes no tasks while still answering pings.
-        stream = self._child.stdout
-        assert stream is not None
-        for raw in iter(stream.readline, b""):
-            line = self._redact(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
-            self.tail.append(line)
-            self._to_log(line)
-            if self._on_line is not None:
-                try:
-                    self._on_line(line)
-                except (OSError, ValueError) as exc:
-                    # The console went away (`| head`, an IDE console closed): drop it, keep the log file.
-                    self._on_line = None
-                    self._to_log(f"tlrun: console output stopped ({exc}); this log file keeps every line")
-
-    def _to_log(self, line: str) -> None:
-        if self._log is None:
-            return
-        try:
-            self._log.write(line)
-        except OSError as exc:
-            # A full disk must not stop the worker: the console still gets every line. Say so once.
-            if not self._log_failed and self._on_log_error:
-                try:
-                    self._on_log_error(f"cannot write {self.log_path} ({exc.strerror}): console output continues")
-                except (OSError, ValueError):
-                    pass
-            self._log_failed = True
-
-    def close(self, timeout: float = 2.0) -> None:
-        # The pipe ends when every process holding it exits; a task's background process might keep it.
-        self._thread.join(timeout)
-        if self._log is not None:
-            self._log.close()

@@ -1,0 +1,119 @@
+"""A child's output, relayed in chunks: one `os.read` of whatever the pipe holds, cut at the last newline,
+decoded, redacted and written in bulk (one log write and one console write per chunk, not per line).
+
+A line split across two reads waits in `pending` until its newline arrives, so a password is never cut in
+two before the redactor sees it, and lines keep their order. Runs on a daemon thread: the launcher never
+blocks on it, and it never stops before the child's output ends (a child whose pipe nobody drains blocks on
+its next write, and a worker blocked there takes no tasks while still answering pings).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import threading
+from collections.abc import Callable
+
+from tlrun.launch.logfiles import WorkerLog
+from tlrun.redact import Redactor
+
+CHUNK = 65536
+# A "line" longer than this (no newline in 1 MiB of output) is relayed in pieces, so that memory stays bounded;
+# the last KEEP characters (longer than any password) wait for the next read, so no password escapes at a cut.
+MAX_PENDING = 1 << 20
+KEEP = 4096
+
+
+class OutputPump:
+    """Copies a child's output, redacted, to its log file and to a callback (a list of lines per call).
+
+    Keeps the last lines for error reports."""
+
+    def __init__(
+        self,
+        child: subprocess.Popen[bytes],
+        log: WorkerLog | None,
+        redact: Redactor,
+        on_lines: Callable[[list[str]], None] | None = None,
+        keep: int = 40,
+        on_log_error: Callable[[str], None] | None = None,
+    ) -> None:
+        stream = child.stdout
+        assert stream is not None
+        self._fd = stream.fileno()
+        self._stream = stream  # kept open (and referenced) while the thread reads its descriptor
+        self._log = log
+        self._redact = redact
+        self._on_lines = on_lines
+        self._on_log_error = on_log_error
+        self._log_failed = False
+        self.tail: collections.deque[str] = collections.deque(maxlen=keep)
+        self.log_path = log.path if log is not None else None
+        self._thread = threading.Thread(target=self._run, name=f"tlrun-output-{child.pid}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(self._fd, CHUNK)
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            pending += chunk
+            cut = pending.rfind(b"\n")
+            if cut >= 0:
+                self._relay(pending[: cut + 1])
+                pending = pending[cut + 1 :]
+            elif len(pending) > MAX_PENDING:
+                # Masked whole first: a secret cut by the end of `pending` lies within its last KEEP bytes.
+                text = self._redact(pending.decode("utf-8", errors="replace"))
+                self._relay((text[:-KEEP] + "\n").encode(), redacted=True)
+                pending = text[-KEEP:].encode()
+        if pending:
+            self._relay(pending)
+
+    def _relay(self, block: bytes, redacted: bool = False) -> None:
+        text = block.decode("utf-8", errors="replace")
+        if not redacted:
+            text = self._redact(text)
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        if "\r" in text:
+            lines = [line.rstrip("\r") for line in lines]
+        if not lines:
+            return
+        self.tail.extend(lines)
+        self._to_log(lines)
+        if self._on_lines is not None:
+            try:
+                self._on_lines(lines)
+            except (OSError, ValueError) as exc:
+                # The console went away (`| head`, an IDE console closed): drop it, keep the log file.
+                self._on_lines = None
+                self._to_log([f"tlrun: console output stopped ({exc}); this log file keeps every line"])
+
+    def _to_log(self, lines: list[str]) -> None:
+        if self._log is None:
+            return
+        try:
+            self._log.write_lines(lines)
+        except OSError as exc:
+            # A full disk must not stop the worker: the console still gets every line. Say so once.
+            if not self._log_failed and self._on_log_error:
+                try:
+                    self._on_log_error(f"cannot write {self.log_path} ({exc.strerror}): console output continues")
+                except (OSError, ValueError):
+                    pass
+            self._log_failed = True
+
+    def close(self, timeout: float = 2.0) -> None:
+        # The pipe ends when every process holding it exits; a task's background process might keep it.
+        self._thread.join(timeout)
+        if self._log is not None:
+            self._log.close()
