@@ -87,6 +87,13 @@ def track_worker() -> None:
     signals.worker_init.connect(_remember, weak=False, dispatch_uid="tlrun-track-worker")
 
 
+def tracked_worker() -> Any:
+    """This process's WorkController; LookupError before Celery sent worker_init."""
+    if not _controller:
+        raise LookupError("the worker has not started")
+    return _controller[0]
+
+
 def running_tasks() -> int:
     """Tasks this worker runs now: accepted requests, and jobs its pool still has out (written to a child,
     not acknowledged yet: with the flush fix they run). Read from a signal handler: no locks, no I/O."""

@@ -164,10 +164,21 @@ class _Worker:
         self.log_path = log_path
         self.orphaned = threading.Event()
         self._finish_output: Callable[[], None] = lambda: None
+        self.celery_worker: Callable[[], object] | None = None  # this process's Celery worker, once it runs
 
     def on_gone(self) -> None:
         self._finish_output = redirect_output(self.log_path, _secrets(os.environ))
         self.orphaned.set()
+        if self.celery_worker is not None:
+            # Holding no task, it goes at once (fastexit.py); else the warm shutdown below.
+            try:
+                from tlrun.launch import fastexit
+
+                worker = self.celery_worker()
+            except (ImportError, LookupError):
+                pass  # Celery has not started its worker: nothing to drain
+            else:
+                fastexit.try_fast_exit(worker, _say, self._finish_output)
         os.write(2, b"tlrun: the launcher is gone: warm shutdown (SIGTERM to this worker)\n")
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(self.grace)  # a worker that finishes sooner ends this thread with it
@@ -180,6 +191,10 @@ class _Worker:
         if self.orphaned.is_set():
             self._finish_output()
             kill_own_group()
+
+
+def _say(message: str) -> None:
+    os.write(2, message.encode() + b"\n")
 
 
 def kill_own_group() -> None:
@@ -229,6 +244,7 @@ def run_module(module: str, args: Sequence[str], fd: int, launcher: int, grace: 
 
         _celery_fix.install()
         _celery_fix.track_worker()
+        worker.celery_worker = _celery_fix.tracked_worker
         beat_file = os.environ.pop(HEARTBEAT_ENV, None)
         if beat_file:
             from tlrun.launch import heartbeat
