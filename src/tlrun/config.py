@@ -285,7 +285,7 @@ def load_settings(
 ) -> Settings:
     """Read the real sources: the project file, the project's .env and os.environ."""
     from tlrun.project import file as project_file
-    from tlrun.project.discover import discover_app
+    from tlrun.project.discover import discover_cached
     from tlrun.project.layout import find_root, find_source
 
     if project_root is not None:
@@ -304,7 +304,18 @@ def load_settings(
         root,
         ping_window_default,
         project=pf,
-        discover=lambda: discover_app(root, source),
+        discover=lambda: discover_cached(root, source, _runtime_or_none()),
         app_required=app_required,
         source_dir=source.directory if source.directory != root else None,
     )
+
+
+def _runtime_or_none() -> Path | None:
+    """The runtime directory for the discovery cache; None (no cache) when it cannot be made safely."""
+    from tlrun.errors import TlrunError
+    from tlrun.launch.guard import runtime_dir
+
+    try:
+        return runtime_dir(os.environ)
+    except (TlrunError, OSError):
+        return None

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlrun.errors import ConfigError
-from tlrun.project import evidence
+from tlrun.project import discocache, evidence
+from tlrun.project.discocache import Seen
 from tlrun.project.layout import SHADOWED, Source, inside_package, walk
 
 SKIP_DIRS = frozenset(
@@ -161,7 +162,7 @@ def _read_module(rel: str, source: bytes) -> _Module:
     return info
 
 
-def _scan(code_root: Path) -> dict[str, bytes]:
+def _scan(code_root: Path, seen: Seen | None) -> dict[str, bytes]:
     """The source of every module that may matter, by path relative to the code root."""
     found: dict[str, bytes] = {}
 
@@ -175,7 +176,7 @@ def _scan(code_root: Path) -> dict[str, bytes]:
             and os.path.isfile(os.path.join(entry.path, "__init__.py"))
         )
 
-    for entry, rel in walk(code_root, descend):
+    for entry, rel in walk(code_root, descend, seen):
         name = entry.name
         if not name.endswith(".py") or name.startswith("test_") or not _is_identifier_path(rel):
             continue
@@ -187,6 +188,8 @@ def _scan(code_root: Path) -> dict[str, bytes]:
             fd = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
             with os.fdopen(fd, "rb") as fh:
                 source = fh.read(MAX_SOURCE_BYTES + 1)
+                if seen is not None and b"Celery" in source:
+                    seen.file(entry.path, os.fstat(fh.fileno()))  # a possible creator: the answer rests on it
         except OSError:
             continue
         if len(source) <= MAX_SOURCE_BYTES and (b"import" in source or b"Celery" in source):
@@ -199,9 +202,9 @@ def _app_value(module: str, attr: str) -> str:
     return module if attr == "app" else f"{module}:{attr}"
 
 
-def _source_candidates(code_root: Path, shown: str) -> list[Candidate]:
+def _source_candidates(code_root: Path, shown: str, seen: Seen | None) -> list[Candidate]:
     """Rank 3: the modules that create the app, or the ones that import it with its tasks (preferred)."""
-    sources = _scan(code_root)
+    sources = _scan(code_root, seen)
     by_name = {_module_name(rel): source for rel, source in sources.items()}
     # Only a module that names Celery can create the app; only one that names the creator's module can
     # import it from there: the rest of a large tree is never parsed.
@@ -213,6 +216,8 @@ def _source_candidates(code_root: Path, shown: str) -> list[Candidate]:
         for rel, source in sources.items():
             if needle not in source or _module_name(rel) == creator.name:
                 continue
+            if seen is not None:
+                seen.file(os.path.join(code_root, rel))  # a possible runner: the answer rests on it too
             module = _read_module(rel, source)
             bound = [b for src, name, b in module.names if src == creator.name and name in attrs]
             if not bound:
@@ -243,9 +248,11 @@ def _source_candidates(code_root: Path, shown: str) -> list[Candidate]:
     return sorted({c for rank, c in ranked if rank == top}, key=lambda c: c.path)
 
 
-def _django_candidate(root: Path, code_root: Path) -> Candidate | None:
+def _django_candidate(root: Path, code_root: Path, seen: Seen | None) -> Candidate | None:
     for base in dict.fromkeys((root, code_root)):
         manage = base / "manage.py"
+        if seen is not None:
+            seen.file(str(manage))
         try:
             if manage.is_symlink() or not manage.is_file():
                 continue
@@ -256,17 +263,19 @@ def _django_candidate(root: Path, code_root: Path) -> Candidate | None:
             continue
         package = match.group(1).decode().rsplit(".", 1)[0]
         celery_py = code_root.joinpath(*package.split("."), "celery.py")
+        if seen is not None:
+            seen.file(str(celery_py))
         if package and not celery_py.is_symlink() and celery_py.is_file():
             rel = os.path.relpath(celery_py, root)
             return Candidate(f"{package}.celery", rel, f"named by {os.path.relpath(manage, root)}")
     return None
 
 
-def _said_candidates(root: Path, code_root: Path) -> list[Candidate]:
+def _said_candidates(root: Path, code_root: Path, seen: Seen | None) -> list[Candidate]:
     """Rank 1: one candidate per distinct app the project's files pass to celery, with where it is said."""
     groups: list[list[evidence.Said]] = []
-    for said in evidence.read_said(root):
-        if not evidence.module_exists(code_root, said.app):
+    for said in evidence.read_said(root, seen):
+        if not evidence.module_exists(code_root, said.app, seen):
             continue
         for group in groups:
             if evidence.same_app(group[0].app, said.app):
@@ -283,21 +292,22 @@ def _said_candidates(root: Path, code_root: Path) -> list[Candidate]:
     return candidates
 
 
-def discover_app(root: Path, source: Source | None = None) -> Discovery:
-    """The one Celery app of the project, or a ConfigError saying there is none, or listing several."""
+def discover_app(root: Path, source: Source | None = None, seen: Seen | None = None) -> Discovery:
+    """The one Celery app of the project, or a ConfigError saying there is none, or listing several. What
+    the answer rests on is recorded in `seen` (discocache.py)."""
     code_root = source.directory if source is not None else root
     shown = os.path.relpath(code_root, root) if code_root != root else ""
     pin = 'pass -A/--app, set CELERY_APP in .env, or write `app = "..."` under [tool.tlrun] in pyproject.toml'
-    said = _said_candidates(root, code_root)
+    said = _said_candidates(root, code_root, seen)
     if len(said) == 1:
         return Discovery(said[0].app, f"{said[0].path}: {said[0].evidence}")
     if said:
         listed = "; ".join(c.describe() for c in said)
         raise ConfigError(f"no Celery app given, and the project's files name {len(said)}: {listed}", hint=pin)
-    django = _django_candidate(root, code_root)
+    django = _django_candidate(root, code_root, seen)
     if django is not None:
         return Discovery(django.app, f"found {django.path}, {django.evidence}")
-    candidates = _source_candidates(code_root, shown)
+    candidates = _source_candidates(code_root, shown, seen)
     if len(candidates) == 1 and candidates[0].configured:
         return Discovery(candidates[0].app, f"found {candidates[0].path}: {candidates[0].evidence}")
     if not candidates:
@@ -315,3 +325,19 @@ def discover_app(root: Path, source: Source | None = None) -> Discovery:
             hint="a factory configures it later: name the module the project starts; " + pin,
         )
     raise ConfigError(f"no Celery app given, and {count} candidates in {code_root}: {listed}", hint=pin)
+
+
+def discover_cached(root: Path, source: Source | None, runtime: Path | None) -> Discovery:
+    """discover_app, through the cache in the runtime directory (None, or TLRUN_NO_DISCOVERY_CACHE=1: no
+    cache)."""
+    code_root = source.directory if source is not None else root
+    if runtime is None or os.environ.get(discocache.DISABLE_ENV) == "1":
+        return discover_app(root, source)
+    path = discocache.cache_path(runtime, root, code_root)
+    cached = discocache.load(path, root, code_root)
+    if cached is not None:
+        return Discovery(*cached)
+    seen = Seen()
+    found = discover_app(root, source, seen)
+    discocache.store(path, root, code_root, found.app, found.found, seen)
+    return found

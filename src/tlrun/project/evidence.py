@@ -15,6 +15,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlrun.project.discocache import Seen
 from tlrun.project.layout import walk
 
 MAX_RUN_FILE_BYTES = 256 * 1024
@@ -89,13 +90,13 @@ def _kind(name: str) -> str | None:
     return None
 
 
-def run_files(root: Path) -> list[tuple[str, str]]:
+def run_files(root: Path, seen: Seen | None = None) -> list[tuple[str, str]]:
     """(path relative to root, kind) of every file that may run Celery, shallowest first."""
 
     def descend(entry: os.DirEntry[str], depth: int) -> bool:
         return depth < MAX_RUN_DEPTH and not entry.name.startswith(".") and entry.name not in _SKIP
 
-    return [(rel, kind) for entry, rel in walk(root, descend) if (kind := _kind(entry.name)) is not None]
+    return [(rel, kind) for entry, rel in walk(root, descend, seen) if (kind := _kind(entry.name)) is not None]
 
 
 def said_in(text: str) -> list[tuple[str, str]]:
@@ -115,16 +116,18 @@ def said_in(text: str) -> list[tuple[str, str]]:
     return said
 
 
-def read_said(root: Path) -> list[Said]:
+def read_said(root: Path, seen: Seen | None = None) -> list[Said]:
     """Every app value the project's run files and docs pass to celery, in the order of run_files."""
     found: list[Said] = []
-    for rel, _kind_name in run_files(root):
+    for rel, _kind_name in run_files(root, seen):
         path = os.path.join(str(root), rel)
         try:
             flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
             fd = os.open(path, flags)
             with os.fdopen(fd, "rb") as fh:
                 info = os.fstat(fh.fileno())
+                if seen is not None:
+                    seen.file(path, info)
                 if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_RUN_FILE_BYTES:
                     continue  # a FIFO or device planted under a run file's name is never read
                 data = fh.read(MAX_RUN_FILE_BYTES)
@@ -154,7 +157,7 @@ def _normal(value: str) -> str:
     return f"{module}:{attr}" if attr else module
 
 
-def module_exists(code_root: Path, value: str) -> bool:
+def module_exists(code_root: Path, value: str, seen: Seen | None = None) -> bool:
     """Is the module part of an -A value a module or package under the project's code root?"""
     module = value.partition(":")[0]
     parts = module.split(".")
@@ -162,6 +165,10 @@ def module_exists(code_root: Path, value: str) -> bool:
         if take <= 0:
             continue
         base = code_root.joinpath(*parts[:take])
+        if seen is not None:
+            seen.folder(str(base.parent))
+            seen.file(str(base.with_suffix(".py")))
+            seen.file(str(base / "__init__.py"))
         if base.with_suffix(".py").is_file() or (base / "__init__.py").is_file():
             return True
         if take == 1 and base.is_dir() and not base.is_symlink():

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tlrun.errors import ConfigError
+from tlrun.project.discocache import Seen
 
 PYPROJECT = "pyproject.toml"
 TLRUN_TOML = "tlrun.toml"
@@ -177,12 +178,17 @@ def find_source(root: Path, document: dict[str, Any] | None, declared: str | Non
     return Source(root, "")
 
 
-def walk(root: Path, descend: Callable[[os.DirEntry[str], int], bool]) -> Iterator[tuple[os.DirEntry[str], str]]:
+def walk(
+    root: Path, descend: Callable[[os.DirEntry[str], int], bool], seen: Seen | None = None
+) -> Iterator[tuple[os.DirEntry[str], str]]:
     """(entry, path relative to root) of every file under root, breadth first, in name order, never through a
-    symlink; a folder is entered when `descend(entry, its depth)` says so (the root is depth 0)."""
+    symlink; a folder is entered when `descend(entry, its depth)` says so (the root is depth 0). Each folder
+    listed is recorded in `seen` (the discovery cache)."""
     queue: collections.deque[tuple[str, str, int]] = collections.deque([(str(root), "", 0)])
     while queue:
         directory, rel_dir, depth = queue.popleft()
+        if seen is not None:
+            seen.folder(directory)
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError:
