@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 
 from tlrun.launch.argv import tlrun_index
-from tlrun.launch.procs import Identity, protected_pids, same_host_namespace
+from tlrun.launch.procs import Identity, process_table, protected_pids, same_host_namespace
 
 LAUNCH_COMMANDS = ("worker", "dev", "beat")
 _TLRUN_VALUE_OPTS = {
@@ -110,11 +110,12 @@ def find_launchers(root: Path) -> list[Launcher]:
     protected = protected_pids()
     want = os.path.realpath(root)
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = parse_tlrun_argv(proc.info.get("cmdline") or ())
-        if cmd is None or proc.pid in protected:
+    for pid, argv in process_table():
+        cmd = parse_tlrun_argv(argv) if any("tlrun" in a for a in argv) else None
+        if cmd is None or pid in protected:
             continue
         try:
+            proc = psutil.Process(pid)
             with proc.oneshot():
                 if proc.uids().real != uid or proc.status() == psutil.STATUS_ZOMBIE:
                     continue

@@ -123,12 +123,11 @@ def diagnose(settings: Settings) -> DoctorReport:
     started = time.monotonic()
     hostname = socket.gethostname()
     findings: list[Finding] = []
-    everyone = inventory.local_processes(settings, everything=True)  # to put pids on node names
-    local = [p for p in everyone if p.project]
     app: Any = None
     try:
         broker_url = resolve_broker_url(settings)
     except AppImportError as exc:
+        local = [p for p in inventory.local_processes(settings, everything=True) if p.project]
         return _failed(settings, started, [Finding("APP_IMPORT", "error", str(exc), "fix the import error")], local)
     census: verify.Census[list[str]] = verify.Census(broker_url, settings.ping_window).start()
     queues = (
@@ -142,6 +141,9 @@ def diagnose(settings: Settings) -> DoctorReport:
     waiting: verify.Census[dict[str, int | None]] = verify.Census(
         broker_url, settings.ping_window, lambda broker, _window: consuming.depths(broker, queued)
     ).start()
+    # The one scan of the process table runs while the pings are out (it puts pids on node names).
+    everyone = inventory.local_processes(settings, everything=True)
+    local = [p for p in everyone if p.project]
     connect_s = _connect_time(broker_url)
     try:
         app = load_app(settings)
