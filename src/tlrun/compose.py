@@ -18,6 +18,7 @@ from tlrun.launch.steps import Step
 
 if TYPE_CHECKING:
     from tlrun.cluster.beat_step import LeaseStep
+    from tlrun.launch.early import EarlyStart
 
 
 def worker(
@@ -30,6 +31,7 @@ def worker(
     init: bool = False,
     metrics_port: int | None = None,
     metrics_addr: str = "0.0.0.0",
+    early: EarlyStart | None = None,
 ) -> int:
     """tlrun worker: every role (or --role's), beat only when asked; restarts, the consumption watch and
     metrics as steps."""
@@ -47,7 +49,7 @@ def worker(
     if metrics_port is not None:
         steps.append(MetricsStep(metrics_port, metrics_addr, consume, restarter, lease))
     opts = LaunchOptions(beat=beat, fast_stop=fast_stop, init=init)
-    return run(settings, report, opts, steps)
+    return run(settings, report, opts, steps, early=early)
 
 
 def dev(
@@ -59,6 +61,7 @@ def dev(
     managed_broker: bool = True,
     debug: bool = False,
     fast_stop: bool = True,
+    early: EarlyStart | None = None,
 ) -> int:
     """tlrun dev: a private broker when none answers, reload, beat under its lease, or debug mode."""
     from tlrun.cluster.names import NodeClaimStep
@@ -78,7 +81,7 @@ def dev(
         ignore: list[Path] = [settings.log_dir]
         steps.append(ReloadStep(settings.project_root, ignore))
     opts = LaunchOptions(beat=beat, fast_stop=fast_stop, held=True, dev_poll=True)
-    return run(settings, report, opts, steps)
+    return run(settings, report, opts, steps, early=early)
 
 
 def beat(

@@ -285,7 +285,6 @@ def load_settings(
 ) -> Settings:
     """Read the real sources: the project file, the project's .env and os.environ."""
     from tlrun.project import file as project_file
-    from tlrun.project.discover import discover_cached
     from tlrun.project.layout import find_root, find_source
 
     if project_root is not None:
@@ -304,7 +303,7 @@ def load_settings(
         root,
         ping_window_default,
         project=pf,
-        discover=lambda: discover_cached(root, source, _runtime_or_none()),
+        discover=lambda: _discover(root, source),
         app_required=app_required,
         source_dir=source.directory if source.directory != root else None,
     )
@@ -319,3 +318,10 @@ def _runtime_or_none() -> Path | None:
         return runtime_dir(os.environ)
     except (TlrunError, OSError):
         return None
+
+
+def _discover(root: Path, source: Any) -> Any:
+    """Discovery (and its imports) only when no app was given."""
+    from tlrun.project.discover import discover_cached
+
+    return discover_cached(root, source, _runtime_or_none())

@@ -37,6 +37,14 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Counted:
+    """The census of every worker on the broker ended after the verdict: what it adds (others answering,
+    duplicates, counts against the expected)."""
+
+    report: ReadyReport
+
+
+@dataclass(frozen=True)
 class Reloaded:
     changes: tuple[str, ...]
     seconds: float
@@ -57,5 +65,5 @@ class Exited:
     tail: tuple[str, ...] = ()
 
 
-Event = Notice | StrayFound | Spawned | Ready | Reloaded | WorkerOutput | Exited
+Event = Notice | StrayFound | Spawned | Ready | Counted | Reloaded | WorkerOutput | Exited
 Reporter = Callable[[Event], None]

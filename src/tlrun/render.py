@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, TextIO
 
-from tlrun.events import Event, Exited, Notice, Ready, Reloaded, Spawned, StrayFound, WorkerOutput
+from tlrun.events import Counted, Event, Exited, Notice, Ready, Reloaded, Spawned, StrayFound, WorkerOutput
 from tlrun.launch.sweep import format_age
 from tlrun.launch.verify import ReadyReport
 from tlrun.ops.doctor import DoctorReport
@@ -64,7 +64,7 @@ def verdict(report: ReadyReport) -> list[str]:
             f"{'answers' if role.answering == 1 else 'answer'} on this broker, expected "
             f"{role.expected} (--strict makes this fatal)"
         )
-    if not report.roles and report.answering != report.expected:
+    if not report.roles and report.answering != report.expected and not report.census_pending:
         lines.append(
             f"  warning: {plural(report.answering, 'worker')} {'answers' if report.answering == 1 else 'answer'} "
             f"on this broker, expected {report.expected}"
@@ -123,6 +123,9 @@ class ConsoleRenderer:
         elif isinstance(event, Ready):
             for i, line in enumerate(verdict(event.report)):
                 self._say("tlrun: " + line, *(("green", "bold") if i == 0 else ("yellow",)))
+        elif isinstance(event, Counted):
+            for line in verdict(event.report)[1:]:  # the first line was the verdict itself
+                self._say("tlrun: " + line, "yellow")
         elif isinstance(event, Reloaded):
             shown = ", ".join(event.changes[:3]) + (
                 f" (+{len(event.changes) - 3} more)" if len(event.changes) > 3 else ""

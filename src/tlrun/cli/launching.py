@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -19,15 +20,57 @@ from tlrun.cli.base import (
 )
 
 
-def _launch(command: str, params: dict[str, Any], ping_window_default: float = 1.0, **opts: Any) -> None:
-    """Load the settings, run the command's composition of the launch path, exit with its status."""
-    from tlrun import compose
-    from tlrun.render import ConsoleRenderer
-
+def _launch(
+    command: str,
+    params: dict[str, Any],
+    ping_window_default: float = 1.0,
+    late: Callable[[], dict[str, Any]] | None = None,
+    **opts: Any,
+) -> None:
+    """Load the settings, start the workers early (held, see launch/early.py), then import the rest of the
+    launch path and run the command's composition of it; exit with its status. `late()` builds options
+    whose imports can wait until the workers import in parallel."""
     settings = _settings(params, ping_window_default)
     if command == "dev" and opts.get("beat") is None:  # dev without --beat/--no-beat: the project file's `beat`
         opts["beat"] = settings.beat
-    sys.exit(getattr(compose, command)(settings, ConsoleRenderer(), **opts))
+    early = _early_start(command, settings, opts)
+    try:
+        from tlrun import compose
+        from tlrun.render import ConsoleRenderer
+
+        if late is not None:
+            opts.update(late())
+        if early is not None:
+            opts["early"] = early
+        status = getattr(compose, command)(settings, ConsoleRenderer(), **opts)
+    except BaseException:
+        if early is not None:
+            early.discard()
+        raise
+    sys.exit(status)
+
+
+def _early_start(command: str, settings: Any, opts: dict[str, Any]) -> Any:
+    """The held workers started before the launcher's own checks, where that applies (early.py)."""
+    import os
+
+    if command not in ("worker", "dev") or opts.get("debug") or os.environ.get("TLRUN_EARLY_START") == "0":
+        return None
+    from tlrun.errors import TlrunError
+    from tlrun.launch import guard, pid1
+    from tlrun.launch.early import EarlyStart
+
+    init_duties = bool(opts.get("init")) or pid1.is_pid1()
+    try:
+        runtime = guard.runtime_dir(os.environ)
+    except (TlrunError, OSError):
+        return None  # the launcher's own path says what is wrong with it
+    return EarlyStart.begin(
+        settings,
+        dev_poll=command == "dev",
+        log_dir=None if init_duties and not settings.log_dir_given else settings.log_dir,
+        runtime=runtime,
+    )
 
 
 def metrics_options(func: F) -> F:
@@ -128,16 +171,21 @@ def worker(
     Beat runs here only with --beat: production runs it as a service of its own (`tlrun beat`, as
     `tlrun export` writes it), so that one worker service per role never races for the beat.
     """
-    from tlrun.deploy.restart import RestartSettings
 
-    policy = None
-    if restart:
-        policy = RestartSettings(restart_delay, restart_max_delay, give_up_crashes, give_up_window, max_restarts)
+    def policy() -> dict[str, Any]:
+        from tlrun.deploy.restart import RestartSettings
+
+        if not restart:
+            return {"restart": None}
+        return {
+            "restart": RestartSettings(restart_delay, restart_max_delay, give_up_crashes, give_up_window, max_restarts)
+        }
+
     _launch(
         "worker",
         params,
+        late=policy,
         beat=with_beat,
-        restart=policy,
         fast_stop=fast_stop,
         init=init_mode,
         metrics_port=metrics_port,

@@ -70,6 +70,26 @@ def install(environ: Mapping[str, str] = os.environ) -> bool:
     return True
 
 
+# -- a ping that says which process answers --------------------------------------------------------------
+PING_COMMAND = "tlrun_ping"
+
+
+def register_ping() -> bool:
+    """A remote control command that answers like `ping` plus this process's pid: the launcher's readiness
+    check knows its own worker's reply from that of another worker with the same node name (which answers
+    an unknown command with an error). True when registered."""
+    try:
+        from celery.worker.control import control_command
+    except ImportError:
+        return False
+
+    def tlrun_ping(state: Any, **_kwargs: Any) -> dict[str, Any]:
+        return {"ok": "pong", "pid": os.getpid()}
+
+    control_command(name=PING_COMMAND)(tlrun_ping)
+    return True
+
+
 # -- tasks running at the end of the grace period ----------------------------------------------------------
 _controller: list[Any] = []  # the WorkController of this process, once Celery sends worker_init
 

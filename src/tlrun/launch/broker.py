@@ -213,6 +213,26 @@ class Broker:
             raise self._fail(exc, started) from None
         return [name for reply in replies or [] for name in reply]
 
+    def pids_answering(self, node: str, timeout: float) -> list[int | None]:
+        """Every reply to tlrun's own ping (registered by the shim in the workers it runs) from `node` within
+        `timeout`: the pid each gives, None for a reply without one (another worker with that name answers
+        the unknown command with an error)."""
+        if self._conn is None:
+            self.connect()
+        started = time.monotonic()
+        try:
+            replies = self._app.control.broadcast(
+                "tlrun_ping", destination=[node], reply=True, timeout=timeout, limit=16, connection=self._conn
+            )
+        except Exception as exc:
+            raise self._fail(exc, started) from None
+        pids: list[int | None] = []
+        for reply in replies or []:
+            for answer in reply.values():
+                pid = answer.get("pid") if isinstance(answer, dict) else None
+                pids.append(pid if isinstance(pid, int) else None)
+        return pids
+
     def active_queues(self, timeout: float = 1.0) -> list[tuple[str, list[str]]]:
         """(node, queue names) from each raw `active_queues` reply (a duplicated name appears twice)."""
         if self._conn is None:

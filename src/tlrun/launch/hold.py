@@ -14,13 +14,14 @@ from tlrun.launch.entry import HOLD_FD_ENV, SPARE_ENV
 class Hold:
     def __init__(self, spare: bool = False) -> None:
         self._ours, self._theirs = socket.socketpair()
+        self._child_fd = self._theirs.fileno()  # the number the child's environment names, kept after spawned()
         self.spare = spare  # it imports Celery, says `spare`, and imports the app only after `load`
         self.poll_interval: float | None = None  # the worker's transport poll interval on Redis
         self._buffer = b""
 
     @property
     def child_fd(self) -> int:
-        return self._theirs.fileno()
+        return self._child_fd
 
     def env(self) -> dict[str, str]:
         return {HOLD_FD_ENV: str(self.child_fd), **({SPARE_ENV: "1"} if self.spare else {})}

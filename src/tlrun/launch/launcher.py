@@ -27,6 +27,7 @@ from tlrun.errors import AppImportError, StopError, WorkerStartError
 from tlrun.events import Exited, Notice, Reporter, StrayFound, WorkerOutput
 from tlrun.launch import checks, guard, logfiles, owner, pid1, procs, sweep, tidy, unitstop, verify
 from tlrun.launch.broker import check_reachable, resolve_broker
+from tlrun.launch.early import EarlyStart
 from tlrun.launch.locks import UnitLocks
 from tlrun.launch.outputs import Outputs
 from tlrun.launch.startup import Startup
@@ -95,6 +96,8 @@ class Launcher(Startup):
         self._stopping = False  # the launcher's own stop (a signal) has been acted on
         self._woken: list[Step] = []
         self.locks = UnitLocks(settings, report, self.hostname)
+        self.early: EarlyStart | None = None
+        self.pending_census: tuple[verify.Census[list[str]], float] | None = None
 
     @property
     def units(self) -> list[Unit]:
@@ -155,6 +158,7 @@ class Launcher(Startup):
             self.s.stop_grace,
             kinds=kinds,
             roles=[w.role for w in workers],
+            keep=self.early.pids() if self.early is not None else (),
             on_found=lambda stray: self.report(StrayFound(stray)),
             on_step=lambda msg: self.report(Notice(msg)),
         )
@@ -242,7 +246,7 @@ class Launcher(Startup):
     def _wake(self) -> bool:
         if self.sup.stop_requested:
             return not self._stopping or not self.sup.has_running()
-        if self.unit_stops.pending():
+        if self.unit_stops.pending() or (self.pending_census is not None and self.pending_census[0].done()):
             return True
         self._woken = [step for step in self.steps if step.poll(self)]
         return bool(self._woken) or not any(u.alive for u in self.units)
@@ -261,6 +265,8 @@ class Launcher(Startup):
                     elif not self.sup.has_running():
                         break
                     continue
+                if self.pending_census is not None and self.pending_census[0].done():
+                    self.census_arrived()
                 if self.unit_stops.pending():
                     self._serve_unit_stops()
                 for step in self._woken:
@@ -303,9 +309,11 @@ def run(
     opts: LaunchOptions | None = None,
     steps: Sequence[Step] = (),
     in_process: Callable[[Launcher], int] | None = None,
+    early: EarlyStart | None = None,
 ) -> int:
     """Run the project's units (a worker per role, beat) with `steps` until they stop; the exit status.
-    `in_process` (debug mode) serves the workers in this very process after the guard and the sweep."""
+    `in_process` (debug mode) serves the workers in this very process after the guard and the sweep.
+    `early`: the workers the CLI started held before validation (early.py), adopted by the first spawn."""
     opts = opts or LaunchOptions()
     started = time.monotonic()
     reaper = None
@@ -321,9 +329,13 @@ def run(
                 defer_first_stop=opts.fast_stop,
                 reaper=reaper,
                 requeue_margin=requeue_margin(settings.stop_grace, checks.celery_version()),
+                lifeline=early.lifeline if early is not None else None,
             )
         )
+        if early is not None:
+            stack.callback(early.discard)  # a held worker not adopted (a failure, a stop) ends unconnected
         launcher = Launcher(settings, report, sup, opts, steps)
+        launcher.early = early
         stack.callback(launcher.close)
         # Validate, guard, prepare, sweep: nothing is stopped before everything that can fail was checked. A
         # stop asked for meanwhile ends the launch before anything is spawned.
@@ -346,7 +358,7 @@ def run(
             return in_process(launcher)
         if launcher.workers:
             try:
-                ready = launcher.start_workers(launcher.workers, started)
+                ready = launcher.start_workers(launcher.workers, started, defer_census=True)
             except (AppImportError, WorkerStartError) as exc:
                 if not any(step.on_start_failed(launcher, exc) for step in launcher.steps):
                     raise

@@ -28,6 +28,10 @@ class Outputs:
         self._pumps: dict[str, OutputPump] = {}
         self._gates: dict[str, _Gate] = {}
 
+    @property
+    def log_dir(self) -> Path | None:
+        return self._log_dir
+
     def child_env(self, stem: str) -> dict[str, str]:
         """Where the child writes its own output once its launcher is gone (see `_child.py`)."""
         return {LOG_ENV: str(self._log_dir / f"{stem}.log")} if self._log_dir is not None else {}

@@ -4,6 +4,7 @@ A mixin of `Launcher`: the reload and restart steps use these too."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -12,8 +13,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from tlrun.config import Settings
-from tlrun.errors import DuplicateNodeError
-from tlrun.events import Notice, Ready, Reporter
+from tlrun.errors import BrokerError, DuplicateNodeError
+from tlrun.events import Counted, Notice, Ready, Reporter
 from tlrun.launch import checks, guard, procs, verify
 from tlrun.launch.broker import Broker
 from tlrun.launch.hold import Hold
@@ -22,6 +23,7 @@ from tlrun.launch.supervise import Supervisor
 from tlrun.launch.units import READY, STARTING, Unit, WorkerUnit
 
 if TYPE_CHECKING:
+    from tlrun.launch.early import EarlyStart
     from tlrun.launch.launcher import LaunchOptions
     from tlrun.launch.steps import Step
     from tlrun.launch.units import BeatUnit
@@ -38,6 +40,8 @@ class Startup:
     beat: BeatUnit | None
     census: list[str] | verify.Census[list[str]] | None
     steps: list[Step]
+    early: EarlyStart | None
+    pending_census: tuple[verify.Census[list[str]], float] | None  # deferred: the census and the verdict's seconds
 
     def set_state(self, unit: Unit, state: str, **fields: object) -> None:
         raise NotImplementedError
@@ -69,21 +73,26 @@ class Startup:
         with Broker(self.broker_url) as broker:
             for w in workers:
                 alive = functools.partial(self.sup.running, w.child)
-                if not verify.wait_ready(broker, w.node, deadline, alive, self.stop_asked):
+                if not verify.wait_ready(broker, w.node, deadline, alive, self.stop_asked, self.sup.pid(w.child)):
                     return w
                 self.outputs.release(w.child)
                 w.since = datetime.now().strftime("%H:%M:%S")
                 self.set_state(w, READY, node=w.node, worker_pid=self.sup.pid(w.child))
         return None
 
-    def _spawn_and_wait(self, workers: list[WorkerUnit]) -> bool:
+    def _spawn_and_wait(self, workers: list[WorkerUnit], census_first: bool = True) -> bool:
         """Spawn the workers, then wait for each one's first pong; False when a stop was asked meanwhile.
-        A worker that never answers stops the others started with it and raises the error that explains it."""
-        holds = {w.child: Hold() for w in workers} if self.opts.held_workers else {}
+        A worker that never answers stops the others started with it and raises the error that explains it.
+        `census_first`: the census is sent before the workers connect (else the caller sends it later)."""
+        # Held, where the launcher asks for it or adopts an early start's worker (which is held).
+        held = self.opts.held_workers or (self.early is not None and bool(self.early.workers))
+        holds = {w.child: Hold() for w in workers} if held else {}
         for w in workers:
             self.set_state(w, STARTING)
             w.spawn(self, hold=holds.get(w.child))
-        if self.census is None:
+            if w.hold is not None:
+                holds[w.child] = w.hold
+        if self.census is None and census_first:
             # Right after the spawn, so that importing Celery overlaps the worker's own start-up. The new
             # worker cannot answer it: it subscribes to its mailbox only after its own imports (> 0.3 s).
             self.census = verify.Census(self.broker_url, self.s.ping_window).start()
@@ -113,26 +122,31 @@ class Startup:
         return True
 
     def start_workers(
-        self, workers: list[WorkerUnit], started: float, allow_rename: bool = True
+        self, workers: list[WorkerUnit], started: float, allow_rename: bool = True, defer_census: bool = False
     ) -> verify.ReadyReport | None:
-        """Spawn and verify `workers`; the report covers every worker of this launcher. None: stop asked."""
+        """Spawn and verify `workers`; the report covers every worker of this launcher. None: stop asked.
+
+        With `defer_census` (the first start, without --strict), the report is made as soon as each worker
+        answered its own ping, while the census of the other workers still runs its window: its findings
+        follow from the supervise loop (`census_arrived`)."""
         self.claim_names(workers)
-        if not self._spawn_and_wait(workers):
+        defer = defer_census and self.census is None and not self.s.strict
+        if not self._spawn_and_wait(workers, census_first=not defer):
             return None
+        if defer:
+            seconds = time.monotonic() - started
+            for w in workers:
+                w.ready_seconds = round(seconds, 3)
+            # Sent now that each of ours answered: ours answer it too (and are taken out of it), so that
+            # nothing depends on the census leaving before a worker subscribes.
+            self.pending_census = (verify.Census(self.broker_url, self.s.ping_window).start(), seconds)
+            running = [w for w in self.workers if self.sup.running(w.child)]
+            return dataclasses.replace(self.ready_report(running, seconds), census_pending=True)
         census = self.census
         assert census is not None
         replies = self.census = census if isinstance(census, list) else census.result(self.stop_asked)
-        taken = [w for w in workers if w.node in replies] if allow_rename else []
-        if taken:
-            # A worker elsewhere already answers to our name: stop ours and come back under a unique one.
-            self.sup.stop_each([w.child for w in taken])
-            for w in taken:
-                self.outputs.detach(w.child)
-                old = w.node
-                new = w.rename(set(replies))
-                self.report(Notice(f"node name {old} already answers on the broker: restarting as {new}", "warning"))
-            if not self._spawn_and_wait(taken):
-                return None
+        if not self._rename_taken(workers if allow_rename else [], replies):
+            return None
         for w in workers:
             w.ready_seconds = round(time.monotonic() - started, 3)
         ours = {w.node for w in self.workers}
@@ -140,6 +154,53 @@ class Startup:
         running = [w for w in self.workers if self.sup.running(w.child)]
         local = procs.pids_by_node(procs.main_processes(procs.scan(("worker",))), self.s.app) if others else {}
         return self.ready_report(running, time.monotonic() - started, replies, local)
+
+    def _rename_taken(self, workers: Sequence[WorkerUnit], replies: Sequence[str]) -> bool:
+        """A worker elsewhere already answers to one of our names: stop ours and come back under a unique
+        one. False when a stop was asked meanwhile."""
+        taken = [w for w in workers if w.node in replies]
+        if not taken:
+            return True
+        self.sup.stop_each([w.child for w in taken])
+        for w in taken:
+            self.outputs.detach(w.child)
+            old = w.node
+            new = w.rename(set(replies))
+            self.report(Notice(f"node name {old} already answers on the broker: restarting as {new}", "warning"))
+        return self._spawn_and_wait(taken)
+
+    def census_arrived(self) -> None:
+        """The deferred census ended (see start_workers): rename a worker whose name another one answers to
+        (and verify it again), then say what the census adds to the verdict, or refuse a duplicate."""
+        assert self.pending_census is not None
+        census, seconds = self.pending_census
+        self.pending_census = None
+        try:
+            replies = list(census.result())
+        except BrokerError as exc:
+            self.census = []
+            self.report(Notice(f"the census of the broker's workers failed: {exc}", "warning"))
+            return
+        running = [w for w in self.workers if self.sup.running(w.child)]
+        for w in running:  # our own answers (a busy solo worker may miss the census: then none)
+            if w.node in replies:
+                replies.remove(w.node)
+        self.census = replies
+        renamed = any(w.node in replies for w in running)
+        if not self._rename_taken(running, replies):
+            return
+        ours = {w.node for w in self.workers}
+        others = [name for name in replies if name not in ours]
+        running = [w for w in self.workers if self.sup.running(w.child)]
+        local = procs.pids_by_node(procs.main_processes(procs.scan(("worker",))), self.s.app) if others else {}
+        report = self.ready_report(running, seconds, replies, local)
+        if renamed:  # restarted under a unique name: a verdict of its own
+            self.verdict(report)
+            return
+        for node in report.duplicated:
+            raise DuplicateNodeError(f"{node.replies} workers answer as {node.node}: node names must be unique")
+        if report.others or not report.as_expected:
+            self.report(Counted(report))
 
     def claim_names(self, workers: Sequence[WorkerUnit]) -> None:
         """Before a worker starts, its node name must be free on the broker (a step claims it there): a name

@@ -69,6 +69,7 @@ class Supervisor:
         defer_first_stop: bool = False,
         reaper: Reaper | None = None,
         requeue_margin: float | None = None,
+        lifeline: spawn.Lifeline | None = None,
     ) -> None:
         """`defer_first_stop`: the first stop signal only sets `stop_requested`; the owner then drains its
         workers and calls `escalate` (tlrun dev's fast stop). A second signal is acted on at once.
@@ -88,7 +89,7 @@ class Supervisor:
         self.stop_signal: int | None = None
         self._requests = 0
         self._saved: dict[int, Any] = {}
-        self.lifeline = spawn.Lifeline()
+        self.lifeline = lifeline or spawn.Lifeline()  # the early start's, when it spawned children on it
 
     # -- signals -------------------------------------------------------------------------------------
     def __enter__(self) -> Supervisor:
@@ -176,6 +177,16 @@ class Supervisor:
         if self.stop_requested:  # a signal came while we were spawning
             self._escalate(child)
         return child.popen
+
+    def adopt(self, name: str, popen: subprocess.Popen[bytes], requeue: bool = False) -> subprocess.Popen[bytes]:
+        """Take charge of a child started early behind this supervisor's lifeline (early.py)."""
+        if self.running(name):
+            raise RuntimeError(f"a {name} is already running under this supervisor")
+        child = _Child(name, popen, 0, requeue)
+        self._children[name] = child
+        if self.stop_requested:
+            self._escalate(child)
+        return popen
 
     def running(self, name: str) -> bool:
         child = self._children.get(name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,6 +55,7 @@ def find_strays(
     kinds: Sequence[str] = ("worker",),
     roles: Sequence[Role] | None = None,
     table: Sequence[procs.CeleryProcess] | None = None,
+    keep: Collection[int] = (),
 ) -> list[procs.CeleryProcess]:
     """This project's processes of one of `kinds` (worker, beat) serving one of `roles` (None: all): main
     processes, and pool children whose main process is gone (they keep its command line and environment).
@@ -66,6 +67,7 @@ def find_strays(
         p
         for p in rows
         if p.pid not in protected
+        and p.pid not in keep
         and p.role in kinds
         and procs.project_match(p, project_id, app, root, uid)
         and procs.serves_roles(p, roles)
@@ -92,11 +94,12 @@ def sweep(
     *,
     kinds: Sequence[str] = ("worker",),
     roles: Sequence[Role] | None = None,
+    keep: Collection[int] = (),
     dry_run: bool = False,
     on_found: Callable[[Stray], None] | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> SweepResult:
-    targets = find_strays(project_id, app, root, kinds, roles)
+    targets = find_strays(project_id, app, root, kinds, roles, keep=keep)
     now = time.time()
     strays = tuple(Stray(p.pid, p.node, now - p.create_time, p.role) for p in targets)
     for stray in strays:

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 
 from tlrun.config import Role
 from tlrun.events import Spawned
-from tlrun.launch import guard, heartbeat, procs, spawn
-from tlrun.launch.entry import DEV_POLL_ENV
+from tlrun.launch import early, guard, procs, spawn
 from tlrun.launch.hold import Hold
 
 if TYPE_CHECKING:
@@ -76,6 +75,7 @@ class WorkerUnit(Unit):
         self.hostname = hostname
         self.renamed_from: str | None = None
         self.poll_interval: float | None = None  # its transport's poll interval on Redis, when known
+        self.hold: Hold | None = None  # the hold of its last spawn (an adopted early worker brings its own)
 
     def rename(self, taken: set[str]) -> str:
         """Come back under a name nobody answers to: `api4242-1@host`."""
@@ -86,27 +86,44 @@ class WorkerUnit(Unit):
     def spawn(
         self, launcher: Startup, name: str | None = None, hold: Hold | None = None, announce: bool = True
     ) -> subprocess.Popen[bytes]:
-        """Start this role's worker as child `name` (default: the unit's own). With a hold it imports the new
-        code and waits to be released (entry.py); its output is held until its banner shows."""
+        """Start this role's worker as child `name` (default: the unit's own), or adopt the one the early
+        start already runs held (early.py). With a hold it imports the new code and waits to be released
+        (entry.py); its output is held until its banner shows."""
         name = name or self.child
         s = launcher.s
-        module = "tlrun.launch.entry" if hold is not None else "celery"
-        argv = spawn.worker_argv(s.app, self.role.worker, self.node, module=module)
-        env = spawn.worker_env(s, self.node, procs.Identity.of_self(), launcher.broker_url, self.role.name)
-        beat_file = str(guard.runtime_dir(os.environ) / f"{s.project_id}.{self.role.name}.{os.getpid()}.alive")
-        env[heartbeat.ENV] = beat_file  # the worker's own event loop writes it: `tlrun health --liveness`
-        launcher.record(self, heartbeat=beat_file)
-        if hold is not None:
-            env.update(hold.env(), **({DEV_POLL_ENV: "1"} if launcher.opts.dev_poll else {}))
-        stem = f"celery_{self.role.log_stem}_{os.getpid()}"
-        env.update(launcher.outputs.child_env(stem))
-        fds = (hold.child_fd,) if hold is not None else ()
-        child = launcher.sup.start(name, argv, env, s.project_root, pass_fds=fds, requeue=True)
-        if hold is not None:
-            hold.spawned()
-        log_path = launcher.outputs.attach(name, child, stem, label=self.node, hold_until=BANNER)
+
+        def plan(with_hold: Hold | None) -> early.Plan:
+            return early.plan_worker(
+                s,
+                self.role,
+                self.node,
+                launcher.broker_url,
+                guard.runtime_dir(os.environ),
+                launcher.outputs.log_dir,
+                with_hold,
+                launcher.opts.dev_poll,
+            )
+
+        adopted = None
+        if launcher.early is not None and name == self.child and hold is not None:
+            adopted = launcher.early.take(self.role.name, self.node, launcher.broker_url, plan)
+        if adopted is not None:
+            if hold is not None:
+                hold.close()  # the early worker has its own
+            hold = adopted.hold
+            chosen = adopted.plan
+            child = launcher.sup.adopt(name, adopted.popen, requeue=True)
+        else:
+            chosen = plan(hold)
+            fds = (hold.child_fd,) if hold is not None else ()
+            child = launcher.sup.start(name, chosen.argv, chosen.env, s.project_root, pass_fds=fds, requeue=True)
+            if hold is not None:
+                hold.spawned()
+        self.hold = hold
+        launcher.record(self, heartbeat=chosen.heartbeat)
+        log_path = launcher.outputs.attach(name, child, chosen.stem, label=self.node, hold_until=BANNER)
         if announce:
-            launcher.report(Spawned("worker", self.node, child.pid, log_path, tuple(argv)))
+            launcher.report(Spawned("worker", self.node, child.pid, log_path, tuple(chosen.argv)))
         return child
 
 

@@ -21,9 +21,10 @@ from tlrun.launch.broker import Broker
 
 T = TypeVar("T")
 
-# One readiness ping returns as soon as the node answers, or after this long. A ping sent before the new
-# worker subscribed to its mailbox is lost (fanout), so a short poll keeps that loss to 0.1 s.
-READY_POLL = 0.1
+# One readiness ping returns as soon as the node answers (a destination-limited ping stops at its one
+# reply), or after this long. A ping sent before the new worker subscribed to its mailbox is lost (fanout),
+# so a short poll keeps that loss to 25 ms (the bench's outside probe pings every 20 ms).
+READY_POLL = 0.025
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class ReadyReport:
     others: tuple[NodeSeen, ...]
     expected: int
     roles: tuple[RoleCount, ...] = ()  # declared roles: counted each by its node names; empty: count every reply
+    # The census of the other workers has not ended yet: this report knows only ours (they answered their
+    # own pings); the census's findings follow when its window ends (`Counted`).
+    census_pending: bool = False
 
     @property
     def node(self) -> str:
@@ -83,6 +87,8 @@ class ReadyReport:
 
     @property
     def as_expected(self) -> bool:
+        if self.census_pending:
+            return True  # nothing known yet against it
         if self.duplicated:
             return False
         if self.roles:
@@ -91,6 +97,8 @@ class ReadyReport:
 
     @property
     def miscounted(self) -> tuple[RoleCount, ...]:
+        if self.census_pending:
+            return ()
         return tuple(r for r in self.roles if r.answering != r.expected)
 
 
@@ -121,6 +129,9 @@ class Census(Generic[T]):
         except BrokerError as exc:
             self.error = exc
 
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
     def result(self, should_stop: Callable[[], bool] = lambda: False) -> T:
         while self._thread.is_alive() and not should_stop():
             self._thread.join(0.05)
@@ -135,15 +146,21 @@ def wait_ready(
     deadline: float,
     still_running: Callable[[], bool],
     should_stop: Callable[[], bool],
+    pid: int | None = None,
 ) -> bool:
-    """Ping the node until it answers (True); False when the worker exited, a stop was asked, or time ran out."""
+    """Ping the node until it answers (True); False when the worker exited, a stop was asked, or time ran out.
+    With `pid`, only a reply from that process counts (tlrun's own ping, answered with the pid by the workers
+    its shim runs): another worker already answering with the same name never passes for ours."""
     while True:
         if should_stop() or not still_running():
             return False
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
-        if broker.ping(destination=[node], timeout=min(READY_POLL, remaining)):
+        if pid is not None:
+            if pid in broker.pids_answering(node, min(READY_POLL, remaining)):
+                return True
+        elif broker.ping(destination=[node], timeout=min(READY_POLL, remaining)):
             return True
 
 
