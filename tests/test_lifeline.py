@@ -247,7 +247,9 @@ def test_with_the_backstop_on_the_worker_has_pdeathsig(project: Project) -> None
     (project.root / f"{project.app}.py").write_text((project.root / f"{project.app}.py").read_text() + PDEATHSIG_TASK)
     launched = project.launch("--pool", "solo")
     worker = int(launched.wait_output(READY, 30).group(2))
-    assert send_task(project.broker_url, f"{project.app}.pdeathsig").get(timeout=20) == signal.SIGTERM
+    # A Python child's backstop is the shim's own signal: its handler runs the lifeline's steps (an idle
+    # worker goes at once), where SIGTERM would start Celery's warm shutdown first.
+    assert send_task(project.broker_url, f"{project.app}.pdeathsig").get(timeout=20) == _child.PARENT_GONE_SIGNAL
     # The lifeline thread blocks every signal, so that the main thread (which runs Python's handlers) takes
     # them all: a signal taken by a helper thread would not interrupt the main thread's blocking calls.
     threads = {int(t.name): blocked_signals(worker, int(t.name)) for t in Path(f"/proc/{worker}/task").iterdir()}

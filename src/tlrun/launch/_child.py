@@ -49,6 +49,10 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 # when it runs a task; an idle worker whose warm shutdown is merely slow goes on and exits 0. A realtime
 # signal where there is one: no library of the worker uses it; SIGUSR2 (Celery's rdb, only when asked) else.
 REQUEUE_SIGNAL: int = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
+# The parent-death signal of a Python child (Linux's backstop): its handler runs the same steps as the
+# lifeline's end-of-file (a worker that holds no task goes at once, see fastexit.py), where a SIGTERM would
+# start Celery's warm shutdown before the shim could look. A non-Python child (the watchdog) keeps SIGTERM.
+PARENT_GONE_SIGNAL: int = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else signal.SIGTERM
 
 
 def in_process_module(argv: Sequence[str], python: str = sys.executable) -> str | None:
@@ -64,15 +68,15 @@ def portable(environ: Mapping[str, str] = os.environ) -> bool:
     return environ.get(PORTABLE_ENV) == "1"
 
 
-def set_pdeathsig(environ: Mapping[str, str] = os.environ) -> bool:
-    """The Linux backstop: SIGTERM when the launcher's thread that forked us exits. False when off or absent."""
+def set_pdeathsig(environ: Mapping[str, str] = os.environ, sig: int = signal.SIGTERM) -> bool:
+    """The Linux backstop: `sig` when the launcher's thread that forked us exits. False when off or absent."""
     if not sys.platform.startswith("linux") or environ.get(NO_PDEATHSIG_ENV) == "1" or portable(environ):
         return False
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1
-    if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+    if libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) != 0:
         sys.stderr.write(f"tlrun: prctl(PR_SET_PDEATHSIG) failed: errno {ctypes.get_errno()}\n")
         return False
     return True
@@ -163,8 +167,27 @@ class _Worker:
         self.grace = grace
         self.log_path = log_path
         self.orphaned = threading.Event()
+        self._went = False
+        self._went_lock = threading.Lock()
         self._finish_output: Callable[[], None] = lambda: None
         self.celery_worker: Callable[[], object] | None = None  # this process's Celery worker, once it runs
+
+    def gone(self) -> None:
+        """The launcher is gone (the lifeline's EOF, or the parent-death signal): act once."""
+        with self._went_lock:
+            if self._went:
+                return
+            self._went = True
+        self.on_gone()
+
+    def on_parent_death(self, _signum: int, _frame: object) -> None:
+        """PARENT_GONE_SIGNAL's handler: the steps run on a thread of their own (a handler must not block)."""
+
+        def run() -> None:
+            quiet_thread()
+            self.gone()
+
+        threading.Thread(target=run, name="tlrun-parent-gone", daemon=True).start()
 
     def on_gone(self) -> None:
         self._finish_output = redirect_output(self.log_path, _secrets(os.environ))
@@ -238,7 +261,8 @@ def run_module(module: str, args: Sequence[str], fd: int, launcher: int, grace: 
 
     signal.signal(signal.SIGTERM, stop_before_start)
     worker = _Worker(grace, os.environ.pop(LOG_ENV, None))
-    watch(fd, launcher, worker.on_gone)
+    signal.signal(PARENT_GONE_SIGNAL, worker.on_parent_death)
+    watch(fd, launcher, worker.gone)
     if module in WORKER_MODULES and "worker" in args:
         from tlrun.launch import _celery_fix
 
@@ -312,11 +336,11 @@ def run_watchdog(argv: Sequence[str], fd: int, launcher: int, wait: float = WATC
 def main() -> None:
     launcher, fd, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
     argv = sys.argv[5:]
-    set_pdeathsig()
+    module = in_process_module(argv)
+    set_pdeathsig(sig=signal.SIGTERM if module is None else PARENT_GONE_SIGNAL)
     # The launcher may have died between fork and prctl: then no signal will ever come. Stop here.
     if os.getppid() != launcher:
         sys.exit(EXIT_PARENT_GONE)
-    module = in_process_module(argv)
     if module is None:
         sys.exit(run_watchdog(argv, fd, launcher))
     os.set_inheritable(fd, False)  # the worker's pool children and a task's subprocesses never need it
