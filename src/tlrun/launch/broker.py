@@ -29,6 +29,10 @@ class BrokerChoice:
     source: str  # "configured" (-b, environment, .env), "app" (its broker_url), "default" (nothing anywhere)
 
 
+class _Answered(Exception):
+    """Ends a reply collection early: the reply awaited has come."""
+
+
 def resolve_broker(settings: Settings) -> BrokerChoice:
     """One resolution for every command: -b, then CELERY_BROKER_URL/REDIS_URL from the environment or .env,
     then the app's own broker_url (for Django, from its settings). Only the last step imports the app."""
@@ -213,25 +217,34 @@ class Broker:
             raise self._fail(exc, started) from None
         return [name for reply in replies or [] for name in reply]
 
-    def pids_answering(self, node: str, timeout: float) -> list[int | None]:
-        """Every reply to tlrun's own ping (registered by the shim in the workers it runs) from `node` within
-        `timeout`: the pid each gives, None for a reply without one (another worker with that name answers
-        the unknown command with an error)."""
+    def answers_as(self, node: str, pid: int, timeout: float) -> bool:
+        """Does process `pid` answer as `node` within `timeout`? tlrun's own ping (registered by the shim in
+        the workers it runs) replies with the pid; another worker with that name answers the unknown command
+        with an error, which never counts. Returns as soon as the right reply arrives."""
         if self._conn is None:
             self.connect()
         started = time.monotonic()
+
+        def check(reply: Any) -> None:
+            for answer in (reply or {}).values() if isinstance(reply, dict) else ():
+                if isinstance(answer, dict) and answer.get("pid") == pid:
+                    raise _Answered
+
         try:
-            replies = self._app.control.broadcast(
-                "tlrun_ping", destination=[node], reply=True, timeout=timeout, limit=16, connection=self._conn
+            self._app.control.broadcast(
+                "tlrun_ping",
+                destination=[node],
+                reply=True,
+                timeout=timeout,
+                limit=16,
+                callback=check,
+                connection=self._conn,
             )
+        except _Answered:
+            return True
         except Exception as exc:
             raise self._fail(exc, started) from None
-        pids: list[int | None] = []
-        for reply in replies or []:
-            for answer in reply.values():
-                pid = answer.get("pid") if isinstance(answer, dict) else None
-                pids.append(pid if isinstance(pid, int) else None)
-        return pids
+        return False
 
     def active_queues(self, timeout: float = 1.0) -> list[tuple[str, list[str]]]:
         """(node, queue names) from each raw `active_queues` reply (a duplicated name appears twice)."""

@@ -158,7 +158,7 @@ def wait_ready(
         if remaining <= 0:
             return False
         if pid is not None:
-            if pid in broker.pids_answering(node, min(READY_POLL, remaining)):
+            if broker.answers_as(node, pid, min(READY_POLL, remaining)):
                 return True
         elif broker.ping(destination=[node], timeout=min(READY_POLL, remaining)):
             return True
