@@ -116,6 +116,7 @@ class Census(Generic[T]):
         self._call: Callable[[Broker, float], Any] = call or (lambda broker, window: broker.ping(timeout=window))
         self.replies: T = cast(T, [])
         self.error: BrokerError | None = None
+        self.connected = threading.Event()  # set once connected (or failed): the broadcast follows at once
         self._thread = threading.Thread(target=self._run, name="tlrun-census", daemon=True)
 
     def start(self) -> Census[T]:
@@ -125,6 +126,10 @@ class Census(Generic[T]):
     def _run(self) -> None:
         try:
             with self._broker as broker:
+                try:
+                    broker.connect()
+                finally:
+                    self.connected.set()
                 self.replies = self._call(broker, self._window)
         except BrokerError as exc:
             self.error = exc

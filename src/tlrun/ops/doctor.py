@@ -88,6 +88,7 @@ _EXIT_BY_CODE = {
     "NOT_CONSUMING": NOT_CONSUMING_EXIT_CODE,
 }
 
+CONNECT_WAIT = 2.0  # at most this long for the census to connect before the scan runs anyway
 
 def exit_code_for(findings: list[Finding]) -> tuple[int, str]:
     for code in _EXIT_BY_CODE:
@@ -141,7 +142,9 @@ def diagnose(settings: Settings) -> DoctorReport:
     waiting: verify.Census[dict[str, int | None]] = verify.Census(
         broker_url, settings.ping_window, lambda broker, _window: consuming.depths(broker, queued)
     ).start()
-    # The one scan of the process table runs while the pings are out (it puts pids on node names).
+    # The one scan of the process table runs while the pings are out (it puts pids on node names): once the
+    # census is connected, so that the scan (CPU, holding the GIL) does not slow its connection down.
+    census.connected.wait(CONNECT_WAIT)
     everyone = inventory.local_processes(settings, everything=True)
     local = [p for p in everyone if p.project]
     connect_s = _connect_time(broker_url)
