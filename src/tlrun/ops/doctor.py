@@ -90,6 +90,7 @@ _EXIT_BY_CODE = {
 
 CONNECT_WAIT = 2.0  # at most this long for the census to connect before the scan runs anyway
 
+
 def exit_code_for(findings: list[Finding]) -> tuple[int, str]:
     for code in _EXIT_BY_CODE:
         if any(f.code == code for f in findings):
