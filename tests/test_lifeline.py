@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import PY, Launched, Project, RedisServer, close_clients, free_port, gone, send_task, wait_for
+from helpers import PY, Launched, Project, RedisServer, client, close_clients, free_port, gone, send_task, wait_for
 from tlrun.launch import _child, procs, spawn
 from tlrun.launch.pid1 import Reaper
 from tlrun.launch.supervise import requeue_margin
@@ -432,16 +432,21 @@ def test_pid1_replicas_started_together_never_share_a_node_name(project: Project
 
 
 # -- a killed launcher's idle worker goes at once; one that holds a task stops warm ------------------------
+def _orphaned_log(project: Project, launched: Launched, worker_pid: int) -> str:
+    """SIGKILL the launcher, wait until its worker's tree is gone, and return the worker's log."""
+    tree = family(worker_pid)
+    launched.send(signal.SIGKILL)
+    launched.wait(5)
+    wait_for(lambda: gone(tree), GRACE + 3, "the worker's tree gone")
+    return (project.root / "logs" / f"celery_worker_{launched.pid}.log").read_text()
+
+
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_an_idle_worker_goes_at_once_after_its_launcher_is_killed(project: Project, pool: str) -> None:
     launched = project.launch("--pool", pool, "-c", "2", "--grace", f"{GRACE:g}", env=project.env(**AS_ON_MACOS))
     worker_pid = int(launched.wait_output(READY, 30).group(2))
     assert send_task(project.broker_url, f"{project.app}.add", 2, 3).get(timeout=20) == 5
-    tree = family(worker_pid)
-    launched.send(signal.SIGKILL)
-    launched.wait(5)
-    wait_for(lambda: gone(tree), GRACE + 3, "the idle worker's tree gone")
-    log = (project.root / "logs" / f"celery_worker_{launched.pid}.log").read_text()
+    log = _orphaned_log(project, launched, worker_pid)
     assert "holds no task: stopping at once" in log, log[-2000:]
     assert "warm shutdown" not in log
     # It stopped consuming before it went: a task sent now waits in the queue for the next worker.
@@ -455,14 +460,9 @@ def test_an_idle_worker_goes_at_once_after_its_launcher_is_killed(project: Proje
 def test_a_worker_holding_an_eta_task_stops_warm_and_gives_it_back(project: Project) -> None:
     launched = project.launch("-c", "1", "--grace", f"{GRACE:g}", env=project.env(**AS_ON_MACOS))
     worker_pid = int(launched.wait_output(READY, 30).group(2))
-    app = __import__("helpers").client(project.broker_url)
-    scheduled = app.send_task(f"{project.app}.add", (20, 22), countdown=8)
+    scheduled = client(project.broker_url).send_task(f"{project.app}.add", (20, 22), countdown=8)
     launched.wait_output(r"Task \S+\.add\[\S+\] received", 20)  # held in the worker's timer, not running
-    tree = family(worker_pid)
-    launched.send(signal.SIGKILL)
-    launched.wait(5)
-    wait_for(lambda: gone(tree), GRACE + 3, "the worker gone")
-    log = (project.root / "logs" / f"celery_worker_{launched.pid}.log").read_text()
+    log = _orphaned_log(project, launched, worker_pid)
     assert "the launcher is gone: warm shutdown" in log and "stopping at once" not in log, log[-2000:]
     # The warm shutdown gave its message back: the next worker runs it at its ETA.
     relaunched = project.launch("-c", "1", env=project.env(**AS_ON_MACOS))
@@ -475,12 +475,7 @@ def test_on_amqp_an_idle_worker_goes_at_once_and_a_queued_task_waits(tmp_path: P
     proj = Project(tmp_path / "projects", amqp_vhost)
     try:
         launched = proj.launch("-c", "2", "--grace", f"{GRACE:g}", env=proj.env(**AS_ON_MACOS))
-        worker_pid = int(launched.wait_output(READY, 30).group(2))
-        tree = family(worker_pid)
-        launched.send(signal.SIGKILL)
-        launched.wait(5)
-        wait_for(lambda: gone(tree), GRACE + 3, "the idle worker's tree gone")
-        log = (proj.root / "logs" / f"celery_worker_{launched.pid}.log").read_text()
+        log = _orphaned_log(proj, launched, int(launched.wait_output(READY, 30).group(2)))
         assert "holds no task: stopping at once" in log, log[-2000:]
         queued = send_task(proj.broker_url, f"{proj.app}.add", 2, 2)
         relaunched = proj.launch("-c", "1", env=proj.env(**AS_ON_MACOS))

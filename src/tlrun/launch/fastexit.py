@@ -45,28 +45,32 @@ def holds_tasks(worker: Any) -> bool:
     return False
 
 
-def try_fast_exit(worker: Any, say: Callable[[str], None], finish: Callable[[], None]) -> bool:
-    """Kill this worker's group when it holds nothing (see above). False: it must take the warm path."""
+def try_fast_exit(worker: Any, say: Callable[[str], None], finish: Callable[[], None]) -> None:
+    """Kill this worker's group when it holds nothing (see above). Returns only when it did not: the caller
+    then takes the warm path."""
     try:
         consumer = worker.consumer
         transport = consumer.connection.transport
         driver = getattr(transport, "driver_type", "")
         if holds_tasks(worker):
-            return False
+            return
         if driver == "amqp":
-            say("tlrun: the launcher is gone and this worker holds no task: stopping at once")
-            finish()
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-            return True
+            _stop_now(say, finish)
         hub = getattr(worker, "hub", None)
         if driver != "redis" or hub is None:
-            return False
+            return
     except Exception:  # Celery not started yet, or changed: the warm path, as before
-        return False
-    return _on_the_loop(worker, consumer, transport, hub, say, finish)
+        return
+    _on_the_loop(worker, consumer, transport, hub, say, finish)
 
 
-def _on_the_loop(worker: Any, consumer: Any, transport: Any, hub: Any, say: Callable[[str], None], finish: Any) -> bool:
+def _stop_now(say: Callable[[str], None], finish: Callable[[], None]) -> None:
+    say("tlrun: the launcher is gone and this worker holds no task: stopping at once")
+    finish()
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _on_the_loop(worker: Any, consumer: Any, transport: Any, hub: Any, say: Callable[[str], None], finish: Any) -> None:
     """Returns only when the fast exit did not happen (the event loop found a task, failed, or did not act in
     time): the caller then takes the warm path. Otherwise the event loop kills the group, this thread too."""
     canceled = threading.Event()
@@ -95,9 +99,7 @@ def _on_the_loop(worker: Any, consumer: Any, transport: Any, hub: Any, say: Call
             if holds_tasks(worker):  # a message that BRPOP brought became a request: finish it warm
                 refused.set()
                 return
-            say("tlrun: the launcher is gone and this worker holds no task: stopping at once")
-            finish()
-            os.killpg(os.getpgrp(), signal.SIGKILL)
+            _stop_now(say, finish)
         except Exception:
             refused.set()
 
@@ -109,7 +111,6 @@ def _on_the_loop(worker: Any, consumer: Any, transport: Any, hub: Any, say: Call
             refused.wait(LOOP_WAIT)
     except Exception:
         pass
-    return False
 
 
 def _unblock(channels: list[Any]) -> None:
