@@ -246,7 +246,7 @@ class Launcher(Startup):
     def _wake(self) -> bool:
         if self.sup.stop_requested:
             return not self._stopping or not self.sup.has_running()
-        if self.unit_stops.pending() or (self.pending_census is not None and self.pending_census[0].done()):
+        if self.unit_stops.pending() or self.census_done():
             return True
         self._woken = [step for step in self.steps if step.poll(self)]
         return bool(self._woken) or not any(u.alive for u in self.units)
@@ -265,7 +265,7 @@ class Launcher(Startup):
                     elif not self.sup.has_running():
                         break
                     continue
-                if self.pending_census is not None and self.pending_census[0].done():
+                if self.census_done():
                     self.census_arrived()
                 if self.unit_stops.pending():
                     self._serve_unit_stops()

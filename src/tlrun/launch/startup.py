@@ -169,6 +169,10 @@ class Startup:
             self.report(Notice(f"node name {old} already answers on the broker: restarting as {new}", "warning"))
         return self._spawn_and_wait(taken)
 
+    def census_done(self) -> bool:
+        """The deferred census has ended: `census_arrived` has its findings to report."""
+        return self.pending_census is not None and self.pending_census[0].done()
+
     def census_arrived(self) -> None:
         """The deferred census ended (see start_workers): rename a worker whose name another one answers to
         (and verify it again), then say what the census adds to the verdict, or refuse a duplicate."""

@@ -169,24 +169,24 @@ class Supervisor:
         requeue: bool = False,
         stdin_data: bytes | None = None,
     ) -> subprocess.Popen[bytes]:
-        if self.running(name):
-            raise RuntimeError(f"a {name} is already running under this supervisor")
+        self._check_free(name)
         popen = spawn.spawn(argv, env, cwd, self.lifeline, self.grace, pass_fds, stdin_data)
+        return self.adopt(name, popen, requeue, stop_order)
+
+    def adopt(
+        self, name: str, popen: subprocess.Popen[bytes], requeue: bool = False, stop_order: int = 0
+    ) -> subprocess.Popen[bytes]:
+        """Take charge of a child started behind this supervisor's lifeline (by `start`, or early: early.py)."""
+        self._check_free(name)
         child = _Child(name, popen, stop_order, requeue)
         self._children[name] = child
-        if self.stop_requested:  # a signal came while we were spawning
-            self._escalate(child)
-        return child.popen
-
-    def adopt(self, name: str, popen: subprocess.Popen[bytes], requeue: bool = False) -> subprocess.Popen[bytes]:
-        """Take charge of a child started early behind this supervisor's lifeline (early.py)."""
-        if self.running(name):
-            raise RuntimeError(f"a {name} is already running under this supervisor")
-        child = _Child(name, popen, 0, requeue)
-        self._children[name] = child
-        if self.stop_requested:
+        if self.stop_requested:  # a signal came while it was being spawned
             self._escalate(child)
         return popen
+
+    def _check_free(self, name: str) -> None:
+        if self.running(name):
+            raise RuntimeError(f"a {name} is already running under this supervisor")
 
     def running(self, name: str) -> bool:
         child = self._children.get(name)
