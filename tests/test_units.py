@@ -238,6 +238,52 @@ def test_stop_role_stops_that_unit_only(project: Project) -> None:
     assert launched.wait(30) == 0 and again.wait(30) == 0
 
 
+# -- tlrun reload: one role, and tlrun dev's in-place swap --------------------------------------------------------
+def _pids(project: Project) -> dict[str, int]:
+    rows = json.loads(project.run("ps", "--json").stdout)
+    return {r["node"]: r["pid"] for r in rows if r.get("kind") == "worker" and r.get("node")}
+
+
+def test_reload_role_swaps_that_role_only_beside_the_old_one(project: Project) -> None:
+    write_code(project, 1)
+    write_roles(project, ["default", "slow"])
+    launched = project.launch(app_arg=False)
+    launched.wait_output(r"2 workers ready", 60)
+    before = _pids(project)
+    default = next(n for n in before if n.startswith("default"))
+    slow = next(n for n in before if n.startswith("slow"))
+    write_code(project, 1, task_value=2)
+    with Replies(project.broker_url) as replies:
+        done = project.run("reload", "--role", "slow")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert re.search(r"role slow of launcher pid \d+ reloaded: slow\d+-2@", done.stdout), done.stdout
+        assert "role default" not in done.stdout
+        wait_for(lambda: slow not in ping_replies(project.broker_url), 30, "the old slow worker to stop")
+    assert replies.most["slow"] <= 2 and replies.most["default"] == 1  # the two generations, never one name twice
+    after = _pids(project)
+    assert after[default] == before[default]  # the other role was not touched
+    assert slow not in after and any(n.startswith("slow") and "-2@" in n for n in after)
+    assert run_task(project, "task_value", queue="slow") == 2
+    assert run_task(project, "task_value") == 1  # default still runs the code it imported
+    launched.send(signal.SIGTERM)
+    assert launched.wait(30) == 0
+
+
+def test_reload_asks_dev_for_an_in_place_swap(project: Project) -> None:
+    write_code(project, 1)
+    write_roles(project, ["default"])
+    launched = dev(project)  # no --reload: `tlrun reload` is the only trigger
+    launched.wait_output(READY, 60)
+    nodes = ping_replies(project.broker_url)
+    write_code(project, 1, task_value=5)
+    done = project.run("reload")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ping_replies(project.broker_url) == nodes  # dev keeps its node name
+    assert run_task(project, "task_value") == 5
+    launched.send(signal.SIGINT)
+    assert launched.wait(30) in (0, 130)
+
+
 # -- debug mode with roles; per-role counts ----------------------------------------------------------------------
 def test_debug_worker_counts_for_every_role_it_serves(project: Project) -> None:
     write_code(project, 1)

@@ -37,9 +37,11 @@ def worker(
     metrics as steps."""
     from tlrun.cluster.names import NodeClaimStep
     from tlrun.deploy.restart import RestartStep
+    from tlrun.deploy.swap import ReloadStep
     from tlrun.ops.steps import ConsumeStep, MetricsStep
 
-    steps: list[Step] = [NodeClaimStep()]
+    # New code without downtime: SIGHUP or `tlrun reload` starts each role's next generation beside the old.
+    steps: list[Step] = [NodeClaimStep(), ReloadStep(overlap=True)]
     lease = _lease(steps) if beat else None
     restarter = RestartStep(restart) if restart is not None else None
     if restarter is not None:
@@ -48,7 +50,7 @@ def worker(
     steps.append(consume)
     if metrics_port is not None:
         steps.append(MetricsStep(metrics_port, metrics_addr, consume, restarter, lease))
-    opts = LaunchOptions(beat=beat, fast_stop=fast_stop, init=init)
+    opts = LaunchOptions(beat=beat, fast_stop=fast_stop, init=init, hup_reloads=True)
     return run(settings, report, opts, steps, early=early)
 
 
@@ -75,11 +77,15 @@ def dev(
         from tlrun.dev.debug import serve_in_process
 
         return run(settings, report, LaunchOptions(beat=beat), steps, in_process=serve_in_process)
+    from tlrun.deploy.swap import ReloadStep
+
+    watcher = None
     if reload:
-        from tlrun.dev.reload import ReloadStep
+        from tlrun.dev.reload import Watcher
 
         ignore: list[Path] = [settings.log_dir]
-        steps.append(ReloadStep(settings.project_root, ignore))
+        watcher = Watcher(settings.project_root, ignore)
+    steps.append(ReloadStep(watcher))  # on a save with --reload; `tlrun reload` always
     opts = LaunchOptions(beat=beat, fast_stop=fast_stop, held=True, dev_poll=True)
     return run(settings, report, opts, steps, early=early)
 

@@ -92,6 +92,18 @@ class RestartGiveUpError(TlrunError):
     exit_code = 16
 
 
+class ReloadError(TlrunError):
+    """tlrun reload: the new code did not start (the old workers keep serving), or a launcher did not answer."""
+
+    exit_code = 18
+
+
+class NothingRunningError(TlrunError):
+    """tlrun reload: no launcher of this project runs here."""
+
+    exit_code = 19
+
+
 DOCTOR_WARNINGS_EXIT_CODE = 13  # doctor found warnings only
 HEALTH_UNKNOWN_EXIT_CODE = 14  # health: the node's process exists here but does not answer (stopped, busy)
 HEALTH_DEAD_EXIT_CODE = 15  # health: no answer and no such process here
@@ -118,4 +130,6 @@ EXIT_CODES: dict[int, str] = {
     HEALTH_DEAD_EXIT_CODE: "health: the node does not answer and no such process runs here",
     RestartGiveUpError.exit_code: "worker --restart gave up: too many crashes (give-up rule or --max-restarts)",
     NOT_CONSUMING_EXIT_CODE: "health, doctor: a worker answers pings but does not consume its queue (messages wait)",
+    ReloadError.exit_code: "reload: the new code did not start (the old workers keep serving), or no answer in time",
+    NothingRunningError.exit_code: "reload: no worker of this project runs here",
 }

@@ -46,9 +46,11 @@ class Counted:
 
 @dataclass(frozen=True)
 class Reloaded:
-    changes: tuple[str, ...]
+    changes: tuple[str, ...]  # the files saved (a watcher's reload), else empty
     seconds: float
     report: ReadyReport
+    why: str = ""  # what asked for it when no file did: `tlrun reload`, `SIGHUP`
+    retiring: tuple[str, ...] = ()  # old workers finishing their tasks beside the new ones (a reload beside)
 
 
 @dataclass(frozen=True)

@@ -130,11 +130,17 @@ class ConsoleRenderer:
             shown = ", ".join(event.changes[:3]) + (
                 f" (+{len(event.changes) - 3} more)" if len(event.changes) > 3 else ""
             )
+            cause = f"{shown} changed" if shown else f"asked by {event.why}" if event.why else "files changed"
+            retiring = (
+                f"; {', '.join(event.retiring)} finish{'es its' if len(event.retiring) == 1 else ' their'} tasks"
+                if event.retiring
+                else ""
+            )
             self._say(
-                f"tlrun: reloaded: {shown or 'files'} changed; new worker"
+                f"tlrun: reloaded: {cause}; new worker"
                 f"{'s' if len(event.report.nodes) > 1 else ''} "
                 + ", ".join(f"{n.node} (pid {n.pid})" for n in event.report.nodes)
-                + f" ready, swap took {event.seconds:.1f} s",
+                + f" ready, swap took {event.seconds:.1f} s{retiring}",
                 "green",
             )
         elif isinstance(event, WorkerOutput):

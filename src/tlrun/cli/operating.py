@@ -195,6 +195,37 @@ def stop(timeout: float | None, **params: Any) -> None:
 @cli.command()
 @project_options
 @ROLE_OPTION
+@click.option(
+    "--timeout",
+    type=Seconds(min=0.1),
+    help="How long to wait for each role's new worker (default: twice --ready-timeout, plus 10 s).",
+)
+@handle_errors
+def reload(timeout: float | None, **params: Any) -> None:
+    """New code without downtime: each role's next worker imports it beside the running one.
+
+    The running launcher (tlrun worker or tlrun dev) starts each role's new worker; only once it imported the
+    app and its task modules and answered its ping does the old worker stop fetching and finish its running
+    tasks. If the new code does not import, the old worker keeps serving and this exits non-zero (18) with
+    the error. SIGHUP to tlrun worker does the same (systemctl reload).
+    """
+    from tlrun.errors import ReloadError
+    from tlrun.ops.reloadctl import reload_project
+
+    settings = _settings(params)
+    wait = timeout if timeout is not None else 2 * settings.ready_timeout + 10
+    answers = reload_project(settings, wait)
+    for a in answers:
+        how = "reloaded" if a.ok else "NOT reloaded"
+        click.echo(f"tlrun: role {a.role} of launcher pid {a.launcher} {how}: {a.message}", err=not a.ok)
+    failed = [a for a in answers if not a.ok]
+    if failed:
+        raise ReloadError(f"{len(failed)} of {len(answers)} role(s) kept their previous worker")
+
+
+@cli.command()
+@project_options
+@ROLE_OPTION
 @click.argument("name", required=False)
 @click.option("--log-dir", type=click.Path(file_okay=False), help="Log directory (default logs/).")
 @click.option("--list", "list_only", is_flag=True, help="List the log files, newest first.")

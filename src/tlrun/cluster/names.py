@@ -62,7 +62,7 @@ class NodeClaimStep(Step):
         if not self._claims or now < self._next:
             return False
         self._next = now + self.ttl / 3
-        ours = {w.node for w in launcher.workers}
+        ours = {w.node for w in launcher.workers} | {w.next_node for w in launcher.workers if w.next_node}
         for node, backend in list(self._claims.items()):
             try:
                 if node in ours:

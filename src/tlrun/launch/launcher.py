@@ -47,6 +47,7 @@ class LaunchOptions:
     dev_poll: bool = False  # 0.1 s transport poll on Redis, where the app sets none (dev)
     init: bool = False  # --init: reap orphans and (Linux) be a subreaper, as PID 1 does
     is_pid1: bool = field(default_factory=pid1.is_pid1)  # a container's PID 1: also logs to stdout by default
+    hup_reloads: bool = False  # SIGHUP asks the reload step for new code instead of a stop (tlrun worker)
 
     @property
     def init_duties(self) -> bool:
@@ -330,6 +331,7 @@ def run(
                 reaper=reaper,
                 requeue_margin=requeue_margin(settings.stop_grace, checks.celery_version()),
                 lifeline=early.lifeline if early is not None else None,
+                hup_reloads=opts.hup_reloads,
             )
         )
         if early is not None:

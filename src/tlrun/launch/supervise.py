@@ -1,9 +1,10 @@
 """Step 5 of the launch path: stay in the foreground and own the children's lives.
 
-Children are named ("worker", "beat", "broker"). SIGINT, SIGTERM and SIGHUP ask for a warm shutdown
-(SIGTERM to each child's main process only: prefork pool children die mid-task if they get it); a second
-one asks for a cold shutdown (SIGQUIT); when a child's grace period is over its whole process group gets
-SIGKILL. Every child is reaped, and its group is emptied before the main process is reaped.
+Children are named ("worker", "beat", "broker"). SIGINT, SIGTERM and SIGHUP (unless SIGHUP asks for a
+reload: tlrun worker) ask for a warm shutdown (SIGTERM to each child's main process only: prefork pool
+children die mid-task if they get it); a second one asks for a cold shutdown (SIGQUIT); when a child's
+grace period is over its whole process group gets SIGKILL. Every child is reaped, and its group is emptied
+before the main process is reaped.
 """
 
 from __future__ import annotations
@@ -70,11 +71,13 @@ class Supervisor:
         reaper: Reaper | None = None,
         requeue_margin: float | None = None,
         lifeline: spawn.Lifeline | None = None,
+        hup_reloads: bool = False,
     ) -> None:
         """`defer_first_stop`: the first stop signal only sets `stop_requested`; the owner then drains its
         workers and calls `escalate` (tlrun dev's fast stop). A second signal is acted on at once.
         `reaper`: as PID 1 or with --init, orphans re-parented to us are reaped while we wait.
-        `requeue_margin`: seconds before SIGKILL at which a stopping worker gets SIGQUIT."""
+        `requeue_margin`: seconds before SIGKILL at which a stopping worker gets SIGQUIT.
+        `hup_reloads`: SIGHUP asks for a reload (`reload_asked`), not a stop (tlrun worker, as daemons do)."""
         self.grace = grace
         self.reaper = reaper
         self.requeue_margin = requeue_margin
@@ -90,12 +93,27 @@ class Supervisor:
         self._requests = 0
         self._saved: dict[int, Any] = {}
         self.lifeline = lifeline or spawn.Lifeline()  # the early start's, when it spawned children on it
+        self.hup_reloads = hup_reloads
+        self._reloads = 0  # SIGHUPs not yet taken by a reload step
 
     # -- signals -------------------------------------------------------------------------------------
     def __enter__(self) -> Supervisor:
         for sig in STOP_SIGNALS:
-            self._saved[sig] = signal.signal(sig, self._on_signal)
+            handler = self._on_reload if sig == signal.SIGHUP and self.hup_reloads else self._on_signal
+            self._saved[sig] = signal.signal(sig, handler)
         return self
+
+    def _on_reload(self, _signum: int, _frame: FrameType | None) -> None:
+        self._reloads += 1
+
+    @property
+    def reload_pending(self) -> bool:
+        return self._reloads > 0
+
+    def take_reload(self) -> bool:
+        """A SIGHUP came since the last call (only with `hup_reloads`)."""
+        asked, self._reloads = self._reloads > 0, 0
+        return asked
 
     def __exit__(self, *exc: object) -> None:
         try:

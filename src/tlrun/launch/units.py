@@ -65,14 +65,19 @@ class WorkerUnit(Unit):
     kind = "worker"
 
     def __init__(self, role: Role, hostname: str) -> None:
+        token = spawn.node_token()
         super().__init__(
             f"worker:{role.name}",
             role.lock_kind,
             f"worker of role {role.name}" if role.declared else "worker",
-            spawn.node_name(role.node_prefix, spawn.node_token(), hostname),
+            spawn.node_name(role.node_prefix, token, hostname),
         )
         self.role = role
         self.hostname = hostname
+        self.token = token
+        self.generation = 1  # a reload without downtime starts generation 2 beside it: `api4242-2@host`
+        self.next_node: str | None = None  # the node name of a successor that runs beside it (a reload)
+        self.next_heartbeat = ""  # that successor's liveness file, recorded once it takes over
         self.renamed_from: str | None = None
         self.poll_interval: float | None = None  # its transport's poll interval on Redis, when known
         self.hold: Hold | None = None  # the hold of its last spawn (an adopted early worker brings its own)
@@ -80,23 +85,35 @@ class WorkerUnit(Unit):
     def rename(self, taken: set[str]) -> str:
         """Come back under a name nobody answers to: `api4242-1@host`."""
         self.renamed_from = self.node
-        self.node = spawn.unique_node_name(self.role.node_prefix, spawn.node_token(), self.hostname, taken)
+        self.node = spawn.unique_node_name(self.role.node_prefix, self.token, self.hostname, taken)
         return self.node
 
+    def generation_node(self, generation: int) -> str:
+        """The node name of generation `generation` (2 and up) of this role's worker: `api4242-2@host`."""
+        return spawn.node_name(self.role.node_prefix, self.token, self.hostname, generation)
+
     def spawn(
-        self, launcher: Startup, name: str | None = None, hold: Hold | None = None, announce: bool = True
+        self,
+        launcher: Startup,
+        name: str | None = None,
+        hold: Hold | None = None,
+        announce: bool = True,
+        node: str | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start this role's worker as child `name` (default: the unit's own), or adopt the one the early
         start already runs held (early.py). With a hold it imports the new code and waits to be released
-        (entry.py); its output is held until its banner shows."""
+        (entry.py); its output is held until its banner shows. `node`: a successor's own node name, to run
+        beside the unit's worker (a reload without downtime); the unit's record changes only when it takes over."""
         name = name or self.child
         s = launcher.s
+        successor = node is not None and node != self.node
+        node = node or self.node
 
         def plan(with_hold: Hold | None) -> early.Plan:
             return early.plan_worker(
                 s,
                 self.role,
-                self.node,
+                node,
                 launcher.broker_url,
                 guard.runtime_dir(os.environ),
                 launcher.outputs.log_dir,
@@ -105,8 +122,8 @@ class WorkerUnit(Unit):
             )
 
         adopted = None
-        if launcher.early is not None and name == self.child and hold is not None:
-            adopted = launcher.early.take(self.role.name, self.node, launcher.broker_url, plan)
+        if launcher.early is not None and name == self.child and hold is not None and not successor:
+            adopted = launcher.early.take(self.role.name, node, launcher.broker_url, plan)
         if adopted is not None:
             if hold is not None:
                 hold.close()  # the early worker has its own
@@ -119,11 +136,14 @@ class WorkerUnit(Unit):
             child = launcher.sup.start(name, chosen.argv, chosen.env, s.project_root, pass_fds=fds, requeue=True)
             if hold is not None:
                 hold.spawned()
-        self.hold = hold
-        launcher.record(self, heartbeat=chosen.heartbeat)
-        log_path = launcher.outputs.attach(name, child, chosen.stem, label=self.node, hold_until=BANNER)
+        if successor:
+            self.next_heartbeat = chosen.heartbeat
+        else:
+            self.hold = hold
+            launcher.record(self, heartbeat=chosen.heartbeat)
+        log_path = launcher.outputs.attach(name, child, chosen.stem, label=node, hold_until=BANNER)
         if announce:
-            launcher.report(Spawned("worker", self.node, child.pid, log_path, tuple(chosen.argv)))
+            launcher.report(Spawned("worker", node, child.pid, log_path, tuple(chosen.argv)))
         return child
 
 

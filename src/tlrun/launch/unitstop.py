@@ -56,16 +56,42 @@ def drain_all(launcher: Launcher, workers: Sequence[WorkerUnit]) -> dict[str, Dr
     return {w.child: DrainResult(verdicts[w.node].ok, verdicts[w.node].why, seconds) for w in workers}
 
 
-def request_path(project_id: str, launcher_pid: int) -> Path:
-    return guard.runtime_dir(os.environ) / f"{project_id}.{launcher_pid}.stop"
+def request_path(project_id: str, launcher_pid: int, kind: str = "stop") -> Path:
+    """`stop` (units to stop) or `reload` (roles to reload: `tlrun reload`), one file of each per launcher."""
+    return guard.runtime_dir(os.environ) / f"{project_id}.{launcher_pid}.{kind}"
+
+
+def _read_request(path: Path) -> dict[str, Any] | None:
+    """A request file's JSON object, read once and removed; None when it is missing or not trusted."""
+    try:
+        # O_NONBLOCK: a FIFO planted here would otherwise block the launcher in open().
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            return None
+        data = os.read(fd, MAX_REQUEST_BYTES)
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    try:
+        request = json.loads(data)
+    except ValueError:
+        return None
+    return request if isinstance(request, dict) else None
 
 
 class Requests:
-    """The launcher's side: SIGUSR1 sets a flag (a handler does nothing else); the loop reads the file."""
+    """The launcher's side: SIGUSR1 sets a flag (a handler does nothing else); the loop reads the files.
+    Stop requests are the launcher's own; reload requests wait in `reloads` for the reload step."""
 
     def __init__(self, project_id: str) -> None:
         self.project_id = project_id
         self._asked = False
+        self.reloads: list[dict[str, Any]] = []
 
     def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
         self._asked = True
@@ -77,42 +103,34 @@ class Requests:
             yield
         finally:
             signal.signal(REQUEST_SIGNAL, saved)
-            with contextlib.suppress(OSError):
-                os.unlink(request_path(self.project_id, os.getpid()))
+            for kind in ("stop", "reload"):
+                with contextlib.suppress(OSError):
+                    os.unlink(request_path(self.project_id, os.getpid(), kind))
 
     def pending(self) -> bool:
         return self._asked
 
     def take(self) -> set[str]:
-        """The names asked for (roles, node names, `beat`); empty when the file is missing or not trusted."""
+        """The names asked to stop (roles, node names, `beat`); empty when the file is missing or not trusted.
+        A reload request read on the way is kept in `reloads`."""
         self._asked = False
-        path = request_path(self.project_id, os.getpid())
-        try:
-            # O_NONBLOCK: a FIFO planted here would otherwise block the launcher in open().
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return set()
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-                return set()
-            data = os.read(fd, MAX_REQUEST_BYTES)
-        finally:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        try:
-            names = json.loads(data).get("units", [])
-        except (ValueError, AttributeError):
-            return set()
-        return {str(n) for n in names if isinstance(n, str)}
+        reload = _read_request(request_path(self.project_id, os.getpid(), "reload"))
+        if reload is not None:
+            self.reloads.append(reload)
+        request = _read_request(request_path(self.project_id, os.getpid()))
+        names = request.get("units", []) if request is not None else []
+        return {str(n) for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
 
 def ask(proc: psutil.Process, project_id: str, names: Sequence[str]) -> bool:
     """The stopper's side: write the request for launcher `proc`, then signal it. False when it is gone."""
+    return send(proc, project_id, "stop", {"units": list(names)})
+
+
+def send(proc: psutil.Process, project_id: str, kind: str, request: dict[str, Any]) -> bool:
     from tlrun.launch import signals
 
-    safefile.write_atomic(request_path(project_id, proc.pid), json.dumps({"units": list(names)}), mode=0o600)
+    safefile.write_atomic(request_path(project_id, proc.pid, kind), json.dumps(request), mode=0o600)
     return signals.send(proc, REQUEST_SIGNAL)
 
 

@@ -35,7 +35,7 @@ class StopReport:
     units: tuple[UnitStopped, ...] = ()  # units stopped inside a launcher that runs others too (stop --role)
 
 
-def _project_launchers(settings: Settings) -> list[psutil.Process]:
+def project_launchers(settings: Settings) -> list[psutil.Process]:
     """Live tlrun launchers of this project: lock holders, launchers named by the project's processes, and
     launchers running in the project's directory (one still starting has no lock record yet)."""
     identities: set[procs.Identity] = set()
@@ -77,7 +77,7 @@ def stop_project(settings: Settings, timeout: float) -> StopReport:
     stops only the role's unit (unitstop.py) and runs on. From inside a task: refused (it would stop the
     worker that runs it, or see nothing and say so)."""
     guard.check_env_guard(os.environ, "stop from inside a task")
-    launchers = _project_launchers(settings)
+    launchers = project_launchers(settings)
     units: list[UnitStopped] = []
     late: list[int] = []
     if settings.role_filter is not None:

@@ -1,0 +1,90 @@
+"""`tlrun reload [--role R]`: ask the project's running launchers for new code without downtime.
+
+The launchers are found the way `tlrun stop` finds them (control.py). Each gets a request file in the user's
+private runtime directory and SIGUSR1 (unitstop.py); its reload step (deploy/swap.py) starts each role's next
+worker, and answers in the role's lock record (`reload`: the request's id, ok, message) once the new worker
+answered its ping, or with the error that kept the old one serving. A launcher that does not say it takes
+reload requests (`reload_requests` in its records: a tlrun older than this) is never sent SIGUSR1.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tlrun.config import Settings
+from tlrun.errors import NothingRunningError, ReloadError
+from tlrun.launch import guard, unitstop
+from tlrun.ops.control import project_launchers
+
+POLL = 0.05
+
+
+@dataclass(frozen=True)
+class RoleReloaded:
+    launcher: int
+    role: str
+    ok: bool
+    message: str  # `api4242-2@host (pid 123) ready in 1.20 s`, or why the old worker keeps serving
+
+
+def reload_project(settings: Settings, timeout: float) -> list[RoleReloaded]:
+    """Reload every role of the project that runs here (or --role's); one answer per role. Raises when
+    nothing runs, or when a launcher did not answer within `timeout`."""
+    guard.check_env_guard(os.environ, "reload from inside a task")
+    kinds = {r.lock_kind: r.name for r in settings.roles}
+    held: dict[int, dict[str, dict[str, Any]]] = {}
+    for kind, record, holder in guard.live_records(settings.project_id, list(kinds)):
+        if record.get("state") not in (None, "gone"):
+            held.setdefault(holder.pid, {})[kind] = record
+    procs = {p.pid: p for p in project_launchers(settings)}
+    asked: dict[int, set[str]] = {}
+    refused: list[int] = []
+    request_id = secrets.token_hex(8)
+    roles = None if settings.role_filter is None else sorted(kinds.values())
+    for pid, records in held.items():
+        proc = procs.get(pid)
+        if proc is None:
+            continue
+        if not all(r.get("reload_requests") for r in records.values()):
+            refused.append(pid)
+            continue
+        if unitstop.send(proc, settings.project_id, "reload", {"id": request_id, "roles": roles}):
+            asked[pid] = set(records)
+    if not asked:
+        if refused:
+            raise ReloadError(
+                f"the launcher(s) {', '.join(map(str, refused))} of this project take no reload requests "
+                "(started by an older tlrun, or beat only): restart them once"
+            )
+        raise NothingRunningError("no worker of this project runs here: nothing to reload")
+    return _answers(settings, asked, kinds, request_id, timeout)
+
+
+def _answers(
+    settings: Settings, asked: dict[int, set[str]], kinds: dict[str, str], request_id: str, timeout: float
+) -> list[RoleReloaded]:
+    deadline = time.monotonic() + timeout
+    answers: dict[tuple[int, str], RoleReloaded] = {}
+    waiting = {(pid, kind) for pid, ks in asked.items() for kind in ks}
+    while waiting and time.monotonic() < deadline:
+        for kind, record, holder in guard.live_records(settings.project_id, sorted({k for _p, k in waiting})):
+            answer = record.get("reload")
+            if (holder.pid, kind) in waiting and isinstance(answer, dict) and answer.get("id") == request_id:
+                waiting.discard((holder.pid, kind))
+                ok = bool(answer.get("ok"))
+                answers[(holder.pid, kind)] = RoleReloaded(holder.pid, kinds[kind], ok, str(answer.get("message")))
+        alive = {pid for _k, _r, holder in guard.live_records(settings.project_id, list(kinds)) for pid in [holder.pid]}
+        for pid, kind in list(waiting):
+            if pid not in alive:  # it stopped meanwhile
+                waiting.discard((pid, kind))
+                answers[(pid, kind)] = RoleReloaded(pid, kinds[kind], False, "its launcher stopped before it answered")
+        if waiting:
+            time.sleep(POLL)
+    if waiting:
+        late = ", ".join(f"role {kinds[k]} of launcher {p}" for p, k in sorted(waiting))
+        raise ReloadError(f"no answer within {timeout:g} s from {late}")
+    return sorted(answers.values(), key=lambda a: (a.launcher, a.role))
