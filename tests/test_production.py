@@ -94,6 +94,10 @@ def test_exported_systemd_unit_stops_celery_correctly(project: Project) -> None:
     assert service["ExecStart"].startswith(f"{sys.executable} -m tlrun worker -A {project.app} ")
     assert "--restart" in service["ExecStart"] and "--grace 40" in service["ExecStart"]
     assert service["RestartPreventExitStatus"] == "16"
+    # systemd learns readiness, reloads, stops and a wedged worker from tlrun itself (sd_notify).
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main" and service["WatchdogSec"] == "60"
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert "ExecReload" not in beat_unit and "Type=notify" in beat_unit  # tlrun beat takes SIGHUP as a stop
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     verify = subprocess.run(["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True, timeout=60)

@@ -50,6 +50,7 @@ def worker(
     steps.append(consume)
     if metrics_port is not None:
         steps.append(MetricsStep(metrics_port, metrics_addr, consume, restarter, lease))
+    _systemd(steps)
     opts = LaunchOptions(beat=beat, fast_stop=fast_stop, init=init, hup_reloads=True)
     return run(settings, report, opts, steps, early=early)
 
@@ -106,7 +107,18 @@ def beat(
     if metrics_port is not None:
         consume = ConsumeStep(None, sample=True)  # no workers here: it watches nothing
         steps += [consume, MetricsStep(metrics_port, metrics_addr, consume, None, lease)]
+    _systemd(steps)
     return run(settings, report, LaunchOptions(workers=False, beat=True, init=init), steps)
+
+
+def _systemd(steps: list[Step]) -> None:
+    """Under systemd (a Type=notify unit sets $NOTIFY_SOCKET): READY, RELOADING, STOPPING, WATCHDOG."""
+    import os
+
+    if os.environ.get("NOTIFY_SOCKET"):
+        from tlrun.deploy.systemd import SystemdStep
+
+        steps.append(SystemdStep())
 
 
 def _lease(steps: list[Step]) -> LeaseStep:

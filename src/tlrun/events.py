@@ -54,6 +54,16 @@ class Reloaded:
 
 
 @dataclass(frozen=True)
+class Reloading:
+    """A reload began (`done` False) or ended, with the new code serving (`ok`) or the old one (for systemd's
+    RELOADING=1 / READY=1; the console says it through Reloaded and notices)."""
+
+    why: str
+    done: bool = False
+    ok: bool = True
+
+
+@dataclass(frozen=True)
 class WorkerOutput:
     node: str  # the node name, or "beat"
     lines: tuple[str, ...]  # a chunk of the child's output, one or more lines, redacted
@@ -67,5 +77,5 @@ class Exited:
     tail: tuple[str, ...] = ()
 
 
-Event = Notice | StrayFound | Spawned | Ready | Counted | Reloaded | WorkerOutput | Exited
+Event = Notice | StrayFound | Spawned | Ready | Counted | Reloaded | Reloading | WorkerOutput | Exited
 Reporter = Callable[[Event], None]

@@ -87,17 +87,27 @@ def ide(editor: str, force: bool, **params: Any) -> None:
 )
 @click.option("--user", help="Run as this user (systemd User=, supervisor user=).")
 @click.option(
+    "--watchdog-sec",
+    type=click.IntRange(min=0),
+    default=60,
+    show_default=True,
+    help="systemd WatchdogSec: tlrun sends WATCHDOG=1 only while every worker answers its ping (0: none).",
+)
+@click.option(
     "-o",
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
     help="Write the file(s) into this directory instead of printing.",
 )
 @handle_errors
-def export_cmd(kind: str, beat: bool | None, user: str | None, output: Path | None, **params: Any) -> None:
+def export_cmd(
+    kind: str, beat: bool | None, user: str | None, watchdog_sec: int, output: Path | None, **params: Any
+) -> None:
     """Service configuration that runs tlrun for this project and stops Celery the right way: one
     service per worker role, plus beat.
 
-    systemd: KillMode=mixed with TimeoutStopSec above the grace period; supervisor: stopasgroup=false,
+    systemd: Type=notify (READY once the workers answer, WATCHDOG=1 while they do, ExecReload for new code
+    without downtime), KillMode=mixed with TimeoutStopSec above the grace period; supervisor: stopasgroup=false,
     killasgroup=true, stopwaitsecs above the grace period; procfile: one line per process.
     """
     from tlrun.deploy import export
@@ -105,7 +115,11 @@ def export_cmd(kind: str, beat: bool | None, user: str | None, output: Path | No
     log_dir = params.get("log_dir")
     settings = _settings(params)
     spec = export.spec_for(
-        settings, beat=settings.beat if beat is None else beat, user=user, pass_log_dir=log_dir is not None
+        settings,
+        beat=settings.beat if beat is None else beat,
+        user=user,
+        pass_log_dir=log_dir is not None,
+        watchdog_sec=watchdog_sec,
     )
     if kind in ("systemd", "supervisor") and user is None:
         # As Celery warns when it runs as root: a task, or a message on the broker, can do anything there.

@@ -23,7 +23,7 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from tlrun.events import Notice, Reloaded
+from tlrun.events import Notice, Reloaded, Reloading
 from tlrun.launch import checks, drain, verify
 from tlrun.launch.broker import Broker
 from tlrun.launch.hold import Hold
@@ -145,6 +145,7 @@ class ReloadStep(Step):
         for w in workers:
             if request:
                 self._requests[w.child] = request
+        launcher.report(Reloading(why or "a save"))
         prepared = {w.child: self._prepare(launcher, w) for w in workers}
         deadline = time.monotonic() + launcher.s.ready_timeout
         for w in workers:
@@ -329,12 +330,15 @@ class ReloadStep(Step):
         seconds = time.monotonic() - self._started
         report = launcher.ready_report(units, seconds)
         launcher.report(Reloaded(self._changes, seconds, report, self._why, retiring))
+        launcher.report(Reloading(self._why, done=True))
         for w in units:
             pid = launcher.sup.pid(w.child)
             self._answer(launcher, w, True, f"{w.node} (pid {pid}) ready in {seconds:.2f} s")
 
     def _answer(self, launcher: Launcher, w: WorkerUnit, ok: bool, message: str) -> None:
         """Answer the `tlrun reload` request this unit's reload came from, in the unit's lock record."""
+        if not ok:
+            launcher.report(Reloading(self._why, done=True, ok=False))
         request = self._requests.pop(w.child, None)
         if request:
             answer: dict[str, Any] = {"id": request, "ok": ok, "message": message}

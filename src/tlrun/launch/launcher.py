@@ -24,7 +24,7 @@ from typing import Any
 from tlrun import redact
 from tlrun.config import Settings
 from tlrun.errors import AppImportError, StopError, WorkerStartError
-from tlrun.events import Exited, Notice, Reporter, StrayFound, WorkerOutput
+from tlrun.events import Event, Exited, Notice, Reporter, StrayFound, WorkerOutput
 from tlrun.launch import checks, guard, logfiles, owner, pid1, procs, sweep, tidy, unitstop, verify
 from tlrun.launch.broker import check_reachable, resolve_broker
 from tlrun.launch.early import EarlyStart
@@ -66,7 +66,7 @@ class Launcher(Startup):
         self, settings: Settings, report: Reporter, sup: Supervisor, opts: LaunchOptions, steps: Sequence[Step] = ()
     ) -> None:
         self.s = settings
-        self.report = report
+        self._reporter = report
         self.sup = sup
         self.opts = opts
         self.steps = list(steps)
@@ -99,6 +99,12 @@ class Launcher(Startup):
         self.locks = UnitLocks(settings, report, self.hostname)
         self.early: EarlyStart | None = None
         self.pending_census: tuple[verify.Census[list[str]], float] | None = None
+
+    def report(self, event: Event) -> None:
+        """Say what happened (the reporter renders it); the steps observe it too (systemd's notifications)."""
+        self._reporter(event)
+        for step in self.steps:
+            step.observe(self, event)
 
     @property
     def units(self) -> list[Unit]:
@@ -261,6 +267,8 @@ class Launcher(Startup):
                     if not self._stopping:
                         # The launcher's stop: every unit at once (drain the idle, warm ladder for the rest).
                         self._stopping = True
+                        for step in self.steps:
+                            step.stopping(self)
                         self.stop_units([u for u in self.units if u.alive], "stop", announce=True)
                         self.sup.escalate()
                     elif not self.sup.has_running():

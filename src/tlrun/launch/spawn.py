@@ -88,11 +88,16 @@ def beat_argv(app: str, schedule: Path, loglevel: str, python: str = sys.executa
     return [python, "-m", "celery", "-A", app, "beat", "-s", str(schedule), "--loglevel", loglevel]
 
 
+NOTIFY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
 def worker_env(
     settings: Settings, node: str, launcher: Identity, broker_url: str | None, role: str | None = None
 ) -> dict[str, str]:
     """The child's environment: the user's, plus tlrun's markers (project, role, node, launcher)."""
     env = dict(settings.environ)
+    for key in NOTIFY_ENV:  # systemd's: only the launcher (the service's main process) talks to systemd
+        env.pop(key, None)
     if broker_url:
         # Celery reads this before the app's own broker setting: launcher and worker agree on the broker.
         env[ENV_BROKER] = broker_url

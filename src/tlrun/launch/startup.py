@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from tlrun.config import Settings
 from tlrun.errors import BrokerError, DuplicateNodeError
-from tlrun.events import Counted, Notice, Ready, Reporter
+from tlrun.events import Counted, Event, Notice, Ready
 from tlrun.launch import checks, guard, procs, verify
 from tlrun.launch.broker import Broker
 from tlrun.launch.hold import Hold
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 class Startup:
     s: Settings
-    report: Reporter
     sup: Supervisor
     opts: LaunchOptions
     outputs: Outputs
@@ -42,6 +41,9 @@ class Startup:
     steps: list[Step]
     early: EarlyStart | None
     pending_census: tuple[verify.Census[list[str]], float] | None  # deferred: the census and the verdict's seconds
+
+    def report(self, event: Event) -> None:
+        raise NotImplementedError
 
     def set_state(self, unit: Unit, state: str, **fields: object) -> None:
         raise NotImplementedError

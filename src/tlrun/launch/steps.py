@@ -16,7 +16,9 @@ Hooks, in the order they are first called (each does nothing unless a step overr
 - `on_exit`: a unit's process ended on its own (not asked to stop): True when the step took care of it
   (restarted it, or keeps it waiting for a good save); when no step does, the launcher ends;
 - `on_child_exit`: a child that is no unit's ended (a reload's spare): True when it was the step's;
+- `stopping`: the launcher begins its own stop (a signal): before its units are stopped;
 - `close`: the launcher is done (its children are stopped); in reverse order of attachment.
+- `observe`: every event the launcher reports (a verdict, a reload), after the reporter had it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from tlrun.events import Event
     from tlrun.launch.launcher import Launcher
     from tlrun.launch.units import Unit
 
@@ -63,6 +66,12 @@ class Step:
 
     def on_child_exit(self, launcher: Launcher, child: str, status: int) -> bool:
         return False
+
+    def stopping(self, launcher: Launcher) -> None:
+        pass
+
+    def observe(self, launcher: Launcher, event: Event) -> None:
+        pass
 
     def close(self, launcher: Launcher) -> None:
         pass
