@@ -38,6 +38,7 @@ def worker(
     from tlrun.cluster.names import NodeClaimStep
     from tlrun.deploy.restart import RestartStep
     from tlrun.deploy.swap import ReloadStep
+    from tlrun.ops.hung import HungStep
     from tlrun.ops.steps import ConsumeStep, MetricsStep
 
     # New code without downtime: SIGHUP or `tlrun reload` starts each role's next generation beside the old.
@@ -47,9 +48,10 @@ def worker(
     if restarter is not None:
         steps.append(restarter)
     consume = ConsumeStep(restarter, sample=metrics_port is not None)
-    steps.append(consume)
+    hung = HungStep(restarter, settings.hung_after, settings.consume_check_every)
+    steps += [consume, hung]
     if metrics_port is not None:
-        steps.append(MetricsStep(metrics_port, metrics_addr, consume, restarter, lease))
+        steps.append(MetricsStep(metrics_port, metrics_addr, consume, restarter, lease, hung))
     _systemd(steps)
     opts = LaunchOptions(beat=beat, fast_stop=fast_stop, init=init, hup_reloads=True)
     return run(settings, report, opts, steps, early=early)
@@ -87,6 +89,9 @@ def dev(
         ignore: list[Path] = [settings.log_dir]
         watcher = Watcher(settings.project_root, ignore)
     steps.append(ReloadStep(watcher))  # on a save with --reload; `tlrun reload` always
+    from tlrun.ops.hung import HungStep
+
+    steps.append(HungStep(None, settings.hung_after, settings.consume_check_every))  # reported, never killed
     opts = LaunchOptions(beat=beat, fast_stop=fast_stop, held=True, dev_poll=True)
     return run(settings, report, opts, steps, early=early)
 

@@ -65,6 +65,7 @@ ENV_PING_WINDOW = "TLRUN_PING_WINDOW"
 ENV_BEAT_LOCK_TTL = "TLRUN_BEAT_LOCK_TTL"
 ENV_STUCK_AFTER = "TLRUN_STUCK_AFTER"
 ENV_CONSUME_CHECK_EVERY = "TLRUN_CONSUME_CHECK_EVERY"
+ENV_HUNG_AFTER = "TLRUN_HUNG_AFTER"
 
 # Set by tlrun on every worker it starts.
 ENV_GUARD = "TL_CELERY_STARTED"  # launcher identity "<pid>:<create_time>"
@@ -98,6 +99,7 @@ class Settings:
     beat_lock_ttl: float = 30.0  # the beat lease's time to live on the broker
     stuck_after: float = 60.0  # an idle worker with messages waiting this long on its queue is not consuming
     consume_check_every: float = 30.0  # how often `tlrun worker` checks that its workers consume
+    hung_after: float = 3600.0  # a task without a hard time limit running longer than this is HUNG_TASK
     source_dir: Path | None = None  # where the code lives when not at the root (a src/ layout)
 
     @property
@@ -259,6 +261,7 @@ def build_settings(
         beat_lock_ttl=num("beat_lock_ttl", ENV_BEAT_LOCK_TTL, float, 30.0, 2),
         stuck_after=num("stuck_after", ENV_STUCK_AFTER, float, 60.0, 1),
         consume_check_every=num("consume_check_every", ENV_CONSUME_CHECK_EVERY, float, 30.0, 0.5),
+        hung_after=num("hung_after", ENV_HUNG_AFTER, float, 3600.0, 0.5),
         source_dir=source_dir,
     )
 

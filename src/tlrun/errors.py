@@ -109,6 +109,7 @@ HEALTH_UNKNOWN_EXIT_CODE = 14  # health: the node's process exists here but does
 HEALTH_DEAD_EXIT_CODE = 15  # health: no answer and no such process here
 NOT_CONSUMING_EXIT_CODE = 17  # health, doctor: a worker answers pings but does not consume its queue
 USAGE_EXIT_CODE = 2  # click's own code for unknown options and bad values on the command line
+HUNG_TASK_EXIT_CODE = 20  # doctor, health: a task runs past its hard time limit (or hung_after)
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, when the launcher is interrupted before the worker runs
 
 EXIT_CODES: dict[int, str] = {
@@ -132,4 +133,5 @@ EXIT_CODES: dict[int, str] = {
     NOT_CONSUMING_EXIT_CODE: "health, doctor: a worker answers pings but does not consume its queue (messages wait)",
     ReloadError.exit_code: "reload: the new code did not start (the old workers keep serving), or no answer in time",
     NothingRunningError.exit_code: "reload: no worker of this project runs here",
+    HUNG_TASK_EXIT_CODE: "doctor, health: a task runs past its hard time limit, or past hung_after without one",
 }

@@ -309,7 +309,8 @@ def health(node: str | None, timeout: float, retries: int, liveness: bool, windo
     a debugger), 15 ("dead") when nothing answers and no such process runs here (or "waiting": its `tlrun
     dev --reload` waits for a save that imports), 17 ("not_consuming") when it answers but messages wait on
     its queue while it holds no task and does not consume that queue (or has not for TLRUN_STUCK_AFTER
-    seconds, as its launcher saw), 5 when the broker cannot be reached; the worst one counts.
+    seconds, as its launcher saw), 20 ("hung") when it runs a task past its hard time limit (or past
+    TLRUN_HUNG_AFTER without one), 5 when the broker cannot be reached; the worst one counts.
 
     Liveness: no broker, no Celery: the worker's main process exists, is not stopped, and its own event
     loop wrote its heartbeat within --window seconds (a task running in the main process, as on the solo
@@ -324,7 +325,13 @@ def health(node: str | None, timeout: float, retries: int, liveness: bool, windo
             which = r.node or f"role {r.role}"
             click.echo(f"tlrun: {which}: {'alive' if r.alive else 'not alive'} ({r.why})")
         sys.exit(max((r.exit_code for r in results), default=0))
-    from tlrun.errors import HEALTH_DEAD_EXIT_CODE, HEALTH_UNKNOWN_EXIT_CODE, NOT_CONSUMING_EXIT_CODE, BrokerError
+    from tlrun.errors import (
+        HEALTH_DEAD_EXIT_CODE,
+        HEALTH_UNKNOWN_EXIT_CODE,
+        HUNG_TASK_EXIT_CODE,
+        NOT_CONSUMING_EXIT_CODE,
+        BrokerError,
+    )
     from tlrun.ops import control
 
     settings = _settings(params)
@@ -334,6 +341,7 @@ def health(node: str | None, timeout: float, retries: int, liveness: bool, windo
         "dead": HEALTH_DEAD_EXIT_CODE,
         "waiting": HEALTH_DEAD_EXIT_CODE,  # nothing serves until the next good save
         "not_consuming": NOT_CONSUMING_EXIT_CODE,
+        "hung": HUNG_TASK_EXIT_CODE,
         "unreachable": BrokerError.exit_code,  # not ready; liveness does not depend on the broker
     }
     worst = 0

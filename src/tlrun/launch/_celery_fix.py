@@ -90,6 +90,51 @@ def register_ping() -> bool:
     return True
 
 
+ACTIVE_COMMAND = "tlrun_active"
+
+
+def active_tasks(now: float | None = None) -> list[dict[str, Any]]:
+    """The tasks this worker runs: id, name, the pid that runs it, its runtime and the hard time limit it runs
+    under (the call's `time_limit`, the task's, `task_time_limit` or --time-limit; None without one).
+    Arguments are never included."""
+    import time
+
+    from celery.worker import state
+
+    now = time.time() if now is None else now
+    worker = _controller[0] if _controller else None
+    default = getattr(worker, "time_limit", None)
+    pool = type(getattr(worker, "pool", None)).__module__ if worker is not None else ""
+    found = []
+    for req in list(state.active_requests):
+        hard = (req.time_limits or (None, None))[0] or getattr(req.task, "time_limit", None) or default
+        found.append(
+            {
+                "id": req.id,
+                "name": req.name,
+                "pid": req.worker_pid or os.getpid(),
+                "runtime": round(now - req.time_start, 3) if req.time_start else 0.0,
+                "limit": float(hard) if hard else None,
+                "pool_child": bool(req.worker_pid) and req.worker_pid != os.getpid() and "prefork" in pool,
+            }
+        )
+    return found
+
+
+def register_active() -> bool:
+    """A remote control command that lists the running tasks with their limits (for HUNG_TASK)."""
+    try:
+        from celery.worker.control import control_command
+    except ImportError:
+        return False
+
+    def tlrun_active(state: Any, **_kwargs: Any) -> dict[str, Any]:
+        return {"ok": "active", "pid": os.getpid(), "tasks": active_tasks()}
+
+    control_command(name=ACTIVE_COMMAND)(tlrun_active)
+    return True
+
+
 # -- tasks running at the end of the grace period ----------------------------------------------------------
 _controller: list[Any] = []  # the WorkController of this process, once Celery sends worker_init
 

@@ -268,6 +268,7 @@ def run_module(module: str, args: Sequence[str], fd: int, launcher: int, grace: 
 
         _celery_fix.install()
         _celery_fix.register_ping()
+        _celery_fix.register_active()
         _celery_fix.track_worker()
         worker.celery_worker = _celery_fix.tracked_worker
         beat_file = os.environ.pop(HEARTBEAT_ENV, None)

@@ -86,6 +86,20 @@ def send(proc: psutil.Process, sig: int) -> bool:
         return False
 
 
+def kill_pool_child(main_pid: int | None, pid: int) -> bool:
+    """SIGKILL one pool child of our worker (a hung or runaway task), never the worker's main process: only
+    when `pid` is a live child of `main_pid` right now. False otherwise."""
+    if main_pid is None or pid == main_pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.ppid() != main_pid:
+            return False
+    except psutil.Error:
+        return False
+    return send(proc, signal.SIGKILL)
+
+
 def child_exited(child: subprocess.Popen[bytes]) -> bool:
     """Has our child exited? Does not reap it: its pid stays ours until Popen.wait()."""
     if child.returncode is not None:

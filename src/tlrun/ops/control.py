@@ -165,7 +165,7 @@ def sweep_project(
 @dataclass(frozen=True)
 class Health:
     node: str
-    state: str  # "alive" | "not_consuming" | "unknown" | "waiting" | "dead"
+    state: str  # "alive" | "not_consuming" | "hung" | "unknown" | "waiting" | "dead"
     detail: str
     attempts: int
     seconds: float
@@ -195,6 +195,9 @@ def probe(settings: Settings, node: str, timeout: float, retries: int) -> Health
                     stuck = _not_consuming(settings, broker, node)
                     if stuck is not None:
                         return Health(node, "not_consuming", stuck, attempts, time.monotonic() - started)
+                    hung = _hung(settings, broker, node)
+                    if hung is not None:
+                        return Health(node, "hung", hung, attempts, time.monotonic() - started)
                     return Health(node, "alive", "answered a ping", attempts, time.monotonic() - started)
             except BrokerError as exc:
                 return Health(node, "unreachable", f"broker unreachable: {exc}", attempts, time.monotonic() - started)
@@ -240,6 +243,18 @@ def probe(settings: Settings, node: str, timeout: float, retries: int) -> Health
         attempts,
         time.monotonic() - started,
     )
+
+
+def _hung(settings: Settings, broker: Broker, node: str) -> str | None:
+    """HUNG_TASK of `node`: a task past its hard time limit (or hung_after), live or as its launcher recorded."""
+    from tlrun.ops import hung
+
+    found = [h for h in hung.recorded(settings) if h.node == node]
+    try:
+        found += hung.ask(broker, [node], settings.hung_after).get(node, [])
+    except BrokerError:
+        pass
+    return f"HUNG_TASK: {found[0].message()}" if found else None
 
 
 def _not_consuming(settings: Settings, broker: Broker, node: str) -> str | None:

@@ -19,6 +19,7 @@ from tlrun.cluster.lease import Holder, backend_for, lease_name
 from tlrun.config import Settings
 from tlrun.errors import (
     DOCTOR_WARNINGS_EXIT_CODE,
+    HUNG_TASK_EXIT_CODE,
     NOT_CONSUMING_EXIT_CODE,
     AppImportError,
     BrokerError,
@@ -26,7 +27,7 @@ from tlrun.errors import (
 )
 from tlrun.launch import owner, procs, verify
 from tlrun.launch.broker import Broker, load_app, resolve_broker_url
-from tlrun.ops import consuming, inventory
+from tlrun.ops import consuming, hung, inventory
 from tlrun.ops.findings import (
     Finding,
     NodeView,
@@ -64,14 +65,15 @@ class DoctorReport:
     node_roles: dict[str, str] = field(default_factory=dict)  # node -> role (by node prefix)
     not_consuming: tuple[tuple[str, str], ...] = ()  # (node, queue)
     lease_host: str | None = None  # the host whose beat holds the lease
+    hung_tasks: dict[str, int] = field(default_factory=dict)  # node -> tasks past their limit
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for private in ("project_name", "node_roles", "not_consuming", "lease_host"):
+        for private in ("project_name", "node_roles", "not_consuming", "lease_host", "hung_tasks"):
             data.pop(private)
         data["nodes"] = [asdict(n) for n in self.nodes]
         data["local"] = [p.as_dict() for p in self.local]
-        data["findings"] = [asdict(f) for f in self.findings]
+        data["findings"] = [{k: v for k, v in asdict(f).items() if k != "task" or v is not None} for f in self.findings]
         return data
 
 
@@ -86,6 +88,7 @@ _EXIT_BY_CODE = {
     "MULTIPLE_BEATS": DuplicateNodeError.exit_code,
     "BEAT_WITHOUT_LEASE": DuplicateNodeError.exit_code,
     "NOT_CONSUMING": NOT_CONSUMING_EXIT_CODE,
+    "HUNG_TASK": HUNG_TASK_EXIT_CODE,
 }
 
 CONNECT_WAIT = 2.0  # at most this long for the census to connect before the scan runs anyway
@@ -237,6 +240,7 @@ def diagnose(settings: Settings) -> DoctorReport:
             )
     holder = lease.result()
     stuck: list[tuple[str, str]] = []
+    hung_tasks: dict[str, int] = {}
     findings.extend(lease_findings(holder, local, hostname))
     if reachable:
         try:
@@ -246,6 +250,10 @@ def diagnose(settings: Settings) -> DoctorReport:
         for nc in consuming.project_check(settings, broker_url, [n.name for n in nodes], depths):
             findings.append(Finding("NOT_CONSUMING", "error", nc.message(), "tlrun worker --restart restarts it"))
             stuck.append((nc.node, nc.queue))
+    for h in hung.project_check(settings, broker_url if reachable else None, [n.name for n in nodes]):
+        hung_tasks[h.node] = hung_tasks.get(h.node, 0) + 1
+        fix = "tlrun worker --restart recovers it (prefork: kills that pool child; other pools: restarts the worker)"
+        findings.append(Finding("HUNG_TASK", "error", h.message(), fix, h.as_dict()))
     beats = [p for p in local if p.project and p.kind == "beat" and p.state != STANDBY]
     if len(beats) > 1:
         findings.append(
@@ -307,6 +315,7 @@ def diagnose(settings: Settings) -> DoctorReport:
         node_roles={n.name: role.name for n in nodes for role in settings.all_roles if role.owns_node(n.name)},
         not_consuming=tuple(stuck),
         lease_host=holder.host if holder is not None else None,
+        hung_tasks=hung_tasks,
     )
 
 

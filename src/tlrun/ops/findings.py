@@ -28,6 +28,7 @@ class Finding:
     severity: str  # "error" | "warning" | "info"
     message: str
     fix: str | None = None
+    task: dict[str, Any] | None = None  # HUNG_TASK: node, task, id, pid, runtime, limit (omitted elsewhere)
 
 
 @dataclass(frozen=True)

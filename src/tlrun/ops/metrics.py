@@ -85,6 +85,9 @@ def prometheus(report: DoctorReport) -> str:
     stuck = Gauge("tlrun_not_consuming", NOT_CONSUMING_HELP, ["hostname", "worker", "queue_name"], registry=registry)
     for name, queue in report.not_consuming:
         stuck.labels(hostname=host_of(name), worker=report.node_roles.get(name, ""), queue_name=queue).set(1)
+    hung = Gauge("tlrun_hung_tasks", HUNG_HELP, ["hostname", "worker"], registry=registry)
+    for name, count in report.hung_tasks.items():
+        hung.labels(hostname=host_of(name), worker=report.node_roles.get(name, "")).set(count)
     lease = Gauge("tlrun_beat_lease_held", LEASE_HELP, ["hostname"], registry=registry)
     if report.lease_host is not None:
         lease.labels(hostname=report.lease_host).set(1)
@@ -94,6 +97,7 @@ def prometheus(report: DoctorReport) -> str:
 WORKER_UP_HELP = "1 when the worker runs and answered (celery-exporter's name)."
 NOT_CONSUMING_HELP = "1 when the worker answers pings but does not consume this queue while messages wait."
 LEASE_HELP = "1 when the beat on this host holds the project's beat lease."
+HUNG_HELP = "Tasks running past their hard time limit (or hung_after without one): HUNG_TASK."
 
 
 def check_textfile(path: Path) -> None:
@@ -139,6 +143,7 @@ class WorkerSample:
     pool_running: int | None
     rss_bytes: int | None
     not_consuming: tuple[str, ...] = ()  # queues
+    hung_tasks: int = 0  # tasks past their hard time limit (or hung_after) now
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,7 @@ class LauncherSample:
     queue_lengths: dict[str, int] = field(default_factory=dict)  # only on the beat-lease holder's host
     beat_lease_held: bool | None = None  # None: this launcher runs no beat
     hostname: str = ""  # this host (the `hostname` label of tlrun_beat_lease_held)
+    hung_recoveries: int = 0  # hung tasks recovered (a pool child killed, a worker restarted)
 
 
 class LauncherCollector(Collector):
@@ -173,6 +179,7 @@ class LauncherCollector(Collector):
         )
         rss = GaugeMetricFamily("tlrun_worker_rss_bytes", "Resident memory of the worker's main process.", labels=host)
         stuck = GaugeMetricFamily("tlrun_not_consuming", NOT_CONSUMING_HELP, labels=[*host, "queue_name"])
+        hung = GaugeMetricFamily("tlrun_hung_tasks", HUNG_HELP, labels=host)
         for w in s.workers:
             at = [host_of(w.node), w.role]
             up.add_metric(at, 1 if w.up else 0)
@@ -193,7 +200,10 @@ class LauncherCollector(Collector):
                 rss.add_metric(at, w.rss_bytes)
             for queue in w.not_consuming:
                 stuck.add_metric([*at, queue], 1)
-        families: list[Any] = [up, active, restarts, code, ready, stop, pool, rss, stuck]
+            hung.add_metric(at, w.hung_tasks)
+        recovered = CounterMetricFamily("tlrun_hung_task_recoveries", "Hung tasks recovered (--restart).")
+        recovered.add_metric([], s.hung_recoveries)
+        families: list[Any] = [up, active, restarts, code, ready, stop, pool, rss, stuck, hung, recovered]
         if s.queue_lengths:
             length = GaugeMetricFamily("celery_queue_length", "Messages waiting in the queue.", labels=["queue_name"])
             for queue, n in sorted(s.queue_lengths.items()):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from tlrun.deploy.restart import RestartStep
     from tlrun.launch.launcher import Launcher
     from tlrun.ops import metrics
+    from tlrun.ops.hung import HungStep
 
 
 class ConsumeStep(Step):
@@ -141,10 +142,16 @@ class MetricsStep(Step):
     name = "metrics"
 
     def __init__(
-        self, port: int, addr: str, consume: ConsumeStep, restart: RestartStep | None, lease: LeaseStep | None
+        self,
+        port: int,
+        addr: str,
+        consume: ConsumeStep,
+        restart: RestartStep | None,
+        lease: LeaseStep | None,
+        hung: HungStep | None = None,
     ) -> None:
         self.port, self.addr = port, addr
-        self.consume, self.restart, self.lease = consume, restart, lease
+        self.consume, self.restart, self.lease, self.hung = consume, restart, lease, hung
         self._server: Any = None
 
     def validate(self, launcher: Launcher) -> None:
@@ -188,10 +195,12 @@ class MetricsStep(Step):
                     pool_running=pool_running,
                     rss_bytes=rss,
                     not_consuming=self.consume.not_consuming.get(w.node, ()),
+                    hung_tasks=len(self.hung.hung.get(w.node, ())) if self.hung is not None else 0,
                 )
             )
         held = self.lease.held() if self.lease is not None else None
-        return metrics.LauncherSample(tuple(samples), dict(lengths), held, launcher.hostname)
+        recoveries = self.hung.recoveries if self.hung is not None else 0
+        return metrics.LauncherSample(tuple(samples), dict(lengths), held, launcher.hostname, recoveries)
 
 
 def _pool_expected(role: Role) -> int | None:

@@ -108,6 +108,7 @@ TOP_KEYS: dict[str, Check] = {
     "beat": _bool,
     "beat_lock_ttl": _number(2),
     "stuck_after": _number(1),
+    "hung_after": _number(0.5),
     "consume_check_every": _number(0.5),
     "log_dir": _string,
     "ready_timeout": _number(0.5),

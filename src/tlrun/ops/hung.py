@@ -1,0 +1,233 @@
+"""HUNG_TASK: a task still running past the hard time limit it runs under, or past `hung_after` without one.
+
+Celery enforces hard time limits only on the prefork pool; on threads, solo, gevent and eventlet a task stuck
+in C (a `time.sleep`, a socket without a timeout) runs forever (celery#9203). The workers tlrun runs answer
+`tlrun_active` (registered by its shim: `_celery_fix.active_tasks`) from their main process, with each task's
+id, name, the pid running it, its runtime and its limit (the call's `time_limit`, the task's,
+`task_time_limit` or --time-limit). Arguments are never asked for. An idle worker, and a task within its
+limit, are never hung.
+
+`HungStep` (tlrun worker, tlrun dev) asks its workers every check interval (`TLRUN_CONSUME_CHECK_EVERY`) on a
+thread, reports each hung task once, records them in the unit's lock record (doctor, health and the metrics
+read it) and, with --restart, recovers: on prefork it SIGKILLs that pool child only (Celery replaces it; with
+late acks and `task_reject_on_worker_lost` the task goes back to the queue); on the other pools it restarts
+the worker with the stop ladder, under the restart step's backoff and give-up rules.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from tlrun.errors import BrokerError
+from tlrun.events import Notice
+from tlrun.launch import signals
+from tlrun.launch.broker import Broker
+from tlrun.launch.steps import Step
+from tlrun.launch.units import READY, Unit, WorkerUnit
+
+if TYPE_CHECKING:
+    from tlrun.deploy.restart import RestartStep
+    from tlrun.launch.launcher import Launcher
+
+log = logging.getLogger(__name__)
+
+COMMAND = "tlrun_active"
+ASK_TIMEOUT = 1.0
+DEFAULT_HUNG_AFTER = 3600.0
+
+
+@dataclass(frozen=True)
+class HungTask:
+    node: str
+    task: str  # the task's name
+    id: str
+    pid: int  # the process that runs it (a prefork pool child, else the worker's main process)
+    runtime: float  # seconds
+    limit: float | None  # its hard time limit; None: judged by hung_after
+    pool_child: bool = False  # pid is a prefork pool child (killing it leaves the worker running)
+
+    def message(self) -> str:
+        over = f"its hard time limit of {self.limit:g} s" if self.limit else "hung_after (no time limit)"
+        return f"task {self.task} [{self.id}] on {self.node} (pid {self.pid}) has run {self.runtime:.1f} s, past {over}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: Any) -> HungTask | None:
+        try:
+            return HungTask(
+                str(data["node"]),
+                str(data["task"]),
+                str(data["id"]),
+                int(data["pid"]),
+                float(data["runtime"]),
+                float(data["limit"]) if data.get("limit") is not None else None,
+                bool(data.get("pool_child")),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def judge(node: str, tasks: Any, hung_after: float) -> list[HungTask]:
+    """The hung ones among a node's `tlrun_active` tasks."""
+    found = []
+    for t in tasks if isinstance(tasks, list) else []:
+        if not isinstance(t, dict):
+            continue
+        limit = t.get("limit")
+        bound = float(limit) if isinstance(limit, (int, float)) and limit > 0 else hung_after
+        runtime = t.get("runtime")
+        if isinstance(runtime, (int, float)) and runtime > bound:
+            hung = HungTask.from_dict({**t, "node": node, "task": t.get("name")})
+            if hung is not None:
+                found.append(hung)
+    return found
+
+
+def ask(broker: Broker, nodes: list[str], hung_after: float) -> dict[str, list[HungTask]]:
+    """node -> its hung tasks, for every node that answered."""
+    replies = broker.ask_each(nodes, COMMAND, ASK_TIMEOUT)
+    return {
+        node: judge(node, reply.get("tasks"), hung_after) for node, reply in replies.items() if isinstance(reply, dict)
+    }
+
+
+def recorded(settings: Any) -> list[HungTask]:
+    """What this host's launchers found, from their lock records."""
+    from tlrun.launch import guard
+
+    found = []
+    for _kind, record, _holder in guard.live_records(settings.project_id, [r.lock_kind for r in settings.all_roles]):
+        for item in record.get("hung") or []:
+            hung = HungTask.from_dict(item)
+            if hung is not None:
+                found.append(hung)
+    return found
+
+
+def project_check(settings: Any, url: str | None, nodes: list[str]) -> list[HungTask]:
+    """The project's hung tasks: what its launchers here recorded, plus a live look at each answering node of
+    its roles (when the broker answers: `url`). One entry per task id."""
+    found = {h.id: h for h in recorded(settings)}
+    ours = [n for n in nodes if any(r.owns_node(n) for r in settings.all_roles)]
+    if url is not None and ours:
+        try:
+            with Broker(url) as broker:
+                for tasks in ask(broker, ours, settings.hung_after).values():
+                    for h in tasks:
+                        found[h.id] = h
+        except BrokerError:
+            pass  # doctor and health report the broker themselves
+    return list(found.values())
+
+
+class Watch:
+    """Asks the targets every `every` seconds on a thread; `take()` gives the latest verdicts."""
+
+    def __init__(self, url: str, targets: Callable[[], list[str]], every: float, hung_after: float) -> None:
+        self.url, self.targets, self.every, self.hung_after = url, targets, every, hung_after
+        self._lock = threading.Lock()
+        self._verdicts: dict[str, list[HungTask]] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tlrun-hung", daemon=True)
+
+    def start(self) -> Watch:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            nodes = self.targets()
+            if not nodes:
+                continue
+            try:
+                with Broker(self.url) as broker:
+                    verdicts = ask(broker, nodes, self.hung_after)
+            except BrokerError as exc:
+                log.debug("hung-task check failed: %s", exc)
+                continue
+            with self._lock:
+                self._verdicts = verdicts
+
+    def take(self) -> dict[str, list[HungTask]] | None:
+        with self._lock:
+            verdicts, self._verdicts = self._verdicts, None
+        return verdicts
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class HungStep(Step):
+    name = "hung tasks"
+
+    def __init__(self, restart: RestartStep | None, hung_after: float, every: float) -> None:
+        self.restart = restart
+        self.hung_after = hung_after
+        self.every = every
+        self.watch: Watch | None = None
+        self.hung: dict[str, list[HungTask]] = {}  # node -> its hung tasks now (metrics)
+        self.recoveries = 0
+        self._said: set[str] = set()  # task ids already reported
+        self._verdicts: dict[str, list[HungTask]] | None = None
+
+    def started(self, launcher: Launcher) -> None:
+        if not launcher.workers:
+            return
+
+        def targets() -> list[str]:
+            return [w.node for w in list(launcher.workers) if w.state == READY]
+
+        self.watch = Watch(launcher.broker_url, targets, self.every, self.hung_after).start()
+
+    def poll(self, launcher: Launcher) -> bool:
+        if self.watch is not None and self._verdicts is None:
+            self._verdicts = self.watch.take()
+        return self._verdicts is not None
+
+    def act(self, launcher: Launcher) -> None:
+        verdicts, self._verdicts = self._verdicts or {}, None
+        for node, found in verdicts.items():
+            w = next((w for w in launcher.workers if w.node == node), None)
+            if w is None:
+                continue
+            if found or self.hung.get(node):
+                launcher.record(w, hung=[h.as_dict() for h in found])
+            self.hung[node] = found
+            for h in found:
+                if h.id not in self._said:
+                    self._said.add(h.id)
+                    launcher.report(Notice(f"HUNG_TASK: {h.message()}", "warning"))
+            if found and self.restart is not None and not launcher.sup.stop_requested:
+                self._recover(launcher, w, found)
+
+    def _recover(self, launcher: Launcher, w: WorkerUnit, found: list[HungTask]) -> None:
+        main = launcher.sup.pid(w.child)
+        children = [h for h in found if h.pool_child and h.pid != main]
+        if children and len(children) == len(found):
+            for h in children:
+                if signals.kill_pool_child(main, h.pid):
+                    self.recoveries += 1
+                    launcher.report(Notice(f"hung task {h.task} [{h.id}]: SIGKILL to pool child {h.pid} of {w.node}"))
+            return
+        assert self.restart is not None
+        self.recoveries += 1
+        why = f"hung task {found[0].task} [{found[0].id}] on {w.node}"
+        launcher.report(Notice(f"{why}: restarting the worker with the stop ladder"))
+        launcher.stop_units([w], "hung task", then=functools.partial(self._again, launcher, why))
+
+    def _again(self, launcher: Launcher, why: str, unit: Unit) -> None:
+        assert self.restart is not None and isinstance(unit, WorkerUnit)
+        self.hung[unit.node] = []
+        launcher.record(unit, hung=[])
+        self.restart.schedule(launcher, unit, why)
+
+    def close(self, launcher: Launcher) -> None:
+        if self.watch is not None:
+            self.watch.close()
