@@ -39,6 +39,7 @@ def worker(
     from tlrun.deploy.restart import RestartStep
     from tlrun.deploy.swap import ReloadStep
     from tlrun.ops.hung import HungStep
+    from tlrun.ops.memory import MemoryStep
     from tlrun.ops.steps import ConsumeStep, MetricsStep
 
     # New code without downtime: SIGHUP or `tlrun reload` starts each role's next generation beside the old.
@@ -49,9 +50,10 @@ def worker(
         steps.append(restarter)
     consume = ConsumeStep(restarter, sample=metrics_port is not None)
     hung = HungStep(restarter, settings.hung_after, settings.consume_check_every)
-    steps += [consume, hung]
+    memory = MemoryStep()
+    steps += [consume, hung, memory]
     if metrics_port is not None:
-        steps.append(MetricsStep(metrics_port, metrics_addr, consume, restarter, lease, hung))
+        steps.append(MetricsStep(metrics_port, metrics_addr, consume, restarter, lease, hung, memory))
     _systemd(steps)
     opts = LaunchOptions(beat=beat, fast_stop=fast_stop, init=init, hup_reloads=True)
     return run(settings, report, opts, steps, early=early)

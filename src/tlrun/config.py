@@ -22,6 +22,7 @@ from tlrun.project.file import ProjectFile
 from tlrun.roles import (
     ENV_CONCURRENCY,
     ENV_LOGLEVEL,
+    ENV_MEMORY_LIMIT,
     ENV_POOL,
     ENV_PREFIX,
     ENV_QUEUES,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENV_CONCURRENCY",
     "ENV_LOGLEVEL",
+    "ENV_MEMORY_LIMIT",
     "ENV_POOL",
     "ENV_PREFIX",
     "ENV_QUEUES",

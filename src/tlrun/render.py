@@ -165,7 +165,7 @@ def _mib(n: int) -> str:
 def ps_table(rows: list[LocalProcess]) -> list[str]:
     if not rows:
         return ["no Celery workers or beats"]
-    header = ("PID", "KIND", "ROLE", "NODE", "STATE", "UPTIME", "RSS", "CPU", "POOL", "LAUNCHER")
+    header = ("PID", "KIND", "ROLE", "NODE", "STATE", "UPTIME", "RSS", "CPU", "POOL", "LAUNCHER", "GUARD")
     body = [
         (
             str(p.pid),
@@ -178,11 +178,20 @@ def ps_table(rows: list[LocalProcess]) -> list[str]:
             f"{p.cpu_s:.1f}s",
             str(p.pool_children),
             str(p.launcher_pid) if p.launcher_pid else ("STRAY" if p.stray else "-"),
+            _guard_cell(p),
         )
         for p in rows
     ]
     widths = [max(len(r[i]) for r in (header, *body)) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in (header, *body)]
+
+
+def _guard_cell(p: LocalProcess) -> str:
+    """The memory guard's limit and each pool child's PSS: `limit 200M: 61M 58M`."""
+    if p.memory_limit is None:
+        return "-"
+    children = " ".join(_mib(size) for size in (p.pool_memory or {}).values())
+    return f"limit {_mib(p.memory_limit)}" + (f": {children}" if children else "")
 
 
 def _plural(n: int, noun: str) -> str:

@@ -19,6 +19,7 @@ ENV_CONCURRENCY = "TLRUN_CONCURRENCY"
 ENV_POOL = "TLRUN_POOL"
 ENV_QUEUES = "TLRUN_QUEUES"
 ENV_LOGLEVEL = "TLRUN_LOGLEVEL"
+ENV_MEMORY_LIMIT = "TLRUN_MEMORY_LIMIT"
 
 MAX_PREFIX_LEN = 40
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -50,6 +51,7 @@ class Role:
     worker: WorkerOptions
     expected: int = 1
     declared: bool = False  # from the project file; False for the implicit single role
+    memory_limit: int | None = None  # bytes, for the worker's whole tree (PSS): tlrun's memory guard
 
     @property
     def queue_set(self) -> frozenset[str] | None:
@@ -88,6 +90,26 @@ def number(raw: Any, key: str, kind: type[int] | type[float], minimum: float, ma
     return value
 
 
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+MIN_MEMORY_LIMIT = 16 * 1024 * 1024
+
+
+def parse_size(raw: Any, key: str) -> int:
+    """`200MB` (10^6), `1.5GiB` (2^30), `512m`, or a number of bytes; at least 16 MiB."""
+    if isinstance(raw, bool):
+        raise ConfigError(f"{key}={raw!r}: expected a size such as 200MB, 1.5GiB or a number of bytes")
+    match = _SIZE_RE.match(str(raw)) if isinstance(raw, (int, float, str)) else None
+    if match is None:
+        raise ConfigError(f"{key}={str(raw)[:40]!r}: expected a size such as 200MB, 1.5GiB or a number of bytes")
+    number_, unit, binary = match.groups()
+    base = 1024 if binary or (unit and str(raw).strip()[-1:] not in "bB") else 1000
+    value = int(float(number_) * base ** _SIZE_POWERS[unit.lower()])
+    if value < MIN_MEMORY_LIMIT:
+        raise ConfigError(f"{key}={raw!r}: must be at least 16MiB")
+    return value
+
+
 def validate_prefix(prefix: str) -> str:
     if not prefix or len(prefix) > MAX_PREFIX_LEN or not _PREFIX_RE.match(prefix):
         raise ConfigError(
@@ -112,6 +134,7 @@ _ROLE_OPTIONS = (
     ("soft_time_limit", None, "soft_time_limit"),
     ("events", None, "events"),
     ("node_prefix", ENV_PREFIX, "node_prefix"),
+    ("memory_limit", ENV_MEMORY_LIMIT, "memory_limit"),
 )
 
 
@@ -170,4 +193,5 @@ def _role(spec: RoleSpec, values: Mapping[str, tuple[Any, str]], declared: bool,
         events=bool(get("events")),
         extra=extra,
     )
-    return Role(spec.name, prefix, worker, int(spec.values.get("expected", 1)), declared)
+    limit = parse_size(values["memory_limit"][0], values["memory_limit"][1]) if "memory_limit" in values else None
+    return Role(spec.name, prefix, worker, int(spec.values.get("expected", 1)), declared, limit)

@@ -210,6 +210,10 @@ def worker_options(func: F) -> F:
         ),
         click.option("--max-tasks-per-child", type=click.IntRange(min=1)),
         click.option("--max-memory-per-child", type=click.IntRange(min=1), help="KiB."),
+        click.option(
+            "--memory-limit",
+            help="tlrun's memory guard: the worker tree's limit (PSS), e.g. 200MB, 1.5GiB (default: the cgroup's).",
+        ),
         click.option("--prefetch-multiplier", type=click.IntRange(min=0)),
         click.option("--time-limit", type=Seconds(min=0, min_open=True)),
         click.option("--soft-time-limit", type=Seconds(min=0, min_open=True)),

@@ -302,6 +302,16 @@ class Broker:
         except Exception as exc:
             raise self._fail(exc, started) from None
 
+    def revoke(self, task_id: str) -> None:
+        """Revoke a task id on every worker (its message, when delivered again, is discarded, not run)."""
+        if self._conn is None:
+            self.connect()
+        started = time.monotonic()
+        try:
+            self._app.control.revoke(task_id, connection=self._conn)
+        except Exception as exc:
+            raise self._fail(exc, started) from None
+
     def queue_depth(self, queue: str) -> int | None:
         """Messages waiting in `queue` (a passive declare: Redis counts with LLEN, RabbitMQ answers itself);
         None when the queue does not exist."""

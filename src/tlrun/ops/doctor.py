@@ -66,10 +66,11 @@ class DoctorReport:
     not_consuming: tuple[tuple[str, str], ...] = ()  # (node, queue)
     lease_host: str | None = None  # the host whose beat holds the lease
     hung_tasks: dict[str, int] = field(default_factory=dict)  # node -> tasks past their limit
+    memory_kills: dict[str, int] = field(default_factory=dict)  # task name -> pool children the guard killed
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for private in ("project_name", "node_roles", "not_consuming", "lease_host", "hung_tasks"):
+        for private in ("project_name", "node_roles", "not_consuming", "lease_host", "hung_tasks", "memory_kills"):
             data.pop(private)
         data["nodes"] = [asdict(n) for n in self.nodes]
         data["local"] = [p.as_dict() for p in self.local]
@@ -250,6 +251,11 @@ def diagnose(settings: Settings) -> DoctorReport:
         for nc in consuming.project_check(settings, broker_url, [n.name for n in nodes], depths):
             findings.append(Finding("NOT_CONSUMING", "error", nc.message(), "tlrun worker --restart restarts it"))
             stuck.append((nc.node, nc.queue))
+    memory_kills: dict[str, int] = {}
+    for pid, record in inventory.guarded_pids(settings).items():
+        findings.append(memory_finding(pid, record))
+        for task, n in (record.get("kills") or {}).items():
+            memory_kills[str(task)] = memory_kills.get(str(task), 0) + int(n)
     for h in hung.project_check(settings, broker_url if reachable else None, [n.name for n in nodes]):
         hung_tasks[h.node] = hung_tasks.get(h.node, 0) + 1
         fix = "tlrun worker --restart recovers it (prefork: kills that pool child; other pools: restarts the worker)"
@@ -316,6 +322,7 @@ def diagnose(settings: Settings) -> DoctorReport:
         not_consuming=tuple(stuck),
         lease_host=holder.host if holder is not None else None,
         hung_tasks=hung_tasks,
+        memory_kills=memory_kills,
     )
 
 
@@ -369,3 +376,22 @@ def _failed(
         status=status,
         seconds=round(time.monotonic() - started, 2),
     )
+
+
+def memory_finding(pid: int, record: dict[str, Any]) -> Finding:
+    """MEMORY_GUARD: the limit, the tree and each pool child as the worker's launcher last sampled them (info),
+    a warning once the guard had to kill a pool child."""
+
+    def mib(n: Any) -> str:
+        return f"{int(n) / 1048576:.0f} MiB"
+
+    children = ", ".join(f"pid {c} {mib(size)}" for c, size in (record.get("children") or {}).items())
+    message = (
+        f"worker pid {pid}: tree {mib(record.get('tree', 0))} of its {mib(record.get('limit', 0))} limit (PSS)"
+        + (f"; pool children: {children}" if children else "")
+    )
+    kills = record.get("kills") or {}
+    if kills:
+        said = ", ".join(f"{task} x{n}" for task, n in kills.items())
+        return Finding("MEMORY_GUARD", "warning", f"{message}; killed pool children running: {said}", None)
+    return Finding("MEMORY_GUARD", "info", message, None)

@@ -34,6 +34,8 @@ class LocalProcess:
     launcher_pid: int | None  # the tlrun launcher that started it, when alive
     project: bool  # belongs to the project asked about
     stray: bool  # a project process that no live launcher owns
+    memory_limit: int | None = None  # the memory guard's limit for its tree (bytes), when one applies
+    pool_memory: dict[str, int] | None = None  # pool child pid -> its PSS, as the guard last sampled
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +69,7 @@ def local_processes(
     now = time.time()
     out = []
     workers = _recorded_workers(settings) if settings is not None else set()
+    guarded = guarded_pids(settings) if settings is not None else {}
     standby_beat = _standby_beat(settings) if settings is not None else None
     # A process in another UTS namespace runs on another host as far as tlrun is concerned (Linux only).
     mine = [p for p in rows if p.uid == uid and procs.same_host_namespace(p.pid)]
@@ -102,6 +105,8 @@ def local_processes(
                 launcher_pid=launcher,
                 project=is_project,
                 stray=is_project and launcher is None,
+                memory_limit=guarded.get(proc.pid, {}).get("limit"),
+                pool_memory=guarded.get(proc.pid, {}).get("children"),
             )
         )
     if settings is not None:
@@ -119,6 +124,16 @@ def _standby_beat(settings: Settings) -> int | None:
     if record and record.get("beat_lease") in ("standby", "lost") and isinstance(record.get("beat_pid"), int):
         return int(record["beat_pid"])
     return None
+
+
+def guarded_pids(settings: Settings) -> dict[int, dict[str, Any]]:
+    """worker pid -> the memory guard's last sample its launcher recorded (limit, tree, children, kills)."""
+    found = {}
+    for _kind, record, _holder in guard.live_records(settings.project_id, [r.lock_kind for r in settings.all_roles]):
+        memory = record.get("memory")
+        if isinstance(memory, dict) and isinstance(record.get("worker_pid"), int):
+            found[int(record["worker_pid"])] = memory
+    return found
 
 
 def _recorded_workers(settings: Settings) -> set[int]:

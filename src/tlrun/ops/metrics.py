@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -88,6 +88,9 @@ def prometheus(report: DoctorReport) -> str:
     hung = Gauge("tlrun_hung_tasks", HUNG_HELP, ["hostname", "worker"], registry=registry)
     for name, count in report.hung_tasks.items():
         hung.labels(hostname=host_of(name), worker=report.node_roles.get(name, "")).set(count)
+    kills = Counter("tlrun_memory_kills", MEMORY_KILLS_HELP, ["task"], registry=registry)
+    for task, n in sorted(report.memory_kills.items()):
+        kills.labels(task=task).inc(n)
     lease = Gauge("tlrun_beat_lease_held", LEASE_HELP, ["hostname"], registry=registry)
     if report.lease_host is not None:
         lease.labels(hostname=report.lease_host).set(1)
@@ -97,6 +100,7 @@ def prometheus(report: DoctorReport) -> str:
 WORKER_UP_HELP = "1 when the worker runs and answered (celery-exporter's name)."
 NOT_CONSUMING_HELP = "1 when the worker answers pings but does not consume this queue while messages wait."
 LEASE_HELP = "1 when the beat on this host holds the project's beat lease."
+MEMORY_KILLS_HELP = "Pool children tlrun's memory guard killed, by the task they ran."
 HUNG_HELP = "Tasks running past their hard time limit (or hung_after without one): HUNG_TASK."
 
 
@@ -153,6 +157,7 @@ class LauncherSample:
     beat_lease_held: bool | None = None  # None: this launcher runs no beat
     hostname: str = ""  # this host (the `hostname` label of tlrun_beat_lease_held)
     hung_recoveries: int = 0  # hung tasks recovered (a pool child killed, a worker restarted)
+    memory_kills: dict[str, int] = field(default_factory=dict)  # task name -> pool children the guard killed
 
 
 class LauncherCollector(Collector):
@@ -203,7 +208,10 @@ class LauncherCollector(Collector):
             hung.add_metric(at, w.hung_tasks)
         recovered = CounterMetricFamily("tlrun_hung_task_recoveries", "Hung tasks recovered (--restart).")
         recovered.add_metric([], s.hung_recoveries)
-        families: list[Any] = [up, active, restarts, code, ready, stop, pool, rss, stuck, hung, recovered]
+        kills = CounterMetricFamily("tlrun_memory_kills", MEMORY_KILLS_HELP, labels=["task"])
+        for task, n in sorted(s.memory_kills.items()):
+            kills.add_metric([task], n)
+        families: list[Any] = [up, active, restarts, code, ready, stop, pool, rss, stuck, hung, recovered, kills]
         if s.queue_lengths:
             length = GaugeMetricFamily("celery_queue_length", "Messages waiting in the queue.", labels=["queue_name"])
             for queue, n in sorted(s.queue_lengths.items()):

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from tlrun.launch.launcher import Launcher
     from tlrun.ops import metrics
     from tlrun.ops.hung import HungStep
+    from tlrun.ops.memory import MemoryStep
 
 
 class ConsumeStep(Step):
@@ -149,9 +150,11 @@ class MetricsStep(Step):
         restart: RestartStep | None,
         lease: LeaseStep | None,
         hung: HungStep | None = None,
+        memory: MemoryStep | None = None,
     ) -> None:
         self.port, self.addr = port, addr
         self.consume, self.restart, self.lease, self.hung = consume, restart, lease, hung
+        self.memory = memory
         self._server: Any = None
 
     def validate(self, launcher: Launcher) -> None:
@@ -200,7 +203,8 @@ class MetricsStep(Step):
             )
         held = self.lease.held() if self.lease is not None else None
         recoveries = self.hung.recoveries if self.hung is not None else 0
-        return metrics.LauncherSample(tuple(samples), dict(lengths), held, launcher.hostname, recoveries)
+        kills = dict(self.memory.kills_by_task) if self.memory is not None else {}
+        return metrics.LauncherSample(tuple(samples), dict(lengths), held, launcher.hostname, recoveries, kills)
 
 
 def _pool_expected(role: Role) -> int | None:

@@ -85,6 +85,13 @@ def _queues(value: Any) -> str | None:
     return None if ok else 'a non-empty list of queue names, e.g. ["celery"]'
 
 
+def _size(value: Any) -> str | None:
+    ok = (isinstance(value, int) and not isinstance(value, bool) and value > 0) or (
+        isinstance(value, str) and re.match(r"^\s*\d+(\.\d+)?\s*[kmgtKMGT]?i?[bB]?\s*$", value) is not None
+    )
+    return None if ok else 'a size: bytes, or a string such as "200MB" or "1.5GiB"'
+
+
 ROLE_KEYS: dict[str, Check] = {
     "queues": _queues,
     "concurrency": _int(1, 10_000),
@@ -99,6 +106,7 @@ ROLE_KEYS: dict[str, Check] = {
     "node_prefix": _string,
     "extra_args": _strings,
     "expected": _int(1),
+    "memory_limit": _size,
 }
 
 TOP_KEYS: dict[str, Check] = {
