@@ -9,6 +9,7 @@ broker has no other worker). tlrun's verdict line is timed beside them.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -64,6 +65,13 @@ def sleep(seconds):
 
 @app.task
 def noop(i):
+    return i
+
+@app.task
+def stamp(i):
+    # The completion time of task i, by the task itself (the reload gap measure).
+    import redis
+    redis.Redis.from_url(os.environ["CELERY_BROKER_URL"]).rpush("bench-stamps", time.time())
     return i
 """
 
@@ -507,6 +515,82 @@ class Bench:
         time.sleep(IDLE_SETTLE)
         pids = family(proc.pid) + [p for w in workers for p in family(w)]
         return self._time_until_gone(proc, signal.SIGINT, pids)
+
+    # -- production: new code without downtime, the memory guard's cost ---------------------------------------
+    def _longest_gap(self, swap: Callable[[subprocess.Popen[bytes], Path], subprocess.Popen[bytes]]) -> float:
+        """Stream `stamp` tasks at 50 a second into `tlrun worker -c 2` with a 3 s task running, apply `swap`
+        (new code), and return the longest gap between two completions around it."""
+        import redis
+
+        r = redis.Redis.from_url(self.url)
+        r.delete("bench-stamps")
+        out = self.dir / f"gap-{time.monotonic_ns()}.out"
+        argv = [PY, "-m", "tlrun", "worker", "-A", "benchapp", "-c", "2"]
+        proc = self.spawn(argv, out)
+        wait_until(lambda: self.output_has(out, r"workers? ready:"))
+        client = self._client()
+        client.send_task("benchapp.sleep", args=(3,))
+        stop = threading.Event()
+
+        def stream() -> None:
+            i = 0
+            while not stop.is_set():
+                client.send_task("benchapp.stamp", args=(i,))
+                i += 1
+                time.sleep(0.02)
+
+        thread = threading.Thread(target=stream, daemon=True)
+        thread.start()
+        time.sleep(1.0)  # a second of steady stream before the swap (the figure is the gap around it)
+        proc = swap(proc, out)
+        time.sleep(5.0)  # and after it, past the 3 s task's end
+        stop.set()
+        thread.join(5)
+        wait_until(lambda: r.llen("bench-stamps") > 0)
+        stamps = sorted(float(x) for x in r.lrange("bench-stamps", 0, -1))
+        r.close()
+        self.stop(proc, signal.SIGINT)
+        return max(b - a for a, b in itertools.pairwise(stamps))
+
+    def reload_gap(self) -> float:
+        """`tlrun reload`: the next worker beside the old one."""
+
+        def swap(proc: subprocess.Popen[bytes], out: Path) -> subprocess.Popen[bytes]:
+            subprocess.run([PY, "-m", "tlrun", "reload", "-A", "benchapp"], cwd=self.dir, env=self.env, check=True,
+                           capture_output=True, timeout=60)  # fmt: skip
+            return proc
+
+        return self._longest_gap(swap)
+
+    def restart_gap(self) -> float:
+        """What a deploy does today (`systemctl restart`): stop the worker (warm: the running task finishes),
+        then start a new one."""
+
+        def swap(proc: subprocess.Popen[bytes], out: Path) -> subprocess.Popen[bytes]:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            again = self.dir / f"gap-again-{time.monotonic_ns()}.out"
+            new = self.spawn([PY, "-m", "tlrun", "worker", "-A", "benchapp", "-c", "2"], again)
+            wait_until(lambda: self.output_has(again, r"workers? ready:"))
+            return new
+
+        return self._longest_gap(swap)
+
+    def guard_sample_ms(self) -> float:
+        """What one memory-guard sample of a `-c 2` prefork worker's tree costs (PSS of main and children)."""
+        sys.path.insert(0, str(ROOT / "src"))
+        from tlrun.ops.memory import sample
+
+        out = self.dir / f"guard-{time.monotonic_ns()}.out"
+        proc = self.spawn([PY, "-m", "celery", "-A", "benchapp", "worker", "-c", "2", "-n", "guard@bench"], out)
+        wait_until(lambda: self.answers("guard@bench"))
+        costs = []
+        for _ in range(200):
+            got = sample(proc.pid)
+            assert got is not None and len(got.children) == 2
+            costs.append(got.seconds)
+        self.stop(proc)
+        return statistics.median(costs) * 1000
 
     def launcher_rss(self) -> float:
         proc, _, _ = self._start_tlrun()
