@@ -29,6 +29,16 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def record_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A second private Redis where tasks record what they did (the broker may be RabbitMQ)."""
+    server = RedisServer(tmp_path / "record-redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def project(tmp_path: Path, redis_server: RedisServer) -> Iterator[Project]:
     """A unique project on a private Redis. Teardown stops what the test started, then fails the test
     if anything that ran in the project's directories is still alive (after killing it, by pid)."""

@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
-from helpers import Project, RedisServer, client, free_port, wait_for
+from helpers import Project, client, free_port, wait_for
 from tlrun.errors import ConfigError
 from tlrun.ops.memory import cgroup_limit, limit_from_cgroup
 from tlrun.roles import parse_size
@@ -53,15 +53,6 @@ def note(i):
     time.sleep(0.05)
     _rec.rpush("notes", i)
 """
-
-
-@pytest.fixture
-def record_redis(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "record-redis")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def lrange(url: str, key: str) -> list[str]:

@@ -11,12 +11,11 @@ import itertools
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import Project, RedisServer, client, ping_replies, wait_for
+from helpers import Project, client, ping_replies, wait_for
 
 TASKS = """
 import os
@@ -109,15 +108,6 @@ def start_worker(project: Project, env: dict[str, str], *args: str) -> Any:
 
 def reload(project: Project, env: dict[str, str], *args: str) -> Any:
     return project.run("reload", "-A", project.app, *args, env=env, timeout=120)
-
-
-@pytest.fixture
-def record_redis(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "record-redis")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_reload_swaps_beside_and_a_broken_module_keeps_the_old_worker(project: Project, record_redis: Any) -> None:

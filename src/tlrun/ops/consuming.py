@@ -226,17 +226,21 @@ class Watch:
         self._stop.set()
 
 
-def recorded(settings: Any) -> list[NotConsuming]:
-    """What this host's launchers found with their history (the `stuck_after` rule), from their lock records."""
+def recorded_items(settings: Any, key: str) -> list[Any]:
+    """The items of list `key` in the lock records of this host's live launchers of the project's roles."""
     from tlrun.launch import guard
 
-    found = []
-    for _kind, record, _holder in guard.live_records(settings.project_id, [r.lock_kind for r in settings.all_roles]):
-        for item in record.get("not_consuming") or []:
-            nc = NotConsuming.from_dict(item)
-            if nc is not None:
-                found.append(nc)
-    return found
+    kinds = [r.lock_kind for r in settings.all_roles]
+    return [
+        item
+        for _kind, record, _holder in guard.live_records(settings.project_id, kinds)
+        for item in record.get(key) or []
+    ]
+
+
+def recorded(settings: Any) -> list[NotConsuming]:
+    """What this host's launchers found with their history (the `stuck_after` rule), from their lock records."""
+    return [nc for nc in map(NotConsuming.from_dict, recorded_items(settings, "not_consuming")) if nc is not None]
 
 
 def project_queues(settings: Any) -> list[str]:

@@ -100,15 +100,9 @@ def ask(broker: Broker, nodes: list[str], hung_after: float) -> dict[str, list[H
 
 def recorded(settings: Any) -> list[HungTask]:
     """What this host's launchers found, from their lock records."""
-    from tlrun.launch import guard
+    from tlrun.ops.consuming import recorded_items
 
-    found = []
-    for _kind, record, _holder in guard.live_records(settings.project_id, [r.lock_kind for r in settings.all_roles]):
-        for item in record.get("hung") or []:
-            hung = HungTask.from_dict(item)
-            if hung is not None:
-                found.append(hung)
-    return found
+    return [h for h in map(HungTask.from_dict, recorded_items(settings, "hung")) if h is not None]
 
 
 def project_check(settings: Any, url: str | None, nodes: list[str]) -> list[HungTask]:
