@@ -165,8 +165,21 @@ def _mib(n: int) -> str:
 def ps_table(rows: list[LocalProcess]) -> list[str]:
     if not rows:
         return ["no Celery workers or beats"]
-    header = ("PID", "KIND", "ROLE", "NODE", "STATE", "UPTIME", "RSS", "CPU", "POOL", "LAUNCHER", "GUARD")
-    body = [
+    guarded = any(p.memory_limit is not None for p in rows)  # the GUARD column only where a guard runs
+    header: tuple[str, ...] = (
+        "PID",
+        "KIND",
+        "ROLE",
+        "NODE",
+        "STATE",
+        "UPTIME",
+        "RSS",
+        "CPU",
+        "POOL",
+        "LAUNCHER",
+        "GUARD",
+    )
+    body: list[tuple[str, ...]] = [
         (
             str(p.pid),
             p.kind,
@@ -182,6 +195,8 @@ def ps_table(rows: list[LocalProcess]) -> list[str]:
         )
         for p in rows
     ]
+    if not guarded:
+        header, body = header[:-1], [row[:-1] for row in body]
     widths = [max(len(r[i]) for r in (header, *body)) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in (header, *body)]
 
