@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 from tlrun.config import Settings
 from tlrun.errors import NothingRunningError, ReloadError
-from tlrun.launch import guard, unitstop
+from tlrun.launch import guard, signals, unitstop
 from tlrun.ops.control import project_launchers
 
 POLL = 0.05
@@ -61,15 +63,19 @@ def reload_project(settings: Settings, timeout: float) -> list[RoleReloaded]:
                 "(started by an older tlrun, or beat only): restart them once"
             )
         raise NothingRunningError("no worker of this project runs here: nothing to reload")
-    return _answers(settings, asked, kinds, request_id, timeout)
+    return _answers(settings, {pid: (procs[pid], ks) for pid, ks in asked.items()}, kinds, request_id, timeout)
 
 
 def _answers(
-    settings: Settings, asked: dict[int, set[str]], kinds: dict[str, str], request_id: str, timeout: float
+    settings: Settings,
+    asked: dict[int, tuple[psutil.Process, set[str]]],
+    kinds: dict[str, str],
+    request_id: str,
+    timeout: float,
 ) -> list[RoleReloaded]:
     deadline = time.monotonic() + timeout
     answers: dict[tuple[int, str], RoleReloaded] = {}
-    waiting = {(pid, kind) for pid, ks in asked.items() for kind in ks}
+    waiting = {(pid, kind) for pid, (_proc, ks) in asked.items() for kind in ks}
     while waiting and time.monotonic() < deadline:
         for kind, record, holder in guard.live_records(settings.project_id, sorted({k for _p, k in waiting})):
             answer = record.get("reload")
@@ -77,9 +83,9 @@ def _answers(
                 waiting.discard((holder.pid, kind))
                 ok = bool(answer.get("ok"))
                 answers[(holder.pid, kind)] = RoleReloaded(holder.pid, kinds[kind], ok, str(answer.get("message")))
-        alive = {pid for _k, _r, holder in guard.live_records(settings.project_id, list(kinds)) for pid in [holder.pid]}
         for pid, kind in list(waiting):
-            if pid not in alive:  # it stopped meanwhile
+            # The process itself, not its records: a record being rewritten may be unreadable for an instant.
+            if not signals.is_alive(asked[pid][0]):  # it stopped meanwhile
                 waiting.discard((pid, kind))
                 answers[(pid, kind)] = RoleReloaded(pid, kinds[kind], False, "its launcher stopped before it answered")
         if waiting:
