@@ -23,6 +23,7 @@ from tlrun.launch import guard, signals, unitstop
 from tlrun.ops.control import project_launchers
 
 POLL = 0.05
+RECORD_READS = 5
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,15 @@ def reload_project(settings: Settings, timeout: float) -> list[RoleReloaded]:
     nothing runs, or when a launcher did not answer within `timeout`."""
     guard.check_env_guard(os.environ, "reload from inside a task")
     kinds = {r.lock_kind: r.name for r in settings.roles}
-    held: dict[int, dict[str, dict[str, Any]]] = {}
-    for kind, record, holder in guard.live_records(settings.project_id, list(kinds)):
-        if record.get("state") not in (None, "gone"):
-            held.setdefault(holder.pid, {})[kind] = record
     procs = {p.pid: p for p in project_launchers(settings)}
+    held: dict[int, dict[str, dict[str, Any]]] = {}
+    for _ in range(RECORD_READS):  # a record rewritten in place can read empty for an instant: read again
+        for kind, record, holder in guard.live_records(settings.project_id, list(kinds)):
+            if record.get("state") not in (None, "gone"):
+                held.setdefault(holder.pid, {})[kind] = record
+        if not procs or held:
+            break
+        time.sleep(POLL)
     asked: dict[int, set[str]] = {}
     refused: list[int] = []
     request_id = secrets.token_hex(8)
