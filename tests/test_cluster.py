@@ -329,6 +329,43 @@ def _sleep_through(seconds: float) -> None:
     time.sleep(seconds)
 
 
+SLOW_PUBLISH_APP = (
+    BEAT_APP
+    + """
+
+import time
+from celery.signals import before_task_publish
+
+
+@before_task_publish.connect
+def _slow(**_kwargs):
+    # The tick's send is about to LPUSH: the broker holds every write for 0.6 s, so the beat waits in the
+    # socket read of the LPUSH's reply, where the stop signal lands (where a real broker's latency puts it).
+    import redis
+
+    r = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
+    r.execute_command("CLIENT", "PAUSE", "600", "WRITE")
+    r.close()
+    open(os.environ["TEST_PUBLISHING"], "a").close()
+"""
+)
+
+
+def test_a_stop_during_a_ticks_send_lets_the_tick_finish_and_beat_exit_cleanly(project: Project) -> None:
+    """Celery's own SIGTERM handler saves the schedule inside the handler and closes its shelf under a tick
+    that is sending: the tick fails and beat exits 1. tlrun's beat keeps the signal until the tick returns."""
+    (project.root / f"{project.app}.py").write_text(SLOW_PUBLISH_APP.format(name=project.app))
+    marker = project.base / "publishing"
+    launched = project.launch(command="beat", env=project.env(TEST_PUBLISHING=str(marker)))
+    wait_for(marker.exists, 30, "a tick's send to begin")
+    _sleep_through(0.2)  # into the 0.6 s the broker holds the LPUSH (a window observed, not a synchronisation)
+    launched.send(signal.SIGTERM)
+    assert launched.wait(30) == 0, launched.output()
+    out = launched.output()
+    assert "closed shelf" not in out and "I/O operation on closed file" not in out
+    assert "beat stopped (status 0)" in out
+
+
 @needs_root
 def test_a_holder_cut_off_from_redis_stops_its_beat_before_the_lease_expires(
     beat_project: Project, redis_server: RedisServer

@@ -23,12 +23,14 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tlrun.cluster.lease import BeatLease, Holder, backend_for
 
 CONFIG_ENV = "TLRUN_BEAT_FENCE"  # JSON: name, ttl, host, status (the status file's path)
 EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: the beat lost the lease and stopped; its launcher stands by
+DEFER_MAX = 1.0  # a stop signal waits at most this long for the tick it landed in
 TICK = 0.1  # how often the lease's thread looks whether a renewal or a retry is due
 
 
@@ -106,6 +108,63 @@ def _guard(fence: Fence) -> None:
     beat.Scheduler.apply_entry = apply_entry
 
 
+class _TickGuard:
+    """Celery beat's SIGTERM/SIGINT handler (`Beat.install_sync_handler`) saves the schedule from inside the
+    handler: landing during a tick's send it closes the schedule's shelf under the tick, which then fails
+    (`I/O operation on closed file`, `invalid operation on closed shelf`) and beat exits 1. A signal that
+    lands during a tick is kept until the tick returns; then beat stops the way it always does (SystemExit
+    out of the loop, whose `finally` saves the schedule). Between ticks, Celery's own handler runs as before.
+    Never at the lease's expense: a beat that lost the lease stops at once, and a tick still running
+    DEFER_MAX seconds after the signal (a send retrying against a broker that is gone) is stopped then."""
+
+    def __init__(self, urgent: Callable[[], bool]) -> None:
+        self.depth = 0
+        self.pending = False
+        self.urgent = urgent
+
+    def install(self) -> None:
+        from celery import beat
+        from celery.apps import beat as beat_app
+
+        guard = self
+        original_tick = beat.Scheduler.tick
+
+        def tick(scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+            guard.depth += 1
+            try:
+                return original_tick(scheduler, *args, **kwargs)
+            finally:
+                guard.depth -= 1
+                if guard.pending and guard.depth == 0:
+                    guard.pending = False
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    raise SystemExit()
+
+        def install_sync_handler(self: Any, service: Any) -> None:
+            from celery import platforms
+
+            def _stop() -> None:
+                guard.pending = False
+                service.sync()
+                raise SystemExit()
+
+            def _sync(signum: int, frame: Any) -> None:
+                if guard.depth and not guard.urgent():
+                    guard.pending = True  # the tick ends first, or DEFER_MAX passes
+                    signal.setitimer(signal.ITIMER_REAL, DEFER_MAX)
+                    return
+                _stop()
+
+            def _late(signum: int, frame: Any) -> None:
+                if guard.pending:
+                    _stop()
+
+            platforms.signals.update(SIGTERM=_sync, SIGINT=_sync, SIGALRM=_late)
+
+        beat.Scheduler.tick = tick
+        beat_app.Beat.install_sync_handler = install_sync_handler
+
+
 _fence: Fence | None = None
 
 
@@ -119,6 +178,7 @@ def install() -> None:
     _fence = Fence(lease, config.get("status"))
     _fence.write_status("standby", None)
     _guard(_fence)
+    _TickGuard(lambda: _fence is not None and _fence.lost).install()
     threading.Thread(target=_fence.run, name="tlrun-beat-lease", daemon=True).start()
 
 
