@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from pathlib import Path
 
 
@@ -20,6 +21,25 @@ def read_text(path: Path) -> str | None:
         return None
     with os.fdopen(fd, encoding="utf-8") as fh:
         return fh.read()
+
+
+def read_private(path: Path, limit: int) -> bytes | None:
+    """A file of the user's own in their private directories (a request, a cache), or None: missing, a link, not
+    a regular file (a FIFO is opened non-blocking, so it never blocks the reader), another user's, or larger
+    than `limit` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size > limit:
+            return None
+        return os.read(fd, limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:

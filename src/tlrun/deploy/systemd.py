@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from tlrun.events import Event, Ready, Reloaded, Reloading
 from tlrun.launch.broker import Broker
+from tlrun.launch.periodic import Periodic
 from tlrun.launch.steps import Step
 from tlrun.launch.units import READY
 
@@ -70,41 +70,38 @@ def monotonic_usec() -> str:
     return str(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
 
 
-class Pinger:
-    """Pings each ready worker with tlrun's own ping every `every` seconds on a thread: when each last answered."""
+class Pinger(Periodic):
+    """Pings each ready worker with tlrun's own ping every `every` seconds: when each last answered."""
+
+    name = "tlrun-watchdog"
 
     def __init__(self, url: str, targets: Callable[[], list[tuple[str, int]]], every: float) -> None:
+        super().__init__(every)
         self.url = url
         self.targets = targets
-        self.every = every
         self.answered: dict[tuple[str, int], float] = {}
         self.first_seen: dict[tuple[str, int], float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tlrun-watchdog", daemon=True)
+        self._broker: Broker | None = None  # one connection for every round, opened again after a failure
 
-    def start(self) -> Pinger:
-        self._thread.start()
-        return self
+    def round(self) -> None:
+        began = time.monotonic()
+        try:
+            if self._broker is None:
+                self._broker = Broker(self.url)
+            for node, pid in self.targets():
+                self.first_seen.setdefault((node, pid), began)
+                if self._broker.answers_as(node, pid, max(self.every, MIN_PING_EVERY)):
+                    self.answered[(node, pid)] = time.monotonic()
+        except Exception as exc:  # the broker away: no answers, so no watchdog
+            log.debug("watchdog ping failed: %s", exc)
+            self._drop()
 
-    def _run(self) -> None:
-        broker: Broker | None = None
-        while not self._stop.is_set():
-            began = time.monotonic()
-            try:
-                if broker is None:
-                    broker = Broker(self.url).__enter__()
-                for node, pid in self.targets():
-                    self.first_seen.setdefault((node, pid), began)
-                    if broker.answers_as(node, pid, max(self.every, MIN_PING_EVERY)):
-                        self.answered[(node, pid)] = time.monotonic()
-            except Exception as exc:  # the broker away: no answers, so no watchdog
-                log.debug("watchdog ping failed: %s", exc)
-                if broker is not None:
-                    broker.__exit__(None, None, None)
-                    broker = None
-            self._stop.wait(max(0.0, self.every - (time.monotonic() - began)))
-        if broker is not None:
-            broker.__exit__(None, None, None)
+    def _drop(self) -> None:
+        if self._broker is not None:
+            self._broker.close()
+            self._broker = None
+
+    finish = _drop
 
     def fresh(self, within: float) -> bool:
         """Did every current target answer within the last `within` seconds? (One seen for the first time
@@ -115,11 +112,6 @@ class Pinger:
             if now - last > within:
                 return False
         return True
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
 
 
 class SystemdStep(Step):

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -63,20 +62,11 @@ def request_path(project_id: str, launcher_pid: int, kind: str = "stop") -> Path
 
 def _read_request(path: Path) -> dict[str, Any] | None:
     """A request file's JSON object, read once and removed; None when it is missing or not trusted."""
-    try:
-        # O_NONBLOCK: a FIFO planted here would otherwise block the launcher in open().
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+    data = safefile.read_private(path, MAX_REQUEST_BYTES)
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    if data is None:
         return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-            return None
-        data = os.read(fd, MAX_REQUEST_BYTES)
-    finally:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
     try:
         request = json.loads(data)
     except ValueError:

@@ -18,6 +18,7 @@ from typing import Any
 
 from tlrun.errors import BrokerError
 from tlrun.launch.broker import Broker
+from tlrun.launch.periodic import Periodic
 
 STUCK_AFTER = 60.0
 ENV_STUCK_AFTER = "TLRUN_STUCK_AFTER"
@@ -133,9 +134,11 @@ def wanted_queues(queue_set: frozenset[str] | None) -> list[str]:
     return sorted(queue_set) if queue_set else [DEFAULT_QUEUE]
 
 
-class Watch:
+class Watch(Periodic):
     """The launcher's periodic check, on a thread with its own broker connection: every `every` seconds,
     each (node, queues) that `targets()` names is checked; `take()` hands the verdicts to the supervise loop."""
+
+    name = "tlrun-consume-check"
 
     def __init__(
         self,
@@ -150,61 +153,54 @@ class Watch:
         """`sample`: ask every node for its state at every check (for metrics), not only when messages wait."""
         import threading
 
+        super().__init__(every)
         self.sample = sample
         self._queue_owner = queue_owner
         self._all_queues = all_queues
         self._states: dict[str, NodeState] = {}
         self._lengths: dict[str, int] = {}
         self.url = url
-        self.every = every
         self.stuck_after = stuck_after
         self._targets = targets
         self._first_seen: dict[tuple[str, str], float] = {}  # the thread's own
         self._verdicts: dict[str, list[NotConsuming]] = {}
         self._forgotten: set[str] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tlrun-consume-check", daemon=True)
 
-    def start(self) -> Watch:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
+    def round(self) -> None:
         import time
 
-        while not self._stop.wait(self.every):
-            with self._lock:
-                forgotten, self._forgotten = self._forgotten, set()
-            for key in [k for k in self._first_seen if k[0] in forgotten]:
-                del self._first_seen[key]
-            try:
-                targets = list(self._targets())
-                if not targets:
-                    continue
-                lengths: dict[str, int | None] = {}
+        with self._lock:
+            forgotten, self._forgotten = self._forgotten, set()
+        for key in [k for k in self._first_seen if k[0] in forgotten]:
+            del self._first_seen[key]
+        try:
+            targets = list(self._targets())
+            if not targets:
+                return
+            lengths: dict[str, int | None] = {}
+            with Broker(self.url) as broker:
+                for node, queues in targets:
+                    waiting = depths(broker, queues)
+                    lengths.update(waiting)
+                    if self.sample or any(waiting.values()):
+                        state = node_state(broker, node)
+                    else:
+                        state = NodeState(node, None, None)  # nothing waits: no verdict, no history
+                    found = judge(state, queues, waiting, time.time(), self._first_seen, self.stuck_after)
+                    with self._lock:
+                        self._verdicts[node] = found
+                        if state.busy is not None:
+                            self._states[node] = state
+            owner = self._queue_owner() if self._queue_owner is not None else False
+            if owner:  # every queue of the project, 0 when empty (as celery-exporter reports it)
                 with Broker(self.url) as broker:
-                    for node, queues in targets:
-                        waiting = depths(broker, queues)
-                        lengths.update(waiting)
-                        if self.sample or any(waiting.values()):
-                            state = node_state(broker, node)
-                        else:
-                            state = NodeState(node, None, None)  # nothing waits: no verdict, no history
-                        found = judge(state, queues, waiting, time.time(), self._first_seen, self.stuck_after)
-                        with self._lock:
-                            self._verdicts[node] = found
-                            if state.busy is not None:
-                                self._states[node] = state
-                owner = self._queue_owner() if self._queue_owner is not None else False
-                if owner:  # every queue of the project, 0 when empty (as celery-exporter reports it)
-                    with Broker(self.url) as broker:
-                        rest = [q for q in (self._all_queues() if self._all_queues else []) if q not in lengths]
-                        lengths.update(depths(broker, rest))
-                with self._lock:
-                    self._lengths = {q: n or 0 for q, n in lengths.items()} if owner else {}
-            except BrokerError:
-                continue  # the broker is away: the worker's own reconnect logic is at work, not ours to judge
+                    rest = [q for q in (self._all_queues() if self._all_queues else []) if q not in lengths]
+                    lengths.update(depths(broker, rest))
+            with self._lock:
+                self._lengths = {q: n or 0 for q, n in lengths.items()} if owner else {}
+        except BrokerError:
+            return  # the broker is away: the worker's own reconnect logic is at work, not ours to judge
 
     def take(self) -> dict[str, list[NotConsuming]]:
         with self._lock:
@@ -221,9 +217,6 @@ class Watch:
         with self._lock:
             self._verdicts.pop(node, None)
             self._forgotten.add(node)
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 def recorded_items(settings: Any, key: str) -> list[Any]:

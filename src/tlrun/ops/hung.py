@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 from tlrun.errors import BrokerError
 from tlrun.events import Notice
 from tlrun.launch import signals
+from tlrun.launch._celery_fix import ACTIVE_COMMAND
 from tlrun.launch.broker import Broker
+from tlrun.launch.periodic import Periodic
 from tlrun.launch.steps import Step
 from tlrun.launch.units import READY, Unit, WorkerUnit
 
@@ -36,9 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COMMAND = "tlrun_active"
+COMMAND = ACTIVE_COMMAND
 ASK_TIMEOUT = 1.0
-DEFAULT_HUNG_AFTER = 3600.0
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,19 @@ def judge(node: str, tasks: Any, hung_after: float) -> list[HungTask]:
     return found
 
 
+def running(broker: Broker, nodes: list[str], timeout: float = ASK_TIMEOUT) -> dict[str, list[dict[str, Any]]]:
+    """node -> the tasks it runs (its `tlrun_active` reply), for every node that answered."""
+    replies = broker.ask_each(nodes, COMMAND, timeout)
+    return {
+        node: [t for t in reply.get("tasks") or [] if isinstance(t, dict)]
+        for node, reply in replies.items()
+        if isinstance(reply, dict)
+    }
+
+
 def ask(broker: Broker, nodes: list[str], hung_after: float) -> dict[str, list[HungTask]]:
     """node -> its hung tasks, for every node that answered."""
-    replies = broker.ask_each(nodes, COMMAND, ASK_TIMEOUT)
-    return {
-        node: judge(node, reply.get("tasks"), hung_after) for node, reply in replies.items() if isinstance(reply, dict)
-    }
+    return {node: judge(node, tasks, hung_after) for node, tasks in running(broker, nodes).items()}
 
 
 def recorded(settings: Any) -> list[HungTask]:
@@ -121,41 +129,34 @@ def project_check(settings: Any, url: str | None, nodes: list[str]) -> list[Hung
     return list(found.values())
 
 
-class Watch:
-    """Asks the targets every `every` seconds on a thread; `take()` gives the latest verdicts."""
+class Watch(Periodic):
+    """Asks the targets every `every` seconds; `take()` gives the latest verdicts."""
+
+    name = "tlrun-hung"
 
     def __init__(self, url: str, targets: Callable[[], list[str]], every: float, hung_after: float) -> None:
-        self.url, self.targets, self.every, self.hung_after = url, targets, every, hung_after
+        super().__init__(every)
+        self.url, self.targets, self.hung_after = url, targets, hung_after
         self._lock = threading.Lock()
         self._verdicts: dict[str, list[HungTask]] | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tlrun-hung", daemon=True)
 
-    def start(self) -> Watch:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            nodes = self.targets()
-            if not nodes:
-                continue
-            try:
-                with Broker(self.url) as broker:
-                    verdicts = ask(broker, nodes, self.hung_after)
-            except BrokerError as exc:
-                log.debug("hung-task check failed: %s", exc)
-                continue
-            with self._lock:
-                self._verdicts = verdicts
+    def round(self) -> None:
+        nodes = self.targets()
+        if not nodes:
+            return
+        try:
+            with Broker(self.url) as broker:
+                verdicts = ask(broker, nodes, self.hung_after)
+        except BrokerError as exc:
+            log.debug("hung-task check failed: %s", exc)
+            return
+        with self._lock:
+            self._verdicts = verdicts
 
     def take(self) -> dict[str, list[HungTask]] | None:
         with self._lock:
             verdicts, self._verdicts = self._verdicts, None
         return verdicts
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 class HungStep(Step):

@@ -28,8 +28,10 @@ from tlrun.errors import BrokerError
 from tlrun.events import Notice
 from tlrun.launch import signals
 from tlrun.launch.broker import Broker
+from tlrun.launch.periodic import Periodic
 from tlrun.launch.steps import Step
 from tlrun.launch.units import READY
+from tlrun.ops import hung
 
 if TYPE_CHECKING:
     from tlrun.launch.launcher import Launcher
@@ -40,6 +42,7 @@ SAMPLE_EVERY = 0.25  # seconds between two samples of a tree (the issue asks for
 RECORD_EVERY = 2.0  # the lock record (ps, doctor) gets the latest sample this often
 HEADROOM_FRACTION = 0.1  # of a cgroup limit, kept free for the launcher and the kernel
 MIN_HEADROOM = 64 * 1024 * 1024
+TASK_OF_TIMEOUT = 0.5  # the kill must not wait long for the name of the task it stops
 KILL_SETTLE = 1.0  # after a kill, seconds before the same tree is judged again
 UNLIMITED = 1 << 60  # cgroup v1 says "no limit" with a huge number
 
@@ -123,39 +126,33 @@ class Target:
     limit: int
 
 
-class Guard:
+class Guard(Periodic):
     """Samples every target's tree on a thread; kills and revokes there (at once: the kernel does not wait)."""
 
+    name = "tlrun-memory"
+
     def __init__(self, url: str, targets: Callable[[], list[Target]], every: float = SAMPLE_EVERY) -> None:
-        self.url, self.targets, self.every = url, targets, every
+        super().__init__(every)
+        self.url, self.targets = url, targets
         self.latest: dict[str, Sample] = {}
         self.kills: list[Kill] = []  # taken by the supervise loop
         self.killed_ids: dict[str, int] = {}
-        self.costs: list[float] = []  # seconds per sample, the last few hundred (published by the bench)
         self._first: dict[int, int] = {}  # child pid -> its PSS when first seen
         self._calm: dict[str, float] = {}  # node -> no kill before this monotonic time (the last one settles)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tlrun-memory", daemon=True)
 
-    def start(self) -> Guard:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            for target in self.targets():
-                got = sample(target.main_pid)
-                if got is None:
-                    continue
-                self.costs = [*self.costs[-499:], got.seconds]
-                for pid, size in got.children.items():
-                    self._first.setdefault(pid, size)
-                self.latest[target.node] = got
-                if got.total > target.limit and got.children and time.monotonic() >= self._calm.get(target.node, 0):
-                    self._act(target, got)
-                    # The killed child's pages are freed as it exits: judge the tree again after that.
-                    self._calm[target.node] = time.monotonic() + KILL_SETTLE
+    def round(self) -> None:
+        for target in self.targets():
+            got = sample(target.main_pid)
+            if got is None:
+                continue
+            for pid, size in got.children.items():
+                self._first.setdefault(pid, size)
+            self.latest[target.node] = got
+            if got.total > target.limit and got.children and time.monotonic() >= self._calm.get(target.node, 0):
+                self._act(target, got)
+                # The killed child's pages are freed as it exits: judge the tree again after that.
+                self._calm[target.node] = time.monotonic() + KILL_SETTLE
 
     def _act(self, target: Target, got: Sample) -> None:
         grown = max(got.children, key=lambda pid: got.children[pid] - self._first.get(pid, 0))
@@ -173,13 +170,11 @@ class Guard:
     def _task_of(self, node: str, pid: int) -> tuple[str | None, str | None]:
         try:
             with Broker(self.url) as broker:
-                reply = broker.ask(node, "tlrun_active", 0.5)
+                tasks = hung.running(broker, [node], TASK_OF_TIMEOUT).get(node, [])
         except BrokerError:
             return None, None
-        for t in (reply or {}).get("tasks") or [] if isinstance(reply, dict) else []:
-            if isinstance(t, dict) and t.get("pid") == pid:
-                return str(t.get("name")), str(t.get("id"))
-        return None, None
+        task = next((t for t in tasks if t.get("pid") == pid), None)
+        return (str(task.get("name")), str(task.get("id"))) if task is not None else (None, None)
 
     def _revoke(self, task_id: str) -> bool:
         try:
@@ -194,11 +189,6 @@ class Guard:
         with self._lock:
             kills, self.kills = self.kills, []
         return kills
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(2)
 
 
 class MemoryStep(Step):
@@ -277,8 +267,3 @@ def memory_record(got: Sample, limit: int, kills: dict[str, int]) -> dict[str, A
 
 def mib(size: int) -> str:
     return f"{size / 1024 / 1024:.0f} MiB"
-
-
-def cost_per_sample(guard: Guard) -> float | None:
-    costs = sorted(guard.costs)
-    return costs[len(costs) // 2] if costs else None

@@ -18,13 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tlrun import __version__
+from tlrun import __version__, safefile
 
 DISABLE_ENV = "TLRUN_NO_DISCOVERY_CACHE"
 RACY = 2.0  # seconds: a file changed this recently may change again within its mtime's granularity
@@ -83,22 +82,11 @@ def cache_path(runtime: Path, root: Path, code_root: Path) -> Path:
 
 def load(path: Path, root: Path, code_root: Path) -> tuple[str, str] | None:
     """(app, what was found) when the cached answer still holds, else None."""
+    raw = safefile.read_private(path, MAX_CACHE_BYTES)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        data = json.loads(raw) if raw is not None else None
+    except ValueError:
         return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size > MAX_CACHE_BYTES:
-            return None
-        with os.fdopen(fd, "rb") as fh:
-            fd = -1
-            data = json.loads(fh.read())
-    except (OSError, ValueError):
-        return None
-    finally:
-        if fd >= 0:
-            os.close(fd)
     if not isinstance(data, dict) or data.get("version") != __version__:
         return None
     if data.get("root") != str(root) or data.get("code_root") != str(code_root):
