@@ -69,19 +69,29 @@ def dev(
     debug: bool = False,
     fast_stop: bool = True,
     early: EarlyStart | None = None,
+    workers: bool = True,
 ) -> int:
-    """tlrun dev: a private broker when none answers, reload, beat under its lease, or debug mode."""
+    """tlrun dev: a private broker when none answers, reload, beat under its lease, or debug mode; the
+    project's processes (and Flower) beside the workers, each a unit (dev/stack.py)."""
     from tlrun.cluster.names import NodeClaimStep
     from tlrun.dev.brokerd import PrivateBrokerStep
+    from tlrun.dev.stack import StackStep
+    from tlrun.events import Notice
 
+    for note in settings.stack_notes:
+        report(Notice(note))
     steps: list[Step] = [PrivateBrokerStep()] if managed_broker else []
     steps.append(NodeClaimStep())
     if beat:
         _lease(steps)
+    processes = settings.processes
+    if processes:
+        steps.append(StackStep(reload=reload))
     if debug:
         from tlrun.dev.debug import serve_in_process
 
-        return run(settings, report, LaunchOptions(beat=beat), steps, in_process=serve_in_process)
+        opts = LaunchOptions(beat=beat, processes=processes)
+        return run(settings, report, opts, steps, in_process=serve_in_process)
     from tlrun.deploy.swap import ReloadStep
 
     watcher = None
@@ -94,7 +104,7 @@ def dev(
     from tlrun.ops.hung import HungStep
 
     steps.append(HungStep(None, settings.hung_after, settings.consume_check_every))  # reported, never killed
-    opts = LaunchOptions(beat=beat, fast_stop=fast_stop, held=True, dev_poll=True)
+    opts = LaunchOptions(workers=workers, beat=beat, fast_stop=fast_stop, held=True, dev_poll=True, processes=processes)
     return run(settings, report, opts, steps, early=early)
 
 

@@ -6,6 +6,7 @@ tested without touching the real environment.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable, Mapping
@@ -18,7 +19,8 @@ from tlrun import redact
 from tlrun.envfile import read_dotenv
 from tlrun.errors import ConfigError, UsageError
 from tlrun.limits import MAX_SECONDS
-from tlrun.project.file import ProjectFile
+from tlrun.project.file import ProjectFile, RoleSpec
+from tlrun.project.processes import ProcessSpec, Stack
 from tlrun.roles import (
     ENV_CONCURRENCY,
     ENV_LOGLEVEL,
@@ -103,6 +105,9 @@ class Settings:
     consume_check_every: float = 30.0  # how often `tlrun worker` checks that its workers consume
     hung_after: float = 3600.0  # a task without a hard time limit running longer than this is HUNG_TASK
     source_dir: Path | None = None  # where the code lives when not at the root (a src/ layout)
+    processes: tuple[ProcessSpec, ...] = ()  # the stack's other processes (dev runs them)
+    flower: bool = False  # the project file's `flower = true`: dev also runs Flower
+    stack_notes: tuple[str, ...] = ()  # what dev says of the Procfile it read (its celery lines)
 
     @property
     def code_root(self) -> Path:
@@ -163,6 +168,7 @@ def build_settings(
     discover: Callable[[], Discovery] | None = None,
     app_required: bool = True,
     source_dir: Path | None = None,
+    stack: Stack | None = None,
 ) -> Settings:
     """Merge the sources. `cli` holds only the options given on the command line (None means not given).
 
@@ -172,6 +178,12 @@ def build_settings(
     merged_env: dict[str, str] = {**dotenv, **environ}  # the process environment wins over .env
     pf = project or ProjectFile(None)
     notes: list[tuple[str, str]] = []
+    stack = stack or Stack()
+    stack_notes = list(stack.notes)
+    if stack.roles and pf.roles:
+        stack_notes.append(f"the project file declares roles: {stack.source}'s worker lines do not run")
+    elif stack.roles:  # a Procfile's celery worker lines are the project's roles
+        pf = dataclasses.replace(pf, roles=tuple(RoleSpec(name, table) for name, table in stack.roles))
 
     def pick(cli_key: str, *env_keys: str, file_key: str | None = None) -> tuple[Any, str]:
         value = cli.get(cli_key)
@@ -185,6 +197,7 @@ def build_settings(
         return None, ""
 
     app, _ = pick("app", ENV_APP, file_key="app")
+    app = app or stack.app  # the Procfile's `celery -A`
     if not app:
         if discover is None:
             raise ConfigError(
@@ -240,6 +253,10 @@ def build_settings(
                     f"{source} would give all {len(roles)} roles the same value",
                     hint="choose one role with --role NAME, or set it per role in the project file",
                 )
+    processes = pf.processes or stack.processes
+    clash = sorted({p.name for p in processes} & {r.name for r in all_roles})
+    if clash:
+        raise ConfigError(f"{clash[0]!r} names both a worker role and a process: unit names must be unique")
     return Settings(
         project_root=project_root,
         app=str(app),
@@ -254,7 +271,7 @@ def build_settings(
         strict=bool(cli.get("strict")),
         sweep=cli.get("sweep", True) is not False,
         replace=bool(cli.get("replace")),
-        beat=bool(pf.values.get("beat", False)),
+        beat=bool(pf.values.get("beat", False)) or stack.beat,
         project_file=pf.path,
         environ=merged_env,
         notes=tuple(notes),
@@ -265,6 +282,9 @@ def build_settings(
         consume_check_every=num("consume_check_every", ENV_CONSUME_CHECK_EVERY, float, 30.0, 0.5),
         hung_after=num("hung_after", ENV_HUNG_AFTER, float, 3600.0, 0.5),
         source_dir=source_dir,
+        processes=processes,
+        flower=bool(pf.values.get("flower", False)),
+        stack_notes=tuple(stack_notes),
     )
 
 
@@ -299,18 +319,26 @@ def load_settings(
     else:
         root = find_root(Path(os.getcwd()))
     pf = project_file.load(root)
+    dotenv = read_dotenv(root / ".env")
+    stack = None
+    if not pf.processes:  # without a processes table: a Procfile.dev or Procfile
+        from tlrun.project.processes import find_procfile, read_procfile
+
+        procfile = find_procfile(root)
+        stack = read_procfile(procfile, {**dotenv, **os.environ}) if procfile is not None else None
     declared = pf.values.get("source")
     source = find_source(root, dict(pf.pyproject or {}), str(declared) if declared is not None else None)
     return build_settings(
         cli,
         os.environ,
-        read_dotenv(root / ".env"),
+        dotenv,
         root,
         ping_window_default,
         project=pf,
         discover=lambda: _discover(root, source),
         app_required=app_required,
         source_dir=source.directory if source.directory != root else None,
+        stack=stack,
     )
 
 

@@ -64,6 +64,25 @@ class Reloading:
 
 
 @dataclass(frozen=True)
+class Saved:
+    """The reload watcher saw saved files (before the workers' reload): processes with `reload = true` restart."""
+
+    changes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class UnitReady:
+    """A stack's process answers (`web ready on http://127.0.0.1:8000`), or started when it has no check."""
+
+    name: str
+    kind: str  # "process" or "flower"
+    pid: int
+    url: str | None
+    seconds: float
+    how: str | None  # what said it is ready: http, port, output; None: it started
+
+
+@dataclass(frozen=True)
 class WorkerOutput:
     node: str  # the node name, or "beat"
     lines: tuple[str, ...]  # a chunk of the child's output, one or more lines, redacted
@@ -77,5 +96,7 @@ class Exited:
     tail: tuple[str, ...] = ()
 
 
-Event = Notice | StrayFound | Spawned | Ready | Counted | Reloaded | Reloading | WorkerOutput | Exited
+Event = (
+    Notice | StrayFound | Spawned | Ready | Counted | Reloaded | Reloading | Saved | UnitReady | WorkerOutput | Exited
+)
 Reporter = Callable[[Event], None]

@@ -7,7 +7,18 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, TextIO
 
-from tlrun.events import Counted, Event, Exited, Notice, Ready, Reloaded, Spawned, StrayFound, WorkerOutput
+from tlrun.events import (
+    Counted,
+    Event,
+    Exited,
+    Notice,
+    Ready,
+    Reloaded,
+    Spawned,
+    StrayFound,
+    UnitReady,
+    WorkerOutput,
+)
 from tlrun.launch.sweep import format_age
 from tlrun.launch.verify import ReadyReport
 from tlrun.ops.doctor import DoctorReport
@@ -16,7 +27,26 @@ from tlrun.ops.inventory import LocalProcess
 if TYPE_CHECKING:
     from tlrun.cluster.view import ClusterView
 
-_CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
+_CODES = {
+    "bold": "1",
+    "dim": "2",
+    "red": "31",
+    "green": "32",
+    "yellow": "33",
+    "blue": "34",
+    "magenta": "35",
+    "cyan": "36",
+    "bright_green": "92",
+    "bright_yellow": "93",
+    "bright_blue": "94",
+    "bright_magenta": "95",
+}
+_LABEL_COLOURS = ("cyan", "yellow", "green", "magenta", "blue", "bright_green", "bright_yellow", "bright_magenta")
+
+
+def _label_colour(name: str) -> str:
+    """Each unit's tag in a colour of its own, the same in every run (honcho's look)."""
+    return _LABEL_COLOURS[sum(name.encode()) % len(_LABEL_COLOURS)]
 
 
 def use_color(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
@@ -117,7 +147,7 @@ class ConsoleRenderer:
             verb = "would stop" if event.dry_run else "stopping"
             self._say(f"tlrun: {verb} stray {event.stray.describe()}", "yellow")
         elif isinstance(event, Spawned):
-            what = event.node if event.kind == "worker" else event.kind
+            what = event.kind if event.kind in ("beat", "broker") else event.node
             where = f"log {event.log_path}" if event.log_path is not None else "output on stdout"
             self._say(f"tlrun: starting {what} (pid {event.pid}), {where}", "cyan")
         elif isinstance(event, Ready):
@@ -143,8 +173,15 @@ class ConsoleRenderer:
                 + f" ready, swap took {event.seconds:.1f} s{retiring}",
                 "green",
             )
+        elif isinstance(event, UnitReady):
+            took = f" ({event.seconds:.1f} s)" if event.how else ""
+            where = f"ready on {event.url}" if event.url else "ready"
+            if event.how is None:
+                where = f"running (pid {event.pid})"
+            self._say(f"tlrun: {event.name} {where}{took}", "green")
         elif isinstance(event, WorkerOutput):
-            tag = self._paint(f"[{event.node.split('@', 1)[0]}]", "dim") + " "
+            name = event.node.split("@", 1)[0]
+            tag = self._paint(f"[{name}]", _label_colour(name)) + " "
             self._write(self.out, "".join(tag + line + "\n" for line in event.lines), worker_line=True)
         elif isinstance(event, Exited):
             if event.requested:
@@ -164,12 +201,12 @@ def _mib(n: int) -> str:
 
 def ps_table(rows: list[LocalProcess]) -> list[str]:
     if not rows:
-        return ["no Celery workers or beats"]
+        return ["no Celery workers, beats or processes"]
     guarded = any(p.memory_limit is not None for p in rows)  # the GUARD column only where a guard runs
     header: tuple[str, ...] = (
         "PID",
         "KIND",
-        "ROLE",
+        "NAME",
         "NODE",
         "STATE",
         "UPTIME",
@@ -183,8 +220,8 @@ def ps_table(rows: list[LocalProcess]) -> list[str]:
         (
             str(p.pid),
             p.kind,
-            p.role or "-",
-            p.node or "-",
+            p.as_dict()["name"] or "-",
+            f"{p.node} :{p.port}" if p.port is not None and p.node else p.node or "-",
             p.state,
             format_age(p.uptime_s),
             _mib(p.rss_bytes),

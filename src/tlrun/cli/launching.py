@@ -25,6 +25,7 @@ def _launch(
     params: dict[str, Any],
     ping_window_default: float = 1.0,
     late: Callable[[], dict[str, Any]] | None = None,
+    adjust: Callable[[Any, dict[str, Any]], Any] | None = None,
     **opts: Any,
 ) -> None:
     """Load the settings, start the workers early (held, see launch/early.py), then import the rest of the
@@ -33,6 +34,8 @@ def _launch(
     settings = _settings(params, ping_window_default)
     if command == "dev" and opts.get("beat") is None:  # dev without --beat/--no-beat: the project file's `beat`
         opts["beat"] = settings.beat
+    if adjust is not None:
+        settings = adjust(settings, opts)
     early = _early_start(command, settings, opts)
     try:
         from tlrun import compose
@@ -55,6 +58,8 @@ def _early_start(command: str, settings: Any, opts: dict[str, Any]) -> Any:
     import os
 
     if command not in ("worker", "dev") or opts.get("debug") or os.environ.get("TLRUN_EARLY_START") == "0":
+        return None
+    if opts.get("workers") is False:  # tlrun dev --only web: no worker to start
         return None
     from tlrun.errors import TlrunError
     from tlrun.launch import guard, pid1
@@ -216,6 +221,13 @@ def worker(
     show_default=True,
     help="Stop (and reload) an idle worker by draining it through the broker, then killing it.",
 )
+@click.option(
+    "--flower/--no-flower",
+    default=None,
+    help="Also run Flower on a free port of 127.0.0.1 (default: the project file's `flower`).",
+)
+@click.option("--only", metavar="NAMES", help="Run only these units (comma-separated: roles, processes, beat, flower).")
+@click.option("--skip", metavar="NAMES", help="Run every unit but these (comma-separated).")
 @handle_errors
 def dev(
     debug: bool | None,
@@ -224,6 +236,9 @@ def dev(
     no_broker: bool,
     chatter: bool,
     fast_stop: bool,
+    flower: bool | None,
+    only: str | None,
+    skip: str | None,
     **params: Any,
 ) -> None:
     """The daily launcher: every role of the project (and beat) with development defaults.
@@ -252,7 +267,47 @@ def dev(
         managed_broker=not no_broker,
         debug=bool(debug),
         fast_stop=fast_stop and not debug,
+        adjust=lambda settings, opts: _select_units(settings, opts, flower, only, skip),
     )
+
+
+def _names(raw: str | None, option: str) -> list[str]:
+    names = [n.strip() for n in (raw or "").split(",") if n.strip()]
+    if raw is not None and not names:
+        raise click.UsageError(f"{option} needs one or more names, comma-separated")
+    return names
+
+
+def _select_units(settings: Any, opts: dict[str, Any], flower: bool | None, only: str | None, skip: str | None) -> Any:
+    """The units `tlrun dev` runs: every role, beat when asked, the project's processes, Flower when asked;
+    narrowed by --only / --skip (unknown names are a usage error, exit 2)."""
+    import dataclasses
+    import sys
+
+    from tlrun.dev.stack import flower_spec
+
+    wanted, unwanted = _names(only, "--only"), _names(skip, "--skip")
+    processes = list(settings.processes)
+    with_flower = settings.flower if flower is None else flower
+    known = [r.name for r in settings.roles] + [p.name for p in processes] + ["beat", "flower"]
+    for name in wanted + unwanted:
+        if name not in known:
+            raise click.UsageError(f"no unit named {name!r} in this project (units: {', '.join(known)})")
+    if wanted and "flower" in wanted:
+        with_flower = True
+
+    def chosen(name: str) -> bool:
+        return (not wanted or name in wanted) and name not in unwanted
+
+    if with_flower and chosen("flower"):
+        processes.append(flower_spec(settings, sys.executable))
+    processes = [p for p in processes if chosen(p.name)]
+    opts["beat"] = bool(opts.get("beat") or (wanted and "beat" in wanted)) and chosen("beat")
+    roles = tuple(r for r in settings.roles if chosen(r.name))
+    opts["workers"] = bool(roles)
+    if roles and roles != settings.roles:
+        settings = dataclasses.replace(settings, roles=roles, expected_workers=sum(r.expected for r in roles))
+    return dataclasses.replace(settings, processes=tuple(processes))
 
 
 @cli.command()

@@ -165,17 +165,32 @@ def ps(everything: bool, as_json: bool, **params: Any) -> None:
 @cli.command()
 @project_options
 @ROLE_OPTION
+@click.argument("name", required=False)
 @click.option("--timeout", type=Seconds(min=0), help="Grace period before SIGKILL (default: --grace, 30).")
 @handle_errors
-def stop(timeout: float | None, **params: Any) -> None:
-    """Stop this project's workers and beats: through their launcher, or (strays) with the stop ladder.
+def stop(name: str | None, timeout: float | None, **params: Any) -> None:
+    """Stop this project's workers, beats and processes: through their launcher, or (strays) with the stop ladder.
 
-    Exits non-zero (10) if anything survived.
+    NAME stops one unit (a role, beat, flower or a process of the project file or Procfile) and leaves the
+    rest of its launcher running. Exits non-zero (10) if anything survived, 19 if NAME does not run here.
     """
     from tlrun.errors import StopError
     from tlrun.ops import control
 
+    if name is not None and params.get("role"):
+        raise click.UsageError("give NAME or --role, not both")
     settings = _settings(params)
+    if name is not None and name not in {r.name for r in settings.all_roles}:
+        from tlrun.ops import stackctl
+
+        answer = stackctl.stop_unit(settings, name, settings.stop_grace if timeout is None else timeout)
+        click.echo(f"tlrun: {name} of launcher pid {answer.launcher}: {answer.message}")
+        if not answer.ok:
+            raise StopError(f"{name} survived the stop ladder")
+        return
+    if name is not None:
+        params["role"] = name
+        settings = _settings(params)
     report = control.stop_project(settings, settings.stop_grace if timeout is None else timeout)
     for unit in report.units:
         click.echo(f"tlrun: stopped {unit.node} ({unit.kind}) of launcher pid {unit.launcher}, which runs on")
@@ -225,6 +240,33 @@ def reload(timeout: float | None, **params: Any) -> None:
 
 @cli.command()
 @project_options
+@click.argument("name")
+@click.option(
+    "--timeout",
+    type=Seconds(min=0.1),
+    help="How long to wait for the launcher's answer (default: twice --ready-timeout, plus 10 s).",
+)
+@handle_errors
+def restart(name: str, timeout: float | None, **params: Any) -> None:
+    """Restart one unit of the running launcher, from another shell; the others are not touched.
+
+    A worker role gets the reload path (its new worker beside the old one); a process (or flower) its stop
+    ladder, then a fresh start; a unit stopped with `tlrun stop NAME` starts again. Exit 18 when it did not
+    restart, 19 when no launcher of this project runs NAME here.
+    """
+    from tlrun.errors import ReloadError
+    from tlrun.ops import stackctl
+
+    settings = _settings(params)
+    wait = timeout if timeout is not None else 2 * settings.ready_timeout + 10
+    answer = stackctl.restart_unit(settings, name, wait)
+    click.echo(f"tlrun: {name} of launcher pid {answer.launcher}: {answer.message}", err=not answer.ok)
+    if not answer.ok:
+        raise ReloadError(f"{name} did not restart")
+
+
+@cli.command()
+@project_options
 @ROLE_OPTION
 @click.argument("name", required=False)
 @click.option("--log-dir", type=click.Path(file_okay=False), help="Log directory (default logs/).")
@@ -235,7 +277,8 @@ def reload(timeout: float | None, **params: Any) -> None:
 @handle_errors
 def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: bool, **params: Any) -> None:
     """Show or follow a log file: with several roles (or beat), the newest file of each, each under its name;
-    `--role R` (or `--role beat`) one role's; NAME one file (see --list)."""
+    `--role R` (or `--role beat`) one role's; NAME one unit's (a role, beat, flower, broker, a process) or
+    one file (see --list)."""
     from tlrun.errors import LogError
     from tlrun.launch import logfiles
 
@@ -244,7 +287,10 @@ def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: b
         params["role"] = None
     settings = _settings(params, app_required=False)
     stems = ["beat"] if role == "beat" else [r.log_stem for r in settings.roles] if role else None
-    files = logfiles.log_files(settings.log_dir, rotated=rotated or list_only, stems=stems)
+    prefixes = _unit_log_prefixes(settings, name) if name else None
+    if prefixes is not None:
+        name, role = None, name
+    files = logfiles.log_files(settings.log_dir, rotated=rotated or list_only, stems=stems, prefixes=prefixes)
     if list_only:
         for path in files:
             click.echo(f"{path.lstat().st_size:>10}  {path}")
@@ -276,6 +322,20 @@ def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: b
                 pass
     except OSError as exc:  # replaced since it was listed (by a link, a FIFO): never read through it
         raise LogError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _unit_log_prefixes(settings: Any, name: str) -> tuple[str, ...] | None:
+    """The log files of the unit NAME (`tlrun logs web`), or None when NAME names no unit (then: a file)."""
+    roles = {r.name: r.log_stem for r in settings.all_roles}
+    if name in roles:
+        return (f"celery_{roles[name]}_",)
+    if name == "beat":
+        return ("celery_beat_",)
+    if name == "broker":
+        return ("redis_",)
+    if name == "flower" or name in {p.name for p in settings.processes}:
+        return (f"proc_{name}_",)
+    return None
 
 
 def _newest_of_each(files: list[Path]) -> list[Path]:

@@ -23,7 +23,7 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from tlrun.events import Notice, Reloaded, Reloading
+from tlrun.events import Notice, Reloaded, Reloading, Saved
 from tlrun.launch import checks, drain, verify
 from tlrun.launch.broker import Broker
 from tlrun.launch.hold import Hold
@@ -90,14 +90,17 @@ class ReloadStep(Step):
         if self._released:
             self._verify_released(launcher)
         if self.watcher is not None and self.watcher.pending():
-            self.reload(launcher, changes=tuple(self.watcher.take()))
+            changes = tuple(self.watcher.take())
+            launcher.report(Saved(changes))  # the stack's processes that restart on a save (dev/stack.py)
+            self.reload(launcher, changes=changes)
         if launcher.sup.take_reload():
             self.reload(launcher, why="SIGHUP")
         while launcher.unit_stops.reloads:
             request = launcher.unit_stops.reloads.pop(0)
             roles = request.get("roles")
             wanted = {str(r) for r in roles} if isinstance(roles, list) else None
-            self.reload(launcher, roles=wanted, why="tlrun reload", request=str(request.get("id") or ""))
+            why = str(request.get("why") or "tlrun reload")
+            self.reload(launcher, roles=wanted, why=why, request=str(request.get("id") or ""))
 
     def on_exit(self, launcher: Launcher, unit: Unit, status: int, tail: tuple[str, ...]) -> bool:
         if self.watcher is None:

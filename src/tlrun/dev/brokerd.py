@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+from tlrun.config import ENV_GUARD, ENV_MARKER
 from tlrun.errors import BrokerError
 from tlrun.events import Notice
-from tlrun.launch import owner
+from tlrun.launch import owner, procs
 from tlrun.launch.broker import check_reachable
 from tlrun.launch.guard import runtime_dir
 from tlrun.launch.steps import Step
@@ -94,10 +95,19 @@ def plan_private_redis(url: str, state_dir: Path) -> PrivateRedis | None:
     return PrivateRedis(redis_server_argv(executable, address[0], address[1], state_dir, config is not None), config)
 
 
-def start_private(sup: Supervisor, outputs: Outputs, url: str, plan: PrivateRedis, state_dir: Path) -> int:
+def start_private(
+    sup: Supervisor,
+    outputs: Outputs,
+    url: str,
+    plan: PrivateRedis,
+    state_dir: Path,
+    marks: dict[str, str] | None = None,
+) -> int:
     """Start the planned redis-server as the supervisor's "broker" child, stopped after the workers; its
-    output goes to `redis_<launcher pid>.log` only. Returns its pid once it listens."""
-    child = sup.start("broker", plan.argv, dict(os.environ), state_dir, stop_order=1, stdin_data=plan.config)
+    output goes to `redis_<launcher pid>.log` only. Returns its pid once it listens. `marks`: tlrun's
+    markers (project, launcher, `broker`), so that ps lists it and a stray one is found."""
+    env = {**os.environ, **(marks or {})}
+    child = sup.start("broker", plan.argv, env, state_dir, stop_order=1, stdin_data=plan.config)
     outputs.attach("broker", child, f"redis_{os.getpid()}", echo=False)
     wait_listening(url, 5.0, lambda: sup.running("broker"))
     return child.pid
@@ -154,7 +164,12 @@ class PrivateBrokerStep(Step):
         if self._plan is None:
             return
         url = launcher.broker_url
-        pid = start_private(launcher.sup, launcher.outputs, url, self._plan, runtime_dir(os.environ))
+        marks = {
+            ENV_MARKER: launcher.s.project_id,
+            ENV_GUARD: procs.Identity.of_self().encode(),
+            procs.ENV_PROCESS: "broker",
+        }
+        pid = start_private(launcher.sup, launcher.outputs, url, self._plan, runtime_dir(os.environ), marks)
         address = local_redis_address(url) or ("?", 0)
         launcher.report(
             Notice(

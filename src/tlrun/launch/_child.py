@@ -41,6 +41,8 @@ LOG_ENV = "TLRUN_LOG_FILE"  # where a worker's output goes once its launcher is 
 # Modules a step asks to run inside the child before its program starts (the beat lease's fence): each has
 # `install()`, and may have `exit_status(status) -> status`, called once the program has ended.
 HOOKS_ENV = "TLRUN_CHILD_HOOKS"
+# A stack's process (not Celery): run it under a watchdog that stops its whole group with this signal.
+GROUP_ENV = "TLRUN_GROUP_STOP"
 HEARTBEAT_ENV = "TLRUN_HEARTBEAT"  # where a worker writes its liveness heartbeat (heartbeat.py)
 WATCHDOG_WAIT = 3.0  # a non-Python child's time between SIGTERM and SIGKILL once the launcher is gone
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
@@ -334,14 +336,62 @@ def run_watchdog(argv: Sequence[str], fd: int, launcher: int, wait: float = WATC
     return 128 - code if code < 0 else code
 
 
+def run_group(argv: Sequence[str], fd: int, launcher: int, stop: int, grace: float) -> int:
+    """A stack's process (a web server, a frontend watcher): run `argv` as our child in our own process group
+    (the session tlrun started us in), so that its children (`sh -c`, runserver's autoreloader, npm's node)
+    are in it too. A stop signal from the launcher becomes `stop` (the process's stop signal) to the whole
+    group; a second one SIGKILL. When the launcher is gone: `stop` to the group, SIGKILL after `grace`."""
+    child = subprocess.Popen(list(argv), close_fds=True)
+    expected = [0]  # our own signals, sent to the group and so to us too: not a request
+    asked = [0]
+
+    def to_group(sig: int) -> None:
+        if sig != signal.SIGKILL:
+            expected[0] += 1
+        try:
+            os.killpg(0, sig)
+        except OSError:
+            expected[0] = max(0, expected[0] - 1)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if signum == stop and expected[0] > 0:
+            expected[0] -= 1
+            return
+        asked[0] += 1
+        to_group(stop if asked[0] == 1 and signum != signal.SIGQUIT else signal.SIGKILL)
+
+    for sig in {*FORWARDED, stop}:
+        signal.signal(sig, on_signal)
+
+    gone = threading.Event()
+
+    def on_gone() -> None:
+        gone.set()
+        to_group(stop)
+        try:
+            child.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_own_group()
+
+    watch(fd, launcher, on_gone)
+    code = child.wait()
+    if gone.is_set():
+        kill_own_group()  # what it started goes with it: nobody is left to reap the group
+    return 128 - code if code < 0 else code
+
+
 def main() -> None:
     launcher, fd, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
     argv = sys.argv[5:]
-    module = in_process_module(argv)
+    group_stop = os.environ.pop(GROUP_ENV, None)
+    module = None if group_stop else in_process_module(argv)
     set_pdeathsig(sig=signal.SIGTERM if module is None else PARENT_GONE_SIGNAL)
     # The launcher may have died between fork and prctl: then no signal will ever come. Stop here.
     if os.getppid() != launcher:
         sys.exit(EXIT_PARENT_GONE)
+    if group_stop:
+        sys.exit(run_group(argv, fd, launcher, int(getattr(signal, group_stop, signal.SIGTERM)), grace))
     if module is None:
         sys.exit(run_watchdog(argv, fd, launcher))
     os.set_inheritable(fd, False)  # the worker's pool children and a task's subprocesses never need it

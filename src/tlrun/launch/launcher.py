@@ -25,7 +25,7 @@ from tlrun import redact
 from tlrun.config import Settings
 from tlrun.errors import AppImportError, StopError, WorkerStartError
 from tlrun.events import Event, Exited, Notice, Reporter, StrayFound, WorkerOutput
-from tlrun.launch import checks, guard, logfiles, owner, pid1, procs, sweep, tidy, unitstop, verify
+from tlrun.launch import checks, guard, logfiles, owner, pid1, procs, sweep, tidy, unitctl, unitstop, verify
 from tlrun.launch.broker import check_reachable, resolve_broker
 from tlrun.launch.early import EarlyStart
 from tlrun.launch.locks import UnitLocks
@@ -33,7 +33,20 @@ from tlrun.launch.outputs import Outputs
 from tlrun.launch.startup import Startup
 from tlrun.launch.steps import Step
 from tlrun.launch.supervise import Supervisor, requeue_margin
-from tlrun.launch.units import GONE, READY, STANDBY, STARTING, STOPPING, WAITING, BeatUnit, Unit, WorkerUnit
+from tlrun.launch.units import (
+    BACKOFF,
+    GONE,
+    READY,
+    STANDBY,
+    STARTING,
+    STOPPING,
+    WAITING,
+    BeatUnit,
+    ProcessUnit,
+    Unit,
+    WorkerUnit,
+)
+from tlrun.project.processes import ProcessSpec
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +61,7 @@ class LaunchOptions:
     init: bool = False  # --init: reap orphans and (Linux) be a subreaper, as PID 1 does
     is_pid1: bool = field(default_factory=pid1.is_pid1)  # a container's PID 1: also logs to stdout by default
     hup_reloads: bool = False  # SIGHUP asks the reload step for new code instead of a stop (tlrun worker)
+    processes: tuple[ProcessSpec, ...] = ()  # the development stack's other processes (tlrun dev), Flower
 
     @property
     def init_duties(self) -> bool:
@@ -74,6 +88,7 @@ class Launcher(Startup):
         self.hostname = socket.gethostname()
         self.workers = [WorkerUnit(role, self.hostname) for role in settings.roles] if opts.workers else []
         self.beat = BeatUnit() if opts.beat else None
+        self.processes = [ProcessUnit(spec) for spec in opts.processes]
         self.broker_url = ""
         self.broker_source = ""
         self.broker_provided = False  # a step starts the broker (dev's private redis-server): do not check it yet
@@ -108,7 +123,7 @@ class Launcher(Startup):
 
     @property
     def units(self) -> list[Unit]:
-        return [*self.workers, *([self.beat] if self.beat is not None else [])]
+        return [*self.workers, *([self.beat] if self.beat is not None else []), *self.processes]
 
     def unit_for(self, child: str) -> Unit | None:
         return next((u for u in self.units if u.child == child), None)
@@ -123,8 +138,8 @@ class Launcher(Startup):
 
     def set_state(self, unit: Unit, state: str, **fields: Any) -> None:
         unit.state = state
-        if state in (GONE, WAITING, STANDBY):  # no process of its own now
-            fields.setdefault("worker_pid" if isinstance(unit, WorkerUnit) else "beat_pid", None)
+        if state in (GONE, WAITING, STANDBY, BACKOFF):  # no process of its own now
+            fields.setdefault(unit.pid_field, None)
         self.record(unit, state=state, **fields)
 
     # -- validation and broker ---------------------------------------------------------------------
@@ -155,7 +170,10 @@ class Launcher(Startup):
     # -- sweep ---------------------------------------------------------------------------------------
     def sweep(self, units: Sequence[Unit]) -> None:
         workers = [u for u in units if isinstance(u, WorkerUnit)]
-        kinds = (["worker", procs.LEFTOVER] if workers else []) + (["beat"] if self.beat in units else [])
+        # A stack's stray process (its launcher SIGKILLed) is a marked leftover, as a task's subprocess is.
+        leftovers = workers or any(isinstance(u, ProcessUnit) for u in units)
+        kinds = (["worker"] if workers else []) + ([procs.LEFTOVER] if leftovers else [])
+        kinds += ["beat"] if self.beat in units else []
         if not self.s.sweep or not kinds:
             return
         result = sweep.sweep(
@@ -224,7 +242,7 @@ class Launcher(Startup):
                 unit.stop_seconds = round(time.monotonic() - unit.stop_began, 3)
             if unit.announce_exit or self.sup.stop_requested:
                 self.report(Exited(unit.node, status, True))
-            if self._stopping and (isinstance(unit, WorkerUnit) or not self.workers):
+            if self._stopping and (isinstance(unit, WorkerUnit) or (unit is self.beat and not self.workers)):
                 self.status = self.status or status
         self.set_state(unit, GONE)
         if then is not None:
@@ -242,6 +260,7 @@ class Launcher(Startup):
 
         if units:
             self.stop_units(units, "stop", then=done, announce=True)
+        unitctl.serve_restarts(self)
 
     def close(self) -> None:
         """The children are stopped first (a beat before its lease is released), then each step closes."""
@@ -362,6 +381,9 @@ def run(
             launcher.sweep(launcher.units)
         if sup.stop_requested:
             return 128 + (sup.stop_signal or signal.SIGINT)
+        for unit in launcher.processes:  # they start while the workers do, and never wait for them
+            if not sup.stop_requested:
+                unitctl.start_process(launcher, unit)
         if in_process is not None:
             if launcher.beat is not None:  # beat stays a supervised child; the worker runs in this process
                 launcher.start_beat()

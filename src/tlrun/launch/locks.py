@@ -14,7 +14,7 @@ from typing import Any
 from tlrun.config import Settings
 from tlrun.errors import LockHeldError
 from tlrun.events import Notice, Reporter
-from tlrun.launch import guard, procs, signals
+from tlrun.launch import guard, procs, signals, unitctl
 from tlrun.launch.units import STARTING, Unit, WorkerUnit
 
 
@@ -37,6 +37,8 @@ class UnitLocks:
         self.report = report
         self.hostname = hostname
         self._held: dict[str, tuple[guard.ProjectLock, dict[str, Any]]] = {}
+        self._released: dict[str, dict[str, Any]] = {}  # the records of units stopped on request (restart)
+        self._stack: contextlib.ExitStack | None = None
 
     def take(self, stack: contextlib.ExitStack, units: Sequence[Unit]) -> None:
         """Every unit's lock, or LockHeldError (with --replace: the holder is asked to stop first); then the
@@ -45,6 +47,7 @@ class UnitLocks:
         if note is not None:
             self.report(Notice(note.message, "warning"))
         s = self.s
+        self._stack = stack
         base = {
             "pid": os.getpid(),
             "create_time": procs.Identity.of_self().create_time,
@@ -52,13 +55,14 @@ class UnitLocks:
             "project_root": str(s.project_root),
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "state": STARTING,
+            "units": [unitctl.record_fields(u)["unit"] for u in units],  # `tlrun restart NAME` finds us by it
         }
         root = guard.root_identity(s.project_root)
         if root is not None:  # the same project however its path changes (guard.moved_holders)
             base["root_dev"], base["root_ino"] = root
         replaced: list[procs.Identity] = []
         for unit in units:
-            fields = {"role": unit.role.name, "node": unit.node} if isinstance(unit, WorkerUnit) else {}
+            fields = unitctl.record_fields(unit)
             what = f"a {unit.label} of app {s.app} in {s.project_root}"
             replace = (lambda holder: _stop_holder(holder, self.report, replaced)) if s.replace else None
             wait = s.stop_grace + signals.KILL_WAIT + 5
@@ -96,8 +100,27 @@ class UnitLocks:
             record.update(fields)
             lock.write(record)
 
+    def record_all(self, **fields: Any) -> None:
+        """The same fields in every record this launcher holds (an answer to `tlrun restart`)."""
+        for kind in list(self._held):
+            self.record(kind, **fields)
+
     def release(self, kind: str) -> None:
         """The unit is gone for good (stop --role): another launcher may start it now."""
         held = self._held.pop(kind, None)
         if held is not None:
             held[0].release()
+            self._released[kind] = dict(held[1])
+
+    def retake(self, unit: Unit) -> None:
+        """A unit stopped on request starts again (`tlrun restart NAME`): its lock again, or LockHeldError when
+        another launcher started it meanwhile."""
+        if unit.lock_kind in self._held:
+            return
+        path = guard.lock_path(self.s.project_id, unit.lock_kind, self.hostname)
+        lock = guard.acquire(path, f"the {unit.label} of app {self.s.app} in {self.s.project_root}")
+        if self._stack is not None:
+            self._stack.enter_context(lock)
+        record = {**self._released.pop(unit.lock_kind, {}), "state": STARTING}
+        lock.write(record)
+        self._held[unit.lock_kind] = (lock, record)

@@ -166,12 +166,16 @@ def open_log(log_dir: Path, stem: str) -> WorkerLog:
     return log
 
 
-def log_files(log_dir: Path, rotated: bool = False, stems: list[str] | None = None) -> list[Path]:
-    """tlrun's log files in the directory (each role's worker, beat, private broker), newest first; rotated
-    ones (`.log.1` ...) only when asked; with `stems`, only `celery_<stem>_*` (a role's files)."""
+def log_files(
+    log_dir: Path, rotated: bool = False, stems: list[str] | None = None, prefixes: tuple[str, ...] | None = None
+) -> list[Path]:
+    """tlrun's log files in the directory (each role's worker, beat, private broker, the stack's processes
+    `proc_<name>_*`), newest first; rotated ones (`.log.1` ...) only when asked; with `stems`, only
+    `celery_<stem>_*` (a role's files); with `prefixes`, only files named so."""
     if not log_dir.is_dir():
         return []
-    prefixes = tuple(f"celery_{stem}_" for stem in stems) if stems is not None else ("celery_", "redis_")
+    if prefixes is None:
+        prefixes = tuple(f"celery_{stem}_" for stem in stems) if stems is not None else ("celery_", "redis_", "proc_")
     files = [
         p
         for p in log_dir.iterdir()

@@ -44,6 +44,7 @@ class Outputs:
         label: str | None = None,
         echo: bool = True,
         hold_until: str | None = None,
+        observe: Callable[[list[str]], None] | None = None,
     ) -> Path | None:
         """Start copying `child`'s output to `<log dir>/<stem>.log`; returns the log file's path (None
         without a log directory).
@@ -57,6 +58,8 @@ class Outputs:
             gate = _Gate(lambda lines: self._on_lines(tag, lines), hold_until)
             self._gates[name] = gate
             on_lines = gate
+        if observe is not None:  # a readiness pattern: sees every line (redacted), before the console
+            on_lines = _Observed(observe, on_lines)
         log = open_log(self._log_dir, stem) if self._log_dir is not None else None
         pump = OutputPump(child, log, Redactor(self._secrets()), on_lines, on_log_error=self._on_log_error)
         self._pumps[name] = pump
@@ -114,3 +117,16 @@ class _Gate:
                 held, self._held = self._held, None
                 if held:
                     self._out(held)
+
+
+class _Observed:
+    """Shows each chunk of lines to `observe`, then passes it on (or drops it, when nothing echoes)."""
+
+    def __init__(self, observe: Callable[[list[str]], None], out: Callable[[list[str]], None] | None) -> None:
+        self._observe = observe
+        self._out = out
+
+    def __call__(self, lines: list[str]) -> None:
+        self._observe(lines)
+        if self._out is not None:
+            self._out(lines)

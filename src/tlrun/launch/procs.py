@@ -29,6 +29,8 @@ from tlrun.launch.argv import (
 if TYPE_CHECKING:
     from tlrun.config import Role
 
+ENV_PROCESS = "TLRUN_PROCESS"  # the stack's process a child runs (units.py sets it)
+
 # Command-line reading moved to argv.py; these names stay importable from here.
 __all__ = [
     "SHIM_MODULE",
@@ -88,6 +90,7 @@ class CeleryProcess:
     queues: frozenset[str] | None = None  # from -Q; None: Celery's default queue
     spare: bool = False  # started as tlrun dev's spare (it may have become the worker since)
     command: str | None = None  # a leftover's program name (`sleep`)
+    process: str | None = None  # the stack's process it runs (TLRUN_PROCESS: `web`, `flower`), else None
 
 
 def project_match(proc: CeleryProcess, project_id: str, app: str, root: Path, uid: int) -> bool:
@@ -238,6 +241,7 @@ def _leftover(pid: int, argv: Sequence[str], uid: int) -> CeleryProcess | None:
         launcher=env.get(ENV_GUARD),
         role_name=env.get(ENV_ROLE),
         command=os.path.basename(argv[0]) if argv else proc.name(),
+        process=env.get(ENV_PROCESS),
     )
 
 
@@ -257,6 +261,8 @@ def scan(roles: Iterable[str] = ("worker", "beat"), hostname: str | None = None)
     for pid, argv in process_table():
         # Most processes name neither Celery nor tlrun anywhere: no parsing for them.
         cmd = parse_celery_argv(argv) if any("celery" in a or "tlrun" in a for a in argv) else None
+        if cmd is not None and cmd.subcommand not in ("worker", "beat"):
+            cmd = None  # `celery flower`, `celery inspect`: no worker nor beat; marked, a leftover or a process
         if cmd is None and leftovers:
             left = _leftover(pid, unwrap_shim(argv), uid)
             if left is not None:

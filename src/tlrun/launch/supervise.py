@@ -56,6 +56,7 @@ class _Child:
     popen: subprocess.Popen[bytes]
     stop_order: int  # lower stops first: the worker before the broker it needs for a warm shutdown
     requeue: bool = False  # a worker: SIGQUIT shortly before the SIGKILL (see requeue_margin)
+    grace: float | None = None  # its own grace period (a stack's process), else the supervisor's
     kill_at: float | None = None
     quit_at: float | None = None
 
@@ -169,7 +170,8 @@ class Supervisor:
         if self._requests == 1 and child.kill_at is None:
             self._set_deadlines(child)
             signals.signal_child(child.popen, signal.SIGTERM)
-            self._step(f"warm shutdown: SIGTERM to {child.name} pid {pid}, grace {self.grace:g} s")
+            grace = self.grace if child.grace is None else child.grace
+            self._step(f"warm shutdown: SIGTERM to {child.name} pid {pid}, grace {grace:g} s")
         elif self._requests >= 2:
             child.quit_at = None
             signals.signal_child(child.popen, signal.SIGQUIT)
@@ -186,17 +188,24 @@ class Supervisor:
         pass_fds: tuple[int, ...] = (),
         requeue: bool = False,
         stdin_data: bytes | None = None,
+        grace: float | None = None,
     ) -> subprocess.Popen[bytes]:
         self._check_free(name)
-        popen = spawn.spawn(argv, env, cwd, self.lifeline, self.grace, pass_fds, stdin_data)
-        return self.adopt(name, popen, requeue, stop_order)
+        own = self.grace if grace is None else grace
+        popen = spawn.spawn(argv, env, cwd, self.lifeline, own, pass_fds, stdin_data)
+        return self.adopt(name, popen, requeue, stop_order, grace)
 
     def adopt(
-        self, name: str, popen: subprocess.Popen[bytes], requeue: bool = False, stop_order: int = 0
+        self,
+        name: str,
+        popen: subprocess.Popen[bytes],
+        requeue: bool = False,
+        stop_order: int = 0,
+        grace: float | None = None,
     ) -> subprocess.Popen[bytes]:
         """Take charge of a child started behind this supervisor's lifeline (by `start`, or early: early.py)."""
         self._check_free(name)
-        child = _Child(name, popen, stop_order, requeue)
+        child = _Child(name, popen, stop_order, requeue, grace)
         self._children[name] = child
         if self.stop_requested:  # a signal came while it was being spawned
             self._escalate(child)
@@ -234,7 +243,8 @@ class Supervisor:
         return self._finish_stop(child)
 
     def _set_deadlines(self, child: _Child, grace: float | None = None) -> None:
-        child.kill_at = time.monotonic() + (self.grace if grace is None else grace)
+        grace = grace if grace is not None else child.grace if child.grace is not None else self.grace
+        child.kill_at = time.monotonic() + grace
         if child.requeue and self.requeue_margin is not None:
             child.quit_at = child.kill_at - self.requeue_margin
 

@@ -15,7 +15,9 @@ from tlrun.errors import TlrunError
 from tlrun.launch import guard
 
 SCHEDULE_MAX_AGE = 30 * 24 * 3600.0  # a schedule untouched this long belongs to a project that stopped
-_LOCK_NAME = re.compile(r"^[0-9a-f]{16}\.[A-Za-z0-9_.-]+\.(worker|worker-[A-Za-z0-9_-]+|beat)\.lock$")
+_LOCK_NAME = re.compile(
+    r"^[0-9a-f]{16}\.[A-Za-z0-9_.-]+\.(worker|worker-[A-Za-z0-9_-]+|beat|process-[A-Za-z0-9_-]+)\.lock$"
+)
 _SCHEDULE_NAME = re.compile(r"^([0-9a-f]{16})\.celerybeat-schedule(\.(db|dat|dir|bak))?$")
 
 

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tlrun.config import Role
+from tlrun.config import ENV_BROKER, ENV_GUARD, ENV_MARKER, Role
 from tlrun.events import Spawned
 from tlrun.launch import early, guard, procs, spawn
+from tlrun.launch._child import GROUP_ENV
 from tlrun.launch.hold import Hold
+from tlrun.launch.procs import ENV_PROCESS
+from tlrun.project.processes import ProcessSpec
 
 if TYPE_CHECKING:
     from tlrun.launch.launcher import Launcher
@@ -35,8 +39,12 @@ GONE = "gone"
 BANNER = " -------------- "  # the first line of a worker's start-up banner: it imported the app
 
 
+BACKOFF = "restarting"  # a stack's process that crashed, waiting for its next start
+
+
 class Unit:
     kind = "unit"
+    pid_field = "worker_pid"  # where its lock record names its process
 
     def __init__(self, child: str, lock_kind: str, label: str, node: str) -> None:
         self.child = child  # its name in the Supervisor
@@ -151,6 +159,7 @@ class BeatUnit(Unit):
     """Celery beat, one per project (and, with the lease, one per cluster)."""
 
     kind = "beat"
+    pid_field = "beat_pid"
 
     def __init__(self) -> None:
         super().__init__("beat", "beat", "beat", "beat")
@@ -165,4 +174,67 @@ class BeatUnit(Unit):
         child = launcher.sup.start(self.child, argv, env, s.project_root)
         log_path = launcher.outputs.attach(self.child, child, stem)
         launcher.report(Spawned("beat", "beat", child.pid, log_path, tuple(argv)))
+        return child
+
+
+class ProcessUnit(Unit):
+    """One process of the development stack (a web server, a frontend watcher, Flower): in its own session and
+    process group behind a watchdog that stops the whole group with its stop signal (`_child.run_group`),
+    marked with the project and its name so that a stray one is found by ps, doctor and the sweep."""
+
+    pid_field = "process_pid"
+
+    def __init__(self, spec: ProcessSpec) -> None:
+        super().__init__(f"process:{spec.name}", f"process-{spec.name}", f"{spec.kind} {spec.name}", spec.name)
+        self.spec = spec
+        self.kind = spec.kind
+        self.port = spec.port  # "auto": picked by the launcher before the first start, then kept
+        self.output_ready = threading.Event()  # its output matched `ready` (set on the output thread)
+        self.starts = 0  # each start's number: a readiness check of an earlier start is stale
+        self.started_at = 0.0
+
+    @property
+    def url(self) -> str | None:
+        return f"http://127.0.0.1:{self.port}" if self.port is not None else None
+
+    def environment(self, launcher: Startup) -> dict[str, str]:
+        s = launcher.s
+        env = dict(s.environ)
+        for key in spawn.NOTIFY_ENV:
+            env.pop(key, None)
+        env.update(self.spec.env)
+        if self.port is not None:
+            env["PORT"] = str(self.port)
+        if launcher.broker_url:  # the web app sends its tasks where the workers listen (dev's private broker)
+            env[ENV_BROKER] = launcher.broker_url
+        env[ENV_MARKER] = s.project_id
+        env[ENV_GUARD] = procs.Identity.of_self().encode()
+        env[ENV_PROCESS] = self.spec.name
+        env[GROUP_ENV] = self.spec.stop_signal
+        env["PYTHONUNBUFFERED"] = "1"
+        if s.source_dir is not None:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(s.source_dir), env.get("PYTHONPATH", "")) if p)
+        return env
+
+    def spawn(self, launcher: Startup) -> subprocess.Popen[bytes]:
+        s = launcher.s
+        argv = self.spec.command(self.port)
+        cwd = s.project_root / self.spec.cwd if self.spec.cwd else s.project_root
+        self.output_ready.clear()
+        self.starts += 1
+        child = launcher.sup.start(self.child, argv, self.environment(launcher), cwd, grace=self.spec.grace)
+        stem = f"proc_{self.spec.name}_{os.getpid()}"
+        pattern = self.spec.ready_pattern
+        observe = None
+        if pattern is not None:
+            import re
+
+            matcher = re.compile(pattern)
+
+            def observe(lines: list[str]) -> None:
+                if not self.output_ready.is_set() and any(matcher.search(line) for line in lines):
+                    self.output_ready.set()
+
+        log_path = launcher.outputs.attach(self.child, child, stem, label=self.spec.name, observe=observe)
+        launcher.report(Spawned(self.kind, self.spec.name, child.pid, log_path, tuple(argv)))
         return child

@@ -82,6 +82,7 @@ class Requests:
         self.project_id = project_id
         self._asked = False
         self.reloads: list[dict[str, Any]] = []
+        self.restarts: list[dict[str, Any]] = []  # `tlrun restart NAME` (unitctl.py serves them)
 
     def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
         self._asked = True
@@ -93,12 +94,12 @@ class Requests:
             yield
         finally:
             signal.signal(REQUEST_SIGNAL, saved)
-            for kind in ("stop", "reload"):
+            for kind in ("stop", "reload", "restart"):
                 with contextlib.suppress(OSError):
                     os.unlink(request_path(self.project_id, os.getpid(), kind))
 
     def pending(self) -> bool:
-        return self._asked
+        return self._asked or bool(self.restarts)
 
     def take(self) -> set[str]:
         """The names asked to stop (roles, node names, `beat`); empty when the file is missing or not trusted.
@@ -107,6 +108,9 @@ class Requests:
         reload = _read_request(request_path(self.project_id, os.getpid(), "reload"))
         if reload is not None:
             self.reloads.append(reload)
+        restart = _read_request(request_path(self.project_id, os.getpid(), "restart"))
+        if restart is not None:
+            self.restarts.append(restart)
         request = _read_request(request_path(self.project_id, os.getpid()))
         names = request.get("units", []) if request is not None else []
         return {str(n) for n in names if isinstance(n, str)} if isinstance(names, list) else set()

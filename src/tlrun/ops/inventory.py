@@ -21,7 +21,7 @@ from tlrun.launch.units import WAITING
 class LocalProcess:
     pid: int
     ppid: int
-    kind: str  # "worker" | "beat" | "leftover" (a marked non-Celery process: what a task started)
+    kind: str  # "worker" | "beat" | "leftover" (what a task started) | "process" | "flower" | "broker" (dev's stack)
     role: str | None  # the worker role it serves (tlrun's marker, or its queues); None for beat or unknown
     node: str | None
     app: str | None
@@ -36,9 +36,15 @@ class LocalProcess:
     stray: bool  # a project process that no live launcher owns
     memory_limit: int | None = None  # the memory guard's limit for its tree (bytes), when one applies
     pool_memory: dict[str, int] | None = None  # pool child pid -> its PSS, as the guard last sampled
+    name: str | None = None  # the unit's name: its role, `beat`, a process's name, `flower`, `broker`
+    port: int | None = None  # where a stack's process serves
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["uptime"] = self.uptime_s
+        if data["name"] is None:
+            data["name"] = self.role if self.kind == "worker" else "beat" if self.kind == "beat" else None
+        return data
 
 
 def _stats(pid: int) -> tuple[str, int, float, int]:
@@ -69,6 +75,7 @@ def local_processes(
     now = time.time()
     out = []
     workers = _recorded_workers(settings) if settings is not None else set()
+    units = _process_records(settings) if settings is not None else {}
     guarded = guarded_pids(settings) if settings is not None else {}
     standby_beat = _standby_beat(settings) if settings is not None else None
     # A process in another UTS namespace runs on another host as far as tlrun is concerned (Linux only).
@@ -82,9 +89,14 @@ def local_processes(
         if not (everything or is_project):
             continue
         launcher = _live_launcher(proc)
-        if proc.role == procs.LEFTOVER and launcher is not None:
+        if proc.role == procs.LEFTOVER and proc.process is None and launcher is not None:
             continue  # a running task's subprocess: its launcher answers for it
         state, rss, cpu, children = _stats(proc.pid)
+        kind, record = proc.role, {}
+        if proc.role == procs.LEFTOVER and proc.process is not None:  # a process of tlrun dev's stack
+            kind = proc.process if proc.process in ("flower", "broker") else "process"
+            record = units.get(proc.process, {}) if launcher is not None else {}
+            state = str(record.get("state") or state) if record.get("process_pid") == proc.pid else state
         if proc.pid == standby_beat:
             state = STANDBY  # a warm beat that may not send: another host holds the lease
         role = procs.role_of(proc, settings.all_roles) if settings is not None and is_project else proc.role_name
@@ -92,8 +104,8 @@ def local_processes(
             LocalProcess(
                 pid=proc.pid,
                 ppid=proc.ppid,
-                kind=proc.role,
-                role=role,
+                kind=kind,
+                role=role if proc.process is None else None,
                 node=proc.node if proc.role != procs.LEFTOVER else proc.command,
                 app=proc.app,
                 cwd=proc.cwd,
@@ -107,6 +119,8 @@ def local_processes(
                 stray=is_project and launcher is None,
                 memory_limit=guarded.get(proc.pid, {}).get("limit"),
                 pool_memory=guarded.get(proc.pid, {}).get("children"),
+                name=proc.process,
+                port=record.get("port") if isinstance(record.get("port"), int) else None,
             )
         )
     if settings is not None:
@@ -134,6 +148,12 @@ def guarded_pids(settings: Settings) -> dict[int, dict[str, Any]]:
         if isinstance(memory, dict) and isinstance(record.get("worker_pid"), int):
             found[int(record["worker_pid"])] = memory
     return found
+
+
+def _process_records(settings: Settings) -> dict[str, dict[str, Any]]:
+    """process name -> its live lock record (state, port), for this project's stack processes."""
+    kinds = [f"process-{p.name}" for p in settings.processes] + ["process-flower"]
+    return {kind.split("-", 1)[1]: record for kind, record, _holder in guard.live_records(settings.project_id, kinds)}
 
 
 def _recorded_workers(settings: Settings) -> set[int]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tlrun.errors import ConfigError
+from tlrun.project.processes import ProcessSpec, parse_table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +32,7 @@ MAX_FILE_BYTES = 1024 * 1024
 POOLS = ("prefork", "solo", "threads", "gevent", "eventlet", "processes")
 LOGLEVELS = ("debug", "info", "warning", "error", "critical", "fatal")
 ROLE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
-RESERVED_ROLE_NAMES = ("beat", "broker")
+RESERVED_ROLE_NAMES = ("beat", "broker", "flower")
 
 Check = Callable[[Any], str | None]  # returns what was expected when the value is wrong, else None
 
@@ -123,6 +124,7 @@ TOP_KEYS: dict[str, Check] = {
     "grace": _number(0),
     "ping_window": _number(0.1),
     "expected": _int(1),
+    "flower": _bool,
 }
 
 
@@ -143,6 +145,7 @@ class ProjectFile:
     path: Path | None  # None: the project has no tlrun table
     values: Mapping[str, Any] = field(default_factory=dict)
     roles: tuple[RoleSpec, ...] = ()
+    processes: tuple[ProcessSpec, ...] = ()  # `[processes.NAME]` tables (processes.py)
     # The whole parsed pyproject.toml (for the packaging tools' src/ settings), when there is one.
     pyproject: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
@@ -194,7 +197,7 @@ def parse(path: Path, document: Mapping[str, Any]) -> ProjectFile:
     if not isinstance(table, dict):
         raise ConfigError(f"{pf.where('tlrun')}: expected a table")
     workers = table.get("workers")
-    top = {k: v for k, v in table.items() if k != "workers"}
+    top = {k: v for k, v in table.items() if k not in ("workers", "processes")}
     _check_table(top, TOP_KEYS, pf.where)
     roles: list[RoleSpec] = []
     if workers is not None:
@@ -205,7 +208,8 @@ def parse(path: Path, document: Mapping[str, Any]) -> ProjectFile:
             if not ROLE_NAME_RE.match(name) or name in RESERVED_ROLE_NAMES:
                 raise ConfigError(
                     f"{pf.where(key)}: {name!r} is not a role name tlrun can use",
-                    hint="1-40 letters, digits, '_' or '-', starting with a letter or digit; not beat or broker",
+                    hint="1-40 letters, digits, '_' or '-', starting with a letter or digit; "
+                    "not beat, broker or flower",
                 )
             if not isinstance(spec, dict):
                 raise ConfigError(f"{pf.where(key)}: expected a table with at least `queues`")
@@ -213,7 +217,12 @@ def parse(path: Path, document: Mapping[str, Any]) -> ProjectFile:
             if "queues" not in spec:
                 raise ConfigError(f'{pf.where(key)}: a role needs `queues`, e.g. queues = ["celery"]')
             roles.append(RoleSpec(name, dict(spec)))
-    return ProjectFile(path, top, tuple(roles))
+    processes = parse_table(table["processes"], pf.where) if "processes" in table else ()
+    taken = {r.name for r in roles} & {p.name for p in processes}
+    if taken:
+        name = sorted(taken)[0]
+        raise ConfigError(f"{pf.where(f'processes.{name}')}: {name!r} names a role and a process: names must be unique")
+    return ProjectFile(path, top, tuple(roles), processes)
 
 
 def load(root: Path) -> ProjectFile:
