@@ -27,6 +27,8 @@ class Stray:
     role: str
 
     def describe(self) -> str:
+        if self.role.startswith(("process ", "flower", "broker")):  # a stack's process: named by its unit
+            return f"{self.role} pid {self.pid} (up {format_age(self.age)})"
         return f"{self.role} pid {self.pid} ({self.node or 'no node name'}, up {format_age(self.age)})"
 
 
@@ -86,6 +88,13 @@ def _owned_by_live_launcher(proc: procs.CeleryProcess) -> bool:
     return launcher is not None and launcher.pid != os.getpid() and launcher.is_alive()
 
 
+def _what(proc: procs.CeleryProcess) -> str:
+    """`worker`, `beat`, `leftover`, or a stack's `process web` / `flower` / `broker`."""
+    if proc.process is None:
+        return proc.role
+    return proc.process if proc.process in ("flower", "broker") else f"process {proc.process}"
+
+
 def sweep(
     project_id: str,
     app: str,
@@ -101,7 +110,7 @@ def sweep(
 ) -> SweepResult:
     targets = find_strays(project_id, app, root, kinds, roles, keep=keep)
     now = time.time()
-    strays = tuple(Stray(p.pid, p.node, now - p.create_time, p.role) for p in targets)
+    strays = tuple(Stray(p.pid, p.node, now - p.create_time, _what(p)) for p in targets)
     for stray in strays:
         if on_found:
             on_found(stray)

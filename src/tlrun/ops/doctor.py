@@ -229,6 +229,16 @@ def diagnose(settings: Settings) -> DoctorReport:
                     "tlrun doctor --fix",
                 )
             )
+        elif proc.stray and proc.name is not None and proc.kind in ("process", "flower", "broker"):
+            findings.append(
+                Finding(
+                    "STRAY_PROCESS",
+                    "error",
+                    f"stray {proc.kind} {proc.name} pid {proc.pid} ({proc.node or '?'}) of tlrun dev's stack outlived "
+                    "its launcher: it may hold its port and run old code",
+                    "tlrun doctor --fix",
+                )
+            )
         elif proc.stray:
             findings.append(
                 Finding(
