@@ -368,3 +368,89 @@ def test_only_a_process_runs_without_any_worker(project: Project) -> None:
     dev.send(signal.SIGINT)
     assert dev.wait(20) == 0
     assert not processes_under(project.base)
+
+
+DJANGO_SETTINGS = """
+SECRET_KEY = "test-only"
+DEBUG = True
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+ROOT_URLCONF = "site_{app}.urls"
+INSTALLED_APPS = []
+DATABASES = {{}}
+USE_TZ = True
+"""
+
+DJANGO_URLS = """
+from django.http import HttpResponse
+from django.urls import path
+
+urlpatterns = [path("", lambda request: HttpResponse("hello from django"))]
+"""
+
+WATCHER = """
+import time
+print("watching frontend/ for changes", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_django_project_runs_its_whole_stack_with_one_command(project: Project) -> None:
+    """runserver (its autoreloader's child too), a frontend watcher, two worker roles, beat and Flower from one
+    `tlrun dev`; one Ctrl-C stops all of it and nothing is left."""
+    site = project.root / f"site_{project.app}"
+    site.mkdir()
+    (site / "__init__.py").write_text("")
+    (site / "settings.py").write_text(DJANGO_SETTINGS.format(app=project.app))
+    (site / "urls.py").write_text(DJANGO_URLS)
+    (project.root / "manage.py").write_text(
+        "import os, sys\n"
+        f"os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'site_{project.app}.settings')\n"
+        "from django.core.management import execute_from_command_line\n"
+        "execute_from_command_line(sys.argv)\n"
+    )
+    (project.root / "frontend").mkdir()
+    (project.root / "frontend" / "watch.py").write_text(WATCHER)
+    flower = importlib.util.find_spec("flower") is not None
+    (project.root / "pyproject.toml").write_text(
+        f"""[tool.tlrun]
+app = "{project.app}"
+beat = true
+flower = {str(flower).lower()}
+
+[tool.tlrun.workers.default]
+queues = ["celery"]
+
+[tool.tlrun.workers.slow]
+queues = ["slow"]
+
+[tool.tlrun.processes.web]
+command = "{sys.executable} manage.py runserver 127.0.0.1:{{port}}"
+port = "auto"
+ready = "http"
+stop_signal = "SIGINT"
+
+[tool.tlrun.processes.assets]
+command = ["{sys.executable}", "watch.py"]
+cwd = "frontend"
+ready = "watching"
+"""
+    )
+    dev = project.launch(command="dev")
+    dev.wait_output(READY)
+    url = dev.wait_output(r"tlrun: web ready on (http://127\.0\.0\.1:\d+)", 60).group(1)
+    dev.wait_output(r"tlrun: assets ready")
+    if flower:
+        dev.wait_output(r"tlrun: flower ready on http://127\.0\.0\.1:\d+", 60)
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.read() == b"hello from django"
+    assert sorted(ping_replies(project.broker_url)) == sorted([f"default{dev.pid}@{HOST}", f"slow{dev.pid}@{HOST}"])
+    kinds = {r["name"]: r["kind"] for r in _ps(project)}
+    expected = {"default": "worker", "slow": "worker", "beat": "beat", "web": "process", "assets": "process"}
+    assert kinds == {**expected, **({"flower": "flower"} if flower else {})}
+    web_tree = _tree(_pids(project)["web"])
+    assert len(web_tree) >= 3  # the watchdog, runserver's autoreloader and the server it runs
+    dev.send(signal.SIGINT)
+    assert dev.wait(60) == 0
+    assert _all_gone(web_tree)
+    assert not processes_under(project.base)

@@ -99,7 +99,7 @@ class ReloadError(TlrunError):
 
 
 class NothingRunningError(TlrunError):
-    """tlrun reload: no launcher of this project runs here."""
+    """tlrun reload, restart NAME, stop NAME: no launcher of this project runs it here."""
 
     exit_code = 19
 
@@ -131,7 +131,8 @@ EXIT_CODES: dict[int, str] = {
     HEALTH_DEAD_EXIT_CODE: "health: the node does not answer and no such process runs here",
     RestartGiveUpError.exit_code: "worker --restart gave up: too many crashes (give-up rule or --max-restarts)",
     NOT_CONSUMING_EXIT_CODE: "health, doctor: a worker answers pings but does not consume its queue (messages wait)",
-    ReloadError.exit_code: "reload: the new code did not start (the old workers keep serving), or no answer in time",
-    NothingRunningError.exit_code: "reload: no worker of this project runs here",
+    ReloadError.exit_code: "reload, restart NAME: the new code or the unit did not start (the old workers keep "
+    "serving), or no answer in time",
+    NothingRunningError.exit_code: "reload, restart NAME, stop NAME: nothing of that name of this project runs here",
     HUNG_TASK_EXIT_CODE: "doctor, health: a task runs past its hard time limit, or past hung_after without one",
 }

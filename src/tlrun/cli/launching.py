@@ -241,10 +241,13 @@ def dev(
     skip: str | None,
     **params: Any,
 ) -> None:
-    """The daily launcher: every role of the project (and beat) with development defaults.
+    """The daily launcher: every role of the project (and beat), its processes and Flower, with development
+    defaults.
 
     Faster start (no mingle, no gossip), readable coloured output, a private redis-server when no broker
-    answers at a local Redis URL, and optional --debug, --reload and --beat.
+    answers at a local Redis URL, and optional --debug, --reload and --beat. The project file's
+    [tool.tlrun.processes.NAME] (else a Procfile.dev or Procfile) run beside the workers, each supervised
+    like them; --only and --skip pick units by name.
 
         tlrun dev -A examples.app --reload --beat
     """

@@ -19,6 +19,7 @@ from tlrun.cli.base import (
     handle_errors,
     project_options,
 )
+from tlrun.cli.units import stop_one, unit_log_prefixes
 
 
 @cli.command("sweep")
@@ -149,7 +150,8 @@ def doctor(
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per process, in a list.")
 @handle_errors
 def ps(everything: bool, as_json: bool, **params: Any) -> None:
-    """This project's workers and beats: pid, kind, role, node, state, uptime, memory, CPU, pool, launcher."""
+    """This project's units: workers, beats and tlrun dev's processes (kind, name, node and port, state,
+    uptime, memory, CPU, pool, launcher)."""
     from tlrun.ops import inventory
     from tlrun.render import ps_table
 
@@ -181,12 +183,7 @@ def stop(name: str | None, timeout: float | None, **params: Any) -> None:
         raise click.UsageError("give NAME or --role, not both")
     settings = _settings(params)
     if name is not None and name not in {r.name for r in settings.all_roles}:
-        from tlrun.ops import stackctl
-
-        answer = stackctl.stop_unit(settings, name, settings.stop_grace if timeout is None else timeout)
-        click.echo(f"tlrun: {name} of launcher pid {answer.launcher}: {answer.message}")
-        if not answer.ok:
-            raise StopError(f"{name} survived the stop ladder")
+        stop_one(settings, name, settings.stop_grace if timeout is None else timeout)
         return
     if name is not None:
         params["role"] = name
@@ -240,33 +237,6 @@ def reload(timeout: float | None, **params: Any) -> None:
 
 @cli.command()
 @project_options
-@click.argument("name")
-@click.option(
-    "--timeout",
-    type=Seconds(min=0.1),
-    help="How long to wait for the launcher's answer (default: twice --ready-timeout, plus 10 s).",
-)
-@handle_errors
-def restart(name: str, timeout: float | None, **params: Any) -> None:
-    """Restart one unit of the running launcher, from another shell; the others are not touched.
-
-    A worker role gets the reload path (its new worker beside the old one); a process (or flower) its stop
-    ladder, then a fresh start; a unit stopped with `tlrun stop NAME` starts again. Exit 18 when it did not
-    restart, 19 when no launcher of this project runs NAME here.
-    """
-    from tlrun.errors import ReloadError
-    from tlrun.ops import stackctl
-
-    settings = _settings(params)
-    wait = timeout if timeout is not None else 2 * settings.ready_timeout + 10
-    answer = stackctl.restart_unit(settings, name, wait)
-    click.echo(f"tlrun: {name} of launcher pid {answer.launcher}: {answer.message}", err=not answer.ok)
-    if not answer.ok:
-        raise ReloadError(f"{name} did not restart")
-
-
-@cli.command()
-@project_options
 @ROLE_OPTION
 @click.argument("name", required=False)
 @click.option("--log-dir", type=click.Path(file_okay=False), help="Log directory (default logs/).")
@@ -287,7 +257,7 @@ def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: b
         params["role"] = None
     settings = _settings(params, app_required=False)
     stems = ["beat"] if role == "beat" else [r.log_stem for r in settings.roles] if role else None
-    prefixes = _unit_log_prefixes(settings, name) if name else None
+    prefixes = unit_log_prefixes(settings, name) if name else None
     if prefixes is not None:
         name, role = None, name
     files = logfiles.log_files(settings.log_dir, rotated=rotated or list_only, stems=stems, prefixes=prefixes)
@@ -322,20 +292,6 @@ def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: b
                 pass
     except OSError as exc:  # replaced since it was listed (by a link, a FIFO): never read through it
         raise LogError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _unit_log_prefixes(settings: Any, name: str) -> tuple[str, ...] | None:
-    """The log files of the unit NAME (`tlrun logs web`), or None when NAME names no unit (then: a file)."""
-    roles = {r.name: r.log_stem for r in settings.all_roles}
-    if name in roles:
-        return (f"celery_{roles[name]}_",)
-    if name == "beat":
-        return ("celery_beat_",)
-    if name == "broker":
-        return ("redis_",)
-    if name == "flower" or name in {p.name for p in settings.processes}:
-        return (f"proc_{name}_",)
-    return None
 
 
 def _newest_of_each(files: list[Path]) -> list[Path]:
