@@ -454,3 +454,33 @@ ready = "watching"
     assert dev.wait(60) == 0
     assert _all_gone(web_tree)
     assert not processes_under(project.base)
+
+
+def test_a_taken_port_and_a_process_never_ready_are_said(project: Project) -> None:
+    """A fixed port something else holds is a warning before the start (the process then crashes and backs
+    off); a process that never shows its ready line is said to be late once, after the readiness timeout."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        (project.root / "pyproject.toml").write_text(
+            f"""[tool.tlrun]
+app = "{project.app}"
+
+[tool.tlrun.processes.web]
+command = "{sys.executable} -m http.server {{port}} --bind 127.0.0.1"
+port = {port}
+
+[tool.tlrun.processes.mute]
+command = ["{sys.executable}", "-c", "import time; time.sleep(600)"]
+ready = "never printed"
+"""
+        )
+        dev = project.launch("--only", "web,mute", command="dev", env=project.env(TLRUN_READY_TIMEOUT="1"))
+        dev.wait_output(rf"port {port} of process web is already in use")
+        dev.wait_output(r"web crashed \(status 1\): starting it again in 1 s")
+        dev.wait_output(r"mute is not ready after 1 s \(waiting for a line matching 'never printed'\)")
+        dev.send(signal.SIGINT)
+        assert dev.wait(20) == 0
+    assert dev.output().count("mute is not ready") == 1
+    assert not processes_under(project.base)

@@ -103,6 +103,7 @@ class StackStep(Step):
         self._due: dict[str, float] = {}  # unit child -> when its next start is due (after a crash)
         self._delay: dict[str, float] = {}
         self._saved = False
+        self._slow: set[tuple[str, int]] = set()  # (unit child, start) already said to be slow to get ready
 
     def _units(self, launcher: Launcher) -> list[ProcessUnit]:
         return launcher.processes
@@ -126,6 +127,14 @@ class StackStep(Step):
             or any(c.done.is_set() for c in self._checks.values())
             or any(now >= due for due in self._due.values())
             or any(u.state == STARTING and self._unchecked(u) for u in self._units(launcher))
+            or any(self._late(launcher, u, now) for u in self._units(launcher))
+        )
+
+    def _late(self, launcher: Launcher, unit: ProcessUnit, now: float) -> bool:
+        return (
+            unit.state == STARTING
+            and now - unit.started_at > launcher.s.ready_timeout
+            and (unit.child, unit.starts) not in self._slow
         )
 
     def _unchecked(self, unit: ProcessUnit) -> bool:
@@ -144,6 +153,19 @@ class StackStep(Step):
             if due is not None and now >= due and unit.state == BACKOFF and not launcher.stop_asked():
                 del self._due[unit.child]
                 unitctl.start_process(launcher, unit)
+        for unit in self._units(launcher):
+            if self._late(launcher, unit, now):
+                self._slow.add((unit.child, unit.starts))
+                what = {"http": f"an HTTP answer on {unit.url}", "port": f"a connection to port {unit.port}"}.get(
+                    unit.spec.readiness or "", f"a line matching {unit.spec.ready_pattern!r}"
+                )
+                launcher.report(
+                    Notice(
+                        f"{unit.spec.name} is not ready after {launcher.s.ready_timeout:g} s (waiting for {what}); "
+                        f"its log: tlrun logs {unit.spec.name}",
+                        "warning",
+                    )
+                )
         if self._saved:
             self._saved = False
             wanted = [u for u in self._units(launcher) if u.spec.reload and u.state in (STARTING, READY)]

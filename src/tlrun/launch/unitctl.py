@@ -31,10 +31,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Nothing listens on the port (a listener on 0.0.0.0 holds it on 127.0.0.1 too)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def start_process(launcher: Launcher, unit: ProcessUnit) -> None:
     """Start (or start again) one of the stack's processes; its readiness is a step's business (dev/stack.py)."""
     if unit.spec.auto_port and unit.port is None:
         unit.port = free_port()
+    elif unit.port is not None and unit.starts == 0 and not port_free(unit.port):
+        launcher.report(
+            Notice(
+                f"port {unit.port} of {unit.label} is already in use on this host (not by this project's units: "
+                "they were swept): it will likely fail to listen",
+                "warning",
+            )
+        )
     unit.state = STARTING
     child = unit.spawn(launcher)
     unit.started_at = time.monotonic()
