@@ -148,6 +148,50 @@ CASES = [
     ),
     Case("a queue list with no names", (*W, "-Q", ","), 3, "no queue name"),
     Case("a line break in --log-dir", (*W, "--log-dir", "logs\nx"), 3, "has a line break"),
+    Case(
+        "a process whose command uses {port} without a port",
+        ("dev", "-A", "{app}"),
+        3,
+        "uses {port} but the process has no `port`",
+        {"pyproject.toml": '[tool.tlrun.processes.web]\ncommand = "serve {port}"\n'},
+    ),
+    Case(
+        "a process whose program is not installed",
+        ("dev", "-A", "{app}", "--no-broker"),
+        3,
+        "'no-such-program-x1' is not on PATH",
+        {"pyproject.toml": '[tool.tlrun.processes.web]\ncommand = "no-such-program-x1 --serve"\n'},
+    ),
+    Case(
+        "a process named like a role",
+        ("dev", "-A", "{app}"),
+        3,
+        "names a role and a process",
+        {"pyproject.toml": '[tool.tlrun.workers.web]\nqueues = ["a"]\n[tool.tlrun.processes.web]\ncommand = "x"\n'},
+    ),
+    Case(
+        "a Procfile line without `name:`",
+        ("dev", "-A", "{app}"),
+        3,
+        "expected `name: command`",
+        {"Procfile": "web: ok\njust a command\n"},
+    ),
+    Case("an unknown unit for --only", ("dev", "-A", "{app}", "--only", "nope"), 2, "no unit named 'nope'"),
+    Case("an unknown unit to restart", ("restart", "-A", "{app}", "nope"), 2, "no unit named 'nope'"),
+    Case(
+        "restart of a process when nothing runs",
+        ("restart", "-A", "{app}", "web"),
+        19,
+        "no launcher of this project runs web here",
+        {"pyproject.toml": '[tool.tlrun.processes.web]\ncommand = "x"\n'},
+    ),
+    Case(
+        "stop of a process when nothing runs",
+        ("stop", "-A", "{app}", "web"),
+        19,
+        "web does not run here",
+        {"pyproject.toml": '[tool.tlrun.processes.web]\ncommand = "x"\n'},
+    ),
 ]
 
 
