@@ -163,6 +163,14 @@ reload = true
     assert again.returncode == 0, again.stderr
     wait_for(lambda: "polite" in _pids(project), 10, "polite started again")
     assert project.run("restart", "nothing").returncode == 2
+    # A role by its name: stopped alone (web runs on), then started again with the guard, sweep and verify.
+    assert project.run("stop", "default").returncode == 0
+    wait_for(lambda: ping_replies(project.broker_url) == [], 10, "the role's worker gone")
+    assert "web" in _pids(project) and "default" not in _pids(project)
+    assert project.run("restart", "default").returncode == 0
+    assert ping_replies(project.broker_url) == [node]
+    logs = project.run("logs", "web", "-n", "50")
+    assert logs.returncode == 0 and "Serving HTTP on 127.0.0.1" in logs.stdout
 
     # A save: the worker reloads, `saver` (reload = true) restarts, web (runserver reloads itself) does not.
     saver = _pids(project)["saver"]
@@ -213,19 +221,22 @@ def test_a_procfile_worker_line_runs_as_a_role(project: Project) -> None:
     """A Procfile's `celery worker` line runs as a role named after the line (tlrun's node name, one ping
     reply, its queues), its beat line as tlrun's beat, and the other lines as processes with $PORT."""
     port = free_port()
+    (project.root / ".env").write_text("FROM_DOTENV=dotenv-value-7\n")
     (project.root / "Procfile").write_text(
+        'envy: echo "envy sees $FROM_DOTENV" && sleep 600\n'
         f"web: {sys.executable} -m http.server $PORT --bind 127.0.0.1\n"
         f"jobs: celery -A {project.app} worker -Q celery,mail -c 1 -n custom@%h --loglevel info\n"
     )
     dev = project.launch(command="dev", app_arg=False, env=project.env(PORT=str(port)))
-    dev.wait_output(r"Procfile line 2 \(jobs\) runs a Celery worker: tlrun runs it as role jobs \(celery,mail\)")
+    dev.wait_output(r"Procfile line 3 \(jobs\) runs a Celery worker: tlrun runs it as role jobs \(celery,mail\)")
+    dev.wait_output(r"\[envy\] envy sees dotenv-value-7")
     dev.wait_output(READY)
-    dev.wait_output(rf"tlrun: web ready on http://127\.0\.0\.1:{port}\b")
+    dev.wait_output(rf"tlrun: web ready on http://127\.0\.0\.1:{port + 100}\b")  # $PORT: base + 100 per line
     node = f"jobs{dev.pid}@{HOST}"
     assert ping_replies(project.broker_url) == [node]
     assert "-n custom" not in dev.output()
     rows = {r["name"]: r for r in _ps(project)}
-    assert rows["jobs"]["node"] == node and rows["web"]["port"] == port
+    assert rows["jobs"]["node"] == node and rows["web"]["port"] == port + 100
     exported = project.run("export", "procfile", "-A", project.app)
     assert exported.returncode == 0, exported.stderr
     assert f"web: {sys.executable} -m http.server $PORT --bind 127.0.0.1" in exported.stdout
@@ -484,3 +495,16 @@ ready = "never printed"
         assert dev.wait(20) == 0
     assert dev.output().count("mute is not ready") == 1
     assert not processes_under(project.base)
+
+
+def test_flower_without_the_package_is_a_clear_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tlrun.config import build_settings
+    from tlrun.dev import stack
+    from tlrun.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(stack.importlib.util, "find_spec", lambda name: None if name == "flower" else real(name))
+    settings = build_settings({"app": "proj"}, {}, {}, tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        stack.flower_spec(settings, sys.executable)
+    assert caught.value.exit_code == 3 and "pip install flower" in str(caught.value.hint)

@@ -182,11 +182,17 @@ def stop(name: str | None, timeout: float | None, **params: Any) -> None:
     if name is not None and params.get("role"):
         raise click.UsageError("give NAME or --role, not both")
     settings = _settings(params)
-    if name is not None and name not in {r.name for r in settings.all_roles}:
-        stop_one(settings, name, settings.stop_grace if timeout is None else timeout)
-        return
     if name is not None:
-        params["role"] = name
+        from tlrun.errors import NothingRunningError
+
+        is_role = name in {r.name for r in settings.all_roles}
+        try:
+            stop_one(settings, name, settings.stop_grace if timeout is None else timeout)
+            return
+        except NothingRunningError:
+            if not is_role:
+                raise
+        params["role"] = name  # a role no launcher runs here: its strays, as `--role NAME` does
         settings = _settings(params)
     report = control.stop_project(settings, settings.stop_grace if timeout is None else timeout)
     for unit in report.units:

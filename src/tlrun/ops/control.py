@@ -105,7 +105,9 @@ def _split_launchers(
     """(launchers to stop whole, [(launcher, {lock kind: node} to stop inside it)]): a launcher whose lock
     records show units beyond the roles asked for, and that listens for unit stops, keeps those units."""
     wanted = {r.lock_kind for r in settings.roles}
-    every = [r.lock_kind for r in settings.all_roles] + ["beat"]
+    # The stack's processes are units too: a launcher that runs one beside the role keeps running it.
+    every = [r.lock_kind for r in settings.all_roles] + ["beat", "process-flower"]
+    every += [f"process-{p.name}" for p in settings.processes]
     held: dict[int, dict[str, dict[str, Any]]] = {}
     for kind, record, holder in guard.live_records(settings.project_id, every):
         held.setdefault(holder.pid, {})[kind] = record
