@@ -176,6 +176,13 @@ CASES = [
         "expected `name: command`",
         {"Procfile": "web: ok\njust a command\n"},
     ),
+    Case(
+        "a process folder that does not exist",
+        ("dev", "-A", "{app}", "--no-broker"),
+        3,
+        "does not exist",
+        {"pyproject.toml": '[tool.tlrun.processes.web]\ncommand = "sh -c true"\ncwd = "frontend"\n'},
+    ),
     Case("an unknown unit for --only", ("dev", "-A", "{app}", "--only", "nope"), 2, "no unit named 'nope'"),
     Case("an unknown unit to restart", ("restart", "-A", "{app}", "nope"), 2, "no unit named 'nope'"),
     Case(

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from helpers import Project, free_port, ping_replies, processes_under, wait_for
+from helpers import Project, free_port, gone, ping_replies, processes_under, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 HOST = socket.gethostname()
@@ -104,16 +104,6 @@ def _tree(pid: int) -> list[int]:
         return []
 
 
-def _all_gone(pids: list[int]) -> bool:
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            continue
-    return True
-
-
 def test_the_stack_runs_beside_the_workers_one_unit_at_a_time(project: Project) -> None:
     """Ready lines of each kind; a crashing process backs off and never takes the workers down; `restart web`
     and `stop polite` (SIGINT, its stop signal) touch nothing else; a save restarts only what asked for it;
@@ -183,7 +173,7 @@ reload = true
     tree = [pid for name, pid in _pids(project).items() for pid in _tree(pid)]
     dev.send(signal.SIGKILL)
     dev.wait(5)
-    wait_for(lambda: _all_gone(tree), 2 + 3, "every unit's processes gone after the launcher's SIGKILL")
+    wait_for(lambda: gone(tree), 2 + 3, "every unit's processes gone after the launcher's SIGKILL")
     assert not processes_under(project.base)
 
 
@@ -205,7 +195,7 @@ def test_a_stray_process_is_listed_reported_and_swept(project: Project) -> None:
     second.wait_output(rf"stopping stray process deaf pid {stray[0]['pid']}")
     second.wait_output(r"tlrun: web ready on")
     second.wait_output(r"tlrun: deaf ready")
-    assert _all_gone([stray[0]["pid"]])
+    assert gone([stray[0]["pid"]])
     rows = _ps(project)
     assert sorted(r["name"] for r in rows) == ["deaf", "web"] and all(r["launcher_pid"] == second.pid for r in rows)
     # A second Ctrl-C does not wait for deaf's 60 s grace: SIGKILL to its group.
@@ -463,7 +453,7 @@ ready = "watching"
     assert len(web_tree) >= 3  # the watchdog, runserver's autoreloader and the server it runs
     dev.send(signal.SIGINT)
     assert dev.wait(60) == 0
-    assert _all_gone(web_tree)
+    assert gone(web_tree)
     assert not processes_under(project.base)
 
 

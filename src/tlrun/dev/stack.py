@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import importlib.util
+import os
 import shutil
 import socket
 import threading
@@ -231,12 +232,21 @@ class StackStep(Step):
 
 
 def check_commands(launcher: Launcher) -> None:
-    """Every process's program exists (or is a shell line): a missing one is a ConfigError before anything
-    is stopped or started."""
+    """Every process's folder exists and its program can be run (a shell line's `sh` at least): a ConfigError
+    before anything is stopped or started, never a traceback later."""
+    root = launcher.s.project_root
     for unit in launcher.processes:
-        program = unit.spec.argv[0]
-        if "/" not in program and shutil.which(program, path=launcher.s.environ.get("PATH")) is None:
+        spec = unit.spec
+        cwd = root / spec.cwd if spec.cwd else root
+        if not cwd.is_dir():
+            raise ConfigError(f"process {spec.name}: its folder {cwd} does not exist ({spec.source})")
+        program = spec.argv[0]
+        if "/" in program:
+            path = program if os.path.isabs(program) else str(cwd / program)
+            if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+                raise ConfigError(f"process {spec.name}: {program} is not an executable file ({spec.source})")
+        elif shutil.which(program, path=launcher.s.environ.get("PATH")) is None:
             raise ConfigError(
-                f"process {unit.spec.name}: {program!r} is not on PATH ({unit.spec.source})",
+                f"process {spec.name}: {program!r} is not on PATH ({spec.source})",
                 hint="install it, or give its full path in the command",
             )

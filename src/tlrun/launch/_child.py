@@ -341,7 +341,11 @@ def run_group(argv: Sequence[str], fd: int, launcher: int, stop: int, grace: flo
     (the session tlrun started us in), so that its children (`sh -c`, runserver's autoreloader, npm's node)
     are in it too. A stop signal from the launcher becomes `stop` (the process's stop signal) to the whole
     group; a second one SIGKILL. When the launcher is gone: `stop` to the group, SIGKILL after `grace`."""
-    child = subprocess.Popen(list(argv), close_fds=True)
+    try:
+        child = subprocess.Popen(list(argv), close_fds=True)
+    except OSError as exc:  # a program that does not exist, or may not be run: say so, never a traceback
+        _say(f"tlrun: cannot run {argv[0]}: {exc.strerror or exc}")
+        return 127
     expected = [0]  # our own signals, sent to the group and so to us too: not a request
     asked = [0]
 

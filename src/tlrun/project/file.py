@@ -154,19 +154,26 @@ class ProjectFile:
         return f"{self.path} ({table}, key {key})"
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_text(path: Path, limit: int, what: str) -> str:
+    """A small UTF-8 file read whole (a project file, a Procfile), or a ConfigError saying why not."""
     try:
         with path.open("rb") as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
+            data = fh.read(limit + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB; not a project file tlrun reads")
+    if len(data) > limit:
+        raise ConfigError(f"{path}: larger than {limit // 1024} KiB; not {what} tlrun reads")
     try:
-        document: dict[str, Any] = tomllib.loads(data.decode("utf-8"))
-        return document
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    text = read_text(path, MAX_FILE_BYTES, "a project file")
+    try:
+        document: dict[str, Any] = tomllib.loads(text)
+        return document
     except tomllib.TOMLDecodeError as exc:
         # The message carries "(at line N, column M)".
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None

@@ -195,17 +195,9 @@ def find_procfile(root: Path) -> Path | None:
 def read_procfile(path: Path, environ: Mapping[str, str]) -> Stack:
     """Honcho's format: `name: command` lines, `#` comments; each line runs through `sh -c` with `$PORT`
     (the environment's PORT or 5000, plus 100 per line). Celery worker and beat lines become roles and beat."""
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_PROCFILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(data) > MAX_PROCFILE_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_PROCFILE_BYTES // 1024} KiB; not a Procfile")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    from tlrun.project.file import read_text  # file.py imports this module for its tables
+
+    text = read_text(path, MAX_PROCFILE_BYTES, "a Procfile")
     try:
         base = int(environ.get("PORT") or PROCFILE_BASE_PORT)
     except ValueError:
