@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import signal
 import socket
@@ -498,3 +499,34 @@ def test_flower_without_the_package_is_a_clear_hint(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ConfigError) as caught:
         stack.flower_spec(settings, sys.executable)
     assert caught.value.exit_code == 3 and "pip install flower" in str(caught.value.hint)
+
+
+def test_another_users_process_with_our_marker_is_never_ours(project: Project) -> None:
+    """A process of another local user that carries this project's marker and a process name (forged, or
+    theirs): never listed by ps, never swept by dev, never stopped by `stop web`."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a process as another user")
+    from tlrun.config import project_id
+
+    _stack(project)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TLRUN_PROJECT": project_id(project.root, project.app),
+        "TLRUN_PROCESS": "web",
+        "TL_CELERY_STARTED": "1:1.00",
+    }
+    theirs = subprocess.Popen(["sleep", "300"], cwd="/", env=env, user=65534, group=65534, start_new_session=True)
+    try:
+        wait_for(lambda: psutil.Process(theirs.pid).uids().real == 65534, 10, "the other user's process")
+        assert not [r for r in _ps(project) if r["pid"] == theirs.pid]
+        assert project.run("stop", "web").returncode == 19
+        dev = project.launch("--only", "web", command="dev")
+        dev.wait_output(r"tlrun: web ready on")
+        assert "stray" not in dev.output() and theirs.poll() is None
+        dev.send(signal.SIGINT)
+        assert dev.wait(20) == 0
+        assert theirs.poll() is None
+    finally:
+        theirs.kill()
+        theirs.wait(5)
+    assert not processes_under(project.base)
