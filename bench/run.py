@@ -281,6 +281,31 @@ def _production(bench: Bench, table: Table) -> None:
     )
 
 
+@figure("stack")
+def _stack(bench: Bench, table: Table) -> None:
+    import stack
+
+    table.pair(
+        "a Procfile's web server answers and its worker pongs: `tlrun dev`",
+        "`honcho start`, the same Procfile",
+        lambda: stack.up_time(bench, "tlrun"),
+        lambda: stack.up_time(bench, "honcho"),
+        "<= 1.3",
+    )
+    table.single(
+        "processes left running 3 s after the runner's SIGKILL: `tlrun dev` (web, worker and its pool)",
+        lambda: stack.left_after_kill(bench, "tlrun"),
+        "procs",
+        "0",
+    )
+    table.single(
+        "the same for `honcho start`",
+        lambda: stack.left_after_kill(bench, "honcho"),
+        "procs",
+        "(what users have today)",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=7)
@@ -326,7 +351,7 @@ def render(table: Table) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, base, a, b, value, target in table.rows:
-        unit = re.search(r"(ms|us|MB|s)$", value)
+        unit = re.search(r"(ms|us|MB|procs|s)$", value)
         u = unit.group(1) if unit and b is None else "s"
         a_s = _fmt(a, u) if a is not None and b is not None else "-"
         b_s = _fmt(b, "s") if b is not None else "-"
