@@ -158,6 +158,13 @@ reload = true
     assert project.run("stop", "default").returncode == 0
     wait_for(lambda: ping_replies(project.broker_url) == [], 10, "the role's worker gone")
     assert "web" in _pids(project) and "default" not in _pids(project)
+    app_file = project.root / f"{project.app}.py"
+    good = app_file.read_text()
+    app_file.write_text(good + "\ndef broken(:\n")
+    refused = project.run("restart", "default")  # its app does not import: the launcher and web run on
+    assert refused.returncode == 18 and "SyntaxError" in refused.stderr, refused.stderr
+    assert "web" in _pids(project) and dev.proc.poll() is None
+    app_file.write_text(good)
     assert project.run("restart", "default").returncode == 0
     assert ping_replies(project.broker_url) == [node]
     logs = project.run("logs", "web", "-n", "50")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tlrun.errors import TlrunError
 from tlrun.events import Notice
-from tlrun.launch.units import BACKOFF, GONE, STARTING, ProcessUnit, Unit, WorkerUnit
+from tlrun.launch.units import GONE, STARTING, ProcessUnit, Unit, WorkerUnit
 
 if TYPE_CHECKING:
     from tlrun.launch.launcher import Launcher
@@ -41,8 +41,9 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def start_process(launcher: Launcher, unit: ProcessUnit) -> None:
-    """Start (or start again) one of the stack's processes; its readiness is a step's business (dev/stack.py)."""
+def start_process(launcher: Launcher, unit: ProcessUnit) -> bool:
+    """Start (or start again) one of the stack's processes; its readiness is a step's business (dev/stack.py).
+    False when it could not be started (its folder removed since the launch): said, and the unit is gone."""
     if unit.spec.auto_port and unit.port is None:
         unit.port = free_port()
     elif unit.port is not None and unit.starts == 0 and not port_free(unit.port):
@@ -54,9 +55,15 @@ def start_process(launcher: Launcher, unit: ProcessUnit) -> None:
             )
         )
     unit.state = STARTING
-    child = unit.spawn(launcher)
+    try:
+        child = unit.spawn(launcher)
+    except OSError as exc:
+        launcher.set_state(unit, GONE)
+        launcher.report(Notice(f"{unit.label} could not start: {exc.strerror or exc}", "warning"))
+        return False
     unit.started_at = time.monotonic()
     launcher.set_state(unit, STARTING, process_pid=child.pid, port=unit.port, url=unit.url, since=None)
+    return True
 
 
 def find(launcher: Launcher, name: str) -> Unit | None:
@@ -101,25 +108,28 @@ def restart(launcher: Launcher, unit: Unit, name: str, rid: str) -> None:
             answer(launcher, rid, name, False, str(exc))
             return
     if isinstance(unit, WorkerUnit):
-        launcher.restart_worker(unit)
+        try:
+            launcher.restart_worker(unit)
+        except TlrunError as exc:  # its app does not import now: the unit stays stopped, the launcher runs on
+            launcher.set_state(unit, GONE)
+            launcher.locks.release(unit.lock_kind)
+            answer(launcher, rid, name, False, str(exc))
+            return
         ok = launcher.sup.running(unit.child)
         answer(launcher, rid, name, ok, f"{unit.node} ready" if ok else f"{unit.node} did not start")
         return
 
     def again(u: Unit) -> None:
         assert isinstance(u, ProcessUnit)
-        start_process(launcher, u)
-        answer(launcher, rid, name, True, f"{u.label} started again (pid {launcher.sup.pid(u.child)})")
+        if start_process(launcher, u):
+            answer(launcher, rid, name, True, f"{u.label} started again (pid {launcher.sup.pid(u.child)})")
+        else:
+            answer(launcher, rid, name, False, f"{u.label} could not start: see the warning above")
 
     if launcher.sup.running(unit.child):
         launcher.stop_units([unit], "restart", then=again)
     else:  # gone, or waiting for its backoff
         again(unit)
-
-
-def waiting(unit: Unit) -> bool:
-    """A process between a crash and its next start."""
-    return unit.state == BACKOFF
 
 
 def record_fields(unit: Unit) -> dict[str, Any]:
