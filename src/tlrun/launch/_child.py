@@ -23,6 +23,7 @@ thread. This module imports only the standard library: it runs before every work
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -346,8 +347,7 @@ def run_group(argv: Sequence[str], fd: int, launcher: int, stop: int, grace: flo
     except OSError as exc:  # a program that does not exist, or may not be run: say so, never a traceback
         _say(f"tlrun: cannot run {argv[0]}: {exc.strerror or exc}")
         return 127
-    expected = [0]  # our own signals, sent to the group and so to us too: not a request
-    asked = [0]
+    expected, asked = [0], [0]  # our own signals (sent to the group, so to us too: not requests); requests
 
     def to_group(sig: int) -> None:
         if sig != signal.SIGKILL:
@@ -372,10 +372,8 @@ def run_group(argv: Sequence[str], fd: int, launcher: int, stop: int, grace: flo
     def on_gone() -> None:
         gone.set()
         to_group(stop)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
         kill_own_group()
 
     watch(fd, launcher, on_gone)

@@ -33,19 +33,7 @@ from tlrun.launch.outputs import Outputs
 from tlrun.launch.startup import Startup
 from tlrun.launch.steps import Step
 from tlrun.launch.supervise import Supervisor, requeue_margin
-from tlrun.launch.units import (
-    BACKOFF,
-    GONE,
-    READY,
-    STANDBY,
-    STARTING,
-    STOPPING,
-    WAITING,
-    BeatUnit,
-    ProcessUnit,
-    Unit,
-    WorkerUnit,
-)
+from tlrun.launch.units import GONE, NO_PROCESS, READY, STARTING, STOPPING, BeatUnit, ProcessUnit, Unit, WorkerUnit
 from tlrun.project.processes import ProcessSpec
 
 log = logging.getLogger(__name__)
@@ -138,7 +126,7 @@ class Launcher(Startup):
 
     def set_state(self, unit: Unit, state: str, **fields: Any) -> None:
         unit.state = state
-        if state in (GONE, WAITING, STANDBY, BACKOFF):  # no process of its own now
+        if state in NO_PROCESS:
             fields.setdefault(unit.pid_field, None)
         self.record(unit, state=state, **fields)
 

@@ -40,6 +40,7 @@ BANNER = " -------------- "  # the first line of a worker's start-up banner: it 
 
 
 BACKOFF = "restarting"  # a stack's process that crashed, waiting for its next start
+NO_PROCESS = (GONE, WAITING, STANDBY, BACKOFF)  # a unit in these states has no process of its own
 
 
 class Unit:

@@ -229,22 +229,13 @@ def diagnose(settings: Settings) -> DoctorReport:
                     "tlrun doctor --fix",
                 )
             )
-        elif proc.stray and proc.name is not None and proc.kind in ("process", "flower", "broker"):
-            findings.append(
-                Finding(
-                    "STRAY_PROCESS",
-                    "error",
-                    f"stray {proc.kind} {proc.name} pid {proc.pid} ({proc.node or '?'}) of tlrun dev's stack outlived "
-                    "its launcher: it may hold its port and run old code",
-                    "tlrun doctor --fix",
-                )
-            )
         elif proc.stray:
+            what = f"{proc.kind} {proc.name}" if proc.kind in ("process", "flower", "broker") else proc.kind
             findings.append(
                 Finding(
                     "STRAY_PROCESS",
                     "error",
-                    f"stray {proc.kind} pid {proc.pid} ({proc.node or 'no node name'}) runs this "
+                    f"stray {what} pid {proc.pid} ({proc.node or 'no node name'}) runs this "
                     "project's code with no tlrun launcher: it may run old code",
                     "tlrun doctor --fix",
                 )
