@@ -100,6 +100,18 @@ def tree_gone(pids: list[int]) -> bool:
     return True
 
 
+def kill_left(pids: list[int]) -> list[int]:
+    """SIGKILL those of `pids` (recorded by pid, never found by name) still alive; wait until all are gone."""
+    left = [p for p in pids if not tree_gone([p])]
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_until(lambda: tree_gone(pids), 30)
+    return left
+
+
 def family(pid: int) -> list[int]:
     try:
         return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
@@ -173,14 +185,8 @@ class Bench:
         try:
             wait_until(lambda: tree_gone(pids), 15)
         except TimeoutError:
-            left = [p for p in pids if not tree_gone([p])]
+            left = kill_left(pids)
             print(f"bench: {len(left)} process(es) of {proc.args!r:.60} outlived {sig!r} by 15 s: killed", flush=True)
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            wait_until(lambda: tree_gone(pids), 30)
         proc.wait(30)
 
     def close(self) -> None:

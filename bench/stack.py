@@ -8,14 +8,13 @@ then what each leaves running when the runner itself is SIGKILLed (an IDE's seco
 from __future__ import annotations
 
 import http.client
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from harness import APP, Bench, family, free_port, tree_gone, wait_until
+from harness import APP, Bench, family, free_port, kill_left, wait_until
 
 PY = sys.executable
 PROCFILE = (
@@ -79,12 +78,6 @@ def left_after_kill(bench: Bench, runner: str) -> float:
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     time.sleep(SETTLE)
-    left = [pid for pid in tree if not tree_gone([pid])]
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    wait_until(lambda: tree_gone(tree), 30)
+    left = kill_left(tree)
     wait_until(lambda: not bench.answers_any(), 30)
     return float(len(left))

@@ -79,15 +79,14 @@ class _Check(threading.Thread):
         super().__init__(name=f"tlrun-ready-{unit.spec.name}", daemon=True)
         self.unit = unit
         self.start_no = unit.starts
-        self.ready_after: float | None = None
+        self.ready = False
         self.done = threading.Event()
         self.cancel = threading.Event()
 
     def run(self) -> None:
-        began = time.monotonic()
         while not self.cancel.is_set():
             if _answers(self.unit):
-                self.ready_after = time.monotonic() - began
+                self.ready = True
                 break
             self.cancel.wait(CHECK_EVERY)
         self.done.set()
@@ -106,11 +105,8 @@ class StackStep(Step):
         self._saved = False
         self._slow: set[tuple[str, int]] = set()  # (unit child, start) already said to be slow to get ready
 
-    def _units(self, launcher: Launcher) -> list[ProcessUnit]:
-        return launcher.processes
-
     def _watch(self, launcher: Launcher) -> None:
-        for unit in self._units(launcher):
+        for unit in launcher.processes:
             check = self._checks.get(unit.child)
             if unit.state == STARTING and self._unchecked(unit):
                 if check is not None:
@@ -127,8 +123,8 @@ class StackStep(Step):
             self._saved
             or any(c.done.is_set() for c in self._checks.values())
             or any(now >= due for due in self._due.values())
-            or any(u.state == STARTING and self._unchecked(u) for u in self._units(launcher))
-            or any(self._late(launcher, u, now) for u in self._units(launcher))
+            or any(u.state == STARTING and self._unchecked(u) for u in launcher.processes)
+            or any(self._late(launcher, u, now) for u in launcher.processes)
         )
 
     def _late(self, launcher: Launcher, unit: ProcessUnit, now: float) -> bool:
@@ -144,17 +140,17 @@ class StackStep(Step):
 
     def act(self, launcher: Launcher) -> None:
         now = time.monotonic()
-        for unit in self._units(launcher):
+        for unit in launcher.processes:
             check = self._checks.get(unit.child)
             if check is not None and check.done.is_set():
                 del self._checks[unit.child]
-                if check.ready_after is not None and check.start_no == unit.starts and unit.state == STARTING:
+                if check.ready and check.start_no == unit.starts and unit.state == STARTING:
                     self._ready(launcher, unit, time.monotonic() - unit.started_at)
             due = self._due.get(unit.child)
             if due is not None and now >= due and unit.state == BACKOFF and not launcher.stop_asked():
                 del self._due[unit.child]
                 unitctl.start_process(launcher, unit)
-        for unit in self._units(launcher):
+        for unit in launcher.processes:
             if self._late(launcher, unit, now):
                 self._slow.add((unit.child, unit.starts))
                 what = {"http": f"an HTTP answer on {unit.url}", "port": f"a connection to port {unit.port}"}.get(
@@ -169,7 +165,7 @@ class StackStep(Step):
                 )
         if self._saved:
             self._saved = False
-            wanted = [u for u in self._units(launcher) if u.spec.reload and u.state in (STARTING, READY)]
+            wanted = [u for u in launcher.processes if u.spec.reload and u.state in (STARTING, READY)]
             for unit in wanted:
                 launcher.report(Notice(f"reload: restarting {unit.spec.name} (reload = true)"))
             if wanted:

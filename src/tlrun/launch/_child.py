@@ -11,9 +11,8 @@ each child holds its read end, so the read returns EOF exactly when the launcher
   them is gone), sends this process SIGTERM (Celery's warm shutdown: running tasks finish), and after the
   grace period SIGKILLs its own process group. When the worker then exits by itself, whatever is left in
   its group (a task's subprocess) is killed with it.
-- anything else (the private redis-server): this process stays a small watchdog parent that holds the read
-  end, forwards the launcher's stop signals, and on EOF stops its child (SIGTERM, SIGKILL after a short
-  wait). It execs nothing itself.
+- anything else (the private redis-server, a process of the dev stack): this process stays a small
+  watchdog parent (`_watchdog.py`) that holds the read end and stops its child on EOF.
 
 On Linux PR_SET_PDEATHSIG=SIGTERM is kept as a backstop (a thread cannot run while a C extension holds
 the GIL); TLRUN_NO_PDEATHSIG=1 turns it off, so that tests on Linux exercise the lifeline alone, as on
@@ -23,10 +22,8 @@ thread. This module imports only the standard library: it runs before every work
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -45,7 +42,6 @@ HOOKS_ENV = "TLRUN_CHILD_HOOKS"
 # A stack's process (not Celery): run it under a watchdog that stops its whole group with this signal.
 GROUP_ENV = "TLRUN_GROUP_STOP"
 HEARTBEAT_ENV = "TLRUN_HEARTBEAT"  # where a worker writes its liveness heartbeat (heartbeat.py)
-WATCHDOG_WAIT = 3.0  # a non-Python child's time between SIGTERM and SIGKILL once the launcher is gone
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 # "Requeue if busy": sent by the launcher to a stopping worker shortly before the grace period ends. The
 # worker turns it into SIGQUIT (Celery's cold shutdown: running late-acked tasks go back to the queue) only
@@ -308,81 +304,6 @@ def _hooks(names: str) -> list[types.ModuleType]:
     return hooks
 
 
-def run_watchdog(argv: Sequence[str], fd: int, launcher: int, wait: float = WATCHDOG_WAIT) -> int:
-    """Run `argv` as our child; forward stop signals; stop it when the launcher is gone. Its exit status."""
-    child = subprocess.Popen(list(argv), close_fds=True)
-    gone = threading.Event()
-
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            os.kill(child.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for sig in FORWARDED:
-        signal.signal(sig, forward)
-
-    def on_gone() -> None:
-        gone.set()
-        forward(signal.SIGTERM, None)
-        try:
-            child.wait(wait)
-        except subprocess.TimeoutExpired:
-            kill_own_group()
-
-    watch(fd, launcher, on_gone)
-    code = child.wait()
-    if gone.is_set():
-        kill_own_group()  # anything the child left in our group goes with it
-    return 128 - code if code < 0 else code
-
-
-def run_group(argv: Sequence[str], fd: int, launcher: int, stop: int, grace: float) -> int:
-    """A stack's process (a web server, a frontend watcher): run `argv` as our child in our own process group
-    (the session tlrun started us in), so that its children (`sh -c`, runserver's autoreloader, npm's node)
-    are in it too. A stop signal from the launcher becomes `stop` (the process's stop signal) to the whole
-    group; a second one SIGKILL. When the launcher is gone: `stop` to the group, SIGKILL after `grace`."""
-    try:
-        child = subprocess.Popen(list(argv), close_fds=True)
-    except OSError as exc:  # a program that does not exist, or may not be run: say so, never a traceback
-        _say(f"tlrun: cannot run {argv[0]}: {exc.strerror or exc}")
-        return 127
-    expected, asked = [0], [0]  # our own signals (sent to the group, so to us too: not requests); requests
-
-    def to_group(sig: int) -> None:
-        if sig != signal.SIGKILL:
-            expected[0] += 1
-        try:
-            os.killpg(0, sig)
-        except OSError:
-            expected[0] = max(0, expected[0] - 1)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        if signum == stop and expected[0] > 0:
-            expected[0] -= 1
-            return
-        asked[0] += 1
-        to_group(stop if asked[0] == 1 and signum != signal.SIGQUIT else signal.SIGKILL)
-
-    for sig in {*FORWARDED, stop}:
-        signal.signal(sig, on_signal)
-
-    gone = threading.Event()
-
-    def on_gone() -> None:
-        gone.set()
-        to_group(stop)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(grace)
-        kill_own_group()
-
-    watch(fd, launcher, on_gone)
-    code = child.wait()
-    if gone.is_set():
-        kill_own_group()  # what it started goes with it: nobody is left to reap the group
-    return 128 - code if code < 0 else code
-
-
 def main() -> None:
     launcher, fd, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
     argv = sys.argv[5:]
@@ -392,10 +313,12 @@ def main() -> None:
     # The launcher may have died between fork and prctl: then no signal will ever come. Stop here.
     if os.getppid() != launcher:
         sys.exit(EXIT_PARENT_GONE)
-    if group_stop:
-        sys.exit(run_group(argv, fd, launcher, int(getattr(signal, group_stop, signal.SIGTERM)), grace))
-    if module is None:
-        sys.exit(run_watchdog(argv, fd, launcher))
+    if module is None:  # a watchdog parent: its module is imported only here, never on a worker's start
+        from tlrun.launch import _watchdog
+
+        if group_stop:
+            sys.exit(_watchdog.run_group(argv, fd, launcher, int(getattr(signal, group_stop, signal.SIGTERM)), grace))
+        sys.exit(_watchdog.run_watchdog(argv, fd, launcher))
     os.set_inheritable(fd, False)  # the worker's pool children and a task's subprocesses never need it
     run_module(module, argv[3:], fd, launcher, grace)
 

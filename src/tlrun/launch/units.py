@@ -12,6 +12,7 @@ good save starts it again); beat's `standing by` (another host holds the cluster
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 from collections.abc import Callable
@@ -180,7 +181,7 @@ class BeatUnit(Unit):
 
 class ProcessUnit(Unit):
     """One process of the development stack (a web server, a frontend watcher, Flower): in its own session and
-    process group behind a watchdog that stops the whole group with its stop signal (`_child.run_group`),
+    process group behind a watchdog that stops the whole group with its stop signal (`_watchdog.run_group`),
     marked with the project and its name so that a stray one is found by ps, doctor and the sweep."""
 
     pid_field = "process_pid"
@@ -228,8 +229,6 @@ class ProcessUnit(Unit):
         pattern = self.spec.ready_pattern
         observe = None
         if pattern is not None:
-            import re
-
             matcher = re.compile(pattern)
 
             def observe(lines: list[str]) -> None:
