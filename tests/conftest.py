@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,7 @@ def project(tmp_path: Path, redis_server: RedisServer) -> Iterator[Project]:
     finally:
         proj.cleanup()
         leftovers = processes_under(base)
+        described = [_describe(proc) for proc in leftovers]  # before the kill: what it was, for the failure
         for proc in leftovers:
             try:
                 proc.send_signal(signal.SIGKILL)
@@ -56,7 +58,17 @@ def project(tmp_path: Path, redis_server: RedisServer) -> Iterator[Project]:
                 pass
         psutil.wait_procs(leftovers, timeout=5)
         if leftovers:
-            pytest.fail(f"test left processes running: {[p.pid for p in leftovers]}")
+            pytest.fail(f"test left processes running: {described}")
+
+
+def _describe(proc: psutil.Process) -> str:
+    """pid, parent, age and command line of a leftover (what teardown found still running)."""
+    try:
+        with proc.oneshot():
+            age = time.time() - proc.create_time()
+            return f"{proc.pid} (ppid {proc.ppid()}, {proc.status()}, up {age:.1f} s): {' '.join(proc.cmdline())[:160]}"
+    except psutil.Error:
+        return f"{proc.pid} (gone)"
 
 
 @pytest.fixture(autouse=True)
