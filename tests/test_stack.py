@@ -495,14 +495,14 @@ ready = "never printed"
 
 def test_flower_without_the_package_is_a_clear_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from tlrun.config import build_settings
-    from tlrun.dev import stack
     from tlrun.errors import ConfigError
+    from tlrun.project import processes
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(stack.importlib.util, "find_spec", lambda name: None if name == "flower" else real(name))
+    monkeypatch.setattr(processes.importlib.util, "find_spec", lambda name: None if name == "flower" else real(name))
     settings = build_settings({"app": "proj"}, {}, {}, tmp_path)
     with pytest.raises(ConfigError) as caught:
-        stack.flower_spec(settings, sys.executable)
+        processes.flower_spec(settings.app, sys.executable)
     assert caught.value.exit_code == 3 and "pip install flower" in str(caught.value.hint)
 
 

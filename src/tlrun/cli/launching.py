@@ -287,7 +287,7 @@ def _select_units(settings: Any, opts: dict[str, Any], flower: bool | None, only
     import dataclasses
     import sys
 
-    from tlrun.dev.stack import flower_spec
+    from tlrun.project.processes import flower_spec
 
     wanted, unwanted = _names(only, "--only"), _names(skip, "--skip")
     processes = list(settings.processes)
@@ -303,7 +303,7 @@ def _select_units(settings: Any, opts: dict[str, Any], flower: bool | None, only
         return (not wanted or name in wanted) and name not in unwanted
 
     if with_flower and chosen("flower"):
-        processes.append(flower_spec(settings, sys.executable))
+        processes.append(flower_spec(settings.app, sys.executable))
     processes = [p for p in processes if chosen(p.name)]
     opts["beat"] = bool(opts.get("beat") or (wanted and "beat" in wanted)) and chosen("beat")
     roles = tuple(r for r in settings.roles if chosen(r.name))

@@ -9,7 +9,6 @@ never takes the workers down; a clean exit of its own is reported and not retrie
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import os
 import shutil
 import socket
@@ -23,29 +22,14 @@ from tlrun.events import Event, Notice, Saved, Spawned, UnitReady
 from tlrun.launch import unitctl
 from tlrun.launch.steps import Step
 from tlrun.launch.units import BACKOFF, GONE, READY, STARTING, ProcessUnit, Unit
-from tlrun.project.processes import ProcessSpec
 
 if TYPE_CHECKING:
-    from tlrun.config import Settings
     from tlrun.launch.launcher import Launcher
 
 FIRST_DELAY = 1.0
 MAX_DELAY = 30.0
 STEADY = 30.0  # a process that ran this long before it crashed starts again after the first delay
 CHECK_EVERY = 0.1
-
-
-def flower_spec(settings: Settings, python: str) -> ProcessSpec:
-    """Flower against the launcher's broker (CELERY_BROKER_URL in its environment, never on its command line),
-    on a free port of 127.0.0.1; FLOWER_BASIC_AUTH from the environment reaches it as such (Flower reads its
-    FLOWER_* options there), so that the password is never on a command line."""
-    if importlib.util.find_spec("flower") is None:
-        raise ConfigError(
-            "--flower needs the flower package, which is not installed in this environment",
-            hint="pip install flower (in the project's environment), or leave out --flower / flower = true",
-        )
-    argv = (python, "-m", "celery", "-A", settings.app, "flower", "--address=127.0.0.1", "--port={port}")
-    return ProcessSpec("flower", argv, auto_port=True, ready="http", kind="flower", source="--flower")
 
 
 def _answers(unit: ProcessUnit) -> bool:

@@ -8,6 +8,7 @@ project's worker roles (or beat), so that it gets tlrun's node name, sweep and s
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -77,6 +78,19 @@ class Stack:
     beat: bool = False  # a Procfile runs beat (a beat line, or -B)
     source: str | None = None  # the file the processes came from
     notes: tuple[str, ...] = ()
+
+
+def flower_spec(app: str, python: str) -> ProcessSpec:
+    """Flower against the launcher's broker (CELERY_BROKER_URL in its environment, never on its command line),
+    on a free port of 127.0.0.1; FLOWER_BASIC_AUTH from the environment reaches it as such (Flower reads its
+    FLOWER_* options there), so that the password is never on a command line."""
+    if importlib.util.find_spec("flower") is None:
+        raise ConfigError(
+            "--flower needs the flower package, which is not installed in this environment",
+            hint="pip install flower (in the project's environment), or leave out --flower / flower = true",
+        )
+    argv = (python, "-m", "celery", "-A", app, "flower", "--address=127.0.0.1", "--port={port}")
+    return ProcessSpec("flower", argv, auto_port=True, ready="http", kind="flower", source="--flower")
 
 
 def _bad(where: str, message: str, hint: str | None = None) -> ConfigError:
@@ -332,8 +346,3 @@ def _celery_start(words: Sequence[str]) -> int | None:
     if os.path.basename(words[0]).startswith("python") and words[1:3] == ["-m", "celery"]:
         return 3
     return None
-
-
-def select(specs: Sequence[str], only: Sequence[str], skip: Sequence[str]) -> list[str]:
-    """The unit names `--only` and `--skip` leave, in order."""
-    return [n for n in specs if (not only or n in only) and n not in skip]
