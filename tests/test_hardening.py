@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -114,7 +115,7 @@ def test_doctor_reports_two_launchers_and_never_takes_a_lock(project: Project) -
                 "-f",
                 "-qq",
                 "-e",
-                "trace=flock",
+                "trace=flock,openat",
                 "-o",
                 str(project.base / "strace.txt"),
                 *project.tlrun_argv("doctor"),
@@ -130,7 +131,11 @@ def test_doctor_reports_two_launchers_and_never_takes_a_lock(project: Project) -
         assert findings["TWO_LAUNCHERS"]["severity"] == "error" and doctor.returncode == 9
         assert f"{fakes[0].pid}" in findings["TWO_LAUNCHERS"]["message"]
         # Probing never locks: a launcher starting at that moment can never be refused because of doctor.
-        assert "flock(" not in (project.base / "strace.txt").read_text()
+        traced = (project.base / "strace.txt").read_text()
+        assert "flock(" not in traced
+        # One read of the process table serves the whole diagnosis (the workers and the launchers above).
+        read = re.findall(r'openat\(.*"/proc/(\d+)/cmdline"', traced)
+        assert str(fakes[0].pid) in read and len(read) == len(set(read))
         # And a real launcher refuses to start beside them.
         refused = project.run("worker", "-A", project.app, timeout=60)
         assert refused.returncode == 6 and "found in the process table" in refused.stderr

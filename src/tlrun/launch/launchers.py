@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 
 from tlrun.launch.argv import tlrun_index
-from tlrun.launch.procs import Identity, process_table, protected_pids, same_host_namespace
+from tlrun.launch.procs import Identity, Table, process_table, protected_pids, same_host_namespace
 
 LAUNCH_COMMANDS = ("worker", "dev", "beat")
 _TLRUN_VALUE_OPTS = {
@@ -103,14 +103,14 @@ class Launcher:
     root: str
 
 
-def find_launchers(root: Path) -> list[Launcher]:
+def find_launchers(root: Path, table: Table | None = None) -> list[Launcher]:
     """Live tlrun launchers (worker, dev, beat) of the current user, running in project `root` on this host;
-    never this process or its ancestors."""
+    never this process or its ancestors. `table`: a snapshot of the process table already read."""
     uid = os.getuid()
     protected = protected_pids()
     want = os.path.realpath(root)
     found = []
-    for pid, argv in process_table():
+    for pid, argv in process_table(table):
         cmd = parse_tlrun_argv(argv) if any("tlrun" in a for a in argv) else None
         if cmd is None or pid in protected:
             continue

@@ -196,14 +196,29 @@ def _read_proc(pid: int, name: str) -> bytes | None:
         os.close(fd)
 
 
-def process_table() -> Iterable[tuple[int, list[str]]]:
+Table = Sequence[tuple[int, bytes]]  # a snapshot of the process table: (pid, its argv joined by NULs)
+
+
+def process_table(table: Table | None = None) -> Iterable[tuple[int, list[str]]]:
     """(pid, argv) of every process: on Linux straight from /proc (one read of each cmdline, about a third
-    of what psutil's Process objects cost), elsewhere through psutil. Kernel threads (no argv) are left out."""
+    of what psutil's Process objects cost), elsewhere through psutil. Kernel threads (no argv) are left out.
+    `table`: a snapshot already read (one read of the table serves a command's every look at it)."""
+    for pid, raw in _raw_table() if table is None else table:
+        yield pid, _argv(raw)
+
+
+def snapshot() -> Table:
+    """The process table read once, for a command that looks at it more than once (doctor)."""
+    return list(_raw_table())
+
+
+def _raw_table() -> Iterable[tuple[int, bytes]]:
+    """(pid, its argv joined by NULs, undecoded): a scan looks for a word in it before it pays for decoding."""
     if not _PROCFS:
         for proc in psutil.process_iter(["cmdline"]):
             argv = proc.info.get("cmdline")
             if argv:
-                yield proc.pid, list(argv)
+                yield proc.pid, "\0".join(argv).encode("utf-8", "surrogateescape")
         return
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -211,13 +226,17 @@ def process_table() -> Iterable[tuple[int, list[str]]]:
         pid = int(name)
         data = _read_proc(pid, "cmdline")
         if data:
-            yield pid, data.decode("utf-8", "surrogateescape").rstrip("\0").split("\0")
+            yield pid, data
 
 
-def _leftover(pid: int, argv: Sequence[str], uid: int) -> CeleryProcess | None:
+def _argv(raw: bytes) -> list[str]:
+    return raw.decode("utf-8", "surrogateescape").rstrip("\0").split("\0")
+
+
+def _leftover(pid: int, argv: Sequence[str], uid: int, marked: bool = False) -> CeleryProcess | None:
     """A process of the current user that carries a tlrun marker but runs no Celery command (a task's
-    subprocess, an orphan): a leftover once its launcher is gone."""
-    if tlrun_index(argv) is not None or not _has_marker(pid):
+    subprocess, an orphan): a leftover once its launcher is gone. `marked`: its marker was seen already."""
+    if tlrun_index(argv) is not None or not (marked or _has_marker(pid)):
         return None  # tlrun itself (run from a task), or unmarked (another user's environment is unreadable)
     try:
         proc = psutil.Process(pid)
@@ -245,7 +264,9 @@ def _leftover(pid: int, argv: Sequence[str], uid: int) -> CeleryProcess | None:
     )
 
 
-def scan(roles: Iterable[str] = ("worker", "beat"), hostname: str | None = None) -> list[CeleryProcess]:
+def scan(
+    roles: Iterable[str] = ("worker", "beat"), hostname: str | None = None, table: Table | None = None
+) -> list[CeleryProcess]:
     """Every Celery process with one of `roles` on this machine (all users; callers filter by uid), and
     with LEFTOVER among `roles`, the current user's marked processes that run no Celery command.
 
@@ -258,9 +279,17 @@ def scan(roles: Iterable[str] = ("worker", "beat"), hostname: str | None = None)
     # argv only for every process (one read of /proc/<pid>/cmdline); the rest only for Celery ones.
     leftovers = LEFTOVER in wanted
     uid = os.getuid()
-    for pid, argv in process_table():
-        # Most processes name neither Celery nor tlrun anywhere: no parsing for them.
-        cmd = parse_celery_argv(argv) if any("celery" in a or "tlrun" in a for a in argv) else None
+    for pid, raw in _raw_table() if table is None else table:
+        if b"celery" not in raw and b"tlrun" not in raw:
+            # Most processes name neither Celery nor tlrun anywhere: no decoding, no parsing; a leftover
+            # only when its environment holds the marker (one read), the rest only for those.
+            if leftovers and _has_marker(pid):
+                left = _leftover(pid, unwrap_shim(_argv(raw)), uid, marked=True)
+                if left is not None:
+                    found.append(left)
+            continue
+        argv = _argv(raw)
+        cmd = parse_celery_argv(argv)
         if cmd is not None and cmd.subcommand not in ("worker", "beat"):
             cmd = None  # `celery flower`, `celery inspect`: no worker nor beat; marked, a leftover or a process
         if cmd is None and leftovers:

@@ -25,7 +25,7 @@ from tlrun.errors import (
     BrokerError,
     DuplicateNodeError,
 )
-from tlrun.launch import owner, procs, verify
+from tlrun.launch import launchers, owner, procs, verify
 from tlrun.launch.broker import Broker, load_app, resolve_broker_url
 from tlrun.ops import consuming, hung, inventory
 from tlrun.ops.findings import (
@@ -147,10 +147,15 @@ def diagnose(settings: Settings) -> DoctorReport:
     waiting: verify.Census[dict[str, int | None]] = verify.Census(
         broker_url, settings.ping_window, lambda broker, _window: consuming.depths(broker, queued)
     ).start()
-    # The one scan of the process table runs while the pings are out (it puts pids on node names): once the
-    # census is connected, so that the scan (CPU, holding the GIL) does not slow its connection down.
+    # The one read of the process table runs while the pings are out (it puts pids on node names, and finds
+    # the project's launchers): once the census is connected, so that the scan (CPU, holding the GIL) does
+    # not slow its connection down.
     census.connected.wait(CONNECT_WAIT)
-    everyone = inventory.local_processes(settings, everything=True)
+    table = procs.snapshot()
+    everyone = inventory.local_processes(
+        settings, everything=True, table=procs.scan(("worker", "beat", procs.LEFTOVER), table=table)
+    )
+    running = launchers.find_launchers(settings.project_root, table)
     local = [p for p in everyone if p.project]
     connect_s = _connect_time(broker_url)
     try:
@@ -282,7 +287,7 @@ def diagnose(settings: Settings) -> DoctorReport:
                     f"kill -CONT {proc.pid}, or tlrun stop",
                 )
             )
-    findings.extend(state_findings(settings))
+    findings.extend(state_findings(settings, running))
     stranger = owner.foreign_listener(broker_url)
     if stranger is not None:
         findings.append(

@@ -199,7 +199,9 @@ def role_findings(settings: Settings, nodes: list[NodeView], queues: list[tuple[
     return found
 
 
-def state_findings(settings: Settings) -> list[Finding]:
+def state_findings(settings: Settings, running: list[launchers.Launcher] | None = None) -> list[Finding]:
+    """What the environment, the locks and the live launchers say. `running`: the launchers of the project,
+    when the caller found them already (doctor, from its one read of the process table)."""
     found = []
     raw = os.environ.get(ENV_GUARD)
     if raw:
@@ -231,7 +233,8 @@ def state_findings(settings: Settings) -> list[Finding]:
                     None,
                 )
             )
-    running = launchers.find_launchers(settings.project_root)
+    if running is None:
+        running = launchers.find_launchers(settings.project_root)
     for role in settings.all_roles:
         mine = guard.competing_launchers(running, settings.app, [role.name], False, settings.beat)
         if len(mine) > 1:
