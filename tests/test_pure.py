@@ -432,3 +432,15 @@ def test_the_celery_fix_applies_to_this_celery_once_and_can_be_turned_off(monkey
     patched = AsynPool.flush
     assert patched is not original and patched.__wrapped__ is original  # type: ignore[attr-defined]
     assert _celery_fix.install({}) is True and AsynPool.flush is patched  # never wrapped twice
+
+
+def test_the_launchers_own_identity_is_psutils_without_psutil() -> None:
+    """The early start reads its create time from /proc (identity.py); every other reader uses psutil:
+    the two must agree to the bit, or a live launcher would pass for dead."""
+    import psutil
+
+    from tlrun.launch.identity import Identity
+
+    mine = Identity.of_self()
+    assert mine == Identity(os.getpid(), psutil.Process().create_time())
+    assert mine.is_alive() and Identity.decode(mine.encode()) is not None

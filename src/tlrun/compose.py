@@ -75,7 +75,6 @@ def dev(
     project's processes (and Flower) beside the workers, each a unit (dev/stack.py)."""
     from tlrun.cluster.names import NodeClaimStep
     from tlrun.dev.brokerd import PrivateBrokerStep
-    from tlrun.dev.stack import StackStep
     from tlrun.events import Notice
 
     for note in settings.stack_notes:
@@ -86,6 +85,8 @@ def dev(
         _lease(steps)
     processes = settings.processes
     if processes:
+        from tlrun.dev.stack import StackStep  # http.client and the rest: only for a project with processes
+
         steps.append(StackStep(reload=reload))
     if debug:
         from tlrun.dev.debug import serve_in_process

@@ -21,11 +21,11 @@ from tlrun.events import (
 )
 from tlrun.launch.sweep import format_age
 from tlrun.launch.verify import ReadyReport
-from tlrun.ops.doctor import DoctorReport
-from tlrun.ops.inventory import LocalProcess
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the launch path imports this module: doctor's and ps's modules only where they run
     from tlrun.cluster.view import ClusterView
+    from tlrun.ops.doctor import DoctorReport
+    from tlrun.ops.inventory import LocalProcess
 
 _CODES = {
     "bold": "1",

@@ -62,12 +62,12 @@ def _early_start(command: str, settings: Any, opts: dict[str, Any]) -> Any:
     if opts.get("workers") is False:  # tlrun dev --only web: no worker to start
         return None
     from tlrun.errors import TlrunError
-    from tlrun.launch import guard, pid1
     from tlrun.launch.early import EarlyStart
+    from tlrun.launch.rundir import runtime_dir
 
-    init_duties = bool(opts.get("init")) or pid1.is_pid1()
+    init_duties = bool(opts.get("init")) or os.getpid() == 1  # pid1.is_pid1(), without its imports
     try:
-        runtime = guard.runtime_dir(os.environ)
+        runtime = runtime_dir(os.environ)
     except (TlrunError, OSError):
         return None  # the launcher's own path says what is wrong with it
     return EarlyStart.begin(

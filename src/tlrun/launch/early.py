@@ -29,7 +29,7 @@ from tlrun.launch import spawn
 from tlrun.launch._child import HEARTBEAT_ENV, LOG_ENV
 from tlrun.launch.entry import DEV_POLL_ENV
 from tlrun.launch.hold import Hold
-from tlrun.launch.procs import Identity
+from tlrun.launch.identity import Identity
 
 HELD_MODULE = "tlrun.launch.entry"
 log = logging.getLogger(__name__)

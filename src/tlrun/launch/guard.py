@@ -28,6 +28,8 @@ from tlrun.config import ENV_GUARD
 from tlrun.errors import LockHeldError, NestedLaunchError, TlrunError, UnsafeStateError
 from tlrun.launch.launchers import Launcher, find_launchers
 from tlrun.launch.procs import Identity
+from tlrun.launch.rundir import private_dir
+from tlrun.launch.rundir import runtime_dir as runtime_dir  # where its callers look for it
 
 
 @dataclass(frozen=True)
@@ -57,45 +59,6 @@ def check_env_guard(environ: Mapping[str, str], action: str = "start") -> GuardN
     return GuardNote(f"{ENV_GUARD} names launcher pid {launcher.pid}, which is not our parent: going on")
 
 
-def runtime_dir(environ: Mapping[str, str]) -> Path:
-    """$XDG_RUNTIME_DIR/tlrun, else a 0700 directory under the user's cache dir; created and checked.
-    State that may differ between shells lives here (beat's schedule, the private broker's files): never
-    the locks, which must be the same for every shell of the user (see lock_dir)."""
-    xdg = environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg):
-        base = Path(xdg) / "tlrun"
-    else:
-        home = os.path.expanduser("~")
-        if not os.path.isabs(home):
-            # No HOME and no password entry: expanduser returns "~" itself, a directory named `~` in the
-            # project (which a later `rm -rf ~` would take for a home). Use the per-user temporary one.
-            return _private_dir(Path(tempfile.gettempdir()) / f"tlrun-{os.getuid()}")
-        cache = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
-        base = Path(cache) / "tlrun"
-    return _private_dir(base)
-
-
-def _private_dir(base: Path) -> Path:
-    try:
-        base.parent.mkdir(parents=True, exist_ok=True)
-        os.mkdir(base, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:  # an unwritable HOME or cache directory: say which, never a traceback
-        raise UnsafeStateError(
-            f"cannot create tlrun's state directory {base}: {exc.strerror}",
-            hint="set XDG_RUNTIME_DIR (or XDG_CACHE_HOME) to a directory of yours",
-        ) from None
-    st = os.lstat(base)
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeStateError(f"{base} is not a directory (a symlink?): refusing to use it")
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise UnsafeStateError(
-            f"{base} must be owned by you with mode 0700 (it is uid {st.st_uid}, mode {st.st_mode & 0o777:o})"
-        )
-    return base
-
-
 def lock_dir() -> Path:
     """The user's lock directory, derived from the user alone: the home directory of the password database
     (never $HOME or $XDG_RUNTIME_DIR, which differ between shells, IDEs and service managers), so that
@@ -107,8 +70,8 @@ def lock_dir() -> Path:
     except KeyError:
         home = Path("/nonexistent")
     if home.is_dir() and os.access(home, os.W_OK):
-        return _private_dir(home / ".cache" / "tlrun-locks")
-    return _private_dir(Path(tempfile.gettempdir()) / f"tlrun-{uid}")
+        return private_dir(home / ".cache" / "tlrun-locks")
+    return private_dir(Path(tempfile.gettempdir()) / f"tlrun-{uid}")
 
 
 def lock_path(project_id: str, kind: str, hostname: str | None = None) -> Path:

@@ -25,6 +25,7 @@ from tlrun.launch.argv import (
     tlrun_index,
     unwrap_shim,
 )
+from tlrun.launch.identity import Identity
 
 if TYPE_CHECKING:
     from tlrun.config import Role
@@ -35,41 +36,11 @@ ENV_PROCESS = "TLRUN_PROCESS"  # the stack's process a child runs (units.py sets
 __all__ = [
     "SHIM_MODULE",
     "CeleryCommand",
+    "Identity",
     "expand_node_name",
     "parse_celery_argv",
     "unwrap_shim",
 ]
-
-
-@dataclass(frozen=True)
-class Identity:
-    """A process named so that a reused pid does not match: pid plus its create time."""
-
-    pid: int
-    create_time: float
-
-    @classmethod
-    def of_self(cls) -> Identity:
-        return cls(os.getpid(), psutil.Process().create_time())
-
-    def encode(self) -> str:
-        return f"{self.pid}:{self.create_time:.2f}"
-
-    @classmethod
-    def decode(cls, value: str) -> Identity | None:
-        try:
-            pid, ctime = value.split(":", 1)
-            identity = cls(int(pid), float(ctime))
-        except (ValueError, AttributeError):
-            return None
-        return identity if identity.pid > 0 else None
-
-    def is_alive(self) -> bool:
-        try:
-            proc = psutil.Process(self.pid)
-            return abs(proc.create_time() - self.create_time) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
 
 
 @dataclass(frozen=True)

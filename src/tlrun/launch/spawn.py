@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from tlrun.config import ENV_BROKER, ENV_GUARD, ENV_MARKER, ENV_NODE, ENV_ROLE, Settings, WorkerOptions
-from tlrun.launch.procs import Identity
+from tlrun.launch.identity import Identity
 
 PYTHON = sys.executable
 
