@@ -110,64 +110,6 @@ def test_the_census_follows_the_verdict_and_names_the_other_workers(project: Pro
         twin.reap()
 
 
-@pytest.mark.parametrize(
-    ("server_password", "url_auth", "db", "verdict"),
-    [
-        ("s3cret", ":s3cret@", 0, None),
-        ("s3cret", "default:s3cret@", 3, None),
-        ("s3cret", ":wrong@", 0, "refused the credentials"),
-        ("s3cret", "", 0, "refused the credentials"),
-        (None, ":any@", 0, None),  # a server without a password accepts one, as redis-py (and so Celery) sees it
-        (None, "", 99, "DB index is out of range"),
-    ],
-)
-def test_the_launch_paths_redis_check_agrees_with_redis_py(
-    tmp_path: Path, server_password: str | None, url_auth: str, db: int, verdict: str | None
-) -> None:
-    """The broker check before the spawn speaks RESP itself for a plain redis:// URL (resp.py); it must
-    accept and refuse exactly what redis-py does, with the password masked in what it says."""
-    from helpers import RedisServer
-    from tlrun.errors import BrokerError
-    from tlrun.launch import broker, resp
-
-    server = RedisServer(tmp_path / "redis", password=server_password)
-    try:
-        url = f"redis://{url_auth}127.0.0.1:{server.port}/{db}"
-        assert resp.simple(url) is not None
-        outcomes: list[str | None] = []
-        for through_redis_py in (False, True):
-            try:
-                if through_redis_py:
-                    client = redis.Redis.from_url(url, socket_timeout=3)
-                    try:
-                        client.ping()
-                    finally:
-                        client.close()
-                else:
-                    broker.check_reachable(url, 3.0)
-                outcomes.append(None)
-            except BrokerError as exc:
-                outcomes.append(str(exc))
-                assert "s3cret" not in str(exc) and "wrong" not in str(exc)
-            except redis.RedisError as exc:
-                outcomes.append(str(exc))
-        ours, theirs = outcomes
-        assert (ours is None) == (theirs is None) == (verdict is None)
-        assert verdict is None or verdict in str(ours)
-    finally:
-        server.stop()
-    refused = f"redis://127.0.0.1:{server.port}/0"  # nothing listens there now
-    with pytest.raises(BrokerError, match="refused the connection"):
-        broker.check_reachable(refused, 3.0)
-    for other in (
-        "rediss://h:6379/0",
-        "redis://h:6379/0?socket_timeout=1",
-        "redis+socket:///tmp/r.sock",
-        "redis://h:x/0",
-    ):
-        assert resp.simple(other) is None  # redis-py checks these
-
-
 def test_nothing_before_the_early_spawn_imports_what_the_launch_path_does_not_need(project: Project) -> None:
     """What `tlrun dev` and `tlrun worker` import before they spawn their early workers is on the workers'
     critical path: Celery, kombu, redis-py, psutil, the stack step, doctor and the launch core's units wait

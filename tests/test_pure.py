@@ -444,3 +444,16 @@ def test_the_launchers_own_identity_is_psutils_without_psutil() -> None:
     mine = Identity.of_self()
     assert mine == Identity(os.getpid(), psutil.Process().create_time())
     assert mine.is_alive() and Identity.decode(mine.encode()) is not None
+
+
+def test_the_lazy_command_group_knows_every_command_and_its_module() -> None:
+    """Commands are imported only when they run (cli/base.py): the map must name each one's module."""
+    import importlib
+
+    from tlrun.cli import base
+
+    for module in set(base.COMMAND_MODULES.values()):
+        importlib.import_module(module)
+    assert set(base.cli.commands) == set(base.COMMAND_MODULES)
+    for name, command in base.cli.commands.items():
+        assert command.callback is not None and command.callback.__module__ == base.COMMAND_MODULES[name]

@@ -7,6 +7,7 @@ The cli package is the only one that imports click; Celery is never imported her
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 import sys
@@ -80,7 +81,28 @@ def _exit_codes_epilog() -> str:
     return "Exit codes:\n\n" + "\n\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Each command's module, imported only when that command runs (or when the help lists them all): `tlrun dev`
+# spawns its early workers sooner for every module it does not import first (launching.py, early.py).
+COMMAND_MODULES = {
+    **dict.fromkeys(("worker", "dev", "beat"), "tlrun.cli.launching"),
+    **dict.fromkeys(("sweep", "doctor", "ps", "stop", "reload", "logs", "health"), "tlrun.cli.operating"),
+    **dict.fromkeys(("init", "ide", "export"), "tlrun.cli.setup"),
+    "restart": "tlrun.cli.units",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(COMMAND_MODULES) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            importlib.import_module(COMMAND_MODULES[cmd_name])  # its decorators register it on this group
+            accept_verbose_everywhere()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tlrun")
 @click.option("-v", "--verbose", is_flag=True, help="Log every step; show tracebacks.")
 def cli(verbose: bool) -> None:
@@ -113,7 +135,7 @@ VERBOSE_OPTION = click.Option(
 
 
 def accept_verbose_everywhere() -> None:
-    """Give every command the -v of the group (called once all commands are defined)."""
+    """Give every command the -v of the group (called whenever commands were added)."""
     for command in cli.commands.values():
         if not any("-v" in p.opts for p in command.params if isinstance(p, click.Option)):
             command.params.append(VERBOSE_OPTION)
