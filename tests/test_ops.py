@@ -256,6 +256,31 @@ def _heartbeat(project: Project) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+RECEIVERS_TASK = """
+
+
+@app.task
+def task_signal_receivers():
+    from celery import signals
+    return [str(key) for key, _receiver in signals.task_prerun.receivers + signals.task_postrun.receivers]
+"""
+
+
+@pytest.mark.parametrize(("pool", "connected"), [("prefork", False), ("solo", True)])
+def test_the_heartbeat_costs_prefork_tasks_nothing(project: Project, pool: str, connected: bool) -> None:
+    """The heartbeat notes a task that blocks the main process's loop (solo, threads): only there does
+    tlrun connect Celery's per-task signals, which, once connected, Celery sends for every task."""
+    from helpers import send_task
+
+    module = project.root / f"{project.app}.py"
+    module.write_text(module.read_text() + RECEIVERS_TASK)
+    launched = project.launch("--pool", pool)
+    launched.wait_output(READY, 30)
+    keys = send_task(project.broker_url, f"{project.app}.task_signal_receivers").get(timeout=30)
+    assert any("tlrun-heartbeat" in k for k in keys) is connected, keys
+    assert wait_for(lambda: _heartbeat(project).get("pid"), 30, "the worker's heartbeat")
+
+
 def test_liveness_from_local_evidence_never_from_the_broker(project: Project, redis_server: Any) -> None:
     """A broker outage makes the worker not ready, never not alive (a liveness probe that restarts every pod
     during an outage makes it worse); a stopped worker is not alive; a busy solo task within its time limit

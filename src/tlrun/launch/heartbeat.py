@@ -67,9 +67,28 @@ def install(path: str) -> None:
             _state.update(busy_since=None, limit=None)
             _write(path)
 
+    def init(sender: Any = None, **_kw: Any) -> None:
+        # Only a pool that runs tasks in this process needs the task signals: with a receiver connected,
+        # Celery sends them for every task (tens of microseconds each), which prefork's children would
+        # only pay for to return at once.
+        if not runs_in_pool_children(getattr(sender, "pool_cls", None)):
+            signals.task_prerun.connect(prerun, weak=False, dispatch_uid="tlrun-heartbeat-busy")
+            signals.task_postrun.connect(postrun, weak=False, dispatch_uid="tlrun-heartbeat-idle")
+
+    signals.worker_init.connect(init, weak=False, dispatch_uid="tlrun-heartbeat-init")
     signals.worker_ready.connect(ready, weak=False, dispatch_uid="tlrun-heartbeat")
-    signals.task_prerun.connect(prerun, weak=False, dispatch_uid="tlrun-heartbeat-busy")
-    signals.task_postrun.connect(postrun, weak=False, dispatch_uid="tlrun-heartbeat-idle")
+
+
+def runs_in_pool_children(pool_cls: Any) -> bool:
+    """Does this pool (a name like `prefork` or a class, as the worker holds it at worker_init) run tasks
+    in child processes? Unknown: False (the task signals stay connected)."""
+    from celery import concurrency
+
+    try:
+        impl = concurrency.get_implementation(pool_cls) if pool_cls is not None else None
+    except Exception:
+        return False
+    return impl is not None and getattr(impl, "__module__", "") == "celery.concurrency.prefork"
 
 
 @dataclass(frozen=True)
