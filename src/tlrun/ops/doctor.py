@@ -28,14 +28,7 @@ from tlrun.errors import (
 from tlrun.launch import launchers, owner, procs, verify
 from tlrun.launch.broker import Broker, load_app, resolve_broker_url
 from tlrun.ops import consuming, hung, inventory
-from tlrun.ops.findings import (
-    Finding,
-    NodeView,
-    config_findings,
-    lease_findings,
-    role_findings,
-    state_findings,
-)
+from tlrun.ops.findings import Finding, NodeView, config_findings, lease_findings, role_findings, state_findings
 from tlrun.ops.inventory import STANDBY
 from tlrun.redact import redact_url
 
@@ -147,14 +140,12 @@ def diagnose(settings: Settings) -> DoctorReport:
     waiting: verify.Census[dict[str, int | None]] = verify.Census(
         broker_url, settings.ping_window, lambda broker, _window: consuming.depths(broker, queued)
     ).start()
-    # The one read of the process table runs while the pings are out (it puts pids on node names, and finds
-    # the project's launchers): once the census is connected, so that the scan (CPU, holding the GIL) does
-    # not slow its connection down.
+    # The one read of the process table (pids for node names, the project's launchers) runs while the pings
+    # are out, once the census is connected: the scan (CPU, holding the GIL) must not slow its connection.
     census.connected.wait(CONNECT_WAIT)
     table = procs.snapshot()
-    everyone = inventory.local_processes(
-        settings, everything=True, table=procs.scan(("worker", "beat", procs.LEFTOVER), table=table)
-    )
+    rows = procs.scan(("worker", "beat", procs.LEFTOVER), table=table)
+    everyone = inventory.local_processes(settings, everything=True, table=rows)
     running = launchers.find_launchers(settings.project_root, table)
     local = [p for p in everyone if p.project]
     connect_s = _connect_time(broker_url)
