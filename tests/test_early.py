@@ -125,6 +125,8 @@ def test_nothing_before_the_early_spawn_imports_what_the_launch_path_does_not_ne
         "        sys.stdout.write(json.dumps(sorted(sys.modules)))\n"
         "        sys.stdout.flush()\n"
         "        os._exit(0)\n"
+        "    if event == 'socket.connect':  # no early spawn before the broker check: start nothing at all\n"
+        "        os._exit(3)\n"
         "sys.addaudithook(hook)\n"
         "sys.argv = ['tlrun', *sys.argv[1:]]\n"
         "from tlrun.cli import main\n"
