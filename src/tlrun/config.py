@@ -115,6 +115,20 @@ class Settings:
         return self.source_dir or self.project_root
 
     @property
+    def import_path(self) -> tuple[Path, ...]:
+        """Where the project's modules are imported from, in order: the code root, then the project root.
+        The worker runs in the root and Celery puts the current folder on sys.path for the app and its task
+        modules (`import_from_cwd`), so in a src/ layout a package at the root (an `examples/` beside `src/`)
+        imports too: tlrun's own checks and imports look where the worker will find it."""
+        return tuple(dict.fromkeys((self.code_root, self.project_root)))
+
+    def pythonpath(self, current: str | None) -> str | None:
+        """The PYTHONPATH a child gets: the import path first in a src/ layout, then what it had."""
+        if self.source_dir is None:
+            return current
+        return os.pathsep.join(p for p in (*map(str, self.import_path), current or "") if p)
+
+    @property
     def project_id(self) -> str:
         return project_id(self.project_root, self.app)
 

@@ -284,6 +284,11 @@ def run_module(module: str, args: Sequence[str], fd: int, launcher: int, grace: 
     except SystemExit as exc:
         status = exc.code
     finally:
+        # The program is done: a late request signal must not end us. Python's finalization puts every
+        # signal with a Python handler back to its default action (for these: terminate, status 128+n);
+        # an ignored one stays ignored.
+        for late in (REQUEUE_SIGNAL, PARENT_GONE_SIGNAL):
+            signal.signal(late, signal.SIG_IGN)
         worker.on_exit()
     code = status if isinstance(status, int) else (0 if status is None else 1)
     for hook in hooks:

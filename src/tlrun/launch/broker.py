@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from tlrun import redact
 from tlrun.config import Settings, check_broker_url
 from tlrun.errors import AppImportError, BrokerError
+from tlrun.launch.checks import app_hint
 from tlrun.redact import redact_url
 
 CONNECT_TIMEOUT = 3.0
@@ -59,10 +60,10 @@ def load_app(settings: Settings) -> Any:
     # must not shadow the real one.
     from celery.app.utils import find_app
 
-    root = str(settings.code_root)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-
+    for folder in reversed(settings.import_path):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    root = " or ".join(map(str, settings.import_path))
     try:
         return find_app(settings.app)
     except ModuleNotFoundError as exc:
@@ -71,7 +72,7 @@ def load_app(settings: Settings) -> Any:
             raise AppImportError(f"app {settings.app!r} does not import: ModuleNotFoundError: {exc}") from None
         raise AppImportError(
             f"app {settings.app!r} does not import: {exc} (modules are looked up in {root})",
-            hint='packages under src/? set source = "src" under [tool.tlrun]; or pass --project-dir',
+            hint=app_hint(settings),
         ) from None
     except SyntaxError as exc:
         raise AppImportError(

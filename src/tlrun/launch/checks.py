@@ -58,18 +58,26 @@ def check_app_module(settings: Settings) -> None:
     import importlib.util
 
     top = settings.app.split(":", 1)[0].split(".", 1)[0]
-    root = str(settings.code_root)
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    for folder in reversed(settings.import_path):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
     try:
         spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         spec = None
     if spec is None:
+        where = " or ".join(map(str, settings.import_path))
         raise AppImportError(
-            f"app {settings.app!r} does not import: no module named {top!r} in {root}",
-            hint='packages under src/? set source = "src" under [tool.tlrun]; or pass --project-dir',
+            f"app {settings.app!r} does not import: no module named {top!r} in {where}", hint=app_hint(settings)
         )
+
+
+def app_hint(settings: Settings) -> str:
+    """What to try when the app's module is not found: the right way round for the layout tlrun saw."""
+    if settings.source_dir is None:
+        return 'packages under src/? set source = "src" under [tool.tlrun]; or pass --project-dir'
+    looked = f"tlrun looked in {settings.source_dir.name}/ and the root"
+    return f"check the app's module name, or pass --project-dir ({looked})"
 
 
 UNSHAREABLE_SCHEMES = ("memory",)

@@ -77,8 +77,12 @@ def lock_dir() -> Path:
 def lock_path(project_id: str, kind: str, hostname: str | None = None) -> Path:
     """The lock of a project's role (`kind`: worker, worker-NAME, beat) on this host. The host name is part
     of it: a home directory shared between hosts (NFS) must not make two hosts' launchers one."""
-    host = "".join(c if c.isalnum() or c in "-_." else "_" for c in (hostname or socket.gethostname()))[:64]
-    return lock_dir() / f"{project_id}.{host}.{kind}.lock"
+    return lock_dir() / f"{project_id}.{host_label(hostname)}.{kind}.lock"
+
+
+def host_label(hostname: str | None = None) -> str:
+    """The host's name as it stands in tlrun's file names."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in (hostname or socket.gethostname()))[:64]
 
 
 def _open_nofollow(path: Path) -> int:
@@ -141,7 +145,7 @@ def moved_holders(root: Path, app: str, project_id: str, kinds: Collection[str])
     app under another project id: the directory was renamed or moved since they started (their path, and so
     their lock name, is the old one). (kind, holder, the path they started in)."""
     here = root_identity(root)
-    host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())[:64]
+    host = host_label()
     if here is None:
         return []
     found = []
@@ -166,13 +170,28 @@ def moved_holders(root: Path, app: str, project_id: str, kinds: Collection[str])
 
 
 def holder_identity(record: Mapping[str, Any] | None) -> Identity | None:
+    """The process a lock record names, as this reader sees it: pid plus create time, in the PID namespace
+    the record was written in. A launcher that is a container's PID 1 writes pid 1, a valid holder for every
+    reader in its namespace (its probes, `tlrun reload`); a reader in another namespace (the host) cannot
+    name it by pid and gets None, as for a record without a pid."""
     if not record:
         return None
     try:
         pid, ctime = int(record["pid"]), float(record["create_time"])
     except (KeyError, TypeError, ValueError):
         return None
-    return Identity(pid, ctime) if pid > 1 else None
+    written_in = record.get("pidns")
+    if written_in is None:  # a record of a tlrun that did not say its namespace: pid 1 is never its holder
+        return Identity(pid, ctime) if pid > 1 else None
+    return Identity(pid, ctime) if pid >= 1 and written_in == pid_namespace() else None
+
+
+def pid_namespace() -> int | None:
+    """This process's PID namespace (the inode of /proc/self/ns/pid), None where there is none to read."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 class ProjectLock:

@@ -51,6 +51,7 @@ class UnitLocks:
         base = {
             "pid": os.getpid(),
             "create_time": procs.Identity.of_self().create_time,
+            "pidns": guard.pid_namespace(),  # the pid means this process only in this namespace
             "app": s.app,
             "project_root": str(s.project_root),
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

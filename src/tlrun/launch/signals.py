@@ -36,9 +36,10 @@ def signal_name(sig: int) -> str:
         return f"signal {sig}"
 
 
-def process_for(identity: Identity) -> psutil.Process | None:
-    """The live process with exactly this identity and owner, else None (gone, reused pid, other user)."""
-    if identity.pid in protected_pids():
+def process_for(identity: Identity, init_ok: bool = False) -> psutil.Process | None:
+    """The live process with exactly this identity and owner, else None (gone, reused pid, other user).
+    Pid 1 only with `init_ok` (a launcher that is its container's PID 1, named by its lock record)."""
+    if identity.pid in protected_pids() - ({1} if init_ok else set()):
         return None
     try:
         proc = psutil.Process(identity.pid)
@@ -51,12 +52,19 @@ def process_for(identity: Identity) -> psutil.Process | None:
 
 def launcher_for(identity: Identity) -> psutil.Process | None:
     """The live tlrun launcher with exactly this identity, else None: a record naming an unrelated
-    process (pid 1, a reused pid, anything whose command line is not tlrun's) is never signalled."""
-    proc = process_for(identity)
+    process (the host's init, a reused pid, anything whose command line is not tlrun's) is never signalled.
+    Pid 1 is a launcher when it is tlrun with this very create time: tlrun as a container's PID 1, which
+    the kernel lets its namespace signal only with the signals it handles (tlrun's stop and request
+    signals)."""
+    proc = process_for(identity, init_ok=True)
+    return proc if proc is not None and _is_tlrun(proc) else None
+
+
+def _is_tlrun(proc: psutil.Process) -> bool:
     try:
-        return proc if proc is not None and "tlrun" in " ".join(proc.cmdline()) else None
+        return "tlrun" in " ".join(proc.cmdline())
     except psutil.Error:
-        return None
+        return False
 
 
 def is_alive(proc: psutil.Process) -> bool:
@@ -69,7 +77,7 @@ def is_alive(proc: psutil.Process) -> bool:
 
 def send(proc: psutil.Process, sig: int) -> bool:
     """Signal a process found in the process table. False when it is gone, reused, or protected."""
-    if proc.pid in protected_pids():
+    if proc.pid in protected_pids() and not (proc.pid == 1 and _is_tlrun(proc)):
         log.warning("refusing to signal protected pid %d", proc.pid)
         return False
     try:
@@ -131,6 +139,29 @@ def signal_child(child: subprocess.Popen[bytes], sig: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Does the process have a handler for `sig` now (Linux: its SigCgt mask in /proc)? A signal whose
+    default action ends the process (a realtime request) must never reach one that has none: one that has
+    not installed it yet, or one in Python's finalization, which puts every Python handler back to the
+    default. True where the mask cannot be read (no /proc: the handler's own guards have to do)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
+def request_child(child: subprocess.Popen[bytes], sig: int) -> bool:
+    """A request signal (one whose default action would end it) to our own child's main process, only while
+    it has a handler for it; False when not sent."""
+    if child_exited(child) or not catches(child.pid, sig):
+        return False
+    return signal_child(child, sig)
 
 
 def kill_child_group(child: subprocess.Popen[bytes]) -> None:

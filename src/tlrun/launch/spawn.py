@@ -107,8 +107,9 @@ def worker_env(
     if role is not None:
         env[ENV_ROLE] = role
     env["PYTHONUNBUFFERED"] = "1"  # lines reach the log as they are written
-    if settings.source_dir is not None:  # a src/ layout: the project's packages are found there first
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(settings.source_dir), env.get("PYTHONPATH", "")) if p)
+    pythonpath = settings.pythonpath(env.get("PYTHONPATH"))  # a src/ layout: the packages are found there first
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     return env
 
 

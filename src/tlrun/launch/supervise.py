@@ -254,11 +254,11 @@ class Supervisor:
         now = time.monotonic()
         for child in self._children.values():
             if child.quit_at is not None and now >= child.quit_at and not signals.child_exited(child.popen):
-                self._step(
-                    f"{child.name} still stopping {self.requeue_margin:g} s before the deadline: asking it to "
-                    "requeue what it runs (a cold shutdown only if it runs a task)"
-                )
-                signals.signal_child(child.popen, REQUEUE_SIGNAL)
+                if signals.request_child(child.popen, REQUEUE_SIGNAL):
+                    self._step(
+                        f"{child.name} still stopping {self.requeue_margin:g} s before the deadline: asked it to "
+                        "requeue what it runs (a cold shutdown only if it runs a task)"
+                    )
                 child.quit_at = None
             if child.kill_at is not None and now >= child.kill_at and not signals.child_exited(child.popen):
                 self._step(f"grace period over: SIGKILL to {child.name} process group {child.popen.pid}")

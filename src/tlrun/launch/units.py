@@ -214,8 +214,9 @@ class ProcessUnit(Unit):
         env[ENV_PROCESS] = self.spec.name
         env[GROUP_ENV] = self.spec.stop_signal
         env["PYTHONUNBUFFERED"] = "1"
-        if s.source_dir is not None:
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(s.source_dir), env.get("PYTHONPATH", "")) if p)
+        pythonpath = s.pythonpath(env.get("PYTHONPATH"))
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath
         return env
 
     def spawn(self, launcher: Startup) -> subprocess.Popen[bytes]:

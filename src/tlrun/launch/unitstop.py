@@ -4,9 +4,10 @@ A launcher with several units stops them at once: the idle workers are drained t
 step one broadcast to all of them), so six idle roles stop in about the time of one.
 
 `tlrun stop --role R` reaches a launcher that runs more than role R through a request file in the user's
-private runtime directory (0700, checked) named after the launcher's pid, then SIGUSR1. The launcher reads
-the file (never through a link, never a FIFO or anything but a regular file of its own user), stops the
-named units with the stop ladder, releases their locks and keeps the rest running. A launcher says in its
+private lock directory (0700, checked; the same for every shell of the user) named after the launcher's
+pid, then SIGUSR1. The launcher reads the file (never through a link, never a FIFO or anything but a
+regular file of its own user), stops the named units with the stop ladder, releases their locks and keeps
+the rest running. A launcher says in its
 lock records that it listens (`"unit_stop": true`); one that does not is never sent SIGUSR1, whose
 default action would kill it.
 """
@@ -56,8 +57,11 @@ def drain_all(launcher: Launcher, workers: Sequence[WorkerUnit]) -> dict[str, Dr
 
 
 def request_path(project_id: str, launcher_pid: int, kind: str = "stop") -> Path:
-    """`stop` (units to stop) or `reload` (roles to reload: `tlrun reload`), one file of each per launcher."""
-    return guard.runtime_dir(os.environ) / f"{project_id}.{launcher_pid}.{kind}"
+    """`stop` (units to stop), `reload` (roles to reload: `tlrun reload`) or `restart`, one file of each per
+    launcher, in the user's lock directory: the one place every shell of the user agrees on (a launcher under
+    a service manager and a login shell have different XDG_RUNTIME_DIRs), named with the host like the locks
+    (a home directory shared between hosts)."""
+    return guard.lock_dir() / f"{project_id}.{guard.host_label()}.{launcher_pid}.{kind}.request"
 
 
 def _read_request(path: Path) -> dict[str, Any] | None:
