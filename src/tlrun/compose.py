@@ -84,7 +84,7 @@ def dev(
     if beat:
         _lease(steps)
     processes = settings.processes
-    if processes:
+    if processes or settings.release is not None:
         from tlrun.dev.stack import StackStep  # http.client and the rest: only for a project with processes
 
         steps.append(StackStep(reload=reload))

@@ -106,6 +106,7 @@ class Settings:
     hung_after: float = 3600.0  # a task without a hard time limit running longer than this is HUNG_TASK
     source_dir: Path | None = None  # where the code lives when not at the root (a src/ layout)
     processes: tuple[ProcessSpec, ...] = ()  # the stack's other processes (dev runs them)
+    release: ProcessSpec | None = None  # a Procfile's `release` line: run once before the stack starts
     flower: bool = False  # the project file's `flower = true`: dev also runs Flower
     stack_notes: tuple[str, ...] = ()  # what dev says of the Procfile it read (its celery lines)
 
@@ -197,6 +198,7 @@ def build_settings(
     if stack.roles and pf.roles:
         stack_notes.append(f"the project file declares roles: {stack.source}'s worker lines do not run")
     elif stack.roles:  # a Procfile's celery worker lines are the project's roles
+        stack_notes = [*stack.role_notes, *stack_notes]
         pf = dataclasses.replace(pf, roles=tuple(RoleSpec(name, table) for name, table in stack.roles))
 
     def pick(cli_key: str, *env_keys: str, file_key: str | None = None) -> tuple[Any, str]:
@@ -211,7 +213,9 @@ def build_settings(
         return None, ""
 
     app, _ = pick("app", ENV_APP, file_key="app")
-    app = app or stack.app  # the Procfile's `celery -A`
+    if not app and stack.app:  # the Procfile's `celery -A`: said like any app tlrun finds
+        app = stack.app
+        notes.append(("info", f"using app {app} ({stack.app_evidence}; pin it with `tlrun init` or [tool.tlrun] app)"))
     if not app:
         if discover is None:
             raise ConfigError(
@@ -297,6 +301,7 @@ def build_settings(
         hung_after=num("hung_after", ENV_HUNG_AFTER, float, 3600.0, 0.5),
         source_dir=source_dir,
         processes=processes,
+        release=stack.release if not pf.processes else None,
         flower=bool(pf.values.get("flower", False)),
         stack_notes=tuple(stack_notes),
     )

@@ -104,6 +104,12 @@ class NothingRunningError(TlrunError):
     exit_code = 19
 
 
+class ReleaseError(TlrunError):
+    """tlrun dev: the Procfile's release command failed; nothing else was started."""
+
+    exit_code = 21
+
+
 DOCTOR_WARNINGS_EXIT_CODE = 13  # doctor found warnings only
 HEALTH_UNKNOWN_EXIT_CODE = 14  # health: the node's process exists here but does not answer (stopped, busy)
 HEALTH_DEAD_EXIT_CODE = 15  # health: no answer and no such process here
@@ -135,4 +141,5 @@ EXIT_CODES: dict[int, str] = {
     "serving), or no answer in time",
     NothingRunningError.exit_code: "reload, restart NAME, stop NAME: nothing of that name of this project runs here",
     HUNG_TASK_EXIT_CODE: "doctor, health: a task runs past its hard time limit, or past hung_after without one",
+    ReleaseError.exit_code: "dev: the Procfile's release command failed (nothing else was started)",
 }

@@ -96,6 +96,11 @@ def run_in_process(settings: Settings, report: Reporter, node: str, broker_url: 
     role = settings.roles[0].name if len(settings.roles) == 1 else None
     os.environ.update(spawn.worker_env(settings, node, procs.Identity.of_self(), broker_url, role))
     app = load_app(settings)
+    from tlrun.launch import _celery_fix
+
+    # The remote-control commands a spawned worker's shim registers: ps, doctor and health ask them.
+    _celery_fix.register_ping()
+    _celery_fix.register_active()
     serving = "" if role else f", serving roles {', '.join(r.name for r in settings.roles)}"
     report(Notice(f"debug mode: worker {node} runs in this process (pid {os.getpid()}, solo pool{serving})"))
     threading.Thread(
@@ -114,9 +119,41 @@ def run_in_process(settings: Settings, report: Reporter, node: str, broker_url: 
 
 def serve_in_process(launcher: Launcher) -> int:
     """The launcher's guard and sweep have run: serve every role in this very process. Each role's lock
-    record names this process and its node, so that ps, health and doctor count it as serving that role."""
+    record names this process and its node, so that ps, health and doctor count it as serving that role.
+    Beat and the stack's processes stay supervised children, looked after by a companion thread while the
+    worker has the main thread (a breakpoint pauses only that thread)."""
     workers = launcher.workers
     node = workers[0].node if len(workers) == 1 else node_for_roles(launcher.hostname)
     for w in workers:
         launcher.set_state(w, READY, node=node, worker_pid=os.getpid(), in_process=True)
-    return run_in_process(launcher.s, launcher.report, node, launcher.broker_url)
+    done = threading.Event()
+    companion = threading.Thread(target=_look_after, args=(launcher, done), name="tlrun-units", daemon=True)
+    companion.start()
+    try:
+        return run_in_process(launcher.s, launcher.report, node, launcher.broker_url)
+    finally:
+        done.set()
+        companion.join(COMPANION_JOIN)
+
+
+COMPANION_TURN = 0.1
+COMPANION_JOIN = 5.0
+
+
+def _look_after(launcher: Launcher, done: threading.Event) -> None:
+    """The launcher's loop for the units beside the in-process worker: their steps (the beat lease's state,
+    the processes' readiness and restarts) and their exits. The main thread touches none of this until the
+    worker returns, and then waits for this thread before the launcher closes."""
+    turned = time.monotonic()
+
+    def wake() -> bool:
+        return done.is_set() or time.monotonic() - turned >= COMPANION_TURN
+
+    while not done.is_set():
+        got = launcher.sup.wait(interrupt=wake)
+        if got is not None:
+            launcher.child_exited(*got)
+            continue
+        turned = time.monotonic()
+        if not done.is_set():
+            launcher.turn()

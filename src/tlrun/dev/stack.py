@@ -17,11 +17,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tlrun.errors import ConfigError
+from tlrun.errors import ConfigError, ReleaseError
 from tlrun.events import Event, Notice, Saved, Spawned, UnitReady
-from tlrun.launch import unitctl
+from tlrun.launch import spawn, unitctl
 from tlrun.launch.steps import Step
 from tlrun.launch.units import BACKOFF, GONE, READY, STARTING, ProcessUnit, Unit
+from tlrun.project.processes import ProcessSpec
 
 if TYPE_CHECKING:
     from tlrun.launch.launcher import Launcher
@@ -207,6 +208,10 @@ class StackStep(Step):
     def validate(self, launcher: Launcher) -> None:
         check_commands(launcher)
 
+    def prepare(self, launcher: Launcher) -> None:
+        if launcher.s.release is not None:
+            run_release(launcher, launcher.s.release)
+
     def close(self, launcher: Launcher) -> None:
         self.stopping(launcher)
 
@@ -225,8 +230,38 @@ def check_commands(launcher: Launcher) -> None:
             path = program if os.path.isabs(program) else str(cwd / program)
             if not (os.path.isfile(path) and os.access(path, os.X_OK)):
                 raise ConfigError(f"process {spec.name}: {program} is not an executable file ({spec.source})")
-        elif shutil.which(program, path=launcher.s.environ.get("PATH")) is None:
+        elif shutil.which(program, path=spawn.project_path(launcher.s.environ.get("PATH"))) is None:
             raise ConfigError(
                 f"process {spec.name}: {program!r} is not on PATH ({spec.source})",
                 hint="install it, or give its full path in the command",
             )
+
+
+RELEASE_CHILD = "process:release"
+
+
+def run_release(launcher: Launcher, spec: ProcessSpec) -> None:
+    """Heroku's release phase: the Procfile's `release` command (migrations, say) once, in the stack's
+    environment, to its end, before any process starts and before the workers connect; a failure ends the
+    launch with ReleaseError and nothing else started. Its output goes to the console and its log like any
+    process's; a stop asked for meanwhile stops it with the stop ladder."""
+    unit = ProcessUnit(spec)
+    cwd = launcher.s.project_root
+    launcher.report(Notice(f"release: running `{spec.argv[-1]}` once before the stack starts"))
+    child = launcher.sup.start(RELEASE_CHILD, spec.command(None), unit.environment(launcher), cwd, grace=spec.grace)
+    launcher.outputs.attach(RELEASE_CHILD, child, f"proc_release_{os.getpid()}", label="release")
+    began = time.monotonic()
+    while launcher.sup.running(RELEASE_CHILD) and not launcher.stop_asked():
+        time.sleep(CHECK_EVERY)
+    if launcher.sup.running(RELEASE_CHILD):
+        launcher.sup.stop(RELEASE_CHILD)
+    status = launcher.sup.reap(RELEASE_CHILD)
+    tail = launcher.outputs.detach(RELEASE_CHILD)
+    if launcher.stop_asked():
+        return  # the launch ends as any stopped launch does
+    if status != 0:
+        raise ReleaseError(
+            f"the release command failed (status {status}): nothing else was started",
+            hint=tail[-1] if tail else f"{spec.source}: {spec.argv[-1]}",
+        )
+    launcher.report(Notice(f"release: done in {time.monotonic() - began:.1f} s"))

@@ -291,32 +291,38 @@ class Launcher(Startup):
                 if not any(u.alive for u in self.units):
                     break
                 continue
-            name, code = got
-            tail = self.outputs.detach(name)
-            unit = self.unit_for(name)
-            if unit is None:  # a step's child (a reload's spare)
-                for step in self.steps:
-                    if step.on_child_exit(self, name, code):
-                        break
-                if self.sup.stop_requested and not self.sup.has_running():
-                    break
-                continue
-            unit.last_exit_code = code
-            if unit.state == STOPPING or self.sup.stop_requested:
-                self._stopped(unit, code)
-                if self.sup.stop_requested and not self.sup.has_running():
-                    break
-                if not self.sup.stop_requested and not any(u.alive for u in self.units):
-                    break
-                continue
-            if not any(step.explains_exit(self, unit, code) for step in self.steps):
-                self.report(Exited(unit.node, code, False, tail))
-            if any(step.on_exit(self, unit, code, tail) for step in self.steps):
-                continue
-            self.status = code  # a clean exit of its own (a remote shutdown) is not a crash
-            break
+            if self.child_exited(*got):
+                break
         self.sup.stop_all()
         return self.status
+
+    def turn(self) -> None:
+        """One turn of the steps without the loop (debug mode, whose main thread runs the worker)."""
+        for step in self.steps:
+            if step.poll(self):
+                step.act(self)
+
+    def child_exited(self, name: str, code: int) -> bool:
+        """A child has exited (reaped): tell its unit and the steps. True when the launcher's loop ends."""
+        tail = self.outputs.detach(name)
+        unit = self.unit_for(name)
+        if unit is None:  # a step's child (a reload's spare)
+            for step in self.steps:
+                if step.on_child_exit(self, name, code):
+                    break
+            return self.sup.stop_requested and not self.sup.has_running()
+        unit.last_exit_code = code
+        if unit.state == STOPPING or self.sup.stop_requested:
+            self._stopped(unit, code)
+            if self.sup.stop_requested:
+                return not self.sup.has_running()
+            return not any(u.alive for u in self.units)
+        if not any(step.explains_exit(self, unit, code) for step in self.steps):
+            self.report(Exited(unit.node, code, False, tail))
+        if any(step.on_exit(self, unit, code, tail) for step in self.steps):
+            return False
+        self.status = code  # a clean exit of its own (a remote shutdown) is not a crash
+        return True
 
 
 def run(
@@ -373,7 +379,12 @@ def run(
             if not sup.stop_requested:
                 unitctl.start_process(launcher, unit)
         if in_process is not None:
-            if launcher.beat is not None:  # beat stays a supervised child; the worker runs in this process
+            # The steps start as in any launch (the lease step starts beat under the cluster's lease); beat
+            # stays a supervised child, and the worker runs in this process.
+            for step in launcher.steps:
+                if not sup.stop_requested:
+                    step.started(launcher)
+            if launcher.beat is not None and launcher.beat.state == STARTING and not sup.stop_requested:
                 launcher.start_beat()
             return in_process(launcher)
         if launcher.workers:

@@ -130,6 +130,22 @@ class Lifeline:
                 pass
 
 
+def environment_bin() -> Path | None:
+    """The `bin/` of the virtual environment tlrun runs in (the project's: tlrun hands over to it), else None."""
+    return None if sys.prefix == sys.base_prefix else Path(sys.prefix) / "bin"
+
+
+def project_path(current: str | None) -> str:
+    """PATH for the stack's processes: the project's environment first, as if it were activated, so that
+    `python manage.py runserver` in a Procfile runs the interpreter the workers run, whether or not the shell
+    or IDE that started tlrun activated it (export writes the same PATH into services)."""
+    parts = [p for p in (current or os.defpath).split(os.pathsep) if p]
+    first = environment_bin()
+    if first is None:
+        return os.pathsep.join(parts)
+    return os.pathsep.join([str(first), *(p for p in parts if p != str(first))])
+
+
 def shim_argv(argv: list[str], lifeline: Lifeline, grace: float) -> list[str]:
     return [
         sys.executable,

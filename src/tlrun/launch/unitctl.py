@@ -32,8 +32,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    """Nothing listens on the port (a listener on 0.0.0.0 holds it on 127.0.0.1 too)."""
+    """Nothing listens on the port (a listener on 0.0.0.0 holds it on 127.0.0.1 too). With SO_REUSEADDR, as
+    every server binds: connections of the last run in TIME_WAIT do not count (they make a plain bind fail for
+    a minute, though the server itself would listen)."""
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

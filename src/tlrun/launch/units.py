@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -214,6 +215,9 @@ class ProcessUnit(Unit):
         env[ENV_PROCESS] = self.spec.name
         env[GROUP_ENV] = self.spec.stop_signal
         env["PYTHONUNBUFFERED"] = "1"
+        env["PATH"] = spawn.project_path(env.get("PATH"))
+        if spawn.environment_bin() is not None:
+            env["VIRTUAL_ENV"] = sys.prefix  # as an activation sets it (tools that run `python` look at it)
         pythonpath = s.pythonpath(env.get("PYTHONPATH"))
         if pythonpath:
             env["PYTHONPATH"] = pythonpath

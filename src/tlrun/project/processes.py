@@ -26,6 +26,7 @@ READY_KINDS = ("http", "port")
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP")
 DEFAULT_GRACE = 5.0  # honcho's wait before SIGKILL
 PROCFILES = ("Procfile.dev", "Procfile")
+RELEASE = "release"  # Heroku's release phase: a Procfile line run once before the others, not a service
 PROCFILE_BASE_PORT = 5000  # honcho: $PORT or 5000, plus 100 per line
 PROCFILE_LINE = re.compile(r"^([A-Za-z0-9_-]+):\s*(.+)$")
 MAX_PROCFILE_BYTES = 256 * 1024
@@ -78,6 +79,9 @@ class Stack:
     beat: bool = False  # a Procfile runs beat (a beat line, or -B)
     source: str | None = None  # the file the processes came from
     notes: tuple[str, ...] = ()
+    role_notes: tuple[str, ...] = ()  # which worker lines became roles (said only when they do)
+    release: ProcessSpec | None = None  # Heroku's release phase: run once before the others, never a service
+    app_evidence: str = ""  # where `app` was read: `Procfile line 2: celery -A proj worker`
 
 
 def flower_spec(app: str, python: str) -> ProcessSpec:
@@ -219,7 +223,10 @@ def read_procfile(path: Path, environ: Mapping[str, str]) -> Stack:
     processes: list[ProcessSpec] = []
     roles: list[tuple[str, dict[str, Any]]] = []
     notes: list[str] = []
+    role_notes: list[str] = []
+    release: ProcessSpec | None = None
     app: str | None = None
+    app_evidence = ""
     beat = False
     seen: set[str] = set()
     index = 0
@@ -238,9 +245,14 @@ def read_procfile(path: Path, environ: Mapping[str, str]) -> Stack:
         port = base + 100 * index
         index += 1
         celery = celery_line(command)
+        if name == RELEASE:
+            release = ProcessSpec(name, ("sh", "-c", command), source=where)
+            notes.append(f"{path.name} line {number} ({name}) runs once before the others start, as Heroku's release")
+            continue
         if celery is not None:
             sub, line_app, table, line_beat, dropped = celery
-            app = app or line_app
+            if app is None and line_app:
+                app, app_evidence = line_app, f"{path.name} line {number}: `celery -A {line_app} {sub}`"
             if sub == "beat":
                 beat = True
                 notes.append(f"{path.name} line {number} ({name}) runs beat: tlrun runs it as its beat")
@@ -254,11 +266,13 @@ def read_procfile(path: Path, environ: Mapping[str, str]) -> Stack:
                 note += ", and its -B as tlrun's beat"
             if dropped:
                 note += f"; tlrun sets {', '.join(dropped)} itself"
-            notes.append(note)
+            role_notes.append(note)
             continue
         check_name(name, where)
         processes.append(ProcessSpec(name, ("sh", "-c", command), port=port, env={"PORT": str(port)}, source=where))
-    return Stack(tuple(processes), tuple(roles), app, beat, str(path), tuple(notes))
+    return Stack(
+        tuple(processes), tuple(roles), app, beat, str(path), tuple(notes), tuple(role_notes), release, app_evidence
+    )
 
 
 # Celery worker options a role table holds: flag -> (role key, kind)
