@@ -203,6 +203,8 @@ def test_the_requeue_request_is_sent_only_to_a_process_that_handles_it(tmp_path:
         for proc in (plain, handles):
             proc.kill()
             proc.wait(10)
+        assert handles.stdout is not None
+        handles.stdout.close()
 
 
 # -- the quick start, from a fresh clone -------------------------------------------------------------------------
@@ -238,3 +240,127 @@ def test_quick_start_from_a_fresh_clone(project: Project) -> None:
     stop = run(".venv/bin/tlrun", "stop")
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert terminal1.wait(30) == 0, terminal1.output()
+
+
+# -- the IDE configurations, run as the IDE runs them ------------------------------------------------------------
+IDE_APP = """
+from celery import Celery
+
+app = Celery("{name}")
+app.conf.beat_schedule = {{"tick": {{"task": "{name}.tick", "schedule": 1.0}}}}
+
+
+@app.task
+def tick():
+    return 1
+"""
+WEB = """
+import http.server
+import os
+
+import celery  # noqa: F401  the project's dependency: only its environment has it
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), http.server.SimpleHTTPRequestHandler)
+server.serve_forever()
+"""
+PROCFILE = """release: python -c "import celery, pathlib; pathlib.Path('released').write_text(celery.__version__)"
+web: python web.py
+"""
+
+
+def _ide_project(project: Project) -> dict[str, str]:
+    """A project with `beat = true`, a Procfile whose release and web lines run `python` (the project's
+    dependencies), and the IDE files `tlrun ide` writes; the environment of an IDE started from the desktop:
+    no activated virtual environment, the project's interpreter named by the configuration alone."""
+    from helpers import free_port
+
+    (project.root / f"{project.app}.py").write_text(IDE_APP.format(name=project.app))
+    (project.root / "web.py").write_text(WEB)
+    (project.root / "Procfile").write_text(PROCFILE)
+    (project.root / "pyproject.toml").write_text(f'[tool.tlrun]\napp = "{project.app}"\nbeat = true\n')
+    # honcho's ports: PORT, plus 100 per line (the web line is the second)
+    (project.root / ".env").write_text(f"CELERY_BROKER_URL={project.broker_url}\nPORT={free_port() - 100}\n")
+    env = project.env()
+    for key in ("VIRTUAL_ENV", "CELERY_BROKER_URL", "PYTHONPATH"):
+        env.pop(key, None)
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(str(BIN)))
+    for ide in ("pycharm", "vscode"):
+        written = project.run("ide", ide, env=env)
+        assert written.returncode == 0, written.stdout + written.stderr
+    return env
+
+
+def _pycharm_commands(root: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Each PyCharm configuration as the IDE runs it: the project interpreter (SDK_HOME empty) with `-m` and
+    the module in MODULE_MODE, its PARAMETERS, its envs and ENV_FILES over the IDE's own environment."""
+    import shlex
+    import xml.etree.ElementTree as ET
+
+    from dotenv import dotenv_values
+
+    found = {}
+    for path in sorted((root / ".run").glob("*.run.xml")):
+        config = ET.parse(path).getroot().find("configuration")
+        assert config is not None
+        options = {o.get("name"): o.get("value") for o in config.findall("option")}
+        assert options["SDK_HOME"] == "" and options["MODULE_MODE"] == "true", options
+        assert options["WORKING_DIRECTORY"] == "$PROJECT_DIR$", options
+        env = {e.get("name") or "": e.get("value") or "" for e in config.iter("env")}
+        for env_file in (options.get("ENV_FILES") or "").split(";"):
+            if env_file:
+                env.update({k: v or "" for k, v in dotenv_values(env_file.replace("$PROJECT_DIR$", str(root))).items()})
+        argv = [sys.executable, "-m", options["SCRIPT_NAME"] or "", *shlex.split(options["PARAMETERS"] or "")]
+        found[config.get("name") or path.name] = (argv, env)
+    return found
+
+
+def test_the_ide_configurations_match_between_pycharm_and_vscode(project: Project) -> None:
+    """The three configurations the README names exist for both IDEs, with the same command lines (the test
+    below runs PyCharm's)."""
+    _ide_project(project)
+    pycharm = {name: argv[2:] for name, (argv, _env) in _pycharm_commands(project.root).items()}
+    launch = json.loads((project.root / ".vscode" / "launch.json").read_text())
+    vscode = {c["name"]: [c["module"], *c["args"]] for c in launch["configurations"]}
+    assert pycharm == vscode and sorted(pycharm) == ["tlrun dev", "tlrun dev (debug)", "tlrun dev (reload)"]
+
+
+@pytest.mark.parametrize("config", ["tlrun dev", "tlrun dev (reload)", "tlrun dev (debug)"])
+def test_an_ide_configuration_runs_the_whole_stack_without_an_activated_venv(project: Project, config: str) -> None:
+    """Run from the generated file: the release line ran once with the project's python, web answers, beat
+    holds the cluster lease (debug mode too), `ps` shows the worker alive, `ps` and `doctor` print no
+    traceback into the run's console, and the IDE's Stop (SIGINT) leaves nothing."""
+    import urllib.request
+
+    ide_env = _ide_project(project)
+    argv, config_env = _pycharm_commands(project.root)[config]
+    launched = Launched(argv, project.root, {**ide_env, **config_env}, project.base / "ide-run.txt")
+    project.started.append(launched)
+    port = launched.wait_output(r"web ready on http://127\.0\.0\.1:(\d+)", 60).group(1)
+    launched.wait_output(r"beat lease taken", 60)
+    launched.wait_output(r"1 worker ready", 60)
+    assert (project.root / "released").read_text().startswith("5."), launched.output()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as answer:
+        assert answer.status == 200
+    rows = json.loads(project.run("ps", "--json", env=ide_env).stdout)
+    workers = [r for r in rows if r.get("kind") == "worker"]
+    assert len(workers) == 1 and workers[0]["state"] != "gone" and workers[0]["rss_bytes"] > 0, rows
+    assert {r["kind"] for r in rows} >= {"worker", "beat", "process"}, rows
+    doctor = project.run("doctor", env=ide_env)
+    assert "BEAT_WITHOUT_LEASE" not in doctor.stdout and "BEAT_LEASE" in doctor.stdout, doctor.stdout
+    launched.send(signal.SIGINT)  # the IDE's Stop
+    assert launched.wait(60) in (0, 130), launched.output()
+    out = launched.output()
+    assert "Traceback" not in out and "KeyError" not in out and "crashed" not in out, out
+    assert out.count("release: done") == 1
+
+
+def test_a_failing_release_line_stops_the_start(project: Project) -> None:
+    """Heroku's release phase: a `release` line that fails ends `tlrun dev` with exit 21 before any process
+    starts or any worker connects; nothing is left running."""
+    (project.root / "Procfile").write_text("release: echo migrating && exit 3\nweb: sleep 600\n")
+    launched = project.launch(command="dev")
+    assert launched.wait(60) == 21, launched.output()
+    out = launched.output()
+    assert "[release] migrating" in out and "the release command failed (status 3)" in out, out
+    assert "starting web" not in out and "ready" not in out, out
+    assert ping_replies(project.broker_url) == []

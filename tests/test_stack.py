@@ -298,6 +298,32 @@ def test_procfile_lines_and_celery_lines_are_read_as_honcho_does(tmp_path: Path)
     assert stack.app == "proj" and stack.beat
     assert celery_line("celery -A p inspect ping") is None and celery_line("honcho start") is None
     assert read_procfile(path, {}).processes[0].port == 5000
+    assert stack.app_evidence == "Procfile line 3: `celery -A proj worker`"
+    assert [n.split(" runs ")[0] for n in stack.role_notes] == ["Procfile line 3 (worker)"] and stack.release is None
+    path.write_text("release: python manage.py migrate\nweb: gunicorn app:wsgi\n")
+    stack = read_procfile(path, {})
+    assert stack.release is not None and stack.release.argv == ("sh", "-c", "python manage.py migrate")
+    assert [p.name for p in stack.processes] == ["web"]  # Heroku's release phase: never a service
+
+
+def test_procfile_notes_never_contradict_and_its_app_is_said(tmp_path: Path) -> None:
+    """A Procfile's worker line is said to run as a role only when it does (the project file's roles win, and
+    then only that is said); the app read from its `-A` gets a `using app` line, as any app tlrun finds."""
+    from tlrun.config import build_settings
+    from tlrun.project import file as project_file
+    from tlrun.project.processes import read_procfile
+
+    (tmp_path / "Procfile").write_text("jobs: celery -A tlproj worker -Q mail\n")
+    stack = read_procfile(tmp_path / "Procfile", {})
+    alone = build_settings({}, {}, {}, tmp_path, stack=stack)
+    assert alone.app == "tlproj" and [r.name for r in alone.roles] == ["jobs"]
+    assert any("using app tlproj (Procfile line 1: `celery -A tlproj worker`;" in m for _l, m in alone.notes)
+    assert any("tlrun runs it as role jobs" in n for n in alone.stack_notes)
+    (tmp_path / "tlrun.toml").write_text('[workers.default]\nqueues = ["celery"]\n')
+    declared = build_settings({}, {}, {}, tmp_path, project=project_file.load(tmp_path), stack=stack)
+    assert [r.name for r in declared.roles] == ["default"]
+    assert not any("runs it as role" in n for n in declared.stack_notes)
+    assert any("worker lines do not run" in n for n in declared.stack_notes)
 
 
 @pytest.mark.parametrize(
