@@ -117,16 +117,18 @@ def beat(
     metrics_port: int | None = None,
     metrics_addr: str = "0.0.0.0",
 ) -> int:
-    """tlrun beat: beat alone, one per cluster through the lease; with a metrics endpoint when asked."""
+    """tlrun beat: beat alone, one per cluster through the lease; with a metrics endpoint when asked. SIGHUP
+    and `tlrun reload` restart beat with the schedule now on disk (a supervisor's or systemd's reload)."""
+    from tlrun.deploy.swap import ReloadStep
     from tlrun.ops.steps import ConsumeStep, MetricsStep
 
-    steps: list[Step] = []
+    steps: list[Step] = [ReloadStep()]
     lease = _lease(steps)
     if metrics_port is not None:
         consume = ConsumeStep(None, sample=True)  # no workers here: it watches nothing
         steps += [consume, MetricsStep(metrics_port, metrics_addr, consume, None, lease)]
     _systemd(steps)
-    return run(settings, report, LaunchOptions(workers=False, beat=True, init=init), steps)
+    return run(settings, report, LaunchOptions(workers=False, beat=True, init=init, hup_reloads=True), steps)
 
 
 def _systemd(steps: list[Step]) -> None:

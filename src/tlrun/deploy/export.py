@@ -188,7 +188,12 @@ def _systemd_unit(spec: ServiceSpec, service: Service) -> str:
             "# Stop: SIGTERM to tlrun only (it stops beat, which saves its schedule), SIGKILL to the whole cgroup\n"
             f"# only after TimeoutStopSec, which is longer than tlrun's grace period ({spec.grace:g} s).\n"
         )
-        restart = "# systemd restarts a beat that exited with an error; tlrun holds one beat per project and host.\n"
+        restart = (
+            "# systemd restarts a beat that exited with an error; tlrun holds one beat per project and host.\n"
+            "# systemctl reload: beat starts again with the beat_schedule now on disk (the old one saves its\n"
+            "# schedule first); under the lease, never two beats. tlrun says RELOADING=1, then READY=1.\n"
+            "ExecReload=/bin/kill -HUP $MAINPID\n"
+        )
     else:
         stop = (
             "# Stop: SIGTERM to tlrun only (it gives the worker a warm shutdown: running tasks finish), SIGKILL\n"
@@ -279,9 +284,14 @@ def _supervisor_program(spec: ServiceSpec, service: Service) -> str:
     user = f"user={spec.user}\n" if spec.user else ""
     # supervisord expands %(...)s in values: a literal % must be doubled.
     command = service.command.replace("%", "%%")
+    reload = (
+        "a changed beat_schedule: supervisorctl signal HUP {name} (beat starts again with it; it keeps running)"
+        if service.procfile_type == "beat"
+        else "new code without downtime: supervisorctl signal HUP {name}"
+    ).format(name=f"{spec.name}:{name}")  # the program is in the project's group: supervisorctl names it so
     return f"""[program:{name}]
 command={command}
-; new code without downtime: supervisorctl signal HUP {name}
+; {reload}
 directory={spec.project_root}
 {user}autostart=true
 ; tlrun restarts a crashed worker itself; supervisord restarts tlrun, except when tlrun gave up (exit 16).

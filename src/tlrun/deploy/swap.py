@@ -68,6 +68,8 @@ class ReloadStep(Step):
     def started(self, launcher: Launcher) -> None:
         for w in launcher.workers:
             launcher.record(w, reload_requests=True)  # `tlrun reload` may ask this launcher
+        if launcher.beat is not None and not launcher.workers:
+            launcher.record(launcher.beat, reload_requests=True)  # `tlrun beat`: reload restarts beat
         self._spawn_spares(launcher)
 
     def on_start_failed(self, launcher: Launcher, error: Exception) -> bool:
@@ -144,6 +146,8 @@ class ReloadStep(Step):
         self._started = time.monotonic()
         workers = [w for w in launcher.workers if w.alive and (roles is None or w.role.name in roles)]
         if not workers:
+            if not launcher.workers and launcher.beat is not None:  # `tlrun beat`: the schedule is its code
+                self._reload_beat_alone(launcher, why, request)
             return
         for w in workers:
             if request:
@@ -156,13 +160,7 @@ class ReloadStep(Step):
             if not hold.wait_prepared(deadline, functools.partial(launcher.alive, name)):
                 self._abandon(launcher, workers, prepared, failed=w)
                 return
-        if launcher.beat is not None and launcher.sup.running(launcher.beat.child):
-            # Holding the lease or a warm standby: the new beat takes the lease again (the old one releases it
-            # on its way out); the lease step reads its state.
-            launcher.stop_beat(launcher.beat.state)
-            launcher.start_beat()
-        elif launcher.beat is not None and launcher.beat.state == WAITING:
-            launcher.start_beat()
+        self._restart_beat(launcher)
         if self.overlap:
             self._swap_beside(launcher, workers, prepared)
             return
@@ -178,6 +176,31 @@ class ReloadStep(Step):
         )
         if not self._released:  # else after their verification: a spare's start would slow theirs
             self._spawn_spares(launcher)
+
+    @staticmethod
+    def _restart_beat(launcher: Launcher) -> bool:
+        """Beat again with the code (its beat_schedule) now on disk. Holding the lease or a warm standby: the
+        old beat saves its schedule and releases the lease on its way out, the new one takes it again unless a
+        standby elsewhere took it first (then this one stands by: never two beats); the lease step reads its
+        state. True when a beat was started."""
+        beat = launcher.beat
+        if beat is not None and launcher.sup.running(beat.child):
+            launcher.stop_beat(beat.state)
+        elif beat is None or beat.state != WAITING:
+            return False
+        launcher.start_beat()
+        return True
+
+    def _reload_beat_alone(self, launcher: Launcher, why: str, request: str) -> None:
+        assert launcher.beat is not None
+        launcher.report(Reloading(why or "a save"))
+        began = time.monotonic()
+        ok = self._restart_beat(launcher)
+        pid = launcher.sup.pid(launcher.beat.child)
+        message = f"beat (pid {pid}) started again in {time.monotonic() - began:.2f} s" if ok else "beat is not running"
+        launcher.report(Reloading(why, done=True, ok=ok))
+        if request:
+            launcher.record(launcher.beat, reload={"id": request, "ok": ok, "message": message})
 
     def _prepare(self, launcher: Launcher, w: WorkerUnit) -> tuple[str, Hold]:
         """The role's spare, told to import the app now; else a new held worker. Either is named

@@ -39,6 +39,8 @@ def reload_project(settings: Settings, timeout: float) -> list[RoleReloaded]:
     nothing runs, or when a launcher did not answer within `timeout`."""
     guard.check_env_guard(os.environ, "reload from inside a task")
     kinds = {r.lock_kind: r.name for r in settings.roles}
+    if settings.role_filter is None:
+        kinds["beat"] = "beat"  # a `tlrun beat` launcher: its reload restarts beat with the new schedule
     procs = {p.pid: p for p in project_launchers(settings)}
     held: dict[int, dict[str, dict[str, Any]]] = {}
     for _ in range(RECORD_READS):  # a record rewritten in place can read empty for an instant: read again
@@ -48,6 +50,9 @@ def reload_project(settings: Settings, timeout: float) -> list[RoleReloaded]:
         if not procs or held:
             break
         time.sleep(POLL)
+    for records in held.values():
+        if len(records) > 1:
+            records.pop("beat", None)  # beside workers, beat restarts with their reload; they answer
     asked: dict[int, set[str]] = {}
     refused: list[int] = []
     request_id = secrets.token_hex(8)
