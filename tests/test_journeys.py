@@ -364,3 +364,112 @@ def test_a_failing_release_line_stops_the_start(project: Project) -> None:
     assert "[release] migrating" in out and "the release command failed (status 3)" in out, out
     assert "starting web" not in out and "ready" not in out, out
     assert ping_replies(project.broker_url) == []
+
+
+# -- exported services, run the way their comments say ----------------------------------------------------------
+def test_exported_supervisor_programs_take_the_signal_their_comment_names(project: Project) -> None:
+    """`tlrun export supervisor` for two roles and beat under a real supervisord: each program is sent exactly
+    the command its comment names (`supervisorctl signal HUP NAME`), and every program is RUNNING afterwards
+    under the same pid: the workers swapped to new code, beat started again with a changed schedule (it used
+    to exit 0, which `exitcodes=0,16` counts as expected, so that supervisord never restarted it)."""
+    import shlex
+    import shutil
+
+    from test_production import SUPERVISORD_CONF
+
+    supervisord = shutil.which("supervisord", path=str(BIN))
+    if supervisord is None:
+        pytest.skip("supervisor is not installed (test extra)")
+    write_code(project, 1)
+    write_roles(project, ["default", "slow"], beat=True)
+    run = project.base / "sv"
+    (run / "conf.d").mkdir(parents=True)
+    (run / "supervisord.conf").write_text(SUPERVISORD_CONF.format(run=run))
+    exported = project.run("export", "supervisor", "--grace", "20", "-o", str(run / "conf.d"))
+    assert exported.returncode == 0, exported.stderr
+    conf = next((run / "conf.d").iterdir()).read_text()
+    said = dict(re.findall(r"^\[program:(\S+)\]\n(?:.*\n)*?; .*?: (supervisorctl signal HUP \S+)", conf, re.M))
+    ctl = [str(Path(supervisord).with_name("supervisorctl")), "-c", str(run / "supervisord.conf")]
+    daemon = Launched([supervisord, "-c", str(run / "supervisord.conf")], project.root, project.env(), run / "out")
+    project.started.append(daemon)
+
+    def status() -> dict[str, tuple[str, str]]:
+        out = subprocess.run([*ctl, "status"], capture_output=True, text=True, timeout=30).stdout
+        rows = [line.split() for line in out.splitlines() if line.strip()]
+        return {r[0]: (r[1], r[3].rstrip(",") if len(r) > 3 else "") for r in rows}
+
+    def beat_starts() -> int:
+        return sum(
+            p.read_text(errors="replace").count("beat: Starting") for p in project.root.glob("logs/celery_beat_*.log")
+        )
+
+    try:
+        wait_for(lambda: len(status()) == 3 and {s for s, _p in status().values()} == {"RUNNING"}, 60, "3 RUNNING")
+        wait_for(lambda: len(ping_replies(project.broker_url)) == 2 and beat_starts() == 1, 60, "workers and beat")
+        before = status()
+        assert len(said) == 3, conf
+        write_code(project, 1, task_value=2)
+        for command in said.values():  # exactly as the comment says, with this supervisord's configuration
+            sent = subprocess.run([*ctl, *shlex.split(command)[1:]], capture_output=True, text=True, timeout=30)
+            assert sent.returncode == 0 and "ERROR" not in sent.stdout, command + ": " + sent.stdout + sent.stderr
+        wait_for(lambda: beat_starts() == 2, 60, "beat started again")
+        wait_for(lambda: run_task(project, "task_value", queue="slow") == 2, 60, "the new code in role slow")
+        assert run_task(project, "task_value") == 2
+        wait_for(lambda: len(ping_replies(project.broker_url)) == 2, 60, "one worker per role again")
+        assert status() == before, (before, status())  # RUNNING, same pids: nothing exited
+    finally:
+        subprocess.run([*ctl, "shutdown"], capture_output=True, timeout=60)
+        daemon.wait(60)
+
+
+def test_exported_systemd_units_run_and_reload_as_written(project: Project) -> None:
+    """Each exported unit's ExecStart run as written in its WorkingDirectory, then its ExecReload
+    (`/bin/kill -HUP $MAINPID`) against that live launcher: the worker's next generation answers, beat
+    starts again; both launchers keep running, and stop with 0 on systemd's SIGTERM."""
+    import configparser
+    import shlex
+
+    out = project.base / "units"
+    exported = project.run("export", "systemd", "-A", project.app, "--grace", "10", "--beat", "-o", str(out))
+    assert exported.returncode == 0, exported.stderr
+    started = {}
+    for path in sorted(out.glob("*.service")):
+        unit = configparser.ConfigParser(strict=False, interpolation=None)
+        unit.read(path)
+        service = unit["Service"]
+        argv = shlex.split(service["ExecStart"])
+        launched = Launched(argv, Path(service["WorkingDirectory"]), project.env(), project.base / f"{path.name}.txt")
+        project.started.append(launched)
+        started[path.name] = (launched, service["ExecReload"])
+    worker, worker_reload = started[f"tlrun-{project.app}.service"]
+    beat, beat_reload = started[f"tlrun-{project.app}-beat.service"]
+    old = worker.wait_output(READY, 60).group(1)
+    beat.wait_output(r"beat lease taken", 60)
+    for launched, reload in ((worker, worker_reload), (beat, beat_reload)):
+        command = shlex.split(reload.replace("$MAINPID", str(launched.pid)))
+        assert command[:2] == ["/bin/kill", "-HUP"], reload
+        subprocess.run(command, check=True, timeout=10)
+    new = worker.wait_output(r"reloaded: .*?new worker (\S+)", 60).group(1)
+    wait_for(lambda: ping_replies(project.broker_url) == [new], 30, f"only {new} answering (was {old})")
+    wait_for(
+        lambda: beat.output().count("beat: Starting") >= 2 or beat.output().count("starting beat") >= 2,
+        30,
+        "beat again",
+    )
+    assert worker.proc.poll() is None and beat.proc.poll() is None
+    for launched in (worker, beat):
+        launched.send(signal.SIGTERM)
+        assert launched.wait(30) == 0, launched.output()
+
+
+def test_tlrun_reload_restarts_a_running_tlrun_beat(project: Project) -> None:
+    """`tlrun reload` reaches a `tlrun beat` launcher too (a changed beat_schedule is its new code)."""
+    beat = project.launch(command="beat")
+    beat.wait_output(r"beat lease taken", 60)
+    done = project.run("reload")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"role beat of launcher pid \d+ reloaded: beat \(pid \d+\) started again", done.stdout)
+    wait_for(lambda: beat.output().count("starting beat") >= 2, 30, "beat started again")
+    assert beat.proc.poll() is None
+    beat.send(signal.SIGTERM)
+    assert beat.wait(30) == 0, beat.output()
