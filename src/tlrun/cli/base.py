@@ -161,26 +161,36 @@ def project_options(func: F) -> F:
     return func
 
 
-def _settings(params: dict[str, Any], ping_window_default: float = 1.0, app_required: bool = True) -> Any:
-    """Load the settings and show their notes once, on stderr (stdout stays clean for --json)."""
+def _settings(
+    params: dict[str, Any], ping_window_default: float = 1.0, app_required: bool = True, code_free: bool = False
+) -> Any:
+    """Load the settings and show their notes once, on stderr (stdout stays clean for --json). `code_free`:
+    a command that never imports the project's code (ps, stop, logs) also runs from a tlrun outside the
+    project's environment when that environment has none."""
     from tlrun.config import load_settings
 
     project_dir = params.pop("project_dir", None)
-    in_project_env(project_dir)
+    in_project_env(project_dir, required=not code_free)
     settings = load_settings(params, project_dir, ping_window_default, app_required=app_required)
     for level, message in settings.notes:
         click.echo(f"tlrun: {'warning: ' if level == 'warning' else ''}{message}", err=True)
     return settings
 
 
-def in_project_env(project_dir: Path | None) -> None:
+def in_project_env(project_dir: Path | None, required: bool = True) -> None:
     """Hand over to the tlrun of the project's own environment when this one runs elsewhere (pipx, another
-    venv), before anything is read or started; or exit 3 saying how to install it there."""
+    venv), before anything is read or started; or (`required`) exit 3 saying how to install it there."""
     from tlrun.project.interpreter import hand_over
     from tlrun.project.layout import find_root, read_pyproject
 
     root = project_dir.resolve() if project_dir is not None else find_root(Path.cwd())
-    hand_over(root, sys.argv[1:], pyproject=read_pyproject(root), say=lambda line: click.echo(line, err=True))
+    hand_over(
+        root,
+        sys.argv[1:],
+        pyproject=read_pyproject(root),
+        say=lambda line: click.echo(line, err=True),
+        required=required,
+    )
 
 
 MAX_CONCURRENCY = 10_000  # Celery accepts more and then fails to start the pool

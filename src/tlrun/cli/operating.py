@@ -155,7 +155,7 @@ def ps(everything: bool, as_json: bool, **params: Any) -> None:
     from tlrun.ops import inventory
     from tlrun.render import ps_table
 
-    settings = _settings(params, app_required=not everything)
+    settings = _settings(params, app_required=not everything, code_free=True)
     rows = inventory.local_processes(settings if settings.app else None, everything=everything)
     if as_json:
         _emit_json([row.as_dict() for row in rows])
@@ -181,7 +181,7 @@ def stop(name: str | None, timeout: float | None, **params: Any) -> None:
 
     if name is not None and params.get("role"):
         raise click.UsageError("give NAME or --role, not both")
-    settings = _settings(params)
+    settings = _settings(params, code_free=True)
     if name is not None:
         from tlrun.errors import NothingRunningError
 
@@ -193,7 +193,7 @@ def stop(name: str | None, timeout: float | None, **params: Any) -> None:
             if not is_role:
                 raise
         params["role"] = name  # a role no launcher runs here: its strays, as `--role NAME` does
-        settings = _settings(params)
+        settings = _settings(params, code_free=True)
     report = control.stop_project(settings, settings.stop_grace if timeout is None else timeout)
     for unit in report.units:
         click.echo(f"tlrun: stopped {unit.node} ({unit.kind}) of launcher pid {unit.launcher}, which runs on")
@@ -261,7 +261,7 @@ def logs(name: str | None, list_only: bool, rotated: bool, lines: int, follow: b
     role = params.get("role")
     if role == "beat":  # beat is no worker role, but it has its log files: celery_beat_<pid>.log
         params["role"] = None
-    settings = _settings(params, app_required=False)
+    settings = _settings(params, app_required=False, code_free=True)
     stems = ["beat"] if role == "beat" else [r.log_stem for r in settings.roles] if role else None
     prefixes = unit_log_prefixes(settings, name) if name else None
     if prefixes is not None:

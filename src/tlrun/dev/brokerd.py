@@ -157,7 +157,7 @@ class PrivateBrokerStep(Step):
                     hint="give it a password in .env, which your web app reads too: "
                     "CELERY_BROKER_URL=redis://:<a password>@"
                     + ":".join(map(str, local_redis_address(launcher.broker_url) or ("127.0.0.1", 6379)))
-                    + "/0",
+                    + (urlsplit(launcher.broker_url).path or "/0"),  # the user's own db number
                 )
 
     def prepare(self, launcher: Launcher) -> None:

@@ -120,13 +120,13 @@ def _load_launch_json(path: Path, text: str, force: bool) -> tuple[dict[str, obj
         if not force:
             raise ConfigError(
                 f"{path} is not JSON ({exc}); tlrun will not rewrite it",
-                hint="fix it, add the two entries by hand (README, IDE section), or use --force to replace it",
+                hint="fix it, add the three entries by hand (README, IDE section), or use --force to replace it",
             ) from None
         return {"version": "0.2.0", "configurations": []}, "replaced (it was not JSON)"
     if not force:
         raise ConfigError(
             f"{path} has comments, which rewriting it would drop; tlrun will not rewrite it",
-            hint="add the two entries by hand, or use --force to merge them (your entries stay, comments go)",
+            hint="add the three entries by hand, or use --force to merge them (your entries stay, comments go)",
         )
     return document, "merged (its comments were dropped)"
 

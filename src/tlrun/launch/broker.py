@@ -5,6 +5,7 @@ Celery is imported here and only here, lazily: commands that do not talk to a br
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -140,6 +141,9 @@ def check_reachable(url: str, timeout: float = CONNECT_TIMEOUT) -> None:
         ) from None
 
 
+_UNKNOWN_HOST = ("Name or service not known", "nodename nor servname", "Temporary failure in name resolution")
+
+
 class Broker:
     """A throwaway Celery app used only for control messages (ping) and connection checks."""
 
@@ -187,8 +191,19 @@ class Broker:
                 f"broker {redact_url(url)} refused the connection (nothing listens there): {reason}",
                 hint="is the broker running? check the host and port in CELERY_BROKER_URL (or REDIS_URL)",
             )
+        host = urlsplit(url).hostname or "?"
+        if isinstance(exc, socket.gaierror) or any(words in reason for words in _UNKNOWN_HOST):
+            return BrokerError(
+                f"broker host {host!r} is not known (DNS): {reason}",
+                hint="check the host name in CELERY_BROKER_URL (or REDIS_URL)",
+            )
+        if waited < 0.5 * CONNECT_TIMEOUT:  # an error at once, not a broker that stayed silent
+            return BrokerError(
+                f"broker {redact_url(url)} could not be reached: {reason}",
+                hint="check the host, port and password in CELERY_BROKER_URL (or REDIS_URL)",
+            )
         return BrokerError(
-            f"broker {redact_url(url)} did not answer after {waited:.1f} s: {reason}",
+            f"broker {redact_url(url)} did not answer within {waited:.1f} s: {reason}",
             hint="is the broker running? check CELERY_BROKER_URL (or REDIS_URL) and its password",
         )
 

@@ -7,21 +7,45 @@ import re
 import sys
 
 from tlrun.config import Settings
-from tlrun.errors import AppImportError, BrokerError, UsageError, WorkerStartError
+from tlrun.errors import AppImportError, BrokerError, ConfigError, UsageError, WorkerStartError
 
 
 def celery_version() -> tuple[int, ...]:
-    """The installed Celery's version, without importing Celery."""
-    from importlib.metadata import version
+    """The installed Celery's version, without importing Celery; a ConfigError when there is none."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        installed = version("celery")
+    except PackageNotFoundError:
+        raise ConfigError(
+            f"Celery is not installed in {sys.prefix}, the environment tlrun runs in",
+            hint=f"install it there, with your broker's extra: {sys.executable} -m pip install 'celery[redis]'",
+        ) from None
     parts = []
-    for piece in version("celery").split(".")[:3]:
+    for piece in installed.split(".")[:3]:
         digits = "".join(itertools.takewhile(str.isdigit, piece))
         parts.append(int(digits or 0))
     return tuple(parts)
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def missing_attribute(app: str) -> str | None:
+    """When Celery says the app's module "was not found" although it exists: what is missing is the name in
+    it (`proj.celery_app:ap`, `proj.ap`). None when the module itself is missing (Celery said it right)."""
+    import importlib.util
+
+    module, _, name = app.partition(":")
+    if not name:
+        module, _, name = app.rpartition(".")
+    if not module or not name:
+        return None
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return f"module {module!r} has no attribute {name!r}" if found else None
 
 
 def start_failure(app: str, ready_timeout: float, status: int | None, tail: list[str], timeout: bool) -> Exception:
@@ -40,6 +64,13 @@ def start_failure(app: str, ready_timeout: float, status: int | None, tail: list
             (ln.strip() for ln in reversed(tail) if ln.strip() and not ln.startswith(("Usage:", "Try "))),
             "unknown error",
         )
+        if "was not found" in reason:  # Celery says so for a missing attribute as for a missing module
+            missing = missing_attribute(app)
+            if missing is not None:
+                return AppImportError(
+                    f"app {app!r} does not import: {missing}",
+                    hint="-A module:name names the Celery() object in the module (a typo in the name?)",
+                )
         # The innermost frame of the traceback that is not Python's own import machinery: the user's line.
         frames = [m.groups() for m in _FRAME.finditer(text) if "<frozen" not in m.group(1)]
         where = f" ({frames[-1][0]}, line {frames[-1][1]})" if frames else ""

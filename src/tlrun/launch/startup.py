@@ -79,7 +79,7 @@ class Startup:
                     return w
                 self.outputs.release(w.child)
                 w.since = datetime.now().strftime("%H:%M:%S")
-                self.set_state(w, READY, node=w.node, worker_pid=self.sup.pid(w.child))
+                self.set_state(w, READY, node=w.node, worker_pid=self.sup.pid(w.child), serving_since=time.time())
         return None
 
     def _spawn_and_wait(self, workers: list[WorkerUnit], census_first: bool = True) -> bool:

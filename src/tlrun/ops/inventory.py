@@ -74,7 +74,7 @@ def local_processes(
     uid = os.getuid()
     now = time.time()
     out = []
-    workers = _recorded_workers(settings) if settings is not None else set()
+    workers = _recorded_workers(settings) if settings is not None else {}
     units = _process_records(settings) if settings is not None else {}
     guarded = guarded_pids(settings) if settings is not None else {}
     standby_beat = _standby_beat(settings) if settings is not None else None
@@ -110,7 +110,7 @@ def local_processes(
                 app=proc.app,
                 cwd=proc.cwd,
                 state=state,
-                uptime_s=round(now - proc.create_time, 1),
+                uptime_s=round(now - (workers.get(proc.pid) or proc.create_time), 1),
                 rss_bytes=rss,
                 cpu_s=round(cpu, 2),
                 pool_children=children,
@@ -156,16 +156,18 @@ def _process_records(settings: Settings) -> dict[str, dict[str, Any]]:
     return {kind.split("-", 1)[1]: record for kind, record, _holder in guard.live_records(settings.project_id, kinds)}
 
 
-def _recorded_workers(settings: Settings) -> set[int]:
-    """The worker pids the project's lock records name (a spare becomes one when a reload promotes it)."""
-    pids = set()
+def _recorded_workers(settings: Settings) -> dict[int, float | None]:
+    """The worker pids the project's lock records name (a spare becomes one when a reload promotes it), each
+    with the time it began to serve (a spare's process was made long before: its uptime counts from then)."""
+    pids: dict[int, float | None] = {}
     for role in settings.all_roles:
         try:
             record = guard.read_record(guard.lock_path(settings.project_id, role.lock_kind))
         except TlrunError:
             continue
         if record and isinstance(record.get("worker_pid"), int):
-            pids.add(int(record["worker_pid"]))
+            since = record.get("serving_since")
+            pids[int(record["worker_pid"])] = float(since) if isinstance(since, (int, float)) else None
     return pids
 
 

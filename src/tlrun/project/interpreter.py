@@ -14,6 +14,7 @@ import base64
 import hashlib
 import os
 import re
+import shlex
 import stat
 import sys
 from collections.abc import Mapping, Sequence
@@ -97,18 +98,29 @@ def find_env(root: Path, environ: Mapping[str, str], pyproject: Mapping[str, Any
 
 
 def install_command(root: Path, env: ProjectEnv, pyproject: Mapping[str, Any] | None = None) -> str:
-    """The one command that installs tlrun into the project's environment, in the tool the project uses."""
+    """The one command that installs tlrun into the project's environment, in the tool the project uses, from
+    where this tlrun came (tlrun is not on the package index: a checkout or a built wheel)."""
     tool = (pyproject or {}).get("tool")
     tool = tool if isinstance(tool, dict) else {}
+    source = shlex.quote(installed_from())
     if (root / "uv.lock").is_file() or "uv" in tool:
-        return "uv add --dev tlrun"
+        return f"uv add --dev {source}"
     if (root / "poetry.lock").is_file() or "poetry" in tool:
-        return "poetry add --group dev tlrun"
+        return f"poetry add --group dev {source}"
     if (root / "Pipfile").is_file():
-        return "pipenv install --dev tlrun"
+        return f"pipenv install --dev {source}"
     if (root / "pdm.lock").is_file() or "pdm" in tool:
-        return "pdm add -dG dev tlrun"
-    return f"{env.prefix / 'bin' / 'python'} -m pip install tlrun"
+        return f"pdm add -dG dev {source}"
+    return f"{shlex.quote(str(env.prefix / 'bin' / 'python'))} -m pip install {source}"
+
+
+def installed_from() -> str:
+    """Where this tlrun can be installed from again: its checkout (an editable install, or the source tree it
+    runs from), else a placeholder for the wheel it came from."""
+    here = Path(__file__).resolve().parents[3]  # src/tlrun/project/ -> the checkout
+    if (here / "pyproject.toml").is_file() and (here / "src" / "tlrun").is_dir():
+        return str(here)
+    return "<path to tlrun's checkout or wheel>"
 
 
 def _runnable(path: Path) -> bool:
@@ -132,9 +144,11 @@ def hand_over(
     environ: Mapping[str, str] = os.environ,
     pyproject: Mapping[str, Any] | None = None,
     say: Any = None,
+    required: bool = True,
 ) -> None:
     """Return when tlrun runs in the project's environment (or none is found); exec the project's tlrun when
-    it has one; else a ConfigError with the install command."""
+    it has one; else a ConfigError with the install command, or (not `required`: a command that needs no
+    project code) a return, to run here."""
     if environ.get(HANDED_OVER_ENV):
         return
     env = find_env(root, environ, pyproject)
@@ -146,6 +160,8 @@ def hand_over(
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(str(env.tlrun), [str(env.tlrun), *argv], {**environ, HANDED_OVER_ENV: "1"})
+    if not required:
+        return
     raise ConfigError(
         f"tlrun runs in {sys.prefix}, but this project's environment is {env.prefix} (found as {env.how}), "
         "where tlrun is not installed: the app and its workers need the project's own interpreter",
