@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -117,13 +118,13 @@ def test_no_password_private_broker_on_a_host_with_other_login_users_is_refused(
     name = f"tlrl{uuid.uuid4().hex[:8]}"
     subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True, timeout=30)
     port = free_port()
-    proj = Project(tmp_path / "projects", f"redis://127.0.0.1:{port}/0")
+    proj = Project(tmp_path / "projects", f"redis://127.0.0.1:{port}/3")
     write_app(proj, 1)
     try:
         result = proj.run("dev", "-A", proj.app, timeout=60)
         assert result.returncode == 5, result.stdout + result.stderr
         assert "other login users" in result.stderr and name in result.stderr
-        assert f"CELERY_BROKER_URL=redis://:<a password>@127.0.0.1:{port}/0" in result.stderr
+        assert f"CELERY_BROKER_URL=redis://:<a password>@127.0.0.1:{port}/3" in result.stderr  # the user's db
     finally:
         proj.cleanup()
         subprocess.run(["userdel", name], check=False, timeout=30)
@@ -352,3 +353,33 @@ def test_quick_start_reaches_a_task_result(tmp_path: Path, redis_server: RedisSe
         assert stop.returncode == 0 and launched.wait(30) == 0
     finally:
         proj.cleanup()
+
+
+def test_ps_counts_a_swapped_workers_uptime_from_its_swap(dev_project: Project) -> None:
+    """tlrun dev --reload keeps a spare per role, made long before a save promotes it: `ps` shows the new
+    worker's uptime from when it began to serve, not from when its process (the spare) was made."""
+    import json
+
+    import psutil
+
+    launched = dev(dev_project, "--reload", "--concurrency", "1")
+    launched.wait_output(READY, 30)
+
+    def spare() -> psutil.Process | None:
+        for proc in psutil.Process(launched.pid).children():
+            try:
+                if proc.environ().get("TLRUN_SPARE") == "1":
+                    return proc
+            except psutil.Error:
+                continue
+        return None
+
+    made = wait_for(spare, 30, "the spare").create_time()
+    wait_for(lambda: time.time() - made > 4, 10, "the spare to be 4 s old")  # an event: its age, not a sleep
+    write_app(dev_project, 2)
+    pid = int(launched.wait_output(r"reloaded: .*?new worker \S+ \(pid (\d+)\)", 30).group(1))
+    rows = json.loads(dev_project.run("ps", "--json").stdout)
+    row = next(r for r in rows if r["pid"] == pid)
+    assert row["uptime_s"] < time.time() - made - 2, (row, time.time() - made)
+    launched.send(signal.SIGINT)
+    assert launched.wait(30) in (0, 130)

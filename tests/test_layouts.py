@@ -464,14 +464,18 @@ def _project_venv(root: Path, with_tlrun: bool) -> Path:
 def test_tlrun_outside_the_projects_environment_hands_over_or_says_how_to_install(project: Project) -> None:
     (project.root / "uv.lock").write_text("version = 1\n")
     venv = _project_venv(project.root, with_tlrun=False)
-    result = project.run("ps")
+    checkout = Path(__file__).resolve().parent.parent  # tlrun is not on the package index: from its checkout
+    result = project.run("doctor")
     assert result.returncode == 3, result.stderr
     assert f"this project's environment is {venv} (found as .venv/), where tlrun is not installed" in result.stderr
-    assert "tlrun: hint: install tlrun into the project: uv add --dev tlrun" in result.stderr
+    assert f"tlrun: hint: install tlrun into the project: uv add --dev {checkout}" in result.stderr
     assert "Traceback" not in result.stderr
     (project.root / "uv.lock").unlink()
-    result = project.run("ps")
-    assert f"{venv}/bin/python -m pip install tlrun" in result.stderr
+    result = project.run("doctor")
+    assert f"{venv}/bin/python -m pip install {checkout}" in result.stderr
+    for command in (["ps", "--json"], ["logs", "--list"], ["stop"]):  # no project code: they run here
+        ran = project.run(*command)
+        assert ran.returncode == 0 and "not installed" not in ran.stderr, (command, ran.stdout + ran.stderr)
 
     import shutil
 

@@ -67,3 +67,31 @@ def test_a_transport_that_does_not_load_is_named_with_its_install_command(projec
     assert "the redis transport cannot be loaded: module 'redis' is missing" in result.stderr
     assert "-m pip install -U 'redis'" in result.stderr and "unsupported scheme" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_typo_in_the_apps_name_and_an_unknown_broker_host_are_said_as_such(project: Project) -> None:
+    """`-A module:typo` (the module exists) is a missing name in it, not a missing module; an unknown broker
+    host is a name that does not resolve, not a broker that "did not answer after 0.0 s"."""
+    typo = project.run("worker", "-A", f"{project.app}:ap", "--", "--without-mingle", "--without-gossip")
+    assert typo.returncode == 4, typo.stdout + typo.stderr
+    assert f"module '{project.app}' has no attribute 'ap'" in typo.stderr and "was not found" not in typo.stderr
+    unknown = project.run("worker", "-A", project.app, env=project.env(CELERY_BROKER_URL="redis://nohost.invalid/0"))
+    assert unknown.returncode == 5, unknown.stdout + unknown.stderr
+    assert "broker host 'nohost.invalid' is not known (DNS)" in unknown.stderr, unknown.stderr
+    assert "did not answer after" not in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_celery_missing_from_the_environment_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not `internal error: PackageNotFoundError`: what is missing and the command that installs it."""
+    import importlib.metadata
+
+    from tlrun.errors import ConfigError
+    from tlrun.launch import checks
+
+    def no_celery(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", no_celery)
+    with pytest.raises(ConfigError, match="Celery is not installed in") as caught:
+        checks.celery_version()
+    assert caught.value.exit_code == 3 and "pip install 'celery[redis]'" in str(caught.value.hint)
