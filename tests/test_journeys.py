@@ -208,6 +208,25 @@ def test_the_requeue_request_is_sent_only_to_a_process_that_handles_it(tmp_path:
 
 
 # -- the quick start, from a fresh clone -------------------------------------------------------------------------
+def _readme_commands(section: str) -> list[list[str]]:
+    """The shell commands of a README section's code blocks (indented by 4), comments dropped, one list a
+    block: what a reader copies."""
+    text = (ROOT / "README.md").read_text()
+    body = text[text.index(f"## {section}\n") :].split("\n## ", 1)[0]
+    blocks: list[list[str]] = []
+    previous_blank = True
+    for line in body.splitlines():
+        if line.startswith("    ") and line.strip():
+            command = line.strip().split("  #", 1)[0].strip()
+            if previous_blank or not blocks:
+                blocks.append([])
+            blocks[-1].append(command)
+            previous_blank = False
+        else:
+            previous_blank = True
+    return blocks
+
+
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the repository under test as a git checkout")
 @pytest.mark.timeout(420)
 def test_quick_start_from_a_fresh_clone(project: Project) -> None:
@@ -215,13 +234,18 @@ def test_quick_start_from_a_fresh_clone(project: Project) -> None:
     `scripts/example.sh` (terminal 1), `scripts/example.sh send` (terminal 2) printing the task's result,
     then `.venv/bin/tlrun logs`, `ps` and `stop` without -A. The broker is this test's own Redis, given in
     the environment (which wins over .env, as the README says); everything else is the clone's."""
+    blocks = _readme_commands("Two commands")
+    assert blocks == [["scripts/example.sh", "scripts/example.sh send"], ["scripts/test.sh"]], blocks
+    # scripts/test.sh is the suite itself: CI runs it (.ci/run), as the README says.
+    assert "exec bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+    (terminal1_command, terminal2_command), _suite = blocks
     clone = project.base / "clone"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, timeout=120)
     env = project.env()
     for key in ("VIRTUAL_ENV", "PYTHONPATH", "TEST_RESULT_BACKEND"):
         env.pop(key, None)
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(str(BIN)))
-    terminal1 = Launched(["bash", "scripts/example.sh"], clone, env, project.base / "terminal1.txt")
+    terminal1 = Launched(["bash", "-c", terminal1_command], clone, env, project.base / "terminal1.txt")
     project.started.append(terminal1)
     terminal1.wait_output(READY, 300)  # the install, then tlrun dev
     assert "created .env from .env.example" in terminal1.output()
@@ -229,7 +253,7 @@ def test_quick_start_from_a_fresh_clone(project: Project) -> None:
     def run(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(argv, cwd=clone, env=env, capture_output=True, text=True, timeout=120)
 
-    sent = run("bash", "scripts/example.sh", "send")
+    sent = run("bash", "-c", terminal2_command)
     assert sent.returncode == 0 and re.search(r"^add\(2, 3\) = 5 \(task \S+\)$", sent.stdout, re.M), (
         sent.stdout + sent.stderr
     )
