@@ -23,6 +23,7 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from tlrun.deploy import beat_reload
 from tlrun.events import Notice, Reloaded, Reloading, Saved
 from tlrun.launch import checks, drain, verify
 from tlrun.launch.broker import Broker
@@ -147,7 +148,7 @@ class ReloadStep(Step):
         workers = [w for w in launcher.workers if w.alive and (roles is None or w.role.name in roles)]
         if not workers:
             if not launcher.workers and launcher.beat is not None:  # `tlrun beat`: the schedule is its code
-                self._reload_beat_alone(launcher, why, request)
+                beat_reload.reload_beat_alone(launcher, why, request)
             return
         for w in workers:
             if request:
@@ -160,7 +161,7 @@ class ReloadStep(Step):
             if not hold.wait_prepared(deadline, functools.partial(launcher.alive, name)):
                 self._abandon(launcher, workers, prepared, failed=w)
                 return
-        self._restart_beat(launcher)
+        beat_reload.restart_beat(launcher)
         if self.overlap:
             self._swap_beside(launcher, workers, prepared)
             return
@@ -176,31 +177,6 @@ class ReloadStep(Step):
         )
         if not self._released:  # else after their verification: a spare's start would slow theirs
             self._spawn_spares(launcher)
-
-    @staticmethod
-    def _restart_beat(launcher: Launcher) -> bool:
-        """Beat again with the code (its beat_schedule) now on disk. Holding the lease or a warm standby: the
-        old beat saves its schedule and releases the lease on its way out, the new one takes it again unless a
-        standby elsewhere took it first (then this one stands by: never two beats); the lease step reads its
-        state. True when a beat was started."""
-        beat = launcher.beat
-        if beat is not None and launcher.sup.running(beat.child):
-            launcher.stop_beat(beat.state)
-        elif beat is None or beat.state != WAITING:
-            return False
-        launcher.start_beat()
-        return True
-
-    def _reload_beat_alone(self, launcher: Launcher, why: str, request: str) -> None:
-        assert launcher.beat is not None
-        launcher.report(Reloading(why or "a save"))
-        began = time.monotonic()
-        ok = self._restart_beat(launcher)
-        pid = launcher.sup.pid(launcher.beat.child)
-        message = f"beat (pid {pid}) started again in {time.monotonic() - began:.2f} s" if ok else "beat is not running"
-        launcher.report(Reloading(why, done=True, ok=ok))
-        if request:
-            launcher.record(launcher.beat, reload={"id": request, "ok": ok, "message": message})
 
     def _prepare(self, launcher: Launcher, w: WorkerUnit) -> tuple[str, Hold]:
         """The role's spare, told to import the app now; else a new held worker. Either is named

@@ -378,16 +378,7 @@ def run(
         for unit in launcher.processes:  # they start while the workers do, and never wait for them
             if not sup.stop_requested:
                 unitctl.start_process(launcher, unit)
-        if in_process is not None:
-            # The steps start as in any launch (the lease step starts beat under the cluster's lease); beat
-            # stays a supervised child, and the worker runs in this process.
-            for step in launcher.steps:
-                if not sup.stop_requested:
-                    step.started(launcher)
-            if launcher.beat is not None and launcher.beat.state == STARTING and not sup.stop_requested:
-                launcher.start_beat()
-            return in_process(launcher)
-        if launcher.workers:
+        if launcher.workers and in_process is None:  # debug mode serves them in this process, below
             try:
                 ready = launcher.start_workers(launcher.workers, started, defer_census=True)
             except (AppImportError, WorkerStartError) as exc:
@@ -401,4 +392,4 @@ def run(
                 step.started(launcher)
         if launcher.beat is not None and launcher.beat.state == STARTING and not sup.stop_requested:
             launcher.start_beat()  # no step took charge of beat (the lease does, where there is one)
-        return launcher.loop()
+        return launcher.loop() if in_process is None else in_process(launcher)
