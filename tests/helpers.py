@@ -438,3 +438,56 @@ def close_clients() -> None:
 def send_task(url: str, name: str, *args: Any) -> Any:
     """Send a task by name; its result comes back through the same Redis."""
     return client(url).send_task(name, args=args)
+
+
+SUPERVISORD_CONF = """
+[unix_http_server]
+file={run}/supervisor.sock
+
+[supervisord]
+nodaemon=true
+logfile={run}/supervisord.log
+pidfile={run}/supervisord.pid
+childlogdir={run}
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://{run}/supervisor.sock
+
+[include]
+files = {run}/conf.d/*.conf
+"""
+
+
+class Supervisord:
+    """`tlrun export supervisor ARGS` into the conf.d of a private supervisord, which is then started (the
+    project's teardown reaps it; `shutdown()` stops it the supervisor way). `ctl`: supervisorctl's argv."""
+
+    def __init__(self, project: Project, *export_args: str) -> None:
+        import shutil
+
+        import pytest
+
+        supervisord = shutil.which("supervisord", path=str(Path(PY).parent))
+        if supervisord is None:
+            pytest.skip("supervisor is not installed (test extra)")
+        run = project.base / "sv"
+        (run / "conf.d").mkdir(parents=True)
+        (run / "supervisord.conf").write_text(SUPERVISORD_CONF.format(run=run))
+        exported = project.run("export", "supervisor", *export_args, "-o", str(run / "conf.d"))
+        assert exported.returncode == 0, exported.stderr
+        self.conf = next((run / "conf.d").iterdir())
+        self.ctl = [str(Path(supervisord).with_name("supervisorctl")), "-c", str(run / "supervisord.conf")]
+        self.daemon = Launched(
+            [supervisord, "-c", str(run / "supervisord.conf")], project.root, project.env(), run / "out"
+        )
+        project.started.append(self.daemon)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.ctl, *args], capture_output=True, text=True, timeout=60)
+
+    def shutdown(self) -> None:
+        self.run("shutdown")
+        self.daemon.wait(60)

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import Launched, Project, ping_replies, send_task, wait_for
+from helpers import Launched, Project, Supervisord, ping_replies, send_task, wait_for
 from test_units import run_task, write_code, write_roles
 
 pytestmark = pytest.mark.timeout(240)
@@ -397,25 +397,12 @@ def test_exported_supervisor_programs_take_the_signal_their_comment_names(projec
     under the same pid: the workers swapped to new code, beat started again with a changed schedule (it used
     to exit 0, which `exitcodes=0,16` counts as expected, so that supervisord never restarted it)."""
     import shlex
-    import shutil
 
-    from test_production import SUPERVISORD_CONF
-
-    supervisord = shutil.which("supervisord", path=str(BIN))
-    if supervisord is None:
-        pytest.skip("supervisor is not installed (test extra)")
     write_code(project, 1)
     write_roles(project, ["default", "slow"], beat=True)
-    run = project.base / "sv"
-    (run / "conf.d").mkdir(parents=True)
-    (run / "supervisord.conf").write_text(SUPERVISORD_CONF.format(run=run))
-    exported = project.run("export", "supervisor", "--grace", "20", "-o", str(run / "conf.d"))
-    assert exported.returncode == 0, exported.stderr
-    conf = next((run / "conf.d").iterdir()).read_text()
+    sv = Supervisord(project, "--grace", "20")
+    conf, ctl = sv.conf.read_text(), sv.ctl
     said = dict(re.findall(r"^\[program:(\S+)\]\n(?:.*\n)*?; .*?: (supervisorctl signal HUP \S+)", conf, re.M))
-    ctl = [str(Path(supervisord).with_name("supervisorctl")), "-c", str(run / "supervisord.conf")]
-    daemon = Launched([supervisord, "-c", str(run / "supervisord.conf")], project.root, project.env(), run / "out")
-    project.started.append(daemon)
 
     def status() -> dict[str, tuple[str, str]]:
         out = subprocess.run([*ctl, "status"], capture_output=True, text=True, timeout=30).stdout
@@ -442,8 +429,7 @@ def test_exported_supervisor_programs_take_the_signal_their_comment_names(projec
         wait_for(lambda: len(ping_replies(project.broker_url)) == 2, 60, "one worker per role again")
         assert status() == before, (before, status())  # RUNNING, same pids: nothing exited
     finally:
-        subprocess.run([*ctl, "shutdown"], capture_output=True, timeout=60)
-        daemon.wait(60)
+        sv.shutdown()
 
 
 def test_exported_systemd_units_run_and_reload_as_written(project: Project) -> None:

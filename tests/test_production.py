@@ -16,7 +16,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import Launched, Project, send_task, wait_for
+from helpers import Project, Supervisord, send_task, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 HOST = socket.gethostname()
@@ -161,44 +161,13 @@ def test_kubernetes_example_is_valid_yaml() -> None:
             assert doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
 
 
-SUPERVISORD_CONF = """
-[unix_http_server]
-file={run}/supervisor.sock
-
-[supervisord]
-nodaemon=true
-logfile={run}/supervisord.log
-pidfile={run}/supervisord.pid
-childlogdir={run}
-
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-
-[supervisorctl]
-serverurl=unix://{run}/supervisor.sock
-
-[include]
-files = {run}/conf.d/*.conf
-"""
-
-
 def test_exported_supervisor_program_runs_under_a_real_supervisord(project: Project) -> None:
     """supervisord accepts the export of a fresh project, `supervisorctl stop` stops the worker warm while a
     task runs (the task finishes), and a launcher that gave up (exit 16) is not restarted."""
-    supervisord = shutil.which("supervisord", path=str(Path(sys.executable).parent))
-    if supervisord is None:
-        pytest.skip("supervisor is not installed (test extra)")
-    run = project.base / "sv"
-    (run / "conf.d").mkdir(parents=True)
-    (run / "supervisord.conf").write_text(SUPERVISORD_CONF.format(run=run))
-    exported = project.run("export", "supervisor", "-A", project.app, "--grace", "20", "-o", str(run / "conf.d"))
-    assert exported.returncode == 0, exported.stderr
-    conf = next((run / "conf.d").iterdir())
+    sv = Supervisord(project, "-A", project.app, "--grace", "20")
+    conf, ctl = sv.conf, sv.ctl
     program = f"tlrun-{project.app}"
     log = project.root / "logs" / f"supervisor-{program}.log"
-    ctl = [str(Path(supervisord).with_name("supervisorctl")), "-c", str(run / "supervisord.conf")]
-    daemon = Launched([supervisord, "-c", str(run / "supervisord.conf")], project.root, project.env(), run / "out")
-    project.started.append(daemon)
     try:
         wait_for(lambda: log.exists() and "worker ready" in log.read_text(), 60, "the worker under supervisord")
         result = send_task(project.broker_url, f"{project.app}.sleep", 3)
@@ -223,5 +192,4 @@ def test_exported_supervisor_program_runs_under_a_real_supervisord(project: Proj
         assert "exit status 16" in status() or "EXITED" in status()
         assert log.read_text().count("worker ready") == 2  # not restarted
     finally:
-        subprocess.run([*ctl, "shutdown"], capture_output=True, timeout=60)
-        daemon.wait(60)
+        sv.shutdown()

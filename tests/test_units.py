@@ -11,12 +11,11 @@ import signal
 import socket
 import threading
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import Launched, Project, ping_replies, wait_for
+from helpers import Launched, Project, Supervisord, ping_replies, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 HOST = socket.gethostname()
@@ -341,25 +340,12 @@ def test_an_idle_worker_whose_stop_is_slow_is_not_cold_stopped(project: Project)
 
 # -- the exported services of a project with roles and beat run together under supervisord ---------------------
 def test_exported_roles_and_beat_all_run_under_supervisord(project: Project) -> None:
-    import shutil
     import subprocess
-    import sys
 
-    from test_production import SUPERVISORD_CONF
-
-    supervisord = shutil.which("supervisord", path=str(Path(sys.executable).parent))
-    if supervisord is None:
-        pytest.skip("supervisor is not installed (test extra)")
     write_code(project, 1)
     write_roles(project, ["default", "slow"], beat=True)
-    run = project.base / "sv"
-    (run / "conf.d").mkdir(parents=True)
-    (run / "supervisord.conf").write_text(SUPERVISORD_CONF.format(run=run))
-    exported = project.run("export", "supervisor", "--grace", "20", "-o", str(run / "conf.d"))
-    assert exported.returncode == 0, exported.stderr
-    ctl = [str(Path(supervisord).with_name("supervisorctl")), "-c", str(run / "supervisord.conf")]
-    daemon = Launched([supervisord, "-c", str(run / "supervisord.conf")], project.root, project.env(), run / "out")
-    project.started.append(daemon)
+    sv = Supervisord(project, "--grace", "20")
+    ctl = sv.ctl
 
     def status() -> dict[str, str]:
         out = subprocess.run([*ctl, "status"], capture_output=True, text=True, timeout=30).stdout
@@ -382,8 +368,7 @@ def test_exported_roles_and_beat_all_run_under_supervisord(project: Project) -> 
         assert stop.returncode == 0, stop.stdout + stop.stderr
         assert busy.get(timeout=10) == 3  # finished during the warm stop, not killed
     finally:
-        subprocess.run([*ctl, "shutdown"], capture_output=True, timeout=60)
-        daemon.wait(60)
+        sv.shutdown()
 
 
 # -- the combination matrix: roles {1, 3} x beat {off, on}, one launcher through every kind of save and stop ------

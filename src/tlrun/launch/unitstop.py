@@ -128,8 +128,13 @@ def ask(proc: psutil.Process, project_id: str, names: Sequence[str]) -> bool:
 def send(proc: psutil.Process, project_id: str, kind: str, request: dict[str, Any]) -> bool:
     from tlrun.launch import signals
 
-    safefile.write_atomic(request_path(project_id, proc.pid, kind), json.dumps(request), mode=0o600)
-    return signals.send(proc, REQUEST_SIGNAL)
+    path = request_path(project_id, proc.pid, kind)
+    safefile.write_atomic(path, json.dumps(request), mode=0o600)
+    if signals.send(proc, REQUEST_SIGNAL):
+        return True
+    with contextlib.suppress(OSError):
+        os.unlink(path)  # nobody will read it: never leave it in the lock directory
+    return False
 
 
 def listens(record: dict[str, Any]) -> bool:
