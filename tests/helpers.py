@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import re
 import signal
 import socket
@@ -10,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -491,3 +493,36 @@ class Supervisord:
     def shutdown(self) -> None:
         self.run("shutdown")
         self.daemon.wait(60)
+
+
+@contextlib.contextmanager
+def throwaway_user(shell: str = "/usr/sbin/nologin") -> Iterator[pwd.struct_passwd]:
+    """A throwaway local user, removed afterwards. useradd and userdel lock /etc/passwd and fail at once when
+    another holds it ("cannot lock /etc/passwd"): tests running at once take turns on a lock of their own."""
+    import shutil
+
+    import pytest
+
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("creating a user needs root and useradd")
+    name = f"tlrt{uuid.uuid4().hex[:8]}"
+    with _users_lock():
+        subprocess.run(["useradd", "--no-create-home", "--shell", shell, name], check=True, timeout=30)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        with _users_lock():
+            subprocess.run(["userdel", name], check=False, timeout=30)
+
+
+@contextlib.contextmanager
+def _users_lock() -> Iterator[None]:
+    import fcntl
+    import tempfile
+
+    fd = os.open(os.path.join(tempfile.gettempdir(), "tlrun-tests-useradd.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -15,7 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Launched, Project, RedisServer, free_port, gone, ping_replies, send_task, wait_for
+from helpers import (
+    Launched,
+    Project,
+    RedisServer,
+    free_port,
+    gone,
+    ping_replies,
+    send_task,
+    throwaway_user,
+    wait_for,
+)
 from tlrun.config import project_id
 
 pytestmark = pytest.mark.timeout(120)
@@ -105,7 +115,6 @@ def test_dev_starts_a_private_broker_when_none_answers(tmp_path: Path) -> None:
 def test_no_password_private_broker_on_a_host_with_other_login_users_is_refused(tmp_path: Path) -> None:
     import os
     import pwd
-    import uuid
 
     from tlrun.launch import owner
 
@@ -113,10 +122,11 @@ def test_no_password_private_broker_on_a_host_with_other_login_users_is_refused(
     entries.append(pwd.struct_passwd(("svc", "x", 1501, 1501, "", "/", "/usr/sbin/nologin")))
     entries.append(pwd.struct_passwd(("me", "x", os.getuid(), 0, "", "/", "/bin/sh")))
     assert owner.other_login_users(entries) == ["alice"]  # a service account and we ourselves do not count
-    if os.geteuid() != 0 or shutil.which("useradd") is None:
-        pytest.skip("creating a user needs root and useradd")
-    name = f"tlrl{uuid.uuid4().hex[:8]}"
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True, timeout=30)
+    with throwaway_user("/bin/sh") as user:  # a login user
+        _private_broker_needs_a_password(tmp_path, user.pw_name)
+
+
+def _private_broker_needs_a_password(tmp_path: Path, name: str) -> None:
     port = free_port()
     proj = Project(tmp_path / "projects", f"redis://127.0.0.1:{port}/3")
     write_app(proj, 1)
@@ -127,7 +137,6 @@ def test_no_password_private_broker_on_a_host_with_other_login_users_is_refused(
         assert f"CELERY_BROKER_URL=redis://:<a password>@127.0.0.1:{port}/3" in result.stderr  # the user's db
     finally:
         proj.cleanup()
-        subprocess.run(["userdel", name], check=False, timeout=30)
 
 
 def test_private_broker_takes_a_tricky_password_on_stdin_and_leaves_it_nowhere(tmp_path: Path) -> None:

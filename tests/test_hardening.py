@@ -13,14 +13,22 @@ import socket
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from helpers import Project, RedisServer, free_port, ping_replies, processes_under, send_task, wait_for
+from helpers import (
+    Project,
+    RedisServer,
+    free_port,
+    ping_replies,
+    processes_under,
+    send_task,
+    throwaway_user,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(120)
 HOST = socket.gethostname()
@@ -150,14 +158,8 @@ def test_doctor_reports_two_launchers_and_never_takes_a_lock(project: Project) -
 @pytest.fixture
 def other_user() -> Iterator[pwd.struct_passwd]:
     """A throwaway unprivileged user (removed afterwards), for what another local user can do."""
-    if os.geteuid() != 0 or shutil.which("useradd") is None:
-        pytest.skip("creating a user needs root and useradd")
-    name = f"tlrt{uuid.uuid4().hex[:8]}"
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True, timeout=30)
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], check=False, timeout=30)
+    with throwaway_user() as user:
+        yield user
 
 
 def _as(user: pwd.struct_passwd, *argv: str) -> None:
