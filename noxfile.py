@@ -29,4 +29,5 @@ def matrix(session: nox.Session, celery: str) -> None:
     installed = session.run("python", "-c", "import celery; print(celery.__version__)", silent=True)
     if not str(installed).startswith(celery + "."):
         session.error(f"constraints/celery-{celery}.txt installed Celery {installed!r}")
-    session.run("python", "-m", "pytest", "-m", "matrix", "-p", "no:cacheprovider", *session.posargs)
+    workers = ["-n", "auto", "--dist", "worksteal"] if not session.posargs else []
+    session.run("python", "-m", "pytest", "-m", "matrix", "-p", "no:cacheprovider", *workers, *session.posargs)

@@ -377,7 +377,7 @@ def test_no_task_lost_when_a_stray_is_swept_mid_stream(project: Project) -> None
     wait_for(lambda: len(_runs(project)) >= 10, 30, "ten tasks done")
     launched = project.launch("--concurrency", "2")
     launched.wait_output(READY, 60)
-    assert stray.wait(30) == 0
+    assert stray.wait(30) == 0, launched.output()[-3000:] + "\n--- the stray:\n" + stray.output()[-3000:]
     wait_for(lambda: set(_runs(project)) == set(range(50)), 90, "all 50 tasks completed")
     assert _report("sweep", _runs(project))["lost"] == 0
 
