@@ -95,3 +95,29 @@ def test_celery_missing_from_the_environment_is_a_configuration_error(monkeypatc
     with pytest.raises(ConfigError, match="Celery is not installed in") as caught:
         checks.celery_version()
     assert caught.value.exit_code == 3 and "pip install 'celery[redis]'" in str(caught.value.hint)
+
+
+@pytest.mark.parametrize("command", [["doctor"], ["ps", "--all"], ["export", "systemd"]])
+def test_a_reader_that_goes_away_ends_the_command_quietly(project: Project, command: list[str]) -> None:
+    """`tlrun doctor | head -1`: the reader closes the pipe; tlrun ends as a program killed by SIGPIPE would
+    (141), with no `internal error: BrokenPipeError` and nothing left running."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line: every write fails with EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tlrun", *command, "-A", project.app],
+            cwd=project.root,
+            env=project.env(),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr
+    assert "BrokenPipeError" not in done.stderr and "internal error" not in done.stderr, done.stderr

@@ -117,6 +117,7 @@ NOT_CONSUMING_EXIT_CODE = 17  # health, doctor: a worker answers pings but does 
 USAGE_EXIT_CODE = 2  # click's own code for unknown options and bad values on the command line
 HUNG_TASK_EXIT_CODE = 20  # doctor, health: a task runs past its hard time limit (or hung_after)
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, when the launcher is interrupted before the worker runs
+READER_GONE_EXIT_CODE = 141  # 128 + SIGPIPE: the reader of tlrun's output went away (`tlrun doctor | head`)
 
 EXIT_CODES: dict[int, str] = {
     0: "success (the worker stopped cleanly, or the command did what it was asked)",
@@ -142,4 +143,5 @@ EXIT_CODES: dict[int, str] = {
     NothingRunningError.exit_code: "reload, restart NAME, stop NAME: nothing of that name of this project runs here",
     HUNG_TASK_EXIT_CODE: "doctor, health: a task runs past its hard time limit, or past hung_after without one",
     ReleaseError.exit_code: "dev: the Procfile's release command failed (nothing else was started)",
+    READER_GONE_EXIT_CODE: "the reader of the output went away (`tlrun doctor` piped into `head -1`): ended quietly",
 }

@@ -10,6 +10,7 @@ import functools
 import importlib
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from tlrun import __version__
-from tlrun.errors import EXIT_CODES, INTERRUPTED_EXIT_CODE, TlrunError
+from tlrun.errors import EXIT_CODES, INTERRUPTED_EXIT_CODE, READER_GONE_EXIT_CODE, TlrunError
 from tlrun.limits import MAX_SECONDS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -67,6 +68,13 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt:
             click.echo("tlrun: interrupted", err=True)
             sys.exit(INTERRUPTED_EXIT_CODE)
+        except BrokenPipeError:
+            # The reader went away (`tlrun doctor | head -1`): end quietly, as a program killed by SIGPIPE
+            # would, and let no later flush of stdout raise again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            sys.exit(READER_GONE_EXIT_CODE)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as exc:
