@@ -1,7 +1,7 @@
 """`tlrun reload [--role R]`: ask the project's running launchers for new code without downtime.
 
 The launchers are found the way `tlrun stop` finds them (control.py). Each gets a request file in the user's
-private runtime directory and SIGUSR1 (unitstop.py); its reload step (deploy/swap.py) starts each role's next
+private lock directory and SIGUSR1 (unitstop.py); its reload step (deploy/swap.py) starts each role's next
 worker, and answers in the role's lock record (`reload`: the request's id, ok, message) once the new worker
 answered its ping, or with the error that kept the old one serving. A launcher that does not say it takes
 reload requests (`reload_requests` in its records: a tlrun older than this) is never sent SIGUSR1.
