@@ -124,10 +124,11 @@ class Settings:
         return tuple(dict.fromkeys((self.code_root, self.project_root)))
 
     def pythonpath(self, current: str | None) -> str | None:
-        """The PYTHONPATH a child gets: the import path first in a src/ layout, then what it had."""
+        """The PYTHONPATH a child gets: the source folder first in a src/ layout, then what it had. (The root
+        needs no entry: workers run `python -m` in it, which puts it first on sys.path already.)"""
         if self.source_dir is None:
             return current
-        return os.pathsep.join(p for p in (*map(str, self.import_path), current or "") if p)
+        return os.pathsep.join(p for p in (str(self.source_dir), current or "") if p)
 
     @property
     def project_id(self) -> str:
