@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from tlrun.cluster.fence import CONFIG_ENV, EXIT_LEASE_LOST
 from tlrun.cluster.lease import backend_for, lease_name
 from tlrun.events import Notice
-from tlrun.launch import guard
+from tlrun.launch import brokerconf, guard
 from tlrun.launch._child import HOOKS_ENV
 from tlrun.launch.steps import Step
 from tlrun.launch.units import READY, STANDBY
@@ -42,6 +42,7 @@ class LeaseStep(Step):
             return
         s = launcher.s
         name = lease_name(s.app, s.project_name)
+        launcher.learn_broker()  # the lease's key and connection as the app's (a key prefix, TLS, Sentinel)
         try:
             backend_for(launcher.broker_url, name, s.beat_lock_ttl).close()
         except ValueError as exc:
@@ -49,7 +50,13 @@ class LeaseStep(Step):
             launcher.start_beat()
             return
         self.status_path = guard.runtime_dir(os.environ) / f"{s.project_id}.beat-lease.{os.getpid()}.json"
-        config = {"name": name, "ttl": s.beat_lock_ttl, "host": launcher.hostname, "status": str(self.status_path)}
+        config = {
+            "name": name,
+            "ttl": s.beat_lock_ttl,
+            "host": launcher.hostname,
+            "status": str(self.status_path),
+            "broker_options": brokerconf.options_for(launcher.broker_url)[0],
+        }
         launcher.beat_env.update({HOOKS_ENV: FENCE_MODULE, CONFIG_ENV: json.dumps(config)})
         self._start(launcher, beat)
 

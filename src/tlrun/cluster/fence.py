@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tlrun.cluster.lease import BeatLease, Holder, backend_for
+from tlrun.launch import brokerconf
 
 CONFIG_ENV = "TLRUN_BEAT_FENCE"  # JSON: name, ttl, host, status (the status file's path)
 EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: the beat lost the lease and stopped; its launcher stands by
@@ -174,6 +175,7 @@ def install() -> None:
     config = json.loads(os.environ.pop(CONFIG_ENV))
     url = os.environ.get("CELERY_BROKER_URL") or ""
     ttl = float(config["ttl"])
+    brokerconf.register(url, config.get("broker_options") or {}, "launcher")  # the app's, as its launcher knew them
     lease = BeatLease(backend_for(url, str(config["name"]), ttl), Holder.new(os.getpid(), config["host"]), ttl)
     _fence = Fence(lease, config.get("status"))
     _fence.write_status("standby", None)

@@ -24,6 +24,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from tlrun.launch import brokerconf
+from tlrun.launch.broker import Broker
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 30.0
@@ -100,13 +103,45 @@ UNKNOWN = Holder("another host", 0, "", 0.0)
 
 
 class RedisLease:
-    def __init__(self, url: str, name: str, timeout: float = 2.0, prefix: str = KEY_PREFIX) -> None:
-        import redis
+    """The connection is made as the app makes its own (TLS, Sentinel, credentials: through kombu's channel),
+    and the key takes the app's `global_keyprefix`, as kombu's own keys do."""
 
-        self.key = f"{prefix}:{name}"
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        self._renew = self._client.register_script(_RENEW)
-        self._release = self._client.register_script(_RELEASE)
+    def __init__(self, url: str, name: str, timeout: float = 2.0, prefix: str = KEY_PREFIX) -> None:
+        self.url = url
+        self.name = f"{prefix}:{name}"
+        self.key = brokerconf.key_prefix(url) + self.name
+        self._timeout = timeout
+        self._conn: Any = None
+        self._client_: Any = None
+        self._scripts: Any = None
+
+    @property
+    def _client(self) -> Any:
+        """The redis-py client on the pool of a kombu channel (connected on first use; raises when it cannot)."""
+        if self._client_ is None:
+            import redis
+
+            conn = Broker(self.url, self._timeout, self._timeout).kombu_connection()
+            try:
+                channel = conn.default_channel
+                client = redis.Redis(connection_pool=channel.pool)
+            except BaseException:
+                conn.release()
+                raise
+            self.key = str(getattr(channel, "global_keyprefix", "") or "") + self.name
+            self._conn, self._client_ = conn, client
+            self._scripts = (client.register_script(_RENEW), client.register_script(_RELEASE))
+        return self._client_
+
+    @property
+    def _renew(self) -> Any:
+        self._client  # noqa: B018 (connects)
+        return self._scripts[0]
+
+    @property
+    def _release(self) -> Any:
+        self._client  # noqa: B018 (connects)
+        return self._scripts[1]
 
     def acquire(self, holder: Holder, ttl: float) -> Holder | None:
         try:
@@ -136,10 +171,12 @@ class RedisLease:
         return Holder.decode(value) if value is not None else None
 
     def close(self) -> None:
-        try:
-            self._client.close()
-        except Exception:
-            pass
+        if self._conn is not None:
+            try:
+                self._conn.release()
+            except Exception:
+                pass
+        self._conn = self._client_ = self._scripts = None
 
 
 class AmqpLease:
@@ -159,7 +196,7 @@ class AmqpLease:
         self._heartbeat = max(1, int(ttl))
 
     def _connect(self, heartbeat: float = 0) -> Any:
-        conn = _kombu().Connection(self.url, connect_timeout=self._timeout, heartbeat=heartbeat)
+        conn = Broker(self.url, self._timeout, self._timeout).kombu_connection(heartbeat)
         conn.ensure_connection(max_retries=1, timeout=self._timeout)
         return conn
 
@@ -280,7 +317,7 @@ def _unreachable(exc: BaseException) -> OSError:
 
 def backend_for(url: str, name: str, ttl: float, prefix: str = KEY_PREFIX) -> Backend:
     """The lease `prefix:name` on the broker at `url` (the beat lease, or another one: the queue metrics')."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
         return RedisLease(url, name, timeout=min(2.0, ttl / 6), prefix=prefix)
     if url.startswith(("amqp://", "amqps://", "pyamqp://")):
         return AmqpLease(url, name, ttl, timeout=min(2.0, ttl / 6), prefix=prefix)

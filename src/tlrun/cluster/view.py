@@ -11,7 +11,7 @@ from typing import Any
 from tlrun.config import Role, Settings
 from tlrun.errors import BrokerError, DuplicateNodeError
 from tlrun.launch import verify
-from tlrun.launch.broker import resolve_broker_url
+from tlrun.launch.broker import broker_for_command
 from tlrun.redact import redact_url
 
 
@@ -108,7 +108,7 @@ def cluster_view(settings: Settings) -> ClusterView:
     """Ask the broker: a ping census and an active_queues census at once, and the beat lease's holder."""
     from tlrun.cluster.lease import backend_for, lease_name
 
-    url = resolve_broker_url(settings)
+    url, _ = broker_for_command(settings)
     census: verify.Census[list[str]] = verify.Census(url, settings.ping_window).start()
     queues: verify.Census[list[tuple[str, list[str]]]] = verify.Census(
         url, settings.ping_window, lambda broker, window: broker.active_queues(window)

@@ -161,6 +161,7 @@ class ReloadStep(Step):
             if not hold.wait_prepared(deadline, functools.partial(launcher.alive, name)):
                 self._abandon(launcher, workers, prepared, failed=w)
                 return
+            launcher.keep_broker_options(hold.broker_options)  # the new code's broker settings verify it
         beat_reload.restart_beat(launcher)
         if self.overlap:
             self._swap_beside(launcher, workers, prepared)

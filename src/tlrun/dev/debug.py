@@ -96,7 +96,9 @@ def run_in_process(settings: Settings, report: Reporter, node: str, broker_url: 
     role = settings.roles[0].name if len(settings.roles) == 1 else None
     os.environ.update(spawn.worker_env(settings, node, procs.Identity.of_self(), broker_url, role))
     app = load_app(settings)
-    from tlrun.launch import _celery_fix
+    from tlrun.launch import _celery_fix, brokerconf
+
+    brokerconf.register(broker_url, brokerconf.options_from_conf(app.conf), "app")
 
     # The remote-control commands a spawned worker's shim registers: ps, doctor and health ask them.
     _celery_fix.register_ping()

@@ -15,11 +15,11 @@ from urllib.parse import urlsplit
 from tlrun import redact
 from tlrun.config import Settings, check_broker_url
 from tlrun.errors import AppImportError, BrokerError
+from tlrun.launch import brokerconf
 from tlrun.launch.checks import app_hint
 from tlrun.redact import redact_url
 
 CONNECT_TIMEOUT = 3.0
-PROBE_POLL_INTERVAL = 0.05
 
 
 CELERY_DEFAULT_BROKER = "amqp://guest@localhost//"
@@ -29,6 +29,7 @@ CELERY_DEFAULT_BROKER = "amqp://guest@localhost//"
 class BrokerChoice:
     url: str
     source: str  # "configured" (-b, environment, .env), "app" (its broker_url), "default" (nothing anywhere)
+    options: dict[str, Any] | None = None  # the app's connection settings, when the app was imported for it
 
 
 class _Answered(Exception):
@@ -45,15 +46,32 @@ def resolve_broker(settings: Settings) -> BrokerChoice:
         url = app.conf.broker_url
     except Exception as exc:  # Django settings that fail to load surface here
         raise AppImportError(f"app {settings.app!r} has no readable broker_url: {type(exc).__name__}: {exc}") from None
+    options = brokerconf.options_from_conf(app.conf)
     if url:
-        redact.register(str(url))
-        check_broker_url(str(url), f"the broker_url of app {settings.app}")
-        return BrokerChoice(str(url), "app")
-    return BrokerChoice(CELERY_DEFAULT_BROKER, "default")
+        if not isinstance(url, str):  # a list of failover URLs
+            url = url[0] if url else ""
+        url = str(url).split(";", 1)[0].strip()
+        redact.register(url)
+        check_broker_url(url, f"the broker_url of app {settings.app}")
+        brokerconf.register(url, options, "app")
+        return BrokerChoice(url, "app", options)
+    brokerconf.register(CELERY_DEFAULT_BROKER, options, "app")
+    return BrokerChoice(CELERY_DEFAULT_BROKER, "default", options)
 
 
 def resolve_broker_url(settings: Settings) -> str:
     return resolve_broker(settings).url
+
+
+def broker_for_command(settings: Settings, app_first: bool = False) -> tuple[str, str | None]:
+    """The broker URL of a command that talks to it (health, stop, ps --cluster, doctor), with the app's own
+    connection settings registered for it (brokerconf.py): recorded by the project's launcher, or from the
+    app (`app_first`: doctor, which checks the code as it is now). A note when only the URL is known."""
+    from tlrun.launch.guard import lock_dir
+
+    url = resolve_broker_url(settings)
+    record = brokerconf.record_path(lock_dir(), settings.project_id)
+    return url, brokerconf.learn(url, record, lambda: load_app(settings).conf, app_first)
 
 
 def load_app(settings: Settings) -> Any:
@@ -110,7 +128,7 @@ def check_reachable(url: str, timeout: float = CONNECT_TIMEOUT) -> None:
     0.1 s, which this keeps off the path before the worker is spawned. Other brokers go through kombu.
     (A hand-written RESP exchange instead of redis-py was measured too: no gain in bench/run.py's ratios.)
     """
-    if urlsplit(url).scheme not in ("redis", "rediss"):
+    if urlsplit(url).scheme not in ("redis", "rediss") or not brokerconf.plain(url):
         with Broker(url, timeout) as broker:
             broker.connect()
         return
@@ -145,26 +163,22 @@ _UNKNOWN_HOST = ("Name or service not known", "nodename nor servname", "Temporar
 
 
 class Broker:
-    """A throwaway Celery app used only for control messages (ping) and connection checks."""
+    """A throwaway Celery app, configured as the project's app is, used only for control messages (ping),
+    queue lengths and connection checks."""
 
     def __init__(self, url: str, connect_timeout: float = CONNECT_TIMEOUT, socket_timeout: float | None = None) -> None:
-        """`socket_timeout` bounds every read on the connection (default: 5 s, or the connect timeout if
-        longer); a probe with a deadline of its own (health --timeout) passes it."""
+        """Every connection takes the app's own settings registered for `url` (brokerconf.py).
+        `socket_timeout` bounds every read on the connection (default: 5 s, or the connect timeout if longer);
+        a probe with a deadline of its own (health --timeout) passes it."""
         from celery import Celery
 
         self.url = url
-        self._app = Celery("tlrun-probe", broker=url, set_as_current=False)
-        self._app.conf.update(
-            broker_connection_timeout=connect_timeout,
-            broker_connection_retry=False,
-            broker_transport_options={
-                # Redis: reply collection waits on BRPOP, whose timeout is this (kombu's default is 1 s): a
-                # readiness ping whose first try was lost would otherwise see the reply up to 1 s late.
-                "polling_interval": PROBE_POLL_INTERVAL,
-                "socket_connect_timeout": connect_timeout,
-                "socket_timeout": socket_timeout if socket_timeout is not None else max(connect_timeout, 5.0),
-            },
+        conf = brokerconf.celery_conf(
+            url, connect_timeout, socket_timeout if socket_timeout is not None else max(connect_timeout, 5.0)
         )
+        self._target = conf["broker_url"]  # with the app's failover URLs after it
+        self._app = Celery("tlrun-probe", broker=self._target, set_as_current=False)
+        self._app.conf.update(conf)
         self._timeout = connect_timeout
         self._conn: Any = None
 
@@ -185,6 +199,11 @@ class Broker:
             return BrokerError(
                 f"broker {redact_url(url)} refused the credentials: {reason}",
                 hint="check the user and password in CELERY_BROKER_URL (or REDIS_URL)",
+            )
+        if "SSL" in reason or "certificate" in reason.lower():
+            return BrokerError(
+                f"broker {redact_url(url)} refused the TLS connection: {reason}",
+                hint="check the app's broker_use_ssl (client certificate, key, CA) against the broker's TLS settings",
             )
         if isinstance(exc, ConnectionRefusedError) or "refused" in reason.lower():
             return BrokerError(
@@ -216,11 +235,16 @@ class Broker:
         try:
             # The URL is passed explicitly: Celery's conf prefers CELERY_BROKER_URL from the environment
             # over the constructor's broker, which would make `-b` lose to the shell's variable.
-            conn = self._app.connection_for_write(self.url)
+            conn = self._app.connection_for_write(self._target)
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=self._timeout)
         except Exception as exc:
             raise self._fail(exc, started) from None
         self._conn = conn
+
+    def kombu_connection(self, heartbeat: float = 0) -> Any:
+        """A new kombu connection (not yet connected) with the app's settings and tlrun's overrides: for the
+        leases, which keep a connection of their own."""
+        return self._app.connection_for_write(self._target, heartbeat=heartbeat)
 
     def ping(self, destination: list[str] | None = None, timeout: float = 1.0) -> list[str]:
         """Node names of the raw ping replies: a name that answers twice appears twice."""
@@ -329,13 +353,18 @@ class Broker:
             raise self._fail(exc, started) from None
 
     def queue_depth(self, queue: str) -> int | None:
-        """Messages waiting in `queue` (a passive declare: Redis counts with LLEN, RabbitMQ answers itself);
-        None when the queue does not exist."""
+        """Messages waiting in `queue` (Redis: kombu's count over the priority lists; RabbitMQ: a passive
+        declare, which the broker answers); None when a RabbitMQ queue does not exist (on Redis an empty queue
+        and a missing one are the same: 0)."""
         if self._conn is None:
             self.connect()
         started = time.monotonic()
         channel = self._conn.channel()
         try:
+            if self._conn.transport.driver_type == "redis":
+                # kombu's own count: every priority step's list, under the app's key prefix and separator (its
+                # passive declare checks existence with an EXISTS that the prefix does not reach).
+                return int(channel._size(queue))
             return int(channel.queue_declare(queue, passive=True).message_count)
         except Exception as exc:
             if "NOT_FOUND" in str(exc) or "no queue" in str(exc).lower():

@@ -23,6 +23,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tlrun.config import Role, Settings
 from tlrun.launch import spawn
@@ -124,6 +125,19 @@ class EarlyStart:
             _end(worker)
             return None
         return worker
+
+    def broker_options(self, deadline: float) -> dict[str, Any] | None:
+        """The app's connection settings, as the first held worker that imported its app said them (None: none
+        did by `deadline`: its app does not import, which its adoption then reports)."""
+        import time
+
+        for worker in self.workers.values():
+            alive = lambda w=worker: w.popen.poll() is None  # noqa: E731
+            if worker.hold.wait_prepared(deadline, alive) and worker.hold.broker_options is not None:
+                return worker.hold.broker_options
+            if time.monotonic() >= deadline:
+                break
+        return None
 
     def pids(self) -> frozenset[int]:
         """The held workers not adopted yet: this launcher's, never strays to sweep."""

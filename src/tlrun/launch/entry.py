@@ -55,6 +55,17 @@ def tune(app: Any, shorten: bool) -> float | None:
     return float(options.get("polling_interval") or KOMBU_POLL_INTERVAL)
 
 
+def _broker_options(app: Any) -> str:
+    """The app's connection settings, for the launcher's own connections (brokerconf.py): one JSON line over
+    the hold socket, secrets and all, never on disk. Empty when they cannot be read."""
+    try:
+        from tlrun.launch import brokerconf
+
+        return brokerconf.encode(brokerconf.options_from_conf(app.conf))
+    except Exception:
+        return ""
+
+
 def _wait_for(sock: socket.socket, word: bytes) -> None:
     if sock.recv(16).strip() != word:
         os._exit(0)  # not released (EOF: the launcher gave up on us, or died): never connect
@@ -94,6 +105,7 @@ def main() -> None:
         _wait_for(sock, b"load")
     name = app_name(argv)
     interval = None
+    options = ""
     if name is not None:
         from celery.app.utils import find_app  # before the project's folder can shadow it
 
@@ -111,9 +123,10 @@ def main() -> None:
             if sock is not None:
                 load_task_modules(app, sock)
             interval = tune(app, shorten)
+            options = _broker_options(app)
     if sock is not None:
         with sock:
-            sock.sendall(f"ready {interval if interval is not None else ''}\n".encode())
+            sock.sendall(f"ready {interval if interval is not None else ''} {options}\n".encode())
             _wait_for(sock, b"go")
     from celery.__main__ import main as celery_main
 

@@ -7,7 +7,9 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
+from tlrun.launch import brokerconf
 from tlrun.launch.entry import HOLD_FD_ENV, SPARE_ENV
 
 
@@ -17,6 +19,8 @@ class Hold:
         self._child_fd = self._theirs.fileno()  # the number the child's environment names, kept after spawned()
         self.spare = spare  # it imports Celery, says `spare`, and imports the app only after `load`
         self.poll_interval: float | None = None  # the worker's transport poll interval on Redis
+        self.broker_options: dict[str, Any] | None = None  # the app's connection settings (brokerconf.py)
+        self.prepared = False
         self._buffer = b""
 
     @property
@@ -40,13 +44,18 @@ class Hold:
 
     def wait_prepared(self, deadline: float, alive: Callable[[], bool]) -> bool:
         """Until the worker has imported its app (True), or it exited, `alive()` turned false, or time ran out."""
+        if self.prepared:
+            return True
         while True:
             line = self._line(deadline, alive)
             if line is None:
                 return False
             word, _, value = line.partition(" ")
             if word == "ready":
-                self.poll_interval = float(value) if value else None
+                interval, _, options = value.partition(" ")
+                self.poll_interval = float(interval) if interval else None
+                self.broker_options = brokerconf.decode(options) if options else None
+                self.prepared = True
                 return True
             if word != "spare":  # a spare announces itself first; anything else is not our protocol
                 return False
@@ -58,7 +67,7 @@ class Hold:
             readable, _, _ = select.select([self._ours], [], [], 0.05)
             if not readable:
                 continue
-            chunk = self._ours.recv(128)
+            chunk = self._ours.recv(4096)
             if not chunk:
                 return None  # it exited (the app did not import)
             self._buffer += chunk

@@ -23,9 +23,9 @@ from typing import Any
 
 from tlrun import redact
 from tlrun.config import Settings
-from tlrun.errors import AppImportError, StopError, WorkerStartError
+from tlrun.errors import AppImportError, BrokerError, StopError, WorkerStartError
 from tlrun.events import Event, Exited, Notice, Reporter, StrayFound, WorkerOutput
-from tlrun.launch import checks, guard, logfiles, owner, pid1, procs, sweep, tidy, unitctl, unitstop, verify
+from tlrun.launch import brokerconf, checks, guard, logfiles, owner, pid1, procs, sweep, tidy, unitctl, unitstop, verify
 from tlrun.launch.broker import check_reachable, resolve_broker
 from tlrun.launch.early import EarlyStart
 from tlrun.launch.locks import UnitLocks
@@ -143,7 +143,13 @@ class Launcher(Startup):
         for step in self.steps:
             step.validate(self)
         if not self.broker_provided:
-            check_reachable(self.broker_url)
+            try:
+                check_reachable(self.broker_url)
+            except BrokerError:
+                if brokerconf.known(self.broker_url):
+                    raise
+                self.learn_broker()  # the URL alone may not be enough (TLS certificates, Sentinel): the app's
+                check_reachable(self.broker_url)
             stranger = owner.foreign_listener(self.broker_url)
             if stranger is not None:
                 where = redact.redact_url(self.broker_url)

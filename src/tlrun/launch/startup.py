@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from tlrun.config import Settings
 from tlrun.errors import BrokerError, DuplicateNodeError
 from tlrun.events import Counted, Event, Notice, Ready
-from tlrun.launch import checks, guard, procs, verify
+from tlrun.launch import brokerconf, checks, guard, procs, verify
 from tlrun.launch.broker import Broker
 from tlrun.launch.hold import Hold
 from tlrun.launch.outputs import Outputs
@@ -70,6 +70,43 @@ class Startup:
         code = self.sup.kill(name) if self.sup.running(name) else self.sup.reap(name)
         return code, self.outputs.detach(name)
 
+    def learn_broker(self) -> None:
+        """The app's own broker settings, before tlrun talks to the broker beyond a plain reachability check
+        (brokerconf.py): from a held worker (which imports the app anyway), else the app imported here, else
+        the settings recorded by the last launcher (a bad save), else the URL alone, said once. Recorded,
+        secrets removed, for the commands that must not import the app (health, stop)."""
+        url = self.broker_url
+        if brokerconf.known(url):
+            return
+        deadline = time.monotonic() + self.s.ready_timeout
+        options = self.early.broker_options(deadline) if self.early is not None and self.early.workers else None
+        if options is not None:
+            brokerconf.register(url, options, "worker")
+        else:
+            from tlrun.launch.broker import load_app
+
+            record = brokerconf.record_path(guard.lock_dir(), self.s.project_id)
+            try:
+                brokerconf.register(url, brokerconf.options_from_conf(load_app(self.s).conf), "app")
+            except Exception as exc:
+                recorded = brokerconf.read_record(record, url)
+                brokerconf.register(url, recorded or {}, "record" if recorded is not None else "url")
+                if recorded is None:
+                    self.report(Notice(f"{exc}: tlrun talks to the broker with its URL alone", "warning"))
+                return
+        self.keep_broker_options(brokerconf.options_for(url)[0])
+
+    def keep_broker_options(self, options: dict[str, Any] | None) -> None:
+        """Options a new generation of the workers said (a reload): they replace the launcher's, and the record."""
+        if options is None:
+            return
+        brokerconf.register(self.broker_url, options, "worker")
+        try:
+            path = brokerconf.record_path(guard.lock_dir(), self.s.project_id)
+            brokerconf.write_record(path, self.broker_url, options)
+        except OSError:
+            pass  # the commands that read it import the app instead
+
     def wait_ready(self, workers: Sequence[WorkerUnit], deadline: float) -> WorkerUnit | None:
         """Ping each worker until it answers; the first that does not (exited, or out of time), else None."""
         with Broker(self.broker_url) as broker:
@@ -104,6 +141,7 @@ class Startup:
             if hold is not None:
                 if hold.wait_prepared(deadline, functools.partial(self.alive, w.child)):
                     w.poll_interval = hold.poll_interval
+                    self.keep_broker_options(hold.broker_options)
                     hold.release()
                 else:
                     hold.close()  # a worker not prepared in time ends unconnected; its failure is reported below
@@ -131,6 +169,7 @@ class Startup:
         With `defer_census` (the first start, without --strict), the report is made as soon as each worker
         answered its own ping, while the census of the other workers still runs its window: its findings
         follow from the supervise loop (`census_arrived`)."""
+        self.learn_broker()
         self.claim_names(workers)
         defer = defer_census and self.census is None and not self.s.strict
         if not self._spawn_and_wait(workers, census_first=not defer):

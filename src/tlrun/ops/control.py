@@ -13,7 +13,7 @@ import psutil
 from tlrun.config import Settings
 from tlrun.errors import BrokerError, TlrunError
 from tlrun.launch import guard, launchers, procs, signals, sweep, unitstop
-from tlrun.launch.broker import Broker, resolve_broker_url
+from tlrun.launch.broker import Broker, broker_for_command
 from tlrun.launch.units import WAITING
 from tlrun.ops import inventory
 
@@ -187,7 +187,7 @@ def default_nodes(settings: Settings) -> list[tuple[str, str | None]]:
 
 def probe(settings: Settings, node: str, timeout: float, retries: int) -> Health:
     started = time.monotonic()
-    url = resolve_broker_url(settings)
+    url, _ = broker_for_command(settings)
     attempts = 0
     # The probe's own deadline bounds the connection too: a hung broker must not hold a probe for 5 s.
     with Broker(url, connect_timeout=timeout, socket_timeout=timeout) as broker:
@@ -276,5 +276,5 @@ def _not_consuming(settings: Settings, broker: Broker, node: str) -> str | None:
 
 def shutdown_remote(settings: Settings, nodes: list[str]) -> None:
     """Ask nodes on other hosts to shut down (warm), through the broker. Only on explicit request."""
-    with Broker(resolve_broker_url(settings)) as broker:
+    with Broker(broker_for_command(settings)[0]) as broker:
         broker.shutdown_nodes(nodes)

@@ -26,7 +26,7 @@ from tlrun.errors import (
     DuplicateNodeError,
 )
 from tlrun.launch import launchers, owner, procs, verify
-from tlrun.launch.broker import Broker, load_app, resolve_broker_url
+from tlrun.launch.broker import Broker, broker_for_command, load_app
 from tlrun.ops import consuming, hung, inventory
 from tlrun.ops.findings import Finding, NodeView, config_findings, lease_findings, role_findings, state_findings
 from tlrun.ops.inventory import STANDBY
@@ -124,7 +124,7 @@ def diagnose(settings: Settings) -> DoctorReport:
     findings: list[Finding] = []
     app: Any = None
     try:
-        broker_url = resolve_broker_url(settings)
+        broker_url, _ = broker_for_command(settings, app_first=True)
     except AppImportError as exc:
         local = [p for p in inventory.local_processes(settings, everything=True) if p.project]
         return _failed(settings, started, [Finding("APP_IMPORT", "error", str(exc), "fix the import error")], local)
