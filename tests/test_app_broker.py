@@ -265,9 +265,7 @@ def test_tls_with_a_client_certificate_from_the_apps_broker_use_ssl(tls_redis: A
         status = failed.wait(60)
         output = failed.output()
         assert status == 5, output
-        assert re.search(r"broker rediss://127\.0\.0\.1:\d+/0 refused the TLS connection: .*certificate", output), (
-            output
-        )
+        assert re.search(r"broker rediss://127\.0\.0\.1:\d+/0 refused the TLS connection: ", output), output
         assert "check the app's broker_use_ssl" in output
         assert "Traceback" not in output
     finally:

@@ -200,7 +200,7 @@ class Broker:
                 f"broker {redact_url(url)} refused the credentials: {reason}",
                 hint="check the user and password in CELERY_BROKER_URL (or REDIS_URL)",
             )
-        if "SSL" in reason or "certificate" in reason.lower():
+        if "ssl" in reason.lower() or "certificate" in reason.lower():
             return BrokerError(
                 f"broker {redact_url(url)} refused the TLS connection: {reason}",
                 hint="check the app's broker_use_ssl (client certificate, key, CA) against the broker's TLS settings",

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 from tlrun.errors import BrokerError
 from tlrun.launch.broker import Broker
@@ -147,7 +147,7 @@ class Watch(Periodic):
         every: float = CHECK_EVERY,
         stuck_after: float = STUCK_AFTER,
         sample: bool = False,
-        queue_owner: Callable[[], bool] | None = None,  # report queue lengths (one launcher per cluster)
+        queue_owner: QueueOwner | None = None,  # report queue lengths (one launcher per cluster)
         all_queues: Callable[[], list[str]] | None = None,  # the project's queues, every role's
     ) -> None:
         """`sample`: ask every node for its state at every check (for metrics), not only when messages wait."""
@@ -159,6 +159,7 @@ class Watch(Periodic):
         self._all_queues = all_queues
         self._states: dict[str, NodeState] = {}
         self._lengths: dict[str, int] = {}
+        self.broker_up: bool | None = None  # the last round's answer (None: no round yet)
         self.url = url
         self.stuck_after = stuck_after
         self._targets = targets
@@ -177,6 +178,12 @@ class Watch(Periodic):
         try:
             targets = list(self._targets())
             if not targets:
+                # No worker of ours runs (it died; a restart may come): another launcher publishes the queue
+                # lengths from now on, at once, not when our lease would expire.
+                self._publish({}, owner=False)
+                with Broker(self.url) as broker:
+                    broker.connect()
+                self.broker_up = True
                 return
             lengths: dict[str, int | None] = {}
             with Broker(self.url) as broker:
@@ -197,10 +204,20 @@ class Watch(Periodic):
                 with Broker(self.url) as broker:
                     rest = [q for q in (self._all_queues() if self._all_queues else []) if q not in lengths]
                     lengths.update(depths(broker, rest))
-            with self._lock:
-                self._lengths = {q: n or 0 for q, n in lengths.items()} if owner else {}
+            self.broker_up = True
+            self._publish({q: n or 0 for q, n in lengths.items()}, owner)
         except BrokerError:
-            return  # the broker is away: the worker's own reconnect logic is at work, not ours to judge
+            # The broker is away: the worker's own reconnect logic is at work, not ours to judge. No queue length
+            # is known now: none is published (a 0 would say "empty"), and the lease passes as it expires.
+            self.broker_up = False
+            with self._lock:
+                self._lengths = {}
+
+    def _publish(self, lengths: dict[str, int], owner: bool) -> None:
+        if not owner and self._queue_owner is not None:
+            self._queue_owner.release()
+        with self._lock:
+            self._lengths = lengths if owner else {}
 
     def take(self) -> dict[str, list[NotConsuming]]:
         with self._lock:
@@ -208,15 +225,30 @@ class Watch(Periodic):
         return verdicts
 
     def latest(self) -> tuple[dict[str, NodeState], dict[str, int]]:
-        """The last node states and queue lengths (the lengths only on the beat-lease host), for metrics."""
+        """The last node states and queue lengths, for metrics. The lengths only while this launcher may
+        publish them (its lease still valid at this very moment: never two publishers at once)."""
+        holds = self._queue_owner is not None and self._queue_owner.holds()
         with self._lock:
-            return dict(self._states), dict(self._lengths)
+            return dict(self._states), dict(self._lengths) if holds else {}
 
     def forget(self, node: str) -> None:
         """A restarted worker starts with a clean history."""
         with self._lock:
             self._verdicts.pop(node, None)
             self._forgotten.add(node)
+
+
+class QueueOwner(Protocol):
+    """Who publishes the queue lengths (one launcher per cluster, by a lease on the broker)."""
+
+    def __call__(self) -> bool:
+        """Take or renew the lease (a broker call); may this launcher publish?"""
+
+    def holds(self) -> bool:
+        """May it publish at this moment (no broker call)?"""
+
+    def release(self) -> None:
+        """Let another launcher publish, now."""
 
 
 def recorded_items(settings: Any, key: str) -> list[Any]:

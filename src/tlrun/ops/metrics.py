@@ -52,7 +52,7 @@ _DOCTOR_GAUGES: tuple[tuple[str, str, Callable[[DoctorReport], float]], ...] = (
         "Beat processes of the project on this host.",
         lambda r: sum(1 for p in r.local if p.kind == "beat" and p.state != "standby"),
     ),
-    ("tlrun_broker_up", "1 when the broker answered, else 0.", lambda r: int(r.broker_reachable)),
+    ("tlrun_broker_up", "1 when the broker answered the last check, else 0.", lambda r: int(r.broker_reachable)),
     (
         "tlrun_broker_connect_seconds",
         "Time to open a connection to the broker.",
@@ -78,7 +78,8 @@ def prometheus(report: DoctorReport) -> str:
         gauge.labels(**labels).set(value(report))
     up = Gauge("celery_worker_up", WORKER_UP_HELP, ["hostname", "worker"], registry=registry)
     for node in report.nodes:
-        up.labels(hostname=host_of(node.name), worker=report.node_roles.get(node.name, "")).set(1)
+        if node.name in report.node_roles:  # the project's own: other apps' workers on the broker are not ours
+            up.labels(hostname=host_of(node.name), worker=report.node_roles[node.name]).set(1)
     for proc in report.local:
         if proc.project and proc.kind == "worker" and proc.node and all(n.name != proc.node for n in report.nodes):
             up.labels(hostname=host_of(proc.node), worker=proc.role or "").set(0)
@@ -97,7 +98,8 @@ def prometheus(report: DoctorReport) -> str:
     return generate_latest(registry).decode()
 
 
-WORKER_UP_HELP = "1 when the worker runs and answered (celery-exporter's name)."
+WORKER_UP_HELP = "1 when the worker runs, answered, and its broker answers (celery-exporter's name)."
+BROKER_UP_HELP = "1 when the broker answered the last check, else 0."
 NOT_CONSUMING_HELP = "1 when the worker answers pings but does not consume this queue while messages wait."
 LEASE_HELP = "1 when the beat on this host holds the project's beat lease."
 MEMORY_KILLS_HELP = "Pool children tlrun's memory guard killed, by the task they ran."
@@ -158,6 +160,9 @@ class LauncherSample:
     hostname: str = ""  # this host (the `hostname` label of tlrun_beat_lease_held)
     hung_recoveries: int = 0  # hung tasks recovered (a pool child killed, a worker restarted)
     memory_kills: dict[str, int] = field(default_factory=dict)  # task name -> pool children the guard killed
+    broker_up: bool | None = None  # the last check's answer (None: no check yet)
+    app: str = ""
+    project: str = ""
 
 
 class LauncherCollector(Collector):
@@ -217,6 +222,10 @@ class LauncherCollector(Collector):
             for queue, n in sorted(s.queue_lengths.items()):
                 length.add_metric([queue], n)
             families.append(length)
+        if s.broker_up is not None:
+            broker = GaugeMetricFamily("tlrun_broker_up", BROKER_UP_HELP, labels=["app", "project"])
+            broker.add_metric([s.app, s.project], int(s.broker_up))
+            families.append(broker)
         if s.beat_lease_held is not None:
             lease = GaugeMetricFamily("tlrun_beat_lease_held", LEASE_HELP, labels=["hostname"])
             lease.add_metric([s.hostname], int(s.beat_lease_held))

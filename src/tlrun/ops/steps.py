@@ -132,6 +132,15 @@ class QueueMetricsLease:
         self.lease.tick(clock())
         return bool(self.lease.valid(clock()))
 
+    def holds(self) -> bool:
+        from tlrun.cluster.fence import clock
+
+        return self.lease is not None and bool(self.lease.valid(clock()))
+
+    def release(self) -> None:
+        if self.lease is not None and self.lease.held:
+            self.lease.release()
+
     def close(self) -> None:
         if self.lease is not None:
             self.lease.release()
@@ -179,6 +188,7 @@ class MetricsStep(Step):
 
         watch = self.consume.watch
         states, lengths = watch.latest() if watch is not None else ({}, {})
+        broker_up = watch.broker_up if watch is not None else None
         samples = []
         for w in launcher.workers:
             pid = launcher.sup.pid(w.child) if launcher.sup.running(w.child) else None
@@ -188,8 +198,10 @@ class MetricsStep(Step):
                 metrics.WorkerSample(
                     node=w.node,
                     role=w.role.name,
-                    up=pid is not None and w.ready_seconds is not None,
-                    tasks_active=state.active if state is not None else None,
+                    # Up: its process runs, it answered once, and the broker it works through answers.
+                    up=pid is not None and w.ready_seconds is not None and broker_up is not False,
+                    # A dead worker runs nothing (its last reply said otherwise); unknown until it replies.
+                    tasks_active=(state.active if state is not None else None) if pid is not None else 0,
                     restarts=self.restart.restarts(w) if self.restart is not None else 0,
                     last_exit_code=w.last_exit_code,
                     ready_seconds=w.ready_seconds,
@@ -204,7 +216,17 @@ class MetricsStep(Step):
         held = self.lease.held() if self.lease is not None else None
         recoveries = self.hung.recoveries if self.hung is not None else 0
         kills = dict(self.memory.kills_by_task) if self.memory is not None else {}
-        return metrics.LauncherSample(tuple(samples), dict(lengths), held, launcher.hostname, recoveries, kills)
+        return metrics.LauncherSample(
+            tuple(samples),
+            dict(lengths),
+            held,
+            launcher.hostname,
+            recoveries,
+            kills,
+            broker_up=broker_up,
+            app=launcher.s.app,
+            project=launcher.s.project_name or launcher.s.app,
+        )
 
 
 def _pool_expected(role: Role) -> int | None:
