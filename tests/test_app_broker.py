@@ -148,6 +148,14 @@ def test_an_apps_transport_options_shape_every_connection(
         assert (record.stat().st_mode & 0o777) == 0o600 and json.loads(text)["options"]["broker_transport_options"]
         assert password_redis.password and password_redis.password not in text
         check_commands(project, environ, node)
+        # A bad save: the app no longer imports, and health still talks to the broker as the app does (the
+        # record), as a probe must while `tlrun dev --reload` keeps the old worker serving.
+        source = project.root / f"{project.app}.py"
+        good = source.read_text()
+        source.write_text(good + "\nraise RuntimeError('half-saved')\n")
+        health = project.run("health", "-A", project.app, "--timeout", "3", "--retries", "1", env=environ)
+        assert health.returncode == 0, health.stdout + health.stderr
+        source.write_text(good)
         # Queue lengths count what waits: the consumer cancelled, 50 messages (every priority for the steps).
         cancel_consumer(client, node)
         for i in range(50):

@@ -152,3 +152,19 @@ def test_the_container_recipe_as_an_experienced_docker_user_expects_it() -> None
     grace = float(services["worker"]["environment"]["TLRUN_STOP_GRACE"])
     margin = requeue_margin(grace, (5, 7)) or 0.0
     assert grace - margin >= 25
+
+
+def test_readme_metrics_section_lists_every_metric_the_endpoint_serves() -> None:
+    """Every family the launcher's endpoint can serve (a sample with every field set) has its row."""
+    from tlrun.ops import metrics
+
+    worker = metrics.WorkerSample("api1@h", "default", True, 1, 0, 0, 1.0, 1.0, 2, 2, 10, ("celery",), 1)
+    sample = metrics.LauncherSample((worker,), {"celery": 1}, True, "h", 1, {"t": 1}, True, "app", "proj")
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Metrics") : readme.index("### Containers")]
+    names = set()
+    for family in metrics.LauncherCollector(lambda: sample).collect():
+        names.add(family.name + ("_total" if family.type == "counter" else ""))
+    assert len(names) == 15, sorted(names)
+    for name in sorted(names):
+        assert f"| `{name}` |" in section or f"`{name}`," in section, name
