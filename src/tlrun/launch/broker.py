@@ -105,6 +105,10 @@ def load_app(settings: Settings) -> Any:
 _TRANSPORT_PACKAGES = {"redis": "redis", "rediss": "redis", "amqp": "amqp", "amqps": "amqp", "pyamqp": "amqp"}
 
 
+class TransportUnloadable(BrokerError):
+    """The transport's client library is missing or the wrong version: no setting of the app changes that."""
+
+
 def transport_unloadable(url: str, exc: BaseException) -> BrokerError | None:
     """A transport whose client library is missing or the wrong version (an ImportError, kombu's
     VersionMismatch): said as what it is, with the command that installs a working one; else None."""
@@ -114,7 +118,7 @@ def transport_unloadable(url: str, exc: BaseException) -> BrokerError | None:
     package = _TRANSPORT_PACKAGES.get(scheme, f"kombu[{scheme}]")
     missing = getattr(exc, "name", None)
     what = f"module {missing!r} is missing" if missing else redact.mask(str(exc).strip() or type(exc).__name__)
-    return BrokerError(
+    return TransportUnloadable(
         f"the {scheme} transport cannot be loaded: {what}",
         hint=f"install a working client into this environment: {sys.executable} -m pip install -U '{package}' "
         "(pip resolves the version your kombu needs)",
@@ -187,6 +191,12 @@ class Broker:
         waited = time.monotonic() - started
         redact.register(url)
         reason = redact.mask(str(exc).strip() or type(exc).__name__)
+        if isinstance(exc, AttributeError):  # kombu keeps a client library that did not import as None
+            scheme = urlsplit(url).scheme.split("+")[-1].lower()
+            try:
+                __import__(_TRANSPORT_PACKAGES.get(scheme, "kombu"))
+            except ImportError as missing:
+                exc = missing
         unloadable = transport_unloadable(url, exc)
         if unloadable is not None:
             return unloadable

@@ -26,7 +26,7 @@ from tlrun.config import Settings
 from tlrun.errors import AppImportError, BrokerError, StopError, WorkerStartError
 from tlrun.events import Event, Exited, Notice, Reporter, StrayFound, WorkerOutput
 from tlrun.launch import brokerconf, checks, guard, logfiles, owner, pid1, procs, sweep, tidy, unitctl, unitstop, verify
-from tlrun.launch.broker import check_reachable, resolve_broker
+from tlrun.launch.broker import TransportUnloadable, check_reachable, resolve_broker
 from tlrun.launch.early import EarlyStart
 from tlrun.launch.locks import UnitLocks
 from tlrun.launch.outputs import Outputs
@@ -145,8 +145,8 @@ class Launcher(Startup):
         if not self.broker_provided:
             try:
                 check_reachable(self.broker_url)
-            except BrokerError:
-                if brokerconf.known(self.broker_url):
+            except BrokerError as exc:
+                if brokerconf.known(self.broker_url) or isinstance(exc, TransportUnloadable):
                     raise
                 self.learn_broker()  # the URL alone may not be enough (TLS certificates, Sentinel): the app's
                 check_reachable(self.broker_url)
