@@ -7,17 +7,18 @@ each child holds its read end, so the read returns EOF exactly when the launcher
 
 - a Python module (`python -m celery ...`, tlrun's worker entry): this process becomes the worker; it
   does not exec but runs the module's command line in place (runpy), with a daemon thread blocked reading
-  the lifeline. On EOF the thread points stdout and stderr at the child's log file (the launcher that read
-  them is gone), sends this process SIGTERM (Celery's warm shutdown: running tasks finish), and after the
-  grace period SIGKILLs its own process group. When the worker then exits by itself, whatever is left in
-  its group (a task's subprocess) is killed with it.
+  the lifeline. On EOF the thread stops the console copy of the output (the child writes its log file
+  itself from its start: relay.py), sends this process SIGTERM (Celery's warm shutdown: running tasks
+  finish), and after the grace period SIGKILLs its own process group. When the worker then exits by
+  itself, whatever is left in its group (a task's subprocess) is killed with it.
 - anything else (the private redis-server, a process of the dev stack): this process stays a small
   watchdog parent (`_watchdog.py`) that holds the read end and stops its child on EOF.
 
 On Linux PR_SET_PDEATHSIG=SIGTERM is kept as a backstop (a thread cannot run while a C extension holds
 the GIL); TLRUN_NO_PDEATHSIG=1 turns it off, so that tests on Linux exercise the lifeline alone, as on
 macOS. The kernel fires that signal when the *thread* that forked us exits: tlrun spawns from its main
-thread. This module imports only the standard library: it runs before every worker start.
+thread. This module imports only the standard library (the output relay its few tlrun modules, lazily): it
+runs before every worker start.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ NO_PDEATHSIG_ENV = "TLRUN_NO_PDEATHSIG"
 # "1": use only what macOS has, on Linux too (tests): no PR_SET_PDEATHSIG, no os.waitid (absent from
 # CPython on macOS before 3.13), no PR_SET_CHILD_SUBREAPER.
 PORTABLE_ENV = "TLRUN_PORTABLE"
-LOG_ENV = "TLRUN_LOG_FILE"  # where a worker's output goes once its launcher is gone
+LOG_ENV = "TLRUN_LOG_FILE"  # the child's own log file: it writes it itself (relay.py)
 # Modules a step asks to run inside the child before its program starts (the beat lease's fence): each has
 # `install()`, and may have `exit_status(status) -> status`, called once the program has ended.
 HOOKS_ENV = "TLRUN_CHILD_HOOKS"
@@ -162,13 +163,14 @@ def _secrets(environ: Mapping[str, str]) -> list[str]:
 class _Worker:
     """A Python child whose launcher may die: the steps it takes on its own."""
 
-    def __init__(self, grace: float, log_path: str | None) -> None:
+    def __init__(self, grace: float, log_path: str | None, relay: Callable[[], None] | None = None) -> None:
         self.grace = grace
         self.log_path = log_path
         self.orphaned = threading.Event()
         self._went = False
         self._went_lock = threading.Lock()
-        self._finish_output: Callable[[], None] = lambda: None
+        self._relay = relay  # the output relay's finish (relay.py): it writes the log file already
+        self._finish_output: Callable[[], None] = relay or (lambda: None)
         self.celery_worker: Callable[[], object] | None = None  # this process's Celery worker, once it runs
 
     def gone(self) -> None:
@@ -189,7 +191,8 @@ class _Worker:
         threading.Thread(target=run, name="tlrun-parent-gone", daemon=True).start()
 
     def on_gone(self) -> None:
-        self._finish_output = redirect_output(self.log_path, _secrets(os.environ))
+        if self._relay is None:  # no relay: the launcher's pipe has no reader now
+            self._finish_output = redirect_output(self.log_path, _secrets(os.environ))
         self.orphaned.set()
         if self.celery_worker is not None:
             # Holding no task, it goes at once (fastexit.py); else the warm shutdown below.
@@ -213,6 +216,8 @@ class _Worker:
         if self.orphaned.is_set():
             self._finish_output()
             kill_own_group()
+        elif self._relay is not None:
+            self._relay()  # its last lines, into the log file and to the launcher
 
 
 def _say(message: str) -> None:
@@ -255,11 +260,19 @@ def stop_before_start(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
-def run_module(module: str, args: Sequence[str], fd: int, launcher: int, grace: float) -> None:
+def run_module(
+    module: str,
+    args: Sequence[str],
+    fd: int,
+    launcher: int,
+    grace: float,
+    log_path: str | None = None,
+    relay: Callable[[], None] | None = None,
+) -> None:
     import runpy
 
     signal.signal(signal.SIGTERM, stop_before_start)
-    worker = _Worker(grace, os.environ.pop(LOG_ENV, None))
+    worker = _Worker(grace, log_path, relay)
     signal.signal(PARENT_GONE_SIGNAL, worker.on_parent_death)
     watch(fd, launcher, worker.gone)
     if module in WORKER_MODULES and "worker" in args:
@@ -318,14 +331,23 @@ def main() -> None:
     # The launcher may have died between fork and prctl: then no signal will ever come. Stop here.
     if os.getppid() != launcher:
         sys.exit(EXIT_PARENT_GONE)
+    # The child writes its own log file and relays to the console without ever waiting on the launcher.
+    from tlrun.launch import relay as relay_module
+
+    log_path = os.environ.pop(LOG_ENV, None)
+    relay = relay_module.start(log_path, _secrets(os.environ))
     if module is None:  # a watchdog parent: its module is imported only here, never on a worker's start
         from tlrun.launch import _watchdog
 
         if group_stop:
-            sys.exit(_watchdog.run_group(argv, fd, launcher, int(getattr(signal, group_stop, signal.SIGTERM)), grace))
-        sys.exit(_watchdog.run_watchdog(argv, fd, launcher))
+            code = _watchdog.run_group(argv, fd, launcher, int(getattr(signal, group_stop, signal.SIGTERM)), grace)
+        else:
+            code = _watchdog.run_watchdog(argv, fd, launcher)
+        if relay is not None:
+            relay()
+        sys.exit(code)
     os.set_inheritable(fd, False)  # the worker's pool children and a task's subprocesses never need it
-    run_module(module, argv[3:], fd, launcher, grace)
+    run_module(module, argv[3:], fd, launcher, grace, log_path, relay)
 
 
 if __name__ == "__main__":

@@ -45,13 +45,18 @@ class Outputs:
         echo: bool = True,
         hold_until: str | None = None,
         observe: Callable[[list[str]], None] | None = None,
+        own_log: bool = False,
     ) -> Path | None:
         """Start copying `child`'s output to `<log dir>/<stem>.log`; returns the log file's path (None
         without a log directory).
 
         With `hold_until`, console lines wait until a line contains it (a worker's banner) or `release`:
         a worker that fails before that shows tlrun's one-line error, not Celery's traceback (which stays
-        in the log file and in the error's details, shown with -v)."""
+        in the log file and in the error's details, shown with -v).
+
+        `own_log`: the child writes its log file itself (relay.py, LOG_ENV in its environment), and sends
+        the console a copy that never blocks it; the launcher only checks the file, prunes old ones, and
+        relays to the console."""
         tag = label or name
         on_lines: Callable[[list[str]], None] | None = None
         if echo:
@@ -61,7 +66,12 @@ class Outputs:
         if observe is not None:  # a readiness pattern: sees every line (redacted), before the console
             on_lines = _Observed(observe, on_lines)
         log = open_log(self._log_dir, stem) if self._log_dir is not None else None
+        log_path = log.path if log is not None else None
+        if log is not None and own_log:
+            log.close()
+            log = None
         pump = OutputPump(child, log, Redactor(self._secrets()), on_lines, on_log_error=self._on_log_error)
+        pump.log_path = log_path
         self._pumps[name] = pump
         return pump.log_path
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from tlrun.config import ENV_BROKER, ENV_GUARD, ENV_MARKER, Role
 from tlrun.events import Spawned
 from tlrun.launch import early, guard, procs, spawn
-from tlrun.launch._child import GROUP_ENV
+from tlrun.launch._child import GROUP_ENV, LOG_ENV
 from tlrun.launch.hold import Hold
 from tlrun.launch.procs import ENV_PROCESS
 from tlrun.project.processes import ProcessSpec
@@ -152,7 +152,8 @@ class WorkerUnit(Unit):
         else:
             self.hold = hold
             launcher.record(self, heartbeat=chosen.heartbeat)
-        log_path = launcher.outputs.attach(name, child, chosen.stem, label=node, hold_until=BANNER)
+        own_log = LOG_ENV in chosen.env  # the worker writes its log itself (relay.py)
+        log_path = launcher.outputs.attach(name, child, chosen.stem, label=node, hold_until=BANNER, own_log=own_log)
         if announce:
             launcher.report(Spawned("worker", node, child.pid, log_path, tuple(chosen.argv)))
         return child
@@ -175,7 +176,7 @@ class BeatUnit(Unit):
         stem = f"celery_beat_{os.getpid()}"
         env.update(launcher.outputs.child_env(stem))
         child = launcher.sup.start(self.child, argv, env, s.project_root)
-        log_path = launcher.outputs.attach(self.child, child, stem)
+        log_path = launcher.outputs.attach(self.child, child, stem, own_log=LOG_ENV in env)
         launcher.report(Spawned("beat", "beat", child.pid, log_path, tuple(argv)))
         return child
 
@@ -229,8 +230,9 @@ class ProcessUnit(Unit):
         cwd = s.project_root / self.spec.cwd if self.spec.cwd else s.project_root
         self.output_ready.clear()
         self.starts += 1
-        child = launcher.sup.start(self.child, argv, self.environment(launcher), cwd, grace=self.spec.grace)
         stem = f"proc_{self.spec.name}_{os.getpid()}"
+        env = {**self.environment(launcher), **launcher.outputs.child_env(stem)}  # its watchdog writes the log
+        child = launcher.sup.start(self.child, argv, env, cwd, grace=self.spec.grace)
         pattern = self.spec.ready_pattern
         observe = None
         if pattern is not None:
@@ -240,6 +242,9 @@ class ProcessUnit(Unit):
                 if not self.output_ready.is_set() and any(matcher.search(line) for line in lines):
                     self.output_ready.set()
 
-        log_path = launcher.outputs.attach(self.child, child, stem, label=self.spec.name, observe=observe)
+        own_log = LOG_ENV in env
+        log_path = launcher.outputs.attach(
+            self.child, child, stem, label=self.spec.name, observe=observe, own_log=own_log
+        )
         launcher.report(Spawned(self.kind, self.spec.name, child.pid, log_path, tuple(argv)))
         return child

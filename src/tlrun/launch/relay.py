@@ -1,0 +1,191 @@
+"""A child's output that never waits on its launcher (runs inside the child, behind the shim).
+
+The child's stdout and stderr (its pool children's and its tasks' subprocesses' too) go into a pipe that a
+thread of this process drains at once: every line, redacted, into the child's own log file (rotated as the
+launcher's copy was), and then to the launcher's pipe for the console, without ever blocking. When the
+launcher does not read (stopped with Ctrl-Z, a debugger, a slow terminal), console lines are dropped and
+counted, never the log file's, and the next line that gets through says how many were not shown. When the
+launcher is gone, the console copy just ends.
+
+Before this, the launcher read the pipe and wrote the log: a launcher that did not read stalled its workers
+(a full 64 KiB pipe blocks the next write, and a worker blocked there takes no task while it still answers
+pings) and its beat (a beat blocked on a write sends nothing, while its lease thread kept renewing).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+CHUNK = 65536
+PIPE_BUF = 4096  # a write of at most this many bytes to a pipe is whole or not at all (POSIX)
+COALESCE = 0.05  # as the launcher's pump: after a light read, wait so that what follows comes in one chunk
+LIGHT = 16384
+MAX_PENDING = 1 << 20
+KEEP = 4096
+
+
+class Relay:
+    def __init__(self, log_path: str, secrets: list[str]) -> None:
+        from pathlib import Path
+
+        from tlrun.launch.logfiles import WorkerLog, check_log_dir
+        from tlrun.redact import Redactor
+
+        # The launcher's own checks, here too: an early-started worker may be first to the log directory.
+        check_log_dir(Path(log_path).parent)  # raises LogError: then the caller keeps the launcher's pipe
+        self._log = WorkerLog(Path(log_path))  # raises OSError: the same
+        self._redact = Redactor(secrets)
+        self._console: int | None = os.dup(1)  # the launcher's pipe
+        os.set_blocking(self._console, False)
+        read_end, write_end = os.pipe()
+        for target in (1, 2):
+            os.dup2(write_end, target)
+        os.close(write_end)
+        os.set_inheritable(self._console, False)
+        self._read = read_end
+        self.dropped = 0  # console lines not shown since the last that got through
+        self.dropped_total = 0
+        self._log_failed = False
+        self._thread = threading.Thread(target=self._run, name="tlrun-output", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            from tlrun.launch._child import quiet_thread
+
+            quiet_thread()
+        except ImportError:
+            pass
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(self._read, CHUNK)
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            pending += chunk
+            cut = pending.rfind(b"\n")
+            if cut >= 0:
+                self._relay(pending[: cut + 1].decode("utf-8", errors="replace"))
+                pending = pending[cut + 1 :]
+            elif len(pending) > MAX_PENDING:
+                text = pending.decode("utf-8", errors="replace")
+                self._relay(text[:-KEEP] + "\n")
+                pending = text[-KEEP:].encode()
+            if len(chunk) < LIGHT:
+                time.sleep(COALESCE)
+        if pending:
+            self._relay(pending.decode("utf-8", errors="replace") + "\n")
+        os.close(self._read)
+
+    def _relay(self, text: str) -> None:
+        text = self._redact(text)
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        if not lines:
+            return
+        try:
+            self._log.write_lines(lines)
+        except OSError as exc:
+            if not self._log_failed:
+                lines.append(
+                    f"tlrun: cannot write {self._log.path} ({exc.strerror}): the console still gets every line"
+                )
+            self._log_failed = True
+        self._forward(lines)
+
+    def _forward(self, lines: list[str]) -> None:
+        """To the launcher, never blocking: a piece (whole lines, at most PIPE_BUF bytes) goes whole or not at
+        all; what does not fit now is dropped and counted. Without a log file (it failed) nothing is dropped:
+        the console is then the only copy, and the write waits."""
+        if self._console is None:
+            return
+        if self.dropped:
+            notice = (
+                f"tlrun: {self.dropped:,} line(s) not shown while the console was not read; "
+                f"the log file has them ({self._log.path})"
+            )
+            lines = [notice, *lines]
+        pieces = _pieces(lines)
+        for i, (piece, _count) in enumerate(pieces):
+            try:
+                if self._log_failed:
+                    os.set_blocking(self._console, True)
+                os.write(self._console, piece)
+            except BlockingIOError:
+                missed = sum(n for _piece, n in pieces[i:])
+                if self.dropped and i == 0:
+                    missed -= 1  # the notice itself is not a line of the program's
+                self.dropped += missed
+                self.dropped_total += missed
+                return
+            except OSError:  # the launcher is gone (EPIPE): the log file has everything from now on
+                self._close_console()
+                return
+            if i == 0 and self.dropped:
+                self.dropped = 0
+
+    def _close_console(self) -> None:
+        if self._console is not None:
+            try:
+                os.close(self._console)
+            except OSError:
+                pass
+            self._console = None
+
+    def finish(self, timeout: float = 1.0) -> None:
+        """The program is done: let the thread write what is left (a task's subprocess may hold the pipe:
+        never wait for it longer than `timeout`), then close the log."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        for target in (1, 2):
+            try:
+                os.close(target)
+            except OSError:
+                pass
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._log.close()
+
+
+def _pieces(lines: list[str]) -> list[tuple[bytes, int]]:
+    """Lines grouped into pieces of at most PIPE_BUF bytes (a longer line is cut, on the console only: the log
+    file has it whole), with the number of lines in each."""
+    pieces: list[tuple[bytes, int]] = []
+    current, count = b"", 0
+    for line in lines:
+        data = line.encode("utf-8", errors="replace") + b"\n"
+        if len(data) > PIPE_BUF:
+            data = data[: PIPE_BUF - 40].decode("utf-8", errors="ignore").encode() + b" [... cut: see the log file]\n"
+        if len(current) + len(data) > PIPE_BUF:
+            pieces.append((current, count))
+            current, count = b"", 0
+        current += data
+        count += 1
+    if current:
+        pieces.append((current, count))
+    return pieces
+
+
+def start(log_path: str | None, secrets: list[str]) -> Callable[[], None] | None:
+    """Start the relay when the child has a log file; its `finish`, or None (then output goes to the
+    launcher's pipe as it is: no log file, the console is the log)."""
+    if not log_path:
+        return None
+    from tlrun.errors import TlrunError
+
+    try:
+        return Relay(log_path, secrets).finish
+    except (OSError, TlrunError):
+        return None

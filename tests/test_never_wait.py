@@ -1,0 +1,88 @@
+"""A worker, a beat and a stack process never wait on their launcher (issue 37): each writes its own log file
+and relays to the console through a pipe it never blocks on. Ctrl-Z on `tlrun dev` (SIGSTOP: nothing of the
+launcher runs) must not stall the workers: tasks complete while it is stopped, the log files hold every line,
+and after `fg` (SIGCONT) the console says how many lines it did not show."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import Project, client, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+READY = r"tlrun: \d+ workers? ready"
+
+ROLES = """
+[tool.tlrun]
+app = "{app}"
+beat = true
+
+[tool.tlrun.workers.default]
+queues = ["celery"]
+concurrency = 2
+
+[tool.tlrun.workers.io]
+queues = ["io"]
+concurrency = 2
+
+[tool.tlrun.processes.chatter]
+command = ["{python}", "chatter.py"]
+ready = "chatter"
+"""
+
+
+CHATTER = """
+import time
+
+while True:  # a dev server's access log: it must not stall either
+    print("chatter " + "x" * 200, flush=True)
+    time.sleep(0.002)
+"""
+
+
+def log_lines(project: Project, pattern: str) -> int:
+    """Lines matching `pattern` in every log file of the project (rotated ones too)."""
+    found = 0
+    for path in (project.root / "logs").glob("*.log*"):
+        found += len(re.findall(pattern, path.read_text(errors="replace")))
+    return found
+
+
+def test_ctrl_z_on_tlrun_dev_stalls_nothing(project: Project) -> None:
+    import sys
+
+    (project.root / "pyproject.toml").write_text(ROLES.format(app=project.app, python=sys.executable))
+    (project.root / "chatter.py").write_text(CHATTER)
+    launched = project.launch(command="dev", fast=False, app_arg=False)
+    try:
+        launched.wait_output(READY, 60)
+        launched.wait_output(r"\[chatter\] chatter", 30)
+        wait_for(lambda: launched.output().count(" ready: ") >= 1 and "starting beat" in launched.output(), 30, "beat")
+        # Ctrl-Z: the launcher stops, its children go on.
+        os.kill(launched.pid, signal.SIGSTOP)
+        app = client(project.broker_url)
+        results = [app.send_task(f"{project.app}.add", (i, i), queue="celery" if i % 2 else "io") for i in range(1500)]
+        deadline = time.monotonic() + 120
+        for result in results:
+            assert result.get(timeout=max(1.0, deadline - time.monotonic())) is not None
+        assert os.waitpid(launched.pid, os.WNOHANG) == (0, 0)  # still stopped, all the while
+        status = Path(f"/proc/{launched.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert status == "T", status
+        # Every line of every task is in the log files (Celery logs each task's success).
+        wait_for(lambda: log_lines(project, r"Task \S+\.add\[\S+\] succeeded") == 1500, 30, "1500 lines in the logs")
+        os.kill(launched.pid, signal.SIGCONT)
+        launched.wait_output(r"tlrun: [\d,]+ line\(s\) not shown while the console was not read; the log file", 30)
+        launched.wait_output(r"\[chatter\] chatter", 10)
+        launched.reap()
+        assert launched.proc.returncode == 0, launched.output()[-3000:]
+    finally:
+        try:
+            os.kill(launched.pid, signal.SIGCONT)
+        except OSError:
+            pass
