@@ -19,7 +19,8 @@ import psutil
 import pytest
 
 from helpers import PY, Launched, Project, RedisServer, wait_for
-from tlrun.cluster.lease import UNKNOWN, AmqpLease, BeatLease, Holder, RedisLease
+from tlrun.cluster.backends import AmqpLease, RedisLease
+from tlrun.cluster.lease import UNKNOWN, BeatLease, Holder
 
 pytestmark = pytest.mark.timeout(150)
 TTL = 3.0
@@ -167,6 +168,7 @@ def on_host(
     env: dict[str, str] | None = None,
     argv: list[str] | None = None,
     cwd: Path | None = None,
+    ttl: float = TTL,
 ) -> Launched:
     """`tlrun beat` (or `argv`) as if on another host: its own host name (UTS namespace) and runtime directory."""
     runtime = project.base / f"run-{host}"
@@ -174,7 +176,7 @@ def on_host(
     command = argv or [PY, "-m", "tlrun", "beat", "-A", project.app, *args]
     tlrun = " ".join(shlex.quote(a) for a in command)
     argv = ["unshare", "--uts", "sh", "-c", f"hostname {host} && exec {tlrun}"]
-    environ = {**(env or project.env()), "XDG_RUNTIME_DIR": str(runtime), "TLRUN_BEAT_LOCK_TTL": f"{TTL:g}"}
+    environ = {**(env or project.env()), "XDG_RUNTIME_DIR": str(runtime), "TLRUN_BEAT_LOCK_TTL": f"{ttl:g}"}
     launched = Launched(argv, cwd or project.root, environ, project.base / f"out-{host}-{len(project.started)}.txt")
     project.started.append(launched)
     return launched

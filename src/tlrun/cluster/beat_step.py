@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tlrun.cluster.backends import backend_for
 from tlrun.cluster.fence import CONFIG_ENV, EXIT_LEASE_LOST
-from tlrun.cluster.lease import backend_for, lease_name
+from tlrun.cluster.lease import lease_name
 from tlrun.events import Notice
 from tlrun.launch import brokerconf, guard
 from tlrun.launch._child import HOOKS_ENV

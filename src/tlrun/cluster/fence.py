@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tlrun.cluster.lease import BeatLease, Holder, backend_for
+from tlrun.cluster.backends import backend_for
+from tlrun.cluster.lease import BeatLease, Holder
 from tlrun.launch import brokerconf
 
 CONFIG_ENV = "TLRUN_BEAT_FENCE"  # JSON: name, ttl, host, status (the status file's path)
@@ -41,12 +42,17 @@ def clock() -> float:
     return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
+class FenceClosed(Exception):
+    """A send refused by the fence, at the last moment (raised inside the publish; Celery logs it)."""
+
+
 class Fence:
-    def __init__(self, lease: BeatLease, status_path: str | None) -> None:
+    def __init__(self, lease: BeatLease, status_path: str | None, stuck_for: Callable[[], float] = lambda: 0.0) -> None:
         self.lease = lease
         self.status_path = status_path
         self.lost = False
         self._stop = threading.Event()
+        self.stuck_for = stuck_for  # how long beat's scheduler has been inside one tick (0: between ticks)
 
     def may_send(self) -> bool:
         return self.lease.valid(clock())
@@ -68,6 +74,19 @@ class Fence:
         """The lease's thread: take it, renew it, and stop the beat when it is lost."""
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # signals go to beat's main thread
         while not self._stop.is_set():
+            # The lease follows beat's progress: a tick stuck longer than a renewal interval (a blocked write, a
+            # hung connection, a debugger) is not renewed for, so that a standby takes over within ttl plus one
+            # renewal; the stuck beat stops once its lease is no longer valid.
+            stuck = self.stuck_for()
+            if self.lease.held and stuck > self.lease.renew_every:
+                if not self.lease.valid(clock()):
+                    self.lose(
+                        f"beat has been stuck in one tick for {stuck:.1f} s: its beat lease was not renewed "
+                        "and may pass to another host; stopping beat"
+                    )
+                    return
+                self._stop.wait(TICK)
+                continue
             change = self.lease.tick(clock())
             if change.action == "start":
                 self.write_status("held", change.message)
@@ -107,6 +126,40 @@ def _guard(fence: Fence) -> None:
         return None
 
     beat.Scheduler.apply_entry = apply_entry
+    _guard_publish(fence)
+
+
+def _guard_publish(fence: Fence) -> None:
+    """The last check, right before a task message leaves (after Celery's before_task_publish receivers,
+    which may have blocked): the lease still valid on this beat's clock, and still its own on the broker
+    (Redis: its key holds this beat's value; RabbitMQ: its connection is alive). A key that vanished early
+    (eviction, a failover, FLUSHDB) stops the old holder before its next send. The message carries who sent
+    it and the fencing token of the lease (Redis: one more at each takeover), for consumers that check it."""
+    import importlib
+
+    messaging: Any = importlib.import_module("kombu.messaging")  # untyped: its names as Any
+    original = messaging.Producer.publish
+
+    def publish(self: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
+        headers = kwargs.get("headers")
+        if isinstance(headers, dict) and headers.get("task"):
+            lease = fence.lease
+            if not lease.held:
+                raise FenceClosed("this beat does not hold the beat lease: not sending")
+            if not fence.may_send() or lease.backend.confirm(lease.me) is False:
+                message = (
+                    f"the beat lease is no longer this beat's on the broker: not sending {headers.get('task')}; "
+                    "stopping beat"
+                )
+                fence.lose(message)
+                raise FenceClosed(message)
+            headers["tlrun_beat"] = lease.me.encode()
+            token = getattr(lease.backend, "fence", None)
+            if token is not None:
+                headers["tlrun_fence"] = token
+        return original(self, body, *args, **kwargs)
+
+    messaging.Producer.publish = publish
 
 
 class _TickGuard:
@@ -122,6 +175,10 @@ class _TickGuard:
         self.depth = 0
         self.pending = False
         self.urgent = urgent
+        self.entered = 0.0  # when the tick in progress began (clock())
+
+    def stuck_for(self) -> float:
+        return clock() - self.entered if self.depth else 0.0
 
     def install(self) -> None:
         from celery import beat
@@ -131,6 +188,8 @@ class _TickGuard:
         original_tick = beat.Scheduler.tick
 
         def tick(scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+            if not guard.depth:
+                guard.entered = clock()
             guard.depth += 1
             try:
                 return original_tick(scheduler, *args, **kwargs)
@@ -177,10 +236,11 @@ def install() -> None:
     ttl = float(config["ttl"])
     brokerconf.register(url, config.get("broker_options") or {}, "launcher")  # the app's, as its launcher knew them
     lease = BeatLease(backend_for(url, str(config["name"]), ttl), Holder.new(os.getpid(), config["host"]), ttl)
-    _fence = Fence(lease, config.get("status"))
+    tick_guard = _TickGuard(lambda: _fence is not None and _fence.lost)
+    _fence = Fence(lease, config.get("status"), tick_guard.stuck_for)
     _fence.write_status("standby", None)
     _guard(_fence)
-    _TickGuard(lambda: _fence is not None and _fence.lost).install()
+    tick_guard.install()
     threading.Thread(target=_fence.run, name="tlrun-beat-lease", daemon=True).start()
 
 

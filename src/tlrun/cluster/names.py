@@ -15,7 +15,8 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from tlrun.cluster.lease import Backend, Holder, backend_for
+from tlrun.cluster.backends import backend_for
+from tlrun.cluster.lease import Backend, Holder
 from tlrun.launch.steps import Step
 
 if TYPE_CHECKING:

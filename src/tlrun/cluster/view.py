@@ -106,7 +106,8 @@ def build(
 
 def cluster_view(settings: Settings) -> ClusterView:
     """Ask the broker: a ping census and an active_queues census at once, and the beat lease's holder."""
-    from tlrun.cluster.lease import backend_for, lease_name
+    from tlrun.cluster.backends import backend_for
+    from tlrun.cluster.lease import lease_name
 
     url, _ = broker_for_command(settings)
     census: verify.Census[list[str]] = verify.Census(url, settings.ping_window).start()

@@ -15,7 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tlrun.cluster.lease import Holder, backend_for, lease_name
+from tlrun.cluster.backends import backend_for
+from tlrun.cluster.lease import Holder, lease_name
 from tlrun.config import Settings
 from tlrun.errors import (
     DOCTOR_WARNINGS_EXIT_CODE,
@@ -28,7 +29,15 @@ from tlrun.errors import (
 from tlrun.launch import launchers, owner, procs, verify
 from tlrun.launch.broker import Broker, broker_for_command, load_app
 from tlrun.ops import consuming, hung, inventory
-from tlrun.ops.findings import Finding, NodeView, config_findings, lease_findings, role_findings, state_findings
+from tlrun.ops.findings import (
+    Finding,
+    NodeView,
+    config_findings,
+    lease_findings,
+    redis_findings,
+    role_findings,
+    state_findings,
+)
 from tlrun.ops.inventory import STANDBY
 from tlrun.redact import redact_url
 
@@ -240,6 +249,7 @@ def diagnose(settings: Settings) -> DoctorReport:
     stuck: list[tuple[str, str]] = []
     hung_tasks: dict[str, int] = {}
     findings.extend(lease_findings(holder, local, hostname))
+    findings.extend(redis_findings(lease.policy, lease.skew, settings.beat_lock_ttl))
     if reachable:
         try:
             depths: dict[str, int | None] | None = waiting.result()
@@ -330,6 +340,8 @@ class _LeaseProbe:
         self._settings = settings
         self._url = broker_url
         self._holder: Holder | None = None
+        self.policy: str | None = None  # Redis's eviction policy, when it has a memory limit
+        self.skew: float | None = None  # the Redis server's clock minus ours
         self._thread = threading.Thread(target=self._run, name="tlrun-lease-probe", daemon=True)
 
     def start(self) -> None:
@@ -343,6 +355,9 @@ class _LeaseProbe:
             return
         try:
             self._holder = backend.current()
+            facts = getattr(backend, "server_facts", None)  # Redis
+            if facts is not None:
+                self.policy, self.skew = facts()
         except OSError:
             pass  # the census reports an unreachable broker
         finally:

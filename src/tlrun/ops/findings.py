@@ -273,3 +273,35 @@ def lease_findings(holder: Holder | None, local: list[inventory.LocalProcess], h
                 )
             )
     return found
+
+
+def redis_findings(policy: str | None, skew: float | None, ttl: float) -> list[Finding]:
+    """A Redis that may evict what tlrun's guarantees rest on, or whose clock is off ours."""
+    found = []
+    if policy is not None and policy != "noeviction":
+        what = (
+            "queued tasks as well as the beat lease and the node-name claims"
+            if policy.startswith("allkeys")
+            else "the keys with a ttl: the beat lease and the node-name claims (a lease evicted early stops its "
+            "holder at its next send, and a standby takes over)"
+        )
+        found.append(
+            Finding(
+                "REDIS_EVICTION",
+                "warning",
+                f"the broker's Redis has a memory limit with maxmemory-policy {policy}: it can evict {what}",
+                "CONFIG SET maxmemory-policy noeviction (Celery's own advice for a Redis broker)",
+            )
+        )
+    margin = max(1.0, ttl / 6)
+    if skew is not None and abs(skew) > margin:
+        found.append(
+            Finding(
+                "CLOCK_SKEW",
+                "warning",
+                f"the Redis server's clock is {skew:+.1f} s off this host's (more than the beat lease's margin, "
+                f"{margin:g} s): expiry times and the lease's `since` disagree between hosts",
+                "synchronise the clocks (NTP, chrony)",
+            )
+        )
+    return found

@@ -112,7 +112,8 @@ class QueueMetricsLease:
     consumption watch's thread after each check: the lease renews itself there (ttl: three checks)."""
 
     def __init__(self, launcher: Launcher) -> None:
-        from tlrun.cluster.lease import BeatLease, Holder, backend_for, lease_name
+        from tlrun.cluster.backends import backend_for
+        from tlrun.cluster.lease import BeatLease, Holder, lease_name
 
         s = launcher.s
         ttl = max(3 * s.consume_check_every, 2.0)

@@ -1,0 +1,164 @@
+"""The beat lease follows the broker and beat's own progress (issue 37): a lease key that vanishes early (an
+eviction, a failover to a replica that lost it, FLUSHDB) stops the old holder before its next send; a beat
+stuck in a tick stops renewing, so that a standby takes over, and the stuck one sends nothing when it resumes.
+Judged at the broker: every message beat publishes carries its sender and the lease's fencing token, and the
+queue's order says whether two beats ever sent at once. Simulated hosts, a real Redis, real beats."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from helpers import Project, wait_for
+from test_cluster import BEAT_APP, TTL, needs_root, on_host
+
+pytestmark = pytest.mark.timeout(150)
+
+BLOCKING_APP = (
+    BEAT_APP
+    + """
+
+from celery.signals import before_task_publish
+
+
+@before_task_publish.connect
+def _block_once(**_kwargs):
+    # Blocks one publish for three ttls when the test asks (a hook stuck on a slow service, a debugger).
+    import pathlib, time
+
+    ask = pathlib.Path(os.environ.get("BLOCK_FILE", "/nonexistent"))
+    try:
+        ask.unlink()
+    except OSError:
+        return
+    pathlib.Path(str(ask) + ".started").write_text(str(time.time()))
+    time.sleep(float(os.environ["BLOCK_SECONDS"]))
+"""
+)
+
+
+@pytest.fixture
+def beat_project(project: Project) -> Project:
+    (project.root / f"{project.app}.py").write_text(BEAT_APP.format(name=project.app))
+    return project
+
+
+def senders(url: str) -> list[tuple[str, int | None]]:
+    """(sender "host:pid", fencing token) of every message in the queue, in the order they were published."""
+    raw = redis.Redis.from_url(url)
+    try:
+        items = raw.lrange("celery", 0, -1)
+    finally:
+        raw.close()
+    found = []
+    for item in reversed(items):  # LPUSH: the newest first
+        headers = json.loads(item)["headers"]
+        host, pid = str(headers["tlrun_beat"]).split(":")[:2]
+        found.append((f"{host}:{pid}", headers.get("tlrun_fence")))
+    return found
+
+
+def one_at_a_time(order: list[tuple[str, int | None]]) -> list[str]:
+    """Never two beats at once, at the broker: each sender's messages form one run, and each run's fencing
+    token is above the one before. Returns the senders in turn."""
+    runs: list[tuple[str, int | None]] = []
+    for sender, token in order:
+        if not runs or runs[-1][0] != sender:
+            runs.append((sender, token))
+        assert token == runs[-1][1], (sender, token, runs)
+    turns = [sender for sender, _token in runs]
+    assert len(turns) == len(set(turns)), f"a beat sent again after another one took over: {turns}"
+    tokens = [token or 0 for _sender, token in runs]
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens), runs
+    return turns
+
+
+def after_the_first(url: str, enough: int) -> bool:
+    """Another beat than the first has sent `enough` ticks."""
+    order = senders(url)
+    return bool(order) and sum(1 for sender, _t in order if sender != order[0][0]) >= enough
+
+
+@needs_root
+def test_a_lease_key_that_vanishes_stops_the_old_holder_before_its_next_send(beat_project: Project) -> None:
+    proj = beat_project
+    a = on_host(proj, "hostA", ttl=30)
+    a.wait_output(r"beat lease taken \(hostA pid", 30)
+    b = on_host(proj, "hostB", ttl=30)
+    b.wait_output(r"beat held by hostA pid \d+ since \S+; standing by", 30)
+    raw = redis.Redis.from_url(proj.broker_url)
+    try:
+        key = next(k for k in raw.keys("*tlrun:beat-lease:*") if not k.endswith(b":fence"))
+        wait_for(lambda: raw.pttl(key) > 29_500, 15, "a renewal of the lease")  # right after one
+        raw.delete(key)  # what an eviction, a failover or FLUSHDB does: 30 s of validity left on A's clock
+    finally:
+        raw.close()
+    a.wait_output(r"the beat lease is no longer this beat's on the broker: not sending", 20)
+    wait_for(lambda: after_the_first(proj.broker_url, 4), 40, "the next holder's ticks")  # B's, or A's standby
+    assert len(one_at_a_time(senders(proj.broker_url))) >= 2
+
+
+@needs_root
+def test_a_beat_stuck_in_a_publish_hook_is_replaced_and_sends_nothing_after(
+    beat_project: Project, tmp_path: Path
+) -> None:
+    proj = beat_project
+    (proj.root / f"{proj.app}.py").write_text(BLOCKING_APP.format(name=proj.app))
+    ask = tmp_path / "block-a"
+    a = on_host(proj, "hostA", env=proj.env(BLOCK_FILE=str(ask), BLOCK_SECONDS=str(3 * TTL)))
+    a.wait_output(r"beat lease taken \(hostA pid", 30)
+    b = on_host(proj, "hostB")
+    b.wait_output(r"beat held by hostA pid \d+ since \S+; standing by", 30)
+    wait_for(lambda: len(senders(proj.broker_url)) >= 2, 20, "hostA's ticks")
+    ask.write_text("block")
+    started = float(wait_for(lambda: _read(Path(str(ask) + ".started")), 10, "the publish hook blocking"))
+    wait_for(lambda: after_the_first(proj.broker_url, 1), 3 * TTL + 10, "another beat's tick")
+    taken = time.time() - started
+    # ttl + a renewal interval + 1 s of retry, plus a 0.5 s tick and the standby's start when it is A's own
+    assert taken < TTL + TTL / 3 + 1 + 0.5 + 1, taken
+    a.wait_output(r"beat has been stuck in one tick for [\d.]+ s: its beat lease was not renewed", 3 * TTL + 10)
+    wait_for(lambda: after_the_first(proj.broker_url, 4), 20, "the next holder's ticks")
+    assert len(one_at_a_time(senders(proj.broker_url))) >= 2
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text() or None
+    except OSError:
+        return None
+
+
+def test_a_standby_takes_its_own_late_set_for_its_lease() -> None:
+    """Redis paused: a standby's SET NX timed out on the client but Redis applied it on resume. The key holds
+    the standby's own token (with an older `since`): it is its lease, not another host's."""
+    from test_cluster import FakeBackend
+    from tlrun.cluster.lease import BeatLease, Holder
+
+    backend = FakeBackend()
+    me = Holder("hostB", 2, "b-token", 1000.0)
+    backend.holder = me  # the late SET, from an earlier try
+    lease = BeatLease(backend, me, 30.0)
+    change = lease.tick(0.0)  # this try's `since` is now: the stored value differs only there
+    assert change.action == "start", change
+    assert lease.held and lease.me == me
+
+
+def test_doctor_warns_of_a_redis_that_can_evict_the_lease(project: Project, redis_server: Any) -> None:
+    raw = redis.Redis.from_url(project.broker_url)
+    try:
+        raw.config_set("maxmemory", "512mb")
+        raw.config_set("maxmemory-policy", "volatile-lru")
+        report = json.loads(project.run("doctor", "-A", project.app, "--json").stdout)
+        found = [f for f in report["findings"] if f["code"] == "REDIS_EVICTION"]
+        assert len(found) == 1 and "volatile-lru" in found[0]["message"], report["findings"]
+        assert "the beat lease and the node-name claims" in found[0]["message"]
+        raw.config_set("maxmemory-policy", "noeviction")
+        report = json.loads(project.run("doctor", "-A", project.app, "--json").stdout)
+        assert not [f for f in report["findings"] if f["code"] in ("REDIS_EVICTION", "CLOCK_SKEW")]
+    finally:
+        raw.close()
