@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import Project, client, wait_for
+from helpers import Project, RedisServer, client, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 READY = r"tlrun: \d+ workers? ready"
@@ -86,3 +87,40 @@ def test_ctrl_z_on_tlrun_dev_stalls_nothing(project: Project) -> None:
             os.kill(launched.pid, signal.SIGCONT)
         except OSError:
             pass
+
+
+def test_liveness_holds_through_a_long_broker_outage_and_fails_for_a_stopped_worker(
+    project: Project, redis_server: RedisServer
+) -> None:
+    """The broker away for three liveness windows: `health --liveness` says alive all along (the worker is
+    retrying its connection: restarting it would not help, and restarting every pod at once would hurt),
+    readiness says not ready; a SIGSTOPped worker fails liveness within one window."""
+    window = 12  # above the heartbeat's 5 s interval; the documented probe uses 30
+    launched = project.launch("--pool", "prefork", "--concurrency", "1")
+    worker_pid = int(launched.wait_output(READY + r": \S+ \(pid (\d+)\)", 40).group(1))
+
+    def liveness() -> subprocess.CompletedProcess[str]:
+        return project.run("health", "-A", project.app, "--liveness", "--window", str(window))
+
+    assert liveness().returncode == 0
+    redis_server.stop()
+    try:
+        ready = project.run("health", "-A", project.app, "--readiness", "--timeout", "1", "--retries", "0")
+        assert ready.returncode != 0, ready.stdout
+        ends = time.monotonic() + 3 * window
+        said = set()
+        while time.monotonic() < ends:
+            live = liveness()
+            assert live.returncode == 0, live.stdout + live.stderr
+            said.add("retrying" if "retrying its broker connection" in live.stdout else "other")
+            time.sleep(1)  # a probe's period, not a synchronisation
+        assert "retrying" in said, said
+    finally:
+        redis_server.restart()
+    wait_for(lambda: project.run("health", "-A", project.app, "--timeout", "2").returncode == 0, 60, "ready again")
+    os.kill(worker_pid, signal.SIGSTOP)
+    try:
+        stopped = liveness()
+        assert stopped.returncode == 14 and "is stopped" in stopped.stdout, stopped.stdout
+    finally:
+        os.kill(worker_pid, signal.SIGCONT)

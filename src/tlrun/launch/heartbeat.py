@@ -24,7 +24,7 @@ ENV = HEARTBEAT_ENV  # where the worker writes its heartbeat
 INTERVAL = 5.0
 DEFAULT_WINDOW = 30.0
 
-_state: dict[str, Any] = {"busy_since": None, "limit": None}
+_state: dict[str, Any] = {"busy_since": None, "limit": None, "reconnecting_since": None}
 _worker_limit: list[float | None] = [None]  # the worker's own --time-limit (the solo pool enforces none)
 
 
@@ -77,6 +77,41 @@ def install(path: str) -> None:
 
     signals.worker_init.connect(init, weak=False, dispatch_uid="tlrun-heartbeat-init")
     signals.worker_ready.connect(ready, weak=False, dispatch_uid="tlrun-heartbeat")
+    _pulse_while_reconnecting(path)
+
+
+def _pulse_while_reconnecting(path: str) -> None:
+    """While Celery's consumer retries its broker connection (its event loop, and the heartbeat timer with
+    it, wait in kombu's retry loop), a thread writes the heartbeat, marked `reconnecting_since`: a broker
+    outage is readiness's business, never a reason to restart every worker at once. A worker whose process
+    is stopped or wedged anywhere else still goes stale."""
+    import threading
+
+    from celery.worker.consumer import consumer as module
+
+    original = getattr(module.Consumer, "ensure_connected", None)
+    if original is None:
+        return
+
+    def ensure_connected(self: Any, conn: Any) -> Any:
+        if _state.get("reconnecting_since") is not None:
+            return original(self, conn)  # nested (read and write connections): the outer one pulses
+        stop = threading.Event()
+        _state["reconnecting_since"] = time.time()
+
+        def pulse() -> None:
+            while not stop.wait(INTERVAL):
+                _write(path)
+
+        thread = threading.Thread(target=pulse, name="tlrun-heartbeat-reconnect", daemon=True)
+        thread.start()
+        try:
+            return original(self, conn)
+        finally:
+            stop.set()
+            _state["reconnecting_since"] = None
+
+    module.Consumer.ensure_connected = ensure_connected
 
 
 def runs_in_pool_children(pool_cls: Any) -> bool:
@@ -143,5 +178,8 @@ def check(
             return Liveness(True, f"running a task for {running:.0f} s (time limit {float(limit):g} s)")
         return Liveness(False, f"a task has run {running:.0f} s, past its time limit of {float(limit):g} s")
     if age <= window:
+        reconnecting = beat.get("reconnecting_since")
+        if reconnecting is not None:
+            return Liveness(True, f"retrying its broker connection for {now - float(reconnecting):.0f} s")
         return Liveness(True, f"heartbeat {age:.0f} s ago")
     return Liveness(False, f"no heartbeat for {age:.0f} s (window {window:g} s): its event loop is wedged")
