@@ -162,3 +162,22 @@ def test_doctor_warns_of_a_redis_that_can_evict_the_lease(project: Project, redi
         assert not [f for f in report["findings"] if f["code"] in ("REDIS_EVICTION", "CLOCK_SKEW")]
     finally:
         raw.close()
+
+
+def test_a_worker_asked_to_drops_a_late_tick_of_a_replaced_beat(project: Project) -> None:
+    """TLRUN_FENCE_CHECK=1: a message stamped with an older fencing token than one already seen is treated as
+    revoked; messages without the stamp are never touched."""
+    from celery.exceptions import TaskRevokedError
+
+    from helpers import client
+
+    launched = project.launch("--pool", "solo", env=project.env(TLRUN_FENCE_CHECK="1"))
+    launched.wait_output(r"tlrun: \d+ workers? ready", 40)
+    app = client(project.broker_url)
+    assert app.send_task(f"{project.app}.add", (1, 1), headers={"tlrun_fence": 5}).get(timeout=20) == 2
+    late = app.send_task(f"{project.app}.add", (2, 2), headers={"tlrun_fence": 4})
+    with pytest.raises(TaskRevokedError):
+        late.get(timeout=20)
+    assert app.send_task(f"{project.app}.add", (3, 3)).get(timeout=20) == 6  # no stamp: not ours to judge
+    assert app.send_task(f"{project.app}.add", (4, 4), headers={"tlrun_fence": 6}).get(timeout=20) == 8
+    launched.wait_output(rf"dropping {project.app}\.add\[{late.id}\]: sent by a beat under lease 4, older than 5", 10)

@@ -70,6 +70,7 @@ ENV_BEAT_LOCK_TTL = "TLRUN_BEAT_LOCK_TTL"
 ENV_STUCK_AFTER = "TLRUN_STUCK_AFTER"
 ENV_CONSUME_CHECK_EVERY = "TLRUN_CONSUME_CHECK_EVERY"
 ENV_HUNG_AFTER = "TLRUN_HUNG_AFTER"
+ENV_FENCE_CHECK = "TLRUN_FENCE_CHECK"  # read by the worker's shim (launch/fencecheck.py)
 
 # Set by tlrun on every worker it starts.
 ENV_GUARD = "TL_CELERY_STARTED"  # launcher identity "<pid>:<create_time>"

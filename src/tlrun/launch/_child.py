@@ -283,6 +283,10 @@ def run_module(
         _celery_fix.register_active()
         _celery_fix.track_worker()
         worker.celery_worker = _celery_fix.tracked_worker
+        if os.environ.get("TLRUN_FENCE_CHECK") == "1":  # opt-in: drop a replaced beat's late ticks
+            from tlrun.launch import fencecheck
+
+            fencecheck.install()
         beat_file = os.environ.pop(HEARTBEAT_ENV, None)
         if beat_file:
             from tlrun.launch import heartbeat
