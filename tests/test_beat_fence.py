@@ -6,16 +6,19 @@ queue's order says whether two beats ever sent at once. Simulated hosts, a real 
 
 from __future__ import annotations
 
+import itertools
 import json
+import signal
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from helpers import Project, wait_for
-from test_cluster import BEAT_APP, TTL, needs_root, on_host
+from helpers import Project, RedisServer, wait_for
+from test_cluster import BEAT_APP, TTL, needs_root, on_host, sends
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -181,3 +184,71 @@ def test_a_worker_asked_to_drops_a_late_tick_of_a_replaced_beat(project: Project
     assert app.send_task(f"{project.app}.add", (3, 3)).get(timeout=20) == 6  # no stamp: not ours to judge
     assert app.send_task(f"{project.app}.add", (4, 4), headers={"tlrun_fence": 6}).get(timeout=20) == 8
     launched.wait_output(rf"dropping {project.app}\.add\[{late.id}\]: sent by a beat under lease 4, older than 5", 10)
+
+
+CHATTY_BEAT_APP = (
+    BEAT_APP
+    + """
+
+from celery.signals import before_task_publish
+
+
+@before_task_publish.connect
+def _chatty(**_kwargs):
+    print("beat says " + "x" * 8192, flush=True)  # 8 KB a tick: a full pipe after 8 ticks
+"""
+)
+
+
+def _gaps(stamps: list[datetime]) -> list[float]:
+    return [(b - a).total_seconds() for a, b in itertools.pairwise(stamps)]
+
+
+@needs_root
+def test_a_stopped_launcher_never_holds_up_its_chatty_beat(beat_project: Project) -> None:
+    """SIGSTOP of the holder's launcher for three ttls, its beat logging 8 KB a tick: the ticks go on at
+    their pace (before, beat blocked on the full pipe after 8 ticks while its lease thread kept renewing)."""
+    proj = beat_project
+    (proj.root / f"{proj.app}.py").write_text(CHATTY_BEAT_APP.format(name=proj.app))
+    a = on_host(proj, "hostA")
+    a.wait_output(r"beat lease taken \(hostA pid", 30)
+    b = on_host(proj, "hostB")
+    b.wait_output(r"beat held by hostA pid \d+ since \S+; standing by", 30)
+    a.send(signal.SIGSTOP)
+    try:
+        paused_at = datetime.now()
+        wait_for(lambda: (datetime.now() - paused_at).total_seconds() > 3 * TTL, 3 * TTL + 5, "three ttls")
+        during = [t for t in sends(proj, a) if t > paused_at]
+    finally:
+        a.send(signal.SIGCONT)
+    assert len(during) >= 4 * TTL, during  # a tick every 0.5 s all along
+    assert max(_gaps(during)) < 2.0, _gaps(during)
+    assert sends(proj, b) == []
+
+
+@needs_root
+def test_beat_resumes_within_a_ttl_of_a_paused_redis(beat_project: Project, redis_server: RedisServer) -> None:
+    """Redis paused (SIGSTOP) for 10 s under a holder and a standby: within about a ttl of its return some beat
+    sends again, and never two at once."""
+    proj = beat_project
+    a = on_host(proj, "hostA")
+    a.wait_output(r"beat lease taken \(hostA pid", 30)
+    b = on_host(proj, "hostB")
+    b.wait_output(r"beat held by hostA pid \d+ since \S+; standing by", 30)
+    wait_for(lambda: len(senders(proj.broker_url)) >= 2, 20, "ticks")
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        paused_at = datetime.now()
+        wait_for(lambda: (datetime.now() - paused_at).total_seconds() > 10, 15, "10 s of pause")
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    back = datetime.now()
+
+    def sent_since() -> bool:
+        return any(t > back for t in [*sends(proj, a), *sends(proj, b)])
+
+    wait_for(sent_since, 3 * TTL + 10, "a tick after Redis came back")
+    first = min(t for t in [*sends(proj, a), *sends(proj, b)] if t > back)
+    assert (first - back).total_seconds() < TTL + TTL / 3 + 3, (first, back)
+    wait_for(lambda: len(senders(proj.broker_url)) >= 8, 20, "more ticks")
+    one_at_a_time(senders(proj.broker_url))

@@ -20,6 +20,14 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+_ACQUIRE = """
+local value = redis.call('get', KEYS[1])
+if (not value) or string.sub(value, 1, string.len(ARGV[3])) == ARGV[3] then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {1, redis.call('incr', KEYS[2])}
+end
+return {0, value}
+"""
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
@@ -57,7 +65,7 @@ class RedisLease:
                 raise
             self.key = str(getattr(channel, "global_keyprefix", "") or "") + self.name
             self._conn, self._client_ = conn, client
-            self._scripts = (client.register_script(_RENEW), client.register_script(_RELEASE))
+            self._scripts = tuple(client.register_script(script) for script in (_RENEW, _RELEASE, _ACQUIRE))
         return self._client_
 
     @property
@@ -70,15 +78,26 @@ class RedisLease:
         self._client  # noqa: B018 (connects)
         return self._scripts[1]
 
+    @property
+    def _acquire(self) -> Any:
+        self._client  # noqa: B018 (connects)
+        return self._scripts[2]
+
     def acquire(self, holder: Holder, ttl: float) -> Holder | None:
+        """One script: take the key when it is free, or when it holds this very process's token (its own
+        SET of an earlier try, applied late by a paused Redis); then the fencing token is one more (beat's
+        messages carry it, fence.py). Else who holds it."""
+        mine = f"{holder.host}:{holder.pid}:{holder.token}:"
         try:
-            if self._client.set(self.key, holder.encode(), nx=True, px=int(ttl * 1000)):
-                # The fencing token: one more at each takeover (beat's messages carry it, fence.py).
-                self.fence = int(self._client.incr(f"{self.key}:fence"))
-                return None
-            return Holder.decode(self._client.get(self.key)) or UNKNOWN
+            taken, value = self._acquire(
+                keys=[self.key, f"{self.key}:fence"], args=[holder.encode(), int(ttl * 1000), mine]
+            )
         except Exception as exc:
             raise _unreachable(exc) from exc
+        if int(taken):
+            self.fence = int(value)
+            return None
+        return Holder.decode(value) or UNKNOWN
 
     def confirm(self, holder: Holder) -> bool | None:
         try:
