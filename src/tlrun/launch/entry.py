@@ -90,7 +90,16 @@ def load_task_modules(app: Any, sock: socket.socket) -> None:
         sock.close()
         traceback.print_exc()
         sys.stderr.flush()
+        _flush_output()
         os._exit(2)
+
+
+def _flush_output() -> None:
+    """Before os._exit: the output relay (relay.py, in this process behind the shim) writes what it holds
+    to the log file and the launcher (the traceback the launcher shows for a failed reload)."""
+    relay = sys.modules.get("tlrun.launch.relay")
+    if relay is not None:
+        relay.finish_current()
 
 
 def main() -> None:

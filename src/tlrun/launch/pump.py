@@ -107,7 +107,24 @@ class OutputPump:
             except (OSError, ValueError) as exc:
                 # The console went away (`| head`, an IDE console closed): drop it, keep the log file.
                 self._on_lines = None
-                self._to_log([f"tlrun: console output stopped ({exc}); this log file keeps every line"])
+                self._note(f"tlrun: console output stopped ({exc}); this log file keeps every line")
+
+    def _note(self, line: str) -> None:
+        """A line of the launcher's own into the log file, also when the child writes that file itself (then
+        one append, never through a link, never blocking on a planted FIFO)."""
+        if self._log is not None or self.log_path is None:
+            self._to_log([line])
+            return
+        try:
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.write(fd, (line + "\n").encode())
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def _to_log(self, lines: list[str]) -> None:
         if self._log is None:

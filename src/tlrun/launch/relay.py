@@ -96,9 +96,7 @@ class Relay:
             self._log.write_lines(lines)
         except OSError as exc:
             if not self._log_failed:
-                lines.append(
-                    f"tlrun: cannot write {self._log.path} ({exc.strerror}): the console still gets every line"
-                )
+                lines.append(f"tlrun: cannot write {self._log.path} ({exc.strerror}): console output continues")
             self._log_failed = True
         self._forward(lines)
 
@@ -178,6 +176,9 @@ def _pieces(lines: list[str]) -> list[tuple[bytes, int]]:
     return pieces
 
 
+_current: list[Relay] = []
+
+
 def start(log_path: str | None, secrets: list[str]) -> Callable[[], None] | None:
     """Start the relay when the child has a log file; its `finish`, or None (then output goes to the
     launcher's pipe as it is: no log file, the console is the log)."""
@@ -186,6 +187,14 @@ def start(log_path: str | None, secrets: list[str]) -> Callable[[], None] | None
     from tlrun.errors import TlrunError
 
     try:
-        return Relay(log_path, secrets).finish
+        relay = Relay(log_path, secrets)
     except (OSError, TlrunError):
         return None
+    _current.append(relay)
+    return relay.finish
+
+
+def finish_current() -> None:
+    """This process's relay, finished (before an os._exit that would lose what it holds)."""
+    for relay in _current:
+        relay.finish()
