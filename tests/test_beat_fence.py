@@ -9,7 +9,9 @@ from __future__ import annotations
 import itertools
 import json
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -51,18 +53,41 @@ def beat_project(project: Project) -> Project:
     return project
 
 
-def senders(url: str) -> list[tuple[str, int | None]]:
-    """(sender "host:pid", fencing token) of every message in the queue, in the order they were published."""
-    raw = redis.Redis.from_url(url)
+@pytest.fixture(params=["redis", "amqp"])
+def any_beat_project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]:
+    """A beat project on a private Redis, or on a throwaway vhost of the local RabbitMQ."""
+    if request.param == "redis":
+        yield request.getfixturevalue("beat_project")
+        return
+    proj = Project(tmp_path / "amqp-projects", request.getfixturevalue("amqp_vhost"))
+    (proj.root / f"{proj.app}.py").write_text(BEAT_APP.format(name=proj.app))
     try:
-        items = raw.lrange("celery", 0, -1)
+        yield proj
     finally:
-        raw.close()
+        proj.cleanup()
+
+
+def senders(url: str) -> list[tuple[str, int | None]]:
+    """(sender "host:pid", fencing token) of every message in the queue, in the order they were published
+    (RabbitMQ: read and given back unacknowledged)."""
+    if url.startswith("redis"):
+        raw = redis.Redis.from_url(url)
+        try:
+            headers = [json.loads(item)["headers"] for item in reversed(raw.lrange("celery", 0, -1))]  # LPUSH
+        finally:
+            raw.close()
+    else:
+        from kombu import Connection, Queue
+
+        headers = []
+        with Connection(url) as conn:
+            queue = Queue("celery", channel=conn.channel())
+            while (message := queue.get(no_ack=False)) is not None:
+                headers.append(message.headers)
     found = []
-    for item in reversed(items):  # LPUSH: the newest first
-        headers = json.loads(item)["headers"]
-        host, pid = str(headers["tlrun_beat"]).split(":")[:2]
-        found.append((f"{host}:{pid}", headers.get("tlrun_fence")))
+    for header in headers:
+        host, pid = str(header["tlrun_beat"]).split(":")[:2]
+        found.append((f"{host}:{pid}", header.get("tlrun_fence")))
     return found
 
 
@@ -76,7 +101,7 @@ def one_at_a_time(order: list[tuple[str, int | None]]) -> list[str]:
         assert token == runs[-1][1], (sender, token, runs)
     turns = [sender for sender, _token in runs]
     assert len(turns) == len(set(turns)), f"a beat sent again after another one took over: {turns}"
-    tokens = [token or 0 for _sender, token in runs]
+    tokens = [token for _sender, token in runs if token is not None]  # RabbitMQ's lease has no counter
     assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens), runs
     return turns
 
@@ -108,9 +133,9 @@ def test_a_lease_key_that_vanishes_stops_the_old_holder_before_its_next_send(bea
 
 @needs_root
 def test_a_beat_stuck_in_a_publish_hook_is_replaced_and_sends_nothing_after(
-    beat_project: Project, tmp_path: Path
+    any_beat_project: Project, tmp_path: Path
 ) -> None:
-    proj = beat_project
+    proj = any_beat_project
     (proj.root / f"{proj.app}.py").write_text(BLOCKING_APP.format(name=proj.app))
     ask = tmp_path / "block-a"
     a = on_host(proj, "hostA", env=proj.env(BLOCK_FILE=str(ask), BLOCK_SECONDS=str(3 * TTL)))
@@ -205,10 +230,10 @@ def _gaps(stamps: list[datetime]) -> list[float]:
 
 
 @needs_root
-def test_a_stopped_launcher_never_holds_up_its_chatty_beat(beat_project: Project) -> None:
+def test_a_stopped_launcher_never_holds_up_its_chatty_beat(any_beat_project: Project) -> None:
     """SIGSTOP of the holder's launcher for three ttls, its beat logging 8 KB a tick: the ticks go on at
     their pace (before, beat blocked on the full pipe after 8 ticks while its lease thread kept renewing)."""
-    proj = beat_project
+    proj = any_beat_project
     (proj.root / f"{proj.app}.py").write_text(CHATTY_BEAT_APP.format(name=proj.app))
     a = on_host(proj, "hostA")
     a.wait_output(r"beat lease taken \(hostA pid", 30)
@@ -252,3 +277,35 @@ def test_beat_resumes_within_a_ttl_of_a_paused_redis(beat_project: Project, redi
     assert (first - back).total_seconds() < TTL + TTL / 3 + 3, (first, back)
     wait_for(lambda: len(senders(proj.broker_url)) >= 8, 20, "more ticks")
     one_at_a_time(senders(proj.broker_url))
+
+
+@needs_root
+def test_a_holder_whose_lease_connection_the_broker_closes_sends_nothing_more(amqp_vhost: str, tmp_path: Path) -> None:
+    """RabbitMQ's counterpart of a vanished key: the broker closes the holder's lease connection (its exclusive
+    queue goes with it). The holder learns it within a tick and sends nothing more; the next holder takes over."""
+    proj = Project(tmp_path / "amqp-projects", amqp_vhost)
+    (proj.root / f"{proj.app}.py").write_text(BEAT_APP.format(name=proj.app))
+    vhost = amqp_vhost.rsplit("/", 1)[1]
+    try:
+        a = on_host(proj, "hostA", ttl=30)
+        a.wait_output(r"beat lease taken \(hostA pid", 30)
+        b = on_host(proj, "hostB", ttl=30)
+        b.wait_output(r"beat held by hostA pid \d+ since \S+; standing by", 30)
+        wait_for(lambda: len(senders(proj.broker_url)) >= 2, 20, "hostA's ticks")
+
+        def lease_connections() -> list[str]:
+            listed = subprocess.run(
+                ["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "vhost", "timeout"],
+                capture_output=True, text=True, timeout=60,
+            ).stdout  # fmt: skip
+            rows = [line.split("\t") for line in listed.splitlines() if line.strip()]
+            return [row[0] for row in rows if len(row) == 3 and row[1] == vhost and row[2].strip() == "30"]
+
+        held = wait_for(lease_connections, 20, "the holder's lease connection (heartbeat 30)")
+        assert len(held) == 1, held
+        subprocess.run(["rabbitmqctl", "close_connection", held[0], "test"], capture_output=True, timeout=60)
+        a.wait_output(r"the beat lease is no longer this beat's on the broker: not sending", 20)
+        wait_for(lambda: after_the_first(proj.broker_url, 4), 40, "the next holder's ticks")
+        assert len(one_at_a_time(senders(proj.broker_url))) >= 2
+    finally:
+        proj.cleanup()

@@ -234,9 +234,25 @@ class AmqpLease:
             raise OSError(f"nothing heard from the broker for {silent:.1f} s")
         return True
 
+    def poll(self) -> None:
+        """Called by the lease's own thread every tick (fence.py): read what the broker sent (heartbeats, a
+        Connection.Close), so that a connection the broker closed is known within a tick, not at the next
+        renewal: `confirm` then says no before the next send."""
+        if self._conn is None:
+            return
+        try:
+            try:
+                self._conn.drain_events(timeout=0.01)
+            except TimeoutError:
+                pass
+            self._conn.heartbeat_check(rate=2)
+        except Exception as exc:
+            log.debug("the beat lease's connection is gone: %s", exc)
+            self._drop()
+
     def confirm(self, holder: Holder) -> bool | None:
         """Our exclusive queue lives exactly as long as our connection: open, and heard from lately (no I/O
-        here: the connection belongs to the lease's thread)."""
+        here: the connection belongs to the lease's thread, which polls it every tick)."""
         if self._conn is None:
             return False
         heard = getattr(self._conn.connection, "last_heartbeat_received", None) or self._last_beat

@@ -80,13 +80,24 @@ class Fence:
             stuck = self.stuck_for()
             if self.lease.held and stuck > self.lease.renew_every:
                 if not self.lease.valid(clock()):
-                    self.lose(
-                        f"beat has been stuck in one tick for {stuck:.1f} s: its beat lease was not renewed "
-                        "and may pass to another host; stopping beat"
-                    )
+                    # One look at the broker, to say why (its timeout is within the margin): a tick that waits
+                    # on a broker that does not answer is the common case.
+                    if self.lease.backend.confirm(self.lease.me) is None:
+                        self.lose(
+                            f"cannot renew the beat lease (the broker does not answer; beat has waited in one "
+                            f"tick for {stuck:.1f} s): stopping beat before the lease can pass to another host"
+                        )
+                    else:
+                        self.lose(
+                            f"beat has been stuck in one tick for {stuck:.1f} s: its beat lease was not renewed "
+                            "and may pass to another host; stopping beat"
+                        )
                     return
                 self._stop.wait(TICK)
                 continue
+            poll = getattr(self.lease.backend, "poll", None)  # RabbitMQ: what the broker sent, at once
+            if poll is not None and self.lease.held:
+                poll()
             change = self.lease.tick(clock())
             if change.action == "start":
                 self.write_status("held", change.message)

@@ -139,19 +139,25 @@ def redirect_output(path: str | None, secrets: list[str]) -> Callable[[], None]:
     thread.start()
 
     def finish() -> None:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        for target in (1, 2):
-            try:
-                os.close(target)
-            except OSError:
-                pass
+        close_outputs()
         thread.join(1.0)  # a task's subprocess may hold a copy of the pipe: do not wait for it
 
     return finish
+
+
+def close_outputs() -> None:
+    """Flush and close this process's stdout and stderr: the thread that copies them sees EOF once every
+    other holder (a pool child, a task's subprocess) has closed its copy too."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    for target in (1, 2):
+        try:
+            os.close(target)
+        except OSError:
+            pass
 
 
 def _secrets(environ: Mapping[str, str]) -> list[str]:

@@ -34,6 +34,35 @@ COALESCE = 0.05
 LIGHT = 16384
 
 
+def drain(fd: int, relay: Callable[[str], None], redact: Callable[[str], str]) -> None:
+    """Read `fd` to its end in chunks, each cut at its last newline, decoded and redacted, then handed to
+    `relay` (the launcher's pump, and the child's own relay.py)."""
+    pending = b""
+    while True:
+        try:
+            chunk = os.read(fd, CHUNK)
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+        if not chunk:
+            break
+        pending += chunk
+        cut = pending.rfind(b"\n")
+        if cut >= 0:
+            relay(redact(pending[: cut + 1].decode("utf-8", errors="replace")))
+            pending = pending[cut + 1 :]
+        elif len(pending) > MAX_PENDING:
+            # Masked whole first: a secret cut by the end of `pending` lies within its last KEEP bytes.
+            text = redact(pending.decode("utf-8", errors="replace"))
+            relay(text[:-KEEP] + "\n")
+            pending = text[-KEEP:].encode()
+        if len(chunk) < LIGHT:
+            time.sleep(COALESCE)
+    if pending:
+        relay(redact(pending.decode("utf-8", errors="replace")))
+
+
 class OutputPump:
     """Copies a child's output, redacted, to its log file and to a callback (a list of lines per call).
 
@@ -63,35 +92,9 @@ class OutputPump:
         self._thread.start()
 
     def _run(self) -> None:
-        pending = b""
-        while True:
-            try:
-                chunk = os.read(self._fd, CHUNK)
-            except InterruptedError:
-                continue
-            except OSError:
-                break
-            if not chunk:
-                break
-            pending += chunk
-            cut = pending.rfind(b"\n")
-            if cut >= 0:
-                self._relay(pending[: cut + 1])
-                pending = pending[cut + 1 :]
-            elif len(pending) > MAX_PENDING:
-                # Masked whole first: a secret cut by the end of `pending` lies within its last KEEP bytes.
-                text = self._redact(pending.decode("utf-8", errors="replace"))
-                self._relay((text[:-KEEP] + "\n").encode(), redacted=True)
-                pending = text[-KEEP:].encode()
-            if len(chunk) < LIGHT:
-                time.sleep(COALESCE)
-        if pending:
-            self._relay(pending)
+        drain(self._fd, self._relay, self._redact)
 
-    def _relay(self, block: bytes, redacted: bool = False) -> None:
-        text = block.decode("utf-8", errors="replace")
-        if not redacted:
-            text = self._redact(text)
+    def _relay(self, text: str) -> None:
         lines = text.split("\n")
         if lines and lines[-1] == "":
             lines.pop()

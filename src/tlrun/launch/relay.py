@@ -15,17 +15,10 @@ pings) and its beat (a beat blocked on a write sends nothing, while its lease th
 from __future__ import annotations
 
 import os
-import sys
 import threading
-import time
 from collections.abc import Callable
 
-CHUNK = 65536
 PIPE_BUF = 4096  # a write of at most this many bytes to a pipe is whole or not at all (POSIX)
-COALESCE = 0.05  # as the launcher's pump: after a light read, wait so that what follows comes in one chunk
-LIGHT = 16384
-MAX_PENDING = 1 << 20
-KEEP = 4096
 
 
 class Relay:
@@ -60,33 +53,12 @@ class Relay:
             quiet_thread()
         except ImportError:
             pass
-        pending = b""
-        while True:
-            try:
-                chunk = os.read(self._read, CHUNK)
-            except InterruptedError:
-                continue
-            except OSError:
-                break
-            if not chunk:
-                break
-            pending += chunk
-            cut = pending.rfind(b"\n")
-            if cut >= 0:
-                self._relay(pending[: cut + 1].decode("utf-8", errors="replace"))
-                pending = pending[cut + 1 :]
-            elif len(pending) > MAX_PENDING:
-                text = pending.decode("utf-8", errors="replace")
-                self._relay(text[:-KEEP] + "\n")
-                pending = text[-KEEP:].encode()
-            if len(chunk) < LIGHT:
-                time.sleep(COALESCE)
-        if pending:
-            self._relay(pending.decode("utf-8", errors="replace") + "\n")
+        from tlrun.launch.pump import drain
+
+        drain(self._read, self._relay, self._redact)
         os.close(self._read)
 
     def _relay(self, text: str) -> None:
-        text = self._redact(text)
         lines = text.split("\n")
         if lines and lines[-1] == "":
             lines.pop()
@@ -142,16 +114,9 @@ class Relay:
     def finish(self, timeout: float = 1.0) -> None:
         """The program is done: let the thread write what is left (a task's subprocess may hold the pipe:
         never wait for it longer than `timeout`), then close the log."""
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        for target in (1, 2):
-            try:
-                os.close(target)
-            except OSError:
-                pass
+        from tlrun.launch._child import close_outputs
+
+        close_outputs()
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self._log.close()
