@@ -309,3 +309,14 @@ def test_a_holder_whose_lease_connection_the_broker_closes_sends_nothing_more(am
         assert len(one_at_a_time(senders(proj.broker_url))) >= 2
     finally:
         proj.cleanup()
+
+
+def test_doctor_says_what_an_eviction_policy_can_evict_and_a_clock_off_by_more_than_the_margin() -> None:
+    from tlrun.ops.findings import redis_findings
+
+    assert redis_findings(None, 0.2, 30.0) == []  # no memory limit, a clock within the margin
+    assert redis_findings("noeviction", -0.4, 30.0) == []
+    every = redis_findings("allkeys-lru", None, 30.0)
+    assert [f.code for f in every] == ["REDIS_EVICTION"] and "queued tasks" in every[0].message
+    skew = redis_findings(None, -7.5, 30.0)  # the margin of a 30 s lease is 5 s
+    assert [f.code for f in skew] == ["CLOCK_SKEW"] and "-7.5 s off" in skew[0].message

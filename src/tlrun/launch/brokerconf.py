@@ -124,13 +124,32 @@ def options_for(url: str) -> tuple[dict[str, Any], str]:
 
 
 def plain(url: str) -> bool:
-    """Nothing the app sets can change how a connection to `url` is made (a redis-py PING is then enough)."""
+    """Nothing the app sets changes how a connection to `url` is made (a redis-py PING from the URL is then
+    the same check): no TLS options, login method, failover URLs or Sentinel, and transport options that only
+    name keys or timing."""
     options, _ = options_for(url)
-    shaping = {k: v for k, v in options.items() if k not in ("control_exchange", "control_queue_ttl")}
-    transport = dict(shaping.pop("broker_transport_options", None) or {})
-    for harmless in ("global_keyprefix", "priority_steps", "sep", "queue_order_strategy", "visibility_timeout"):
-        transport.pop(harmless, None)
-    return not shaping and not transport and not url.startswith("sentinel://")
+    if url.startswith("sentinel://") or any(options.get(k) for k in ("broker_use_ssl", "broker_login_method")):
+        return False
+    if options.get("alternates"):
+        return False
+    transport = dict(options.get("broker_transport_options") or {})
+    return set(transport) <= _NAMING_ONLY
+
+
+# Transport options that name keys or set timing, never how a connection is made.
+_NAMING_ONLY = {
+    "global_keyprefix",
+    "priority_steps",
+    "sep",
+    "queue_order_strategy",
+    "visibility_timeout",
+    "polling_interval",
+    "unacked_restore_interval",
+    "unacked_restore_throttle",
+    "unacked_mutex_expire",
+    "fanout_prefix",
+    "fanout_patterns",
+}
 
 
 def celery_conf(url: str, connect_timeout: float, socket_timeout: float) -> dict[str, Any]:
