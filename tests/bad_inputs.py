@@ -177,6 +177,13 @@ CASES = [
         {"Procfile": "web: ok\njust a command\n"},
     ),
     Case(
+        "a NUL byte in a Procfile",
+        ("dev", "-A", "{app}"),
+        3,
+        "line 2: holds a NUL byte",
+        {"Procfile": "web: ok\nworker: python -m http.server\x00 8000\n"},
+    ),
+    Case(
         "a process folder that does not exist",
         ("dev", "-A", "{app}", "--no-broker"),
         3,

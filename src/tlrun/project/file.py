@@ -163,6 +163,9 @@ def read_text(path: Path, limit: int, what: str) -> str:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     if len(data) > limit:
         raise ConfigError(f"{path}: larger than {limit // 1024} KiB; not {what} tlrun reads")
+    if b"\0" in data:  # no program can be given one in its command line, and no text holds one
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: holds a NUL byte; not {what} tlrun reads")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
