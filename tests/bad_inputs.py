@@ -163,6 +163,16 @@ CASES = [
         {"pyproject.toml": '[tool.tlrun.processes.web]\ncommand = "no-such-program-x1 --serve"\n'},
     ),
     Case(
+        "two processes on one fixed port",
+        ("dev", "-A", "{app}"),
+        3,
+        "port 8431 is also the port of process 'web'",
+        {
+            "pyproject.toml": '[tool.tlrun.processes.web]\ncommand = "sh -c true"\nport = 8431\n'
+            '[tool.tlrun.processes.api]\ncommand = "sh -c true"\nport = 8431\n'
+        },
+    ),
+    Case(
         "a process named like a role",
         ("dev", "-A", "{app}"),
         3,

@@ -118,6 +118,16 @@ def parse_table(table: Any, where: Callable[[str], str]) -> tuple[ProcessSpec, .
         if "command" not in spec:
             raise _bad(where(at), 'a process needs `command`, e.g. command = "python manage.py runserver {port}"')
         specs.append(_spec(name, spec, at, where))
+    taken: dict[int, str] = {}
+    for spec in specs:  # two processes on one fixed port: the second could never start
+        if spec.port is not None and not spec.auto_port:
+            other = taken.setdefault(spec.port, spec.name)
+            if other != spec.name:
+                raise _bad(
+                    where(f"processes.{spec.name}.port"),
+                    f"port {spec.port} is also the port of process {other!r}: the second would never start",
+                    hint='give one of them another port, or port = "auto"',
+                )
     return tuple(specs)
 
 
