@@ -262,6 +262,21 @@ def test_flower_answers_on_its_printed_url_behind_basic_auth(project: Project) -
     assert not processes_under(project.base)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("flower") is None, reason="flower is not installed")
+def test_flower_without_basic_auth_is_flagged_when_others_can_log_in(project: Project) -> None:
+    from helpers import throwaway_user
+
+    with throwaway_user(shell="/bin/sh") as other:
+        dev = project.launch("--flower", "--only", "flower", command="dev", env=project.env())
+        dev.wait_output(
+            rf"warning: Flower runs without FLOWER_BASIC_AUTH and this host has other login users \(.*{other.pw_name}",
+            30,
+        )
+        dev.wait_output(r"tlrun: flower ready on http://127\.0\.0\.1:\d+", 60)
+        dev.send(signal.SIGINT)
+        assert dev.wait(30) == 0
+
+
 def test_bad_stack_input_is_refused_before_anything_starts(project: Project) -> None:
     (project.root / "pyproject.toml").write_text(
         f'[tool.tlrun]\napp = "{project.app}"\n[tool.tlrun.processes.web]\ncommand = "serve {{port}}"\n'

@@ -304,6 +304,7 @@ def _select_units(settings: Any, opts: dict[str, Any], flower: bool | None, only
 
     if with_flower and chosen("flower"):
         processes.append(flower_spec(settings.app, sys.executable))
+        _flower_auth_warning(settings.environ)
     processes = [p for p in processes if chosen(p.name)]
     opts["beat"] = bool(opts.get("beat") or (wanted and "beat" in wanted)) and chosen("beat")
     roles = tuple(r for r in settings.roles if chosen(r.name))
@@ -311,6 +312,21 @@ def _select_units(settings: Any, opts: dict[str, Any], flower: bool | None, only
     if roles and roles != settings.roles:
         settings = dataclasses.replace(settings, roles=roles, expected_workers=sum(r.expected for r in roles))
     return dataclasses.replace(settings, processes=tuple(processes))
+
+
+def _flower_auth_warning(environ: Any) -> None:
+    """Flower on 127.0.0.1 without FLOWER_BASIC_AUTH shows every task's arguments and can revoke and shut down
+    workers: any local user can reach it. Said when this host has other login users."""
+    from tlrun.launch.owner import other_login_users
+
+    users = [] if environ.get("FLOWER_BASIC_AUTH") else other_login_users()
+    if users:
+        click.echo(
+            f"tlrun: warning: Flower runs without FLOWER_BASIC_AUTH and this host has other login users "
+            f"({', '.join(users[:3])}): they can read every task's arguments in it and shut your workers down "
+            "(set FLOWER_BASIC_AUTH=user:password in .env)",
+            err=True,
+        )
 
 
 @cli.command()
