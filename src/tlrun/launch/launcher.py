@@ -23,10 +23,10 @@ from typing import Any
 
 from tlrun import redact
 from tlrun.config import Settings
-from tlrun.errors import AppImportError, BrokerError, StopError, WorkerStartError
+from tlrun.errors import AppImportError, StopError, WorkerStartError
 from tlrun.events import Event, Exited, Notice, Reporter, StrayFound, WorkerOutput
-from tlrun.launch import brokerconf, checks, guard, logfiles, owner, pid1, procs, sweep, tidy, unitctl, unitstop, verify
-from tlrun.launch.broker import TransportUnloadable, check_reachable, resolve_broker
+from tlrun.launch import checks, guard, logfiles, owner, pid1, procs, sweep, tidy, unitctl, unitstop, verify
+from tlrun.launch.broker import resolve_broker
 from tlrun.launch.early import EarlyStart
 from tlrun.launch.locks import UnitLocks
 from tlrun.launch.outputs import Outputs
@@ -143,13 +143,7 @@ class Launcher(Startup):
         for step in self.steps:
             step.validate(self)
         if not self.broker_provided:
-            try:
-                check_reachable(self.broker_url)
-            except BrokerError as exc:
-                if brokerconf.known(self.broker_url) or isinstance(exc, TransportUnloadable):
-                    raise
-                self.learn_broker()  # the URL alone may not be enough (TLS certificates, Sentinel): the app's
-                check_reachable(self.broker_url)
+            self.check_broker()
             stranger = owner.foreign_listener(self.broker_url)
             if stranger is not None:
                 where = redact.redact_url(self.broker_url)

@@ -96,6 +96,20 @@ class Startup:
                 return
         self.keep_broker_options(brokerconf.options_for(url)[0])
 
+    def check_broker(self) -> None:
+        """The broker answers, before anything is stopped: a redis-py PING from the URL where that is enough;
+        where it fails before the app's settings are known (TLS certificates, Sentinel), again with them."""
+        from tlrun.launch.broker import check_reachable
+        from tlrun.launch.brokerfail import TransportUnloadable
+
+        try:
+            check_reachable(self.broker_url)
+        except BrokerError as exc:
+            if brokerconf.known(self.broker_url) or isinstance(exc, TransportUnloadable):
+                raise
+            self.learn_broker()
+            check_reachable(self.broker_url)
+
     def keep_broker_options(self, options: dict[str, Any] | None) -> None:
         """Options a new generation of the workers said (a reload): they replace the launcher's, and the record."""
         if options is None:

@@ -305,3 +305,22 @@ def redis_findings(policy: str | None, skew: float | None, ttl: float) -> list[F
             )
         )
     return found
+
+
+def memory_finding(pid: int, record: dict[str, Any]) -> Finding:
+    """MEMORY_GUARD: the limit, the tree and each pool child as the worker's launcher last sampled them (info),
+    a warning once the guard had to kill a pool child."""
+
+    def mib(n: Any) -> str:
+        return f"{int(n) / 1048576:.0f} MiB"
+
+    children = ", ".join(f"pid {c} {mib(size)}" for c, size in (record.get("children") or {}).items())
+    message = (
+        f"worker pid {pid}: tree {mib(record.get('tree', 0))} of its {mib(record.get('limit', 0))} limit (PSS)"
+        + (f"; pool children: {children}" if children else "")
+    )
+    kills = record.get("kills") or {}
+    if kills:
+        said = ", ".join(f"{task} x{n}" for task, n in kills.items())
+        return Finding("MEMORY_GUARD", "warning", f"{message}; killed pool children running: {said}", None)
+    return Finding("MEMORY_GUARD", "info", message, None)
