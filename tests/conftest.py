@@ -61,6 +61,20 @@ def project(tmp_path: Path, redis_server: RedisServer) -> Iterator[Project]:
             pytest.fail(f"test left processes running: {described}")
 
 
+@pytest.fixture(params=["redis", "amqp"])
+def any_project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]:
+    """A project on a private Redis, or on a throwaway vhost of the local RabbitMQ."""
+    if request.param == "redis":
+        yield request.getfixturevalue("project")
+        return
+    proj = Project(tmp_path / "amqp-projects", request.getfixturevalue("amqp_vhost"))
+    try:
+        yield proj
+    finally:
+        proj.cleanup()
+        close_clients()
+
+
 def _describe(proc: psutil.Process) -> str:
     """pid, parent, age and command line of a leftover (what teardown found still running)."""
     try:

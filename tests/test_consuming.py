@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import Project, client, close_clients, free_port, send_task, wait_for
+from helpers import Project, client, free_port, send_task, wait_for
 from tlrun.ops.consuming import NodeState, NotConsuming, judge
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,20 +52,6 @@ def test_a_finding_survives_the_lock_record() -> None:
 def cancel_consumer(project: Project, node: str) -> None:
     replies = client(project.broker_url).control.cancel_consumer("celery", destination=[node], reply=True)
     assert replies and node in replies[0], replies
-
-
-@pytest.fixture(params=["redis", "amqp"])
-def any_project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]:
-    """A project on a private Redis, or on a throwaway vhost of the local RabbitMQ."""
-    if request.param == "redis":
-        yield request.getfixturevalue("project")
-        return
-    proj = Project(tmp_path / "amqp-projects", request.getfixturevalue("amqp_vhost"))
-    try:
-        yield proj
-    finally:
-        proj.cleanup()
-        close_clients()
 
 
 def test_doctor_and_health_report_a_worker_that_stopped_consuming(any_project: Project) -> None:

@@ -10,12 +10,11 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers import Project, RedisServer, client, close_clients, wait_for
+from helpers import Project, RedisServer, client, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 READY = r"tlrun: \d+ workers? ready"
@@ -54,20 +53,6 @@ def log_lines(project: Project, pattern: str) -> int:
     for path in (project.root / "logs").glob("*.log*"):
         found += len(re.findall(pattern, path.read_text(errors="replace")))
     return found
-
-
-@pytest.fixture(params=["redis", "amqp"])
-def any_project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]:
-    """A project on a private Redis, or on a throwaway vhost of the local RabbitMQ."""
-    if request.param == "redis":
-        yield request.getfixturevalue("project")
-        return
-    proj = Project(tmp_path / "amqp-projects", request.getfixturevalue("amqp_vhost"))
-    try:
-        yield proj
-    finally:
-        proj.cleanup()
-        close_clients()
 
 
 def test_ctrl_z_on_tlrun_dev_stalls_nothing(any_project: Project) -> None:
