@@ -77,13 +77,17 @@ def senders(url: str) -> list[tuple[str, int | None]]:
         finally:
             raw.close()
     else:
+        from amqp.exceptions import NotFound
         from kombu import Connection, Queue
 
         headers = []
         with Connection(url) as conn:
             queue = Queue("celery", channel=conn.channel())
-            while (message := queue.get(no_ack=False)) is not None:
-                headers.append(message.headers)
+            try:
+                while (message := queue.get(no_ack=False)) is not None:
+                    headers.append(message.headers)
+            except NotFound:  # the beat's first send declares the queue: none sent yet (Redis: an empty list)
+                return []
     found = []
     for header in headers:
         host, pid = str(header["tlrun_beat"]).split(":")[:2]
