@@ -180,6 +180,9 @@ def _settings(
     project_dir = params.pop("project_dir", None)
     in_project_env(project_dir, required=not code_free)
     settings = load_settings(params, project_dir, ping_window_default, app_required=app_required)
+    from tlrun.launch.owner import TRUST_ENV, trust
+
+    trust(settings.environ.get(TRUST_ENV))  # .env's as well as the shell's
     for level, message in settings.notes:
         click.echo(f"tlrun: {'warning: ' if level == 'warning' else ''}{message}", err=True)
     return settings

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from tlrun import redact
 from tlrun.config import Settings, check_broker_url
 from tlrun.errors import AppImportError, BrokerError
-from tlrun.launch import brokerconf
+from tlrun.launch import brokerconf, owner
 from tlrun.launch.brokerfail import CONNECT_TIMEOUT, failure, transport_unloadable
 from tlrun.launch.checks import app_hint
 from tlrun.redact import redact_url
@@ -104,7 +104,9 @@ def check_reachable(url: str, timeout: float = CONNECT_TIMEOUT) -> None:
     A Redis broker is checked with redis-py (PING after AUTH and SELECT): importing Celery costs about
     0.1 s, which this keeps off the path before the worker is spawned. Other brokers go through kombu.
     (A hand-written RESP exchange instead of redis-py was measured too: no gain in bench/run.py's ratios.)
+    Another login user's listener on a local port gets no byte with a password (owner.refuse_foreign).
     """
+    owner.refuse_foreign(brokerconf.targets(url), brokerconf.carries_secret(url))
     if urlsplit(url).scheme not in ("redis", "rediss") or not brokerconf.plain(url):
         with Broker(url, timeout) as broker:
             broker.connect()
@@ -146,6 +148,7 @@ class Broker:
         a probe with a deadline of its own (health --timeout) passes it."""
         from celery import Celery
 
+        owner.refuse_foreign(brokerconf.targets(url), brokerconf.carries_secret(url))
         self.url = url
         conf = brokerconf.celery_conf(
             url, connect_timeout, socket_timeout if socket_timeout is not None else max(connect_timeout, 5.0)

@@ -200,6 +200,27 @@ def without_secrets(options: Mapping[str, Any]) -> dict[str, Any]:
     return cleaned
 
 
+def targets(url: str) -> list[str]:
+    """Every URL a connection to `url` may reach: it, then the app's failover URLs."""
+    options, _ = options_for(url)
+    return [url, *[str(u) for u in options.get("alternates") or []]]
+
+
+def carries_secret(url: str) -> bool:
+    """A connection to `url` would send a secret: a password in one of its URLs, or in the app's options
+    (a Sentinel password, a TLS key's passphrase)."""
+    from urllib.parse import urlsplit
+
+    options, _ = options_for(url)
+    for target in targets(url):
+        try:
+            if urlsplit(target).password:
+                return True
+        except ValueError:
+            return True  # unreadable: assume it does
+    return without_secrets(options) != options
+
+
 def has_removed(options: Any) -> bool:
     if isinstance(options, Mapping):
         return any(has_removed(v) for v in options.values())

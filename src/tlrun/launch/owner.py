@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tlrun.errors import BrokerError
+
 LISTEN = "0A"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671, "pyamqp": 5672}
@@ -82,3 +84,41 @@ def other_login_users(entries: list[pwd.struct_passwd] | None = None) -> list[st
         if entry.pw_uid != me and login <= entry.pw_uid < 65534 and shell and shell not in NO_LOGIN_SHELLS:
             names.append(entry.pw_name)
     return sorted(names)
+
+
+TRUST_ENV = "TLRUN_TRUST_BROKER_OWNER"
+
+
+class ForeignBrokerError(BrokerError):
+    """Another login user listens where the broker should be; nothing with a secret was sent."""
+
+
+_trusted: set[str] = set()
+
+
+def trust(names: str | None) -> None:
+    """The login users whose broker this project uses on purpose (TLRUN_TRUST_BROKER_OWNER, a comma list, from
+    the environment or .env): their listener may receive the password."""
+    _trusted.update(n.strip() for n in (names or "").split(",") if n.strip())
+
+
+def refuse_foreign(urls: list[str], secret: bool, proc_net: Path = Path("/proc/net")) -> None:
+    """Before a byte with a password goes to a local port: raise BrokerError (exit 5) naming the owner when
+    another login user listens there, unless trusted. Without a secret to lose this is doctor's and the
+    launcher's warning, not a refusal."""
+    from tlrun.redact import redact_url
+
+    if not secret:
+        return
+    trusted = _trusted | {n.strip() for n in os.environ.get(TRUST_ENV, "").split(",") if n.strip()}
+    for url in urls:
+        uid = foreign_listener(url, proc_net)
+        if uid is None or user_name(uid) in trusted:
+            continue
+        name = user_name(uid)
+        raise ForeignBrokerError(
+            f"the broker at {redact_url(url)} is run by {name}, another local user: tlrun sends it no password "
+            "(whoever listens on that port would receive it, and could read and feed every task)",
+            hint=f"run a broker of your own (a free port, a password); or, if {name} runs it for you on purpose, "
+            f"set {TRUST_ENV}={name}",
+        )

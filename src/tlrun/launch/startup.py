@@ -101,11 +101,12 @@ class Startup:
         where it fails before the app's settings are known (TLS certificates, Sentinel), again with them."""
         from tlrun.launch.broker import check_reachable
         from tlrun.launch.brokerfail import TransportUnloadable
+        from tlrun.launch.owner import ForeignBrokerError
 
         try:
             check_reachable(self.broker_url)
         except BrokerError as exc:
-            if brokerconf.known(self.broker_url) or isinstance(exc, TransportUnloadable):
+            if brokerconf.known(self.broker_url) or isinstance(exc, (TransportUnloadable, ForeignBrokerError)):
                 raise
             self.learn_broker()
             check_reachable(self.broker_url)
