@@ -74,6 +74,19 @@ def sleep(seconds):
 
 
 @app.task
+def hang_with_child(seconds):
+    # A task that waits on a process of its own (an ffmpeg, a LibreOffice): each run notes that pid.
+    import subprocess
+
+    import redis
+
+    proc = subprocess.Popen(["sleep", str(seconds)])
+    redis.Redis.from_url(os.environ["TEST_RESULT_BACKEND"]).rpush("hang_children", proc.pid)
+    proc.wait()
+    return seconds
+
+
+@app.task
 def whoami():
     return os.getpid()
 

@@ -13,6 +13,7 @@ import signal
 
 import psutil
 import pytest
+import redis
 
 from helpers import Project, client, wait_for
 
@@ -104,3 +105,70 @@ def test_prefork_stopped_child_mid_task_is_the_only_process_killed(project: Proj
     assert "restarting the worker" not in launched.output()
     launched.send(signal.SIGTERM)
     launched.wait(60)  # it stops within its grace (the hung task is killed at its end)
+
+
+def test_prefork_hung_task_with_a_subprocess_is_killed_with_it_then_revoked(project: Project) -> None:
+    """A prefork task that waits on a subprocess of its own, hung (no time limit: hung_after decides): its pool
+    child and the subprocess are killed, never the idle child; late acks bring it back, and the second time it
+    is revoked before the kill, so it never runs a third time. No subprocess is left behind."""
+    env = project.env(TLRUN_HUNG_AFTER="2", **FAST_CHECK)
+    launched = project.launch("--concurrency", "2", "--grace", "3", "--restart", env=env)
+    launched.wait_output(r"1 worker ready", 60)
+    node = node_of(project)
+    main = psutil.Process(next(r["pid"] for r in json.loads(project.run("ps", "--json").stdout) if r["node"] == node))
+    result = client(project.broker_url).send_task(f"{project.app}.hang_with_child", args=(300,))
+    killed = [launched.wait_output(rf"\[{result.id}\]: SIGKILL to pool child (\d+) of {re.escape(node)}", 30)]
+    launched.wait_output(rf"\[{result.id}\] hung twice: revoked", 30)
+    wait_for(
+        lambda: len(re.findall(rf"\[{result.id}\]: SIGKILL to pool child", launched.output())) == 2, 20, "a 2nd kill"
+    )
+    launched.wait_output(rf"Discarding revoked task: \S+\[{result.id}\]", 30)  # the worker drops it
+    raw = redis.Redis.from_url(project.broker_url)
+    try:
+        subprocesses = [int(p) for p in raw.lrange("hang_children", 0, -1)]
+    finally:
+        raw.close()
+    assert len(subprocesses) == 2, subprocesses  # it ran twice, never a third time
+    for pid in subprocesses:  # each kill took the task's own subprocess with it
+        wait_for(
+            lambda pid=pid: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+            10,
+            f"sleep {pid} gone",
+        )
+    assert "gave up" not in launched.output() and "restarting the worker" not in launched.output()
+    assert main.is_running() and main.status() != psutil.STATUS_ZOMBIE
+    wait_for(lambda: len(main.children()) == 2, 20, "Celery to replace the killed children")
+    assert int(killed[0].group(1)) not in {c.pid for c in main.children()}
+    launched.send(signal.SIGTERM)
+    assert launched.wait(60) == 0
+
+
+def test_solo_hung_task_is_found_from_the_heartbeat_file(project: Project) -> None:
+    """-P solo: a task sleeping past its 3 s limit blocks the only thread, so the worker answers no remote
+    control. Found from its heartbeat file: reported, and health says hung (exit 20), not unknown."""
+    env = project.env(**FAST_CHECK)
+    launched = project.launch("--pool", "solo", "--time-limit", "3", "--grace", "2", env=env)
+    launched.wait_output(r"1 worker ready", 60)
+    node = node_of(project)
+    result = client(project.broker_url).send_task(f"{project.app}.sleep", args=(300.0,))
+    found = launched.wait_output(r"HUNG_TASK: task \S+\.sleep \[([0-9a-f-]+)\] on (\S+) \(pid (\d+)\) has run", 30)
+    assert found.group(1) == result.id and found.group(2) == node
+    health = project.run("health", "-A", project.app, "--timeout", "1", env=env)
+    assert health.returncode == 20 and "hung (HUNG_TASK" in health.stdout, health.stdout + health.stderr
+    doctor = project.run("doctor", "-A", project.app, "--json", env=env)
+    assert doctor.returncode == 20, doctor.stdout + doctor.stderr
+    launched.send(signal.SIGTERM)
+    launched.wait(60)  # its grace, then the hung task is killed
+
+
+def test_solo_hung_task_restarts_the_worker_and_the_queued_tasks_run(project: Project) -> None:
+    env = project.env(**FAST_CHECK)
+    launched = project.launch("--pool", "solo", "--time-limit", "3", "--grace", "2", "--restart", env=env)
+    launched.wait_output(r"1 worker ready", 60)
+    app = client(project.broker_url)
+    hung = app.send_task(f"{project.app}.sleep", args=(300.0,))
+    queued = [app.send_task(f"{project.app}.add", args=(i, i)) for i in range(5)]
+    launched.wait_output(rf"hung task \S+ \[{hung.id}\] on \S+: restarting the worker with the stop ladder", 30)
+    assert [r.get(timeout=90) for r in queued] == [2 * i for i in range(5)]
+    launched.send(signal.SIGTERM)
+    launched.wait(60)

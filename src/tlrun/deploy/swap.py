@@ -306,7 +306,8 @@ class ReloadStep(Step):
         w.hold = hold
         w.since = datetime.now().strftime("%H:%M:%S")
         pid = launcher.sup.pid(w.child)
-        launcher.set_state(w, READY, node=w.node, worker_pid=pid, heartbeat=w.next_heartbeat, serving_since=time.time())
+        w.heartbeat = w.next_heartbeat
+        launcher.set_state(w, READY, node=w.node, worker_pid=pid, heartbeat=w.heartbeat, serving_since=time.time())
         return old
 
     def _retire(self, launcher: Launcher, retiring: dict[str, tuple[str, float | None]]) -> None:

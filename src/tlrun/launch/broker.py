@@ -279,15 +279,21 @@ class Broker:
         except Exception as exc:
             raise self._fail(exc, started) from None
 
-    def revoke(self, task_id: str) -> None:
-        """Revoke a task id on every worker (its message, when delivered again, is discarded, not run)."""
+    def revoke(self, task_id: str, confirm: list[str] | None = None, timeout: float = 1.0) -> set[str]:
+        """Revoke a task id on every worker (its message, when delivered again, is discarded, not run).
+        `confirm`: the nodes whose replies to wait for, up to `timeout` (a kill that follows must not bring the
+        message back before they know); returns the nodes that confirmed."""
         if self._conn is None:
             self.connect()
         started = time.monotonic()
         try:
-            self._app.control.revoke(task_id, connection=self._conn)
+            if not confirm:
+                self._app.control.revoke(task_id, connection=self._conn)
+                return set()
+            replies = self._app.control.revoke(task_id, connection=self._conn, reply=True, timeout=timeout)
         except Exception as exc:
             raise self._fail(exc, started) from None
+        return {node for reply in replies or [] for node in reply if node in confirm}
 
     def queue_depth(self, queue: str) -> int | None:
         """Messages waiting in `queue` (Redis: kombu's count over the priority lists; RabbitMQ: a passive

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +26,17 @@ INTERVAL = 5.0
 DEFAULT_WINDOW = 30.0
 
 _state: dict[str, Any] = {"busy_since": None, "limit": None, "reconnecting_since": None}
+# The tasks running in the main process (solo, threads): id -> [name, started, hard limit or None]. The
+# launcher's hung-task check reads them here: a busy solo worker cannot answer a remote-control question.
+_tasks: dict[str, list[Any]] = {}
+_lock = threading.Lock()
 _worker_limit: list[float | None] = [None]  # the worker's own --time-limit (the solo pool enforces none)
 
 
 def _write(path: str) -> None:
-    record = {"t": time.time(), "pid": os.getpid(), **_state}
-    tmp = f"{path}.tmp"
+    with _lock:
+        record = {"t": time.time(), "pid": os.getpid(), **_state, "tasks": dict(_tasks)}
+    tmp = f"{path}.{threading.get_ident()}.tmp"  # the threads pool's tasks write from their own threads
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -52,19 +58,23 @@ def install(path: str) -> None:
         if timer is not None:
             timer.call_repeatedly(INTERVAL, _write, (path,), priority=0)
 
-    def prerun(task: Any = None, **_kw: Any) -> None:
+    def prerun(task: Any = None, task_id: Any = None, **_kw: Any) -> None:
         if os.getpid() != main:
             return  # a pool child: the main process's loop goes on
         limits = getattr(getattr(task, "request", None), "timelimit", None) or (None, None)
         hard = limits[0] if limits and limits[0] else getattr(task, "time_limit", None)
         if not hard and task is not None:
             hard = task.app.conf.task_time_limit or _worker_limit[0]
-        _state.update(busy_since=time.time(), limit=hard or None)
+        with _lock:
+            _tasks[str(task_id or "")] = [str(getattr(task, "name", "?")), time.time(), hard or None]
+            _busy()
         _write(path)
 
-    def postrun(**_kw: Any) -> None:
+    def postrun(task_id: Any = None, **_kw: Any) -> None:
         if os.getpid() == main:
-            _state.update(busy_since=None, limit=None)
+            with _lock:
+                _tasks.pop(str(task_id or ""), None)
+                _busy()
             _write(path)
 
     def init(sender: Any = None, **_kw: Any) -> None:
@@ -80,13 +90,31 @@ def install(path: str) -> None:
     _pulse_while_reconnecting(path)
 
 
+def _busy() -> None:
+    """busy_since and limit: the longest-running task's (what liveness judges); called under _lock."""
+    oldest = min(_tasks.values(), key=lambda t: t[1], default=None)
+    _state.update(busy_since=oldest[1] if oldest else None, limit=oldest[2] if oldest else None)
+
+
+def running_tasks(path: str | None) -> tuple[int, list[dict[str, Any]]] | None:
+    """(worker pid, its tasks running in its main process: id, name, started, limit) from its heartbeat file,
+    else None (no file yet, unreadable)."""
+    try:
+        with open(path or "", "rb") as fh:
+            beat = json.loads(fh.read(65536))
+        tasks = beat.get("tasks") or {}
+        return int(beat["pid"]), [
+            {"id": str(k), "name": str(v[0]), "started": float(v[1]), "limit": v[2]} for k, v in tasks.items()
+        ]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+
+
 def _pulse_while_reconnecting(path: str) -> None:
     """While Celery's consumer retries its broker connection (its event loop, and the heartbeat timer with
     it, wait in kombu's retry loop), a thread writes the heartbeat, marked `reconnecting_since`: a broker
     outage is readiness's business, never a reason to restart every worker at once. A worker whose process
     is stopped or wedged anywhere else still goes stale."""
-    import threading
-
     from celery.worker.consumer import consumer as module
 
     original = getattr(module.Consumer, "ensure_connected", None)

@@ -95,17 +95,22 @@ def send(proc: psutil.Process, sig: int) -> bool:
 
 
 def kill_pool_child(main_pid: int | None, pid: int) -> bool:
-    """SIGKILL one pool child of our worker (a hung or runaway task), never the worker's main process: only
-    when `pid` is a live child of `main_pid` right now. False otherwise."""
+    """SIGKILL one pool child of our worker (a hung or runaway task) and every process its task started (its
+    descendants, listed before the kill: an ffmpeg the task waits on would outlive it, orphaned), never the
+    worker's main process: only when `pid` is a live child of `main_pid` right now. False otherwise."""
     if main_pid is None or pid == main_pid:
         return False
     try:
         proc = psutil.Process(pid)
         if proc.ppid() != main_pid:
             return False
+        descendants = proc.children(recursive=True)
     except psutil.Error:
         return False
-    return send(proc, signal.SIGKILL)
+    killed = send(proc, signal.SIGKILL)
+    for sub in descendants:
+        send(sub, signal.SIGKILL)  # psutil checks each one's create time: never a reused pid
+    return killed
 
 
 def child_exited(child: subprocess.Popen[bytes]) -> bool:

@@ -89,6 +89,7 @@ class WorkerUnit(Unit):
         self.generation = 1  # a reload without downtime starts generation 2 beside it: `api4242-2@host`
         self.next_node: str | None = None  # the node name of a successor that runs beside it (a reload)
         self.next_heartbeat = ""  # that successor's liveness file, recorded once it takes over
+        self.heartbeat = ""  # its worker's liveness file (heartbeat.py): also the tasks its main process runs
         self.renamed_from: str | None = None
         self.poll_interval: float | None = None  # its transport's poll interval on Redis, when known
         self.hold: Hold | None = None  # the hold of its last spawn (an adopted early worker brings its own)
@@ -151,6 +152,7 @@ class WorkerUnit(Unit):
             self.next_heartbeat = chosen.heartbeat
         else:
             self.hold = hold
+            self.heartbeat = chosen.heartbeat
             launcher.record(self, heartbeat=chosen.heartbeat)
         own_log = LOG_ENV in chosen.env  # the worker writes its log itself (relay.py)
         log_path = launcher.outputs.attach(name, child, chosen.stem, label=node, hold_until=BANNER, own_log=own_log)

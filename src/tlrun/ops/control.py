@@ -224,6 +224,9 @@ def probe(settings: Settings, node: str, timeout: float, retries: int) -> Health
                 attempts,
                 time.monotonic() - started,
             )
+    hung = _hung_here(settings, node)  # a busy solo worker cannot answer: its heartbeat file names the task
+    if hung is not None:
+        return Health(node, "hung", hung, attempts, time.monotonic() - started)
     for proc in procs.scan(("worker",)):
         if proc.node == node:
             try:
@@ -256,6 +259,18 @@ def _hung(settings: Settings, broker: Broker, node: str) -> str | None:
         found += hung.ask(broker, [node], settings.hung_after).get(node, [])
     except BrokerError:
         pass
+    return f"HUNG_TASK: {found[0].message()}" if found else None
+
+
+def _hung_here(settings: Settings, node: str) -> str | None:
+    """HUNG_TASK of `node` from this host alone: its launcher's record, and its heartbeat file."""
+    from tlrun.ops import hung
+
+    found = [h for h in hung.recorded(settings) if h.node == node]
+    for role in settings.roles:
+        record = guard.read_record(guard.lock_path(settings.project_id, role.lock_kind)) or {}
+        if record.get("node") == node:
+            found += hung.from_heartbeat(node, record.get("heartbeat"), settings.hung_after)
     return f"HUNG_TASK: {found[0].message()}" if found else None
 
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from tlrun.errors import BrokerError
 from tlrun.events import Notice
-from tlrun.launch import signals
+from tlrun.launch import heartbeat, signals
 from tlrun.launch._celery_fix import ACTIVE_COMMAND
 from tlrun.launch.broker import Broker
 from tlrun.launch.periodic import Periodic
@@ -106,6 +107,26 @@ def ask(broker: Broker, nodes: list[str], hung_after: float) -> dict[str, list[H
     return {node: judge(node, tasks, hung_after) for node, tasks in running(broker, nodes).items()}
 
 
+def from_heartbeat(node: str, path: str | None, hung_after: float, now: float | None = None) -> list[HungTask]:
+    """The hung ones among the tasks a worker runs in its main process (solo, threads), from its heartbeat
+    file: no remote-control answer needed (a busy solo worker gives none)."""
+    found = heartbeat.running_tasks(path)
+    if found is None:
+        return []
+    pid, tasks = found
+    now = time.time() if now is None else now
+    return judge(node, [{**t, "pid": pid, "runtime": now - t["started"]} for t in tasks], hung_after)
+
+
+def merged(*verdicts: dict[str, list[HungTask]]) -> dict[str, list[HungTask]]:
+    """node -> its hung tasks, one entry per task id, from several sources."""
+    out: dict[str, dict[str, HungTask]] = {}
+    for source in verdicts:
+        for node, tasks in source.items():
+            out.setdefault(node, {}).update({h.id: h for h in tasks})
+    return {node: list(tasks.values()) for node, tasks in out.items()}
+
+
 def recorded(settings: Any) -> list[HungTask]:
     """What this host's launchers found, from their lock records."""
     from tlrun.ops.consuming import recorded_items
@@ -134,24 +155,27 @@ class Watch(Periodic):
 
     name = "tlrun-hung"
 
-    def __init__(self, url: str, targets: Callable[[], list[str]], every: float, hung_after: float) -> None:
+    def __init__(self, url: str, targets: Callable[[], list[tuple[str, str]]], every: float, hung_after: float) -> None:
         super().__init__(every)
         self.url, self.targets, self.hung_after = url, targets, hung_after
         self._lock = threading.Lock()
         self._verdicts: dict[str, list[HungTask]] | None = None
 
     def round(self) -> None:
-        nodes = self.targets()
-        if not nodes:
+        """Each worker's heartbeat file (tasks in its main process), then a remote-control question (prefork's
+        pool children); a broker that does not answer leaves the files' verdicts."""
+        targets = self.targets()
+        if not targets:
             return
+        local = {node: from_heartbeat(node, path, self.hung_after) for node, path in targets}
         try:
             with Broker(self.url) as broker:
-                verdicts = ask(broker, nodes, self.hung_after)
+                asked = ask(broker, [node for node, _ in targets], self.hung_after)
         except BrokerError as exc:
             log.debug("hung-task check failed: %s", exc)
-            return
+            asked = {}
         with self._lock:
-            self._verdicts = verdicts
+            self._verdicts = merged(local, asked)
 
     def take(self) -> dict[str, list[HungTask]] | None:
         with self._lock:
@@ -170,14 +194,17 @@ class HungStep(Step):
         self.hung: dict[str, list[HungTask]] = {}  # node -> its hung tasks now (metrics)
         self.recoveries = 0
         self._said: set[str] = set()  # task ids already reported
+        self._times: dict[str, int] = {}  # task id -> how often it was recovered
+        self._dealt: dict[str, int] = {}  # task id -> the process of its last recovery
+        self.given_up: set[str] = set()  # task ids revoked and hung again: left alone, reported
         self._verdicts: dict[str, list[HungTask]] | None = None
 
     def started(self, launcher: Launcher) -> None:
         if not launcher.workers:
             return
 
-        def targets() -> list[str]:
-            return [w.node for w in list(launcher.workers) if w.state == READY]
+        def targets() -> list[tuple[str, str]]:
+            return [(w.node, w.heartbeat) for w in list(launcher.workers) if w.state == READY]
 
         self.watch = Watch(launcher.broker_url, targets, self.every, self.hung_after).start()
 
@@ -203,19 +230,48 @@ class HungStep(Step):
                 self._recover(launcher, w, found)
 
     def _recover(self, launcher: Launcher, w: WorkerUnit, found: list[HungTask]) -> None:
+        """Prefork: SIGKILL the task's pool child and everything it started; solo and threads: restart the
+        worker. The second time one task id is recovered, it is revoked first (late acks would bring it back
+        for ever); found hung once more after that, tlrun gives up on it with a finding."""
         main = launcher.sup.pid(w.child)
+        # A verdict of a round that began before the last recovery names the process already dealt with.
+        found = [h for h in found if h.id not in self.given_up and self._dealt.get(h.id) != h.pid]
+        for h in found:
+            self._dealt[h.id] = h.pid
+            self._times[h.id] = self._times.get(h.id, 0) + 1
+            if self._times[h.id] == 2:
+                self._revoke(launcher, h)
+            elif self._times[h.id] > 2:
+                self.given_up.add(h.id)
+                launcher.report(
+                    Notice(f"HUNG_TASK: gave up on {h.task} [{h.id}]: revoked, and hung again on {w.node}", "warning")
+                )
+        found = [h for h in found if h.id not in self.given_up]
+        if not found:
+            return
         children = [h for h in found if h.pool_child and h.pid != main]
         if children and len(children) == len(found):
             for h in children:
                 if signals.kill_pool_child(main, h.pid):
                     self.recoveries += 1
-                    launcher.report(Notice(f"hung task {h.task} [{h.id}]: SIGKILL to pool child {h.pid} of {w.node}"))
+                    said = f"hung task {h.task} [{h.id}]: SIGKILL to pool child {h.pid} of {w.node}"
+                    launcher.report(Notice(f"{said} and its subprocesses"))
             return
         assert self.restart is not None
         self.recoveries += 1
         why = f"hung task {found[0].task} [{found[0].id}] on {w.node}"
         launcher.report(Notice(f"{why}: restarting the worker with the stop ladder"))
         launcher.stop_units([w], "hung task", then=functools.partial(self._again, launcher, why))
+
+    def _revoke(self, launcher: Launcher, h: HungTask) -> None:
+        """Revoke by id (every worker of the app keeps it and drops the message when it comes back)."""
+        try:
+            with Broker(launcher.broker_url) as broker:
+                broker.revoke(h.id, confirm=[h.node])
+        except BrokerError as exc:
+            launcher.report(Notice(f"hung task {h.task} [{h.id}]: could not revoke it: {exc}", "warning"))
+            return
+        launcher.report(Notice(f"hung task {h.task} [{h.id}] hung twice: revoked"))
 
     def _again(self, launcher: Launcher, why: str, unit: Unit) -> None:
         assert self.restart is not None and isinstance(unit, WorkerUnit)
