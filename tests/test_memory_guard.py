@@ -48,6 +48,18 @@ def grow():
     _rec.rpush("grow-done", os.getpid())
 
 
+@app.task(name="mem.hog_in_subprocess")
+def hog_in_subprocess():
+    # The memory is in a process the task starts and waits on (ffmpeg, LibreOffice), not in the pool child.
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; x = b'x' * (400 << 20); time.sleep(300)"])
+    _rec.rpush("hog-children", proc.pid)
+    proc.wait()
+    _rec.rpush("hog-done", proc.pid)
+
+
 @app.task(name="mem.note")
 def note(i):
     time.sleep(0.05)
@@ -142,5 +154,55 @@ def test_a_task_past_the_limit_loses_its_child_then_is_revoked(project: Project,
         10,
         "doctor's counter",
     )
+    launched.send(signal.SIGTERM)
+    assert launched.wait(60) == 0
+
+
+def test_a_task_whose_memory_is_in_its_subprocess_loses_that_tree_only(project: Project, record_redis: Any) -> None:
+    """A task waits on a 400 MB subprocess of its own, under a 300 MB limit: the guard counts each pool child
+    with what it started, kills that task's child and its subprocess (never the idle child), memory falls
+    back, the task is revoked at its second kill, and the other tasks keep completing."""
+    (project.root / f"{project.app}.py").write_text(APP.format(app=project.app))
+    url = record_redis.url()
+    env = project.env(TEST_RECORD_URL=url)
+    launched = project.launch("--concurrency", "2", "--memory-limit", "300MB", env=env)
+    launched.wait_output(r"1 worker ready", 60)
+    rows = json.loads(project.run("ps", "--json", env=env).stdout)
+    main = psutil.Process(next(r["pid"] for r in rows if r.get("kind") == "worker"))
+    app = client(project.broker_url)
+    app.send_task("mem.hog_in_subprocess")
+    for i in range(10):
+        app.send_task("mem.note", args=(i,))
+    kills = wait_for(
+        lambda: (
+            re.findall(r"(SIGKILL to|could not kill) pool child (\d+) running (.*)", launched.output())
+            if len(re.findall(r"pool child \d+ running", launched.output())) >= 2
+            else None
+        ),
+        90,
+        "two kills of the task whose subprocess grew",
+    )
+    assert all(
+        done == "SIGKILL to" and what.startswith("task mem.hog_in_subprocess") for done, _pid, what in kills[:2]
+    ), kills
+    assert "revoked, it will not run again" in kills[1][2]
+    hogs = [int(pid) for pid in lrange(url, "hog-children")]
+    assert len(hogs) == 2 and not lrange(url, "hog-done")  # ran twice, never a third time
+    for pid in hogs:  # each subprocess died with its task's child: nothing orphaned
+        wait_for(
+            lambda pid=pid: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+            10,
+            f"hog {pid} gone",
+        )
+    wait_for(lambda: len(lrange(url, "notes")) == 10, 60, "every other task to complete")
+    assert main.is_running() and main.status() != psutil.STATUS_ZOMBIE
+
+    def pool_memory() -> dict[str, int]:
+        row = next(r for r in json.loads(project.run("ps", "--json", env=env).stdout) if r.get("kind") == "worker")
+        return dict(row.get("pool_memory") or {})
+
+    # Each pool child's task tree, as the guard last recorded it: none holds the 400 MB any more.
+    wait_for(lambda: (sizes := pool_memory()) and max(sizes.values()) < 150_000_000, 20, "the trees small again")
+    assert len(re.findall(r"pool child \d+ running", launched.output())) == 2  # no idle child was ever killed
     launched.send(signal.SIGTERM)
     assert launched.wait(60) == 0

@@ -94,10 +94,11 @@ def send(proc: psutil.Process, sig: int) -> bool:
         return False
 
 
-def kill_pool_child(main_pid: int | None, pid: int) -> bool:
+def kill_pool_child(main_pid: int | None, pid: int, also: Sequence[psutil.Process] = ()) -> bool:
     """SIGKILL one pool child of our worker (a hung or runaway task) and every process its task started (its
-    descendants, listed before the kill: an ffmpeg the task waits on would outlive it, orphaned), never the
-    worker's main process: only when `pid` is a live child of `main_pid` right now. False otherwise."""
+    descendants, listed before the kill: an ffmpeg the task waits on would outlive it, orphaned; `also`: those
+    that left the tree, as the memory guard followed them), never the worker's main process: only when `pid`
+    is a live child of `main_pid` right now. False otherwise."""
     if main_pid is None or pid == main_pid:
         return False
     try:
@@ -107,6 +108,7 @@ def kill_pool_child(main_pid: int | None, pid: int) -> bool:
         descendants = proc.children(recursive=True)
     except psutil.Error:
         return False
+    descendants += [p for p in also if p.pid not in {d.pid for d in descendants} and p.pid != main_pid]
     killed = send(proc, signal.SIGKILL)
     for sub in descendants:
         send(sub, signal.SIGKILL)  # psutil checks each one's create time: never a reused pid

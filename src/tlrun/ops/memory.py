@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,8 +79,9 @@ def limit_from_cgroup(limit: int | None) -> int | None:
 class Sample:
     main: int
     main_pss: int
-    children: dict[int, int]  # pool child pid -> its PSS
+    children: dict[int, int]  # pool child pid -> the PSS of its task's tree (the child and what it started)
     seconds: float  # what the sample cost
+    members: dict[int, list[psutil.Process]] = field(default_factory=dict)  # pool child -> what it started
 
     @property
     def total(self) -> int:
@@ -96,15 +97,42 @@ def pss(proc: psutil.Process) -> int:
         return int(proc.memory_info().rss)
 
 
-def sample(main_pid: int) -> Sample | None:
+def sample(main_pid: int, known: dict[int, list[psutil.Process]] | None = None) -> Sample | None:
+    """The worker's tree by task: each direct child (a pool child) with every process it started, counted
+    together. `known`: what each child had started at the last sample; a process re-parented away since (a
+    double fork, an exited helper's orphan: to the launcher, a subreaper, or to init) still counts for the
+    child that started it, as long as it is the same process (psutil compares its create time)."""
     began = time.perf_counter()
     try:
         main = psutil.Process(main_pid)
-        children = {c.pid: pss(c) for c in main.children(recursive=True)}
+        direct = main.children()
         main_pss = pss(main)
     except psutil.Error:
         return None
-    return Sample(main_pid, main_pss, children, time.perf_counter() - began)
+    children: dict[int, int] = {}
+    members: dict[int, list[psutil.Process]] = {}
+    for child in direct:
+        try:
+            started = child.children(recursive=True)
+        except psutil.Error:
+            continue
+        here = {p.pid for p in started}
+        started += [p for p in (known or {}).get(child.pid, []) if p.pid not in here and _alive(p)]
+        total = 0
+        for proc in [child, *started]:
+            try:
+                total += pss(proc)
+            except psutil.Error:
+                continue
+        children[child.pid], members[child.pid] = total, started
+    return Sample(main_pid, main_pss, children, time.perf_counter() - began, members)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @dataclass(frozen=True)
@@ -143,7 +171,8 @@ class Guard(Periodic):
 
     def round(self) -> None:
         for target in self.targets():
-            got = sample(target.main_pid)
+            last = self.latest.get(target.node)
+            got = sample(target.main_pid, last.members if last is not None and last.main == target.main_pid else None)
             if got is None:
                 continue
             for pid, size in got.children.items():
@@ -155,26 +184,37 @@ class Guard(Periodic):
                 self._calm[target.node] = time.monotonic() + KILL_SETTLE
 
     def _act(self, target: Target, got: Sample) -> None:
-        grown = max(got.children, key=lambda pid: got.children[pid] - self._first.get(pid, 0))
-        task, task_id = self._task_of(target.node, grown)
+        """SIGKILL the task tree that grew most; when the worker names its running tasks, only among the
+        children that run one (an idle child's memory is not a task's)."""
+        running = self._running(target.node)
+        candidates = list(got.children)
+        if running is not None:
+            candidates = [pid for pid in candidates if pid in running]
+            if not candidates:
+                return  # no task to blame: the main process grew, or the tasks moved on
+        grown = max(candidates, key=lambda pid: got.children[pid] - self._first.get(pid, 0))
+        task, task_id = running.get(grown, (None, None)) if running is not None else (None, None)
         revoked = False
         if task_id is not None and self.killed_ids.get(task_id, 0) >= 1:
             revoked = self._revoke(task_id)
-        killed = signals.kill_pool_child(target.main_pid, grown)
+        killed = signals.kill_pool_child(target.main_pid, grown, also=got.members.get(grown, ()))
         if task_id is not None and killed:
             self.killed_ids[task_id] = self.killed_ids.get(task_id, 0) + 1
         self._first.pop(grown, None)
         with self._lock:
             self.kills.append(Kill(target.node, grown, got.total, target.limit, task, task_id, revoked, killed))
 
-    def _task_of(self, node: str, pid: int) -> tuple[str | None, str | None]:
+    def _running(self, node: str) -> dict[int, tuple[str | None, str | None]] | None:
+        """pid -> (task name, id) of each task the worker says it runs; None when it did not answer."""
         try:
             with Broker(self.url) as broker:
-                tasks = hung.running(broker, [node], TASK_OF_TIMEOUT).get(node, [])
+                answers = hung.running(broker, [node], TASK_OF_TIMEOUT)
         except BrokerError:
-            return None, None
-        task = next((t for t in tasks if t.get("pid") == pid), None)
-        return (str(task.get("name")), str(task.get("id"))) if task is not None else (None, None)
+            return None
+        if node not in answers:
+            return None
+        tasks = [t for t in answers[node] if isinstance(t.get("pid"), int)]
+        return {int(t["pid"]): (str(t.get("name")), str(t.get("id"))) for t in tasks}
 
     def _revoke(self, task_id: str) -> bool:
         try:
