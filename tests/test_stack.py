@@ -576,3 +576,61 @@ def test_another_users_process_with_our_marker_is_never_ours(project: Project) -
         theirs.kill()
         theirs.wait(5)
     assert not processes_under(project.base)
+
+
+ESCAPER = """
+import os, subprocess, time
+if os.fork() == 0:  # a daemon: fork, a new session, fork again; the middle one exits at once
+    os.setsid()
+    if os.fork() == 0:
+        with open("daemon.pid", "w") as fh:
+            fh.write(str(os.getpid()))
+        os.execvp("sleep", ["sleep", "1000"])
+    os._exit(0)
+# One that leaves its session with an empty environment: no marker of tlrun's left to find it by.
+session = subprocess.Popen(["env", "-i", "setsid", "sleep", "1001"])
+with open("session.pid", "w") as fh:
+    fh.write(str(session.pid))
+print("escaper up", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_processes_that_escape_their_session_are_listed_and_stopped_with_their_unit(project: Project) -> None:
+    """A stack process that double-forks into a session of its own, and one that runs `env -i setsid`: both
+    stay under the process's watchdog (a child subreaper), are listed by ps under the process, and are gone
+    after the stop, not left for the next sweep."""
+    (project.root / "escaper.py").write_text(ESCAPER)
+    (project.root / "pyproject.toml").write_text(
+        f"""[tool.tlrun]
+app = "{project.app}"
+
+[tool.tlrun.processes.escaper]
+command = ["{sys.executable}", "escaper.py"]
+ready = "escaper up"
+grace = 3
+"""
+    )
+    dev = project.launch("--only", "escaper", command="dev")
+    dev.wait_output(r"tlrun: escaper ready")
+    pids = [
+        wait_for(lambda name=name: (project.root / name).exists() and (project.root / name).read_text(), 10, name)
+        for name in ("daemon.pid", "session.pid")
+    ]
+    escaped = [int(p) for p in pids]
+    wait_for(lambda: all(psutil.Process(p).name() == "sleep" for p in escaped), 10, "both sleeps to run")
+    assert all(os.getsid(p) != os.getsid(dev.pid) for p in escaped)  # out of tlrun's session
+    listed = {int(r["pid"]) for r in _ps(project)}
+    for row in _ps(project):
+        listed.update(int(p) for p in row.get("escaped") or [])
+    assert set(escaped) <= listed, (escaped, _ps(project))
+    dev.send(signal.SIGINT)
+    assert dev.wait(30) == 0
+    for pid in escaped:
+        wait_for(
+            lambda pid=pid: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+            5,
+            f"{pid} gone",
+        )
+    assert not processes_under(project.base)

@@ -235,7 +235,12 @@ def ps_table(rows: list[LocalProcess]) -> list[str]:
     if not guarded:
         header, body = header[:-1], [row[:-1] for row in body]
     widths = [max(len(r[i]) for r in (header, *body)) for i in range(len(header))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in (header, *body)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in (header, *body)]
+    for p in rows:  # held by the process's watchdog, stopped with it
+        if p.escaped:
+            pids = ", ".join(map(str, p.escaped))
+            lines.append(f"  {p.as_dict()['name']} (pid {p.pid}) also holds, outside its session: pids {pids}")
+    return lines
 
 
 def _guard_cell(p: LocalProcess) -> str:

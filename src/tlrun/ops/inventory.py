@@ -38,6 +38,7 @@ class LocalProcess:
     pool_memory: dict[str, int] | None = None  # pool child pid -> its PSS, as the guard last sampled
     name: str | None = None  # the unit's name: its role, `beat`, a process's name, `flower`, `broker`
     port: int | None = None  # where a stack's process serves
+    escaped: tuple[int, ...] = ()  # a stack process's descendants in a session of their own (its watchdog holds them)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -121,12 +122,30 @@ def local_processes(
                 pool_memory=guarded.get(proc.pid, {}).get("children"),
                 name=proc.process,
                 port=record.get("port") if isinstance(record.get("port"), int) else None,
+                escaped=escaped_from(proc.pid) if kind == "process" else (),
             )
         )
     if settings is not None:
         seen = {row.pid for row in out}
         out += [row for row in in_process_workers(settings) + held_units(settings) if row.pid not in seen]
     return sorted(out, key=lambda p: (p.kind, p.role or "", p.pid))
+
+
+def escaped_from(pid: int) -> tuple[int, ...]:
+    """The descendants of a stack process's watchdog that left its session (a daemon's double fork, `env -i
+    setsid`): no marker and no process group leads to them, but the watchdog is their subreaper."""
+    try:
+        session = os.getsid(pid)
+        found = []
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                if os.getsid(child.pid) != session:
+                    found.append(child.pid)
+            except OSError:
+                continue
+    except (psutil.Error, OSError):
+        return ()
+    return tuple(sorted(found))
 
 
 def _standby_beat(settings: Settings) -> int | None:
