@@ -227,6 +227,33 @@ def test_an_unsafe_log_directory_is_refused(project: Project, other_user: pwd.st
     assert "refusing it" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_symlink_in_the_middle_of_the_log_path_is_refused(project: Project, other_user: pwd.struct_passwd) -> None:
+    """A folder another user owns (their project, run by root) holds `shared -> <root's directory>`; the log
+    directory `shared/logs` then lands in root's directory, and its prune among root's files. Refused (exit 12)
+    before anything is written; the victim is untouched."""
+    theirs = project.base / "their-project"
+    theirs.mkdir()
+    victim = project.base / "roots-files"
+    (victim / "logs").mkdir(parents=True)
+    old = [victim / "logs" / f"celery_worker_{n}.log" for n in range(1, 13)]  # more than the prune keeps
+    for path in old:
+        path.write_text("root's own\n")
+    os.chown(theirs, other_user.pw_uid, other_user.pw_gid)
+    (theirs / "shared").symlink_to(victim)  # as they would make it (the test's folders are root's: 0700)
+    os.lchown(theirs / "shared", other_user.pw_uid, other_user.pw_gid)
+    result = project.run("worker", "-A", project.app, "--log-dir", str(theirs / "shared" / "logs"), timeout=60)
+    assert result.returncode == 12, result.stdout + result.stderr
+    assert "is a symlink another user could have planted" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in (victim / "logs").iterdir()) == sorted(p.name for p in old)  # nothing written
+    assert all(p.read_text() == "root's own\n" for p in old)  # nothing pruned
+    # The same link made by this user in a folder of its own is followed as before.
+    from tlrun.launch.logfiles import check_log_dir
+
+    mine = project.base / "my-link"
+    mine.symlink_to(victim)
+    check_log_dir(mine / "logs")
+
+
 def test_a_fifo_at_the_log_name_is_refused_at_once_and_logs_never_blocks(project: Project) -> None:
     """A FIFO where tlrun writes or reads a log would block open() forever (and ignore Ctrl-C there)."""
     proc = _stopped_launcher(project)

@@ -84,6 +84,7 @@ def check_log_dir(log_dir: Path) -> None:
     """Create the log directory if needed and refuse one that another user could plant files in: owned by
     someone else, or group/world-writable without the sticky bit. Runs before anything is stopped."""
     hint = "choose another directory with --log-dir or TLRUN_LOG_DIR"
+    check_path_components(log_dir, hint)
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
         st = os.lstat(log_dir)
@@ -110,6 +111,38 @@ def check_log_dir(log_dir: Path) -> None:
         )
     if not os.access(log_dir, os.W_OK | os.X_OK):
         raise LogError(f"cannot write the worker log in {log_dir}: Permission denied", hint=hint)
+
+
+def _others_may_write(st: os.stat_result) -> bool:
+    """Another user may add, remove or replace entries of this directory."""
+    return st.st_uid not in (os.getuid(), 0) or bool(st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX)
+
+
+def check_path_components(log_dir: Path, hint: str) -> None:
+    """Every symlink on the way to `log_dir`, not only its last component, must be one nobody else could have
+    planted: owned by this user or root, in a directory no other user may write. Else tlrun's files (and
+    their prune) would go wherever another user points them (a project they own, run by root)."""
+    current = Path(os.path.abspath(log_dir)).parts
+    here = Path(current[0])
+    for part in current[1:]:
+        step = here / part
+        try:
+            st = os.lstat(step)
+        except OSError:
+            return  # from here on tlrun creates the directories itself
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                planted = st.st_uid not in (os.getuid(), 0) or _others_may_write(os.stat(here))
+            except OSError:
+                planted = True
+            if planted:
+                raise LogError(
+                    f"log directory {log_dir}: {step} is a symlink another user could have planted (owned by uid "
+                    f"{st.st_uid}, or in a directory others may write): refusing to follow it",
+                    hint=hint,
+                )
+            step = Path(os.path.realpath(step))
+        here = step
 
 
 KEEP_LAUNCHES = 10  # log files of each kind kept: the newest launches'
