@@ -140,6 +140,20 @@ CASES = [
         {"pyproject.toml": '[tool.tlrun.workers.a]\nqueues = ["a"]\n[tool.tlrun.workers.b]\nqueues = ["b"]\n'},
     ),
     Case(
+        "-X after -- excluding every queue of a role",
+        (*W, "--", "-X", "qa"),
+        2,
+        "role a: -X/--exclude-queues qa excludes every queue it consumes",
+        {"pyproject.toml": '[tool.tlrun.workers.a]\nqueues = ["qa"]\n[tool.tlrun.workers.b]\nqueues = ["b", "qa"]\n'},
+    ),
+    Case(
+        "-X in a role's extra_args excluding its own queues",
+        W,
+        3,
+        "role a: -X/--exclude-queues a,b excludes every queue it consumes",
+        {"pyproject.toml": '[tool.tlrun.workers.a]\nqueues = ["a", "b"]\nextra_args = ["--exclude-queues=a,b"]\n'},
+    ),
+    Case(
         "--detach in a role's extra_args",
         W,
         3,

@@ -47,3 +47,32 @@ def check_queues(queues: str, source: str) -> None:
     bad = next((q for q in names if any(c.isspace() for c in q)), None)
     if bad is not None or "" in names:
         raise ConfigError(f"{source}={queues!r}: queue names are comma-separated, without spaces or line breaks")
+
+
+def excluded_queues(args: tuple[str, ...]) -> set[str]:
+    """The queues `-X`/`--exclude-queues` in passthrough arguments name (`-X a,b`, `-Xa`, `--exclude-queues=a`)."""
+    found: set[str] = set()
+    for i, arg in enumerate(args):
+        value = None
+        if arg in ("-X", "--exclude-queues") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--exclude-queues="):
+            value = arg.split("=", 1)[1]
+        elif arg.startswith("-X") and not arg.startswith("--") and len(arg) > 2:
+            value = arg[2:]
+        if value is not None:
+            found.update(q.strip() for q in value.split(",") if q.strip())
+    return found
+
+
+def refuse_excluding_every_queue(queues: str | None, args: tuple[str, ...], role: str, error: type[TlrunError]) -> None:
+    """A role whose every queue the passthrough's -X excludes would run and consume nothing, silently."""
+    if not queues:
+        return
+    mine = {q.strip() for q in queues.split(",") if q.strip()}
+    if mine and mine <= excluded_queues(args):
+        raise error(
+            f"role {role}: -X/--exclude-queues {','.join(sorted(mine))} excludes every queue it consumes: "
+            "its worker would take no task",
+            hint=f"exclude queues for one role only (--role NAME ... -- -X ...), or change role {role}'s queues",
+        )

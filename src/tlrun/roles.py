@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tlrun.errors import ConfigError, UsageError
-from tlrun.passthrough import check_queues, refuse_owned_options
+from tlrun.passthrough import check_queues, excluded_queues, refuse_excluding_every_queue, refuse_owned_options
 from tlrun.project.file import LOGLEVELS, POOLS, ProjectFile, RoleSpec
 
 ENV_PREFIX = "TLRUN_NODE_PREFIX"
@@ -180,6 +180,9 @@ def _role(spec: RoleSpec, values: Mapping[str, tuple[Any, str]], declared: bool,
     extra = from_file + from_cli
     if get("queues") is not None:
         check_queues(str(get("queues")), values["queues"][1])
+        refuse_excluding_every_queue(
+            str(get("queues")), extra, spec.name, UsageError if excluded_queues(from_cli) else ConfigError
+        )
     worker = WorkerOptions(
         concurrency=option("concurrency", int, 1, 10_000),
         queues=str(get("queues")) if get("queues") else None,
