@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import itertools
 import signal
+import subprocess
 import threading
 import time
 from typing import Any
 
 import pytest
 
-from helpers import Project, client, ping_replies, wait_for
+from helpers import PY, Project, client, ping_replies, wait_for
 
 TASKS = """
 import os
@@ -140,6 +141,38 @@ def test_reload_swaps_beside_and_a_broken_module_keeps_the_old_worker(project: P
     wait_for(lambda: len(ping_replies(project.broker_url)) == 1, 30, "the second generation to stop")
     ps = project.run("ps", "--json", env=env)
     assert f"{base}-3@" in ps.stdout
+    assert worker.proc.poll() is None
+
+
+def test_three_reloads_at_once_all_answer(project: Project, record_redis: Any) -> None:
+    """Three `tlrun reload` started at once share one request file: a later one may replace another's before
+    the launcher reads it. Every caller gets its answer (the reload it asked for, or a later one) and exits 0;
+    the worker runs the new code (before: a caller waited its whole timeout, then exit 18)."""
+    write_code(project, 1)
+    env = project.env(TEST_RECORD_URL=record_redis.url())
+    worker = start_worker(project, env)
+    write_code(project, 2)
+    callers = [
+        subprocess.Popen(
+            [PY, "-m", "tlrun", "reload", "-A", project.app, "--timeout", "40"],
+            cwd=project.root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    try:
+        said = [c.communicate(timeout=90)[0] for c in callers]
+    finally:
+        for c in callers:
+            if c.poll() is None:
+                c.kill()
+                c.wait(10)
+    assert [c.returncode for c in callers] == [0, 0, 0], said
+    assert all("reloaded:" in out for out in said), said
+    assert run_once(project.broker_url, record_redis.url(), 1) == 2
     assert worker.proc.poll() is None
 
 

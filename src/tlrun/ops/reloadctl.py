@@ -3,7 +3,8 @@
 The launchers are found the way `tlrun stop` finds them (control.py). Each gets a request file in the user's
 private lock directory and SIGUSR1 (unitstop.py); its reload step (deploy/swap.py) starts each role's next
 worker, and answers in the role's lock record (`reload`: the request's id, ok, message) once the new worker
-answered its ping, or with the error that kept the old one serving. A launcher that does not say it takes
+answered its ping, or with the error that kept the old one serving. Two callers at once may share one
+request: an answer to a request asked after ours answers ours too. A launcher that does not say it takes
 reload requests (`reload_requests` in its records: a tlrun older than this) is never sent SIGUSR1.
 """
 
@@ -55,7 +56,7 @@ def reload_project(settings: Settings, timeout: float) -> list[RoleReloaded]:
             records.pop("beat", None)  # beside workers, beat restarts with their reload; they answer
     asked: dict[int, set[str]] = {}
     refused: list[int] = []
-    request_id = secrets.token_hex(8)
+    request_id = f"{time.time():.6f}-{secrets.token_hex(4)}"  # when it was asked: see _covers
     roles = None if settings.role_filter is None else sorted(kinds.values())
     for pid, records in held.items():
         proc = procs.get(pid)
@@ -89,7 +90,7 @@ def _answers(
     while waiting and time.monotonic() < deadline:
         for kind, record, holder in guard.live_records(settings.project_id, sorted({k for _p, k in waiting})):
             answer = record.get("reload")
-            if (holder.pid, kind) in waiting and isinstance(answer, dict) and answer.get("id") == request_id:
+            if (holder.pid, kind) in waiting and isinstance(answer, dict) and _covers(answer.get("id"), request_id):
                 waiting.discard((holder.pid, kind))
                 ok = bool(answer.get("ok"))
                 answers[(holder.pid, kind)] = RoleReloaded(holder.pid, kinds[kind], ok, str(answer.get("message")))
@@ -104,3 +105,15 @@ def _answers(
         late = ", ".join(f"role {kinds[k]} of launcher {p}" for p, k in sorted(waiting))
         raise ReloadError(f"no answer within {timeout:g} s from {late}")
     return sorted(answers.values(), key=lambda a: (a.launcher, a.role))
+
+
+def _covers(answered: Any, ours: str) -> bool:
+    """An answer to our request, or to one asked after ours: two `tlrun reload` at once share one request file
+    per launcher, so the later one may replace ours before it is read; its reload loads code at least as new
+    as ours asked for. (Request ids start with the time they were asked.)"""
+    if answered == ours:
+        return True
+    try:
+        return float(str(answered).split("-", 1)[0]) >= float(ours.split("-", 1)[0])
+    except ValueError:
+        return False
