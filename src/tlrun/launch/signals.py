@@ -115,6 +115,20 @@ def kill_pool_child(main_pid: int | None, pid: int, also: Sequence[psutil.Proces
     return killed
 
 
+def pause_pool_child(main_pid: int | None, pid: int) -> bool:
+    """SIGSTOP one pool child of our worker (the memory guard freezes a runaway task while it revokes it, then
+    kills it): only when `pid` is a live child of `main_pid` right now."""
+    if main_pid is None or pid == main_pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.ppid() != main_pid:
+            return False
+    except psutil.Error:
+        return False
+    return send(proc, signal.SIGSTOP)
+
+
 def child_exited(child: subprocess.Popen[bytes]) -> bool:
     """Has our child exited? Does not reap it: its pid stays ours until Popen.wait()."""
     if child.returncode is not None:

@@ -31,7 +31,8 @@ from tlrun.launch.broker import Broker
 from tlrun.launch.periodic import Periodic
 from tlrun.launch.steps import Step
 from tlrun.launch.units import READY
-from tlrun.ops import hung
+from tlrun.ops import budget, hung
+from tlrun.ops.budget import FAST_EVERY, Cgroup, Kill, SharedBudget
 
 if TYPE_CHECKING:
     from tlrun.launch.launcher import Launcher
@@ -135,23 +136,12 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class Kill:
-    node: str
-    pid: int
-    total: int  # the tree's PSS when it passed the limit
-    limit: int
-    task: str | None  # name and id from the worker's own reply, None when it ran none (or did not answer)
-    task_id: str | None
-    revoked: bool  # the second kill of this task id: revoked first
-    killed: bool
-
-
 @dataclass
 class Target:
     node: str
     main_pid: int
     limit: int
+    shared: bool = False  # the limit is the cgroup's, shared with the launcher's other workers (budget.py)
 
 
 class Guard(Periodic):
@@ -159,18 +149,43 @@ class Guard(Periodic):
 
     name = "tlrun-memory"
 
-    def __init__(self, url: str, targets: Callable[[], list[Target]], every: float = SAMPLE_EVERY) -> None:
+    def __init__(
+        self, url: str, targets: Callable[[], list[Target]], every: float = SAMPLE_EVERY, cgroup: Cgroup | None = None
+    ) -> None:
         super().__init__(every)
         self.url, self.targets = url, targets
+        self._next_pss = 0.0
+        self._book_broker: Broker | None = None
+        self.shared: SharedBudget | None = None
+        limit = cgroup.limit() if cgroup is not None else None
+        if cgroup is not None and limit is not None:
+            self.shared = SharedBudget(
+                cgroup,
+                limit_from_cgroup(limit) or limit,
+                self._running_all,
+                self._kill,
+                self._revoke,
+                {},
+                signals.pause_pool_child,
+            )
         self.latest: dict[str, Sample] = {}
         self.kills: list[Kill] = []  # taken by the supervise loop
-        self.killed_ids: dict[str, int] = {}
+        self.killed_ids: dict[str, int] = self.shared.killed_ids if self.shared is not None else {}
         self._first: dict[int, int] = {}  # child pid -> its PSS when first seen
         self._calm: dict[str, float] = {}  # node -> no kill before this monotonic time (the last one settles)
         self._lock = threading.Lock()
 
     def round(self) -> None:
-        for target in self.targets():
+        targets, now = self.targets(), time.monotonic()
+        if self.shared is not None:  # the cheap look at the shared cgroup: every FAST_EVERY near its limit
+            kills = self.shared.look([(t.node, t.main_pid) for t in targets if t.shared], now)
+            with self._lock:
+                self.kills += kills
+            self.every = FAST_EVERY if self.shared.near else SAMPLE_EVERY
+        if now < self._next_pss or (self.shared is not None and self.shared.near):
+            return  # near a shared limit only the cheap look runs: a slow sample would be the kernel's chance
+        self._next_pss = now + SAMPLE_EVERY
+        for target in targets:
             last = self.latest.get(target.node)
             got = sample(target.main_pid, last.members if last is not None and last.main == target.main_pid else None)
             if got is None:
@@ -178,6 +193,8 @@ class Guard(Periodic):
             for pid, size in got.children.items():
                 self._first.setdefault(pid, size)
             self.latest[target.node] = got
+            if target.shared:
+                continue  # judged with the others that share its cgroup, above
             if got.total > target.limit and got.children and time.monotonic() >= self._calm.get(target.node, 0):
                 self._act(target, got)
                 # The killed child's pages are freed as it exits: judge the tree again after that.
@@ -216,6 +233,26 @@ class Guard(Periodic):
         tasks = [t for t in answers[node] if isinstance(t.get("pid"), int)]
         return {int(t["pid"]): (str(t.get("name")), str(t.get("id"))) for t in tasks}
 
+    def _running_all(self, nodes: list[str]) -> dict[int, tuple[str, str]] | None:
+        """pid -> (task name, id) of every task the shared workers run; None when none answered."""
+        try:
+            if self._book_broker is None:  # one connection for the book's thread: a new one costs ~0.1 s of CPU
+                self._book_broker = Broker(self.url)
+            answers = hung.running(self._book_broker, nodes, TASK_OF_TIMEOUT)
+        except BrokerError:
+            if self._book_broker is not None:
+                self._book_broker.close()
+            self._book_broker = None
+            return None
+        if not answers:
+            return None
+        tasks = [t for found in answers.values() for t in found if isinstance(t.get("pid"), int)]
+        return {int(t["pid"]): (str(t.get("name")), str(t.get("id"))) for t in tasks}
+
+    @staticmethod
+    def _kill(main: int, pid: int, started: list[psutil.Process]) -> bool:
+        return signals.kill_pool_child(main, pid, also=started)
+
     def _revoke(self, task_id: str) -> bool:
         try:
             with Broker(self.url) as broker:
@@ -224,6 +261,10 @@ class Guard(Periodic):
         except BrokerError as exc:
             log.debug("revoke of %s failed: %s", task_id, exc)
             return False
+
+    def finish(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
 
     def take(self) -> list[Kill]:
         with self._lock:
@@ -236,6 +277,7 @@ class MemoryStep(Step):
 
     def __init__(self, cgroup: int | None = None) -> None:
         self.cgroup = limit_from_cgroup(cgroup if cgroup is not None else cgroup_limit())
+        self.cgroup_dir = budget.find() if cgroup is None else None  # where the shared budget is read
         self.guard: Guard | None = None
         self.kills_by_task: dict[str, int] = {}
         self._next_record = 0.0
@@ -248,18 +290,27 @@ class MemoryStep(Step):
         if not any(w.role.memory_limit or self.cgroup for w in launcher.workers):
             return
 
+        shared = self.cgroup_dir if self.cgroup_dir is not None and self.cgroup else None
+
         def targets() -> list[Target]:
             found = []
             for w in list(launcher.workers):
                 pid, limit = launcher.sup.pid(w.child), w.role.memory_limit or self.cgroup
                 if w.state == READY and pid is not None and limit:
-                    found.append(Target(w.node, pid, limit))
+                    found.append(Target(w.node, pid, limit, shared is not None and not w.role.memory_limit))
             return found
 
-        self.guard = Guard(launcher.broker_url, targets).start()
-        limits = {w.node: w.role.memory_limit or self.cgroup for w in launcher.workers}
-        said = ", ".join(f"{node} {mib(limit)}" for node, limit in limits.items() if limit)
-        launcher.report(Notice(f"memory guard: {said} (PSS of the whole tree, sampled every {SAMPLE_EVERY:g} s)"))
+        self.guard = Guard(launcher.broker_url, targets, cgroup=shared).start()
+        own = {w.node: w.role.memory_limit for w in launcher.workers if w.role.memory_limit}
+        said = ", ".join(f"{node} {mib(limit)}" for node, limit in own.items())
+        said = f"{said} (PSS of the whole tree, sampled every {SAMPLE_EVERY:g} s)" if said else ""
+        pooled = [w.node for w in launcher.workers if not w.role.memory_limit and self.cgroup]
+        if pooled:
+            how = "cgroup working set" if shared is not None else "PSS of each tree"
+            said += "; " if said else ""
+            nodes, limit = ", ".join(pooled), mib(self.cgroup or 0)
+            said += f"{nodes} share the cgroup's {limit} ({how}; every {FAST_EVERY:g} s near it)"
+        launcher.report(Notice(f"memory guard: {said}"))
 
     def poll(self, launcher: Launcher) -> bool:
         if self.guard is None:
@@ -270,6 +321,16 @@ class MemoryStep(Step):
         assert self.guard is not None
         for kill in self.guard.take():
             what = f"task {kill.task} [{kill.task_id}]" if kill.task else "no task it could name"
+            if kill.by == "kernel":
+                revoked = "; revoked, it will not run again" if kill.revoked else ""
+                launcher.report(
+                    Notice(
+                        f"memory guard: the kernel's OOM killer took pool child {kill.pid} of {kill.node} running "
+                        f"{what} (counted as a kill of that task){revoked}",
+                        "warning",
+                    )
+                )
+                continue
             if kill.task:
                 self.kills_by_task[kill.task] = self.kills_by_task.get(kill.task, 0) + 1
             revoked = "; its second kill: revoked, it will not run again" if kill.revoked else ""
