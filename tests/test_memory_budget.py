@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from helpers import Launched, Project, client, wait_for
+from test_memory_guard import lrange
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -127,16 +128,6 @@ def cgroup() -> Iterator[tuple[Path, int]]:
 def oom_kills(path: Path, version: int) -> int:
     text = (path / ("memory.events" if version == 2 else "memory.oom_control")).read_text()
     return int(re.search(r"^oom_kill (\d+)", text, re.M).group(1)) if "oom_kill" in text else 0  # type: ignore[union-attr]
-
-
-def lrange(url: str, key: str) -> list[str]:
-    import redis
-
-    r = redis.Redis.from_url(url)
-    try:
-        return [x.decode() for x in r.lrange(key, 0, -1)]
-    finally:
-        r.close()
 
 
 def test_two_roles_in_one_cgroup_share_its_limit_and_the_guard_acts_before_the_kernel(

@@ -94,17 +94,26 @@ def send(proc: psutil.Process, sig: int) -> bool:
         return False
 
 
+def _pool_child(main_pid: int | None, pid: int) -> psutil.Process | None:
+    """`pid` when it is a live child of our worker `main_pid` right now (never the main process itself)."""
+    if main_pid is None or pid == main_pid:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        return proc if proc.ppid() == main_pid else None
+    except psutil.Error:
+        return None
+
+
 def kill_pool_child(main_pid: int | None, pid: int, also: Sequence[psutil.Process] = ()) -> bool:
     """SIGKILL one pool child of our worker (a hung or runaway task) and every process its task started (its
     descendants, listed before the kill: an ffmpeg the task waits on would outlive it, orphaned; `also`: those
     that left the tree, as the memory guard followed them), never the worker's main process: only when `pid`
     is a live child of `main_pid` right now. False otherwise."""
-    if main_pid is None or pid == main_pid:
+    proc = _pool_child(main_pid, pid)
+    if proc is None:
         return False
     try:
-        proc = psutil.Process(pid)
-        if proc.ppid() != main_pid:
-            return False
         descendants = proc.children(recursive=True)
     except psutil.Error:
         return False
@@ -118,15 +127,8 @@ def kill_pool_child(main_pid: int | None, pid: int, also: Sequence[psutil.Proces
 def pause_pool_child(main_pid: int | None, pid: int) -> bool:
     """SIGSTOP one pool child of our worker (the memory guard freezes a runaway task while it revokes it, then
     kills it): only when `pid` is a live child of `main_pid` right now."""
-    if main_pid is None or pid == main_pid:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if proc.ppid() != main_pid:
-            return False
-    except psutil.Error:
-        return False
-    return send(proc, signal.SIGSTOP)
+    proc = _pool_child(main_pid, pid)
+    return proc is not None and send(proc, signal.SIGSTOP)
 
 
 def child_exited(child: subprocess.Popen[bytes]) -> bool:
