@@ -554,3 +554,19 @@ def test_stale_lock_files_and_old_schedules_are_pruned_and_live_ones_kept(tmp_pa
     os.utime(other, (month_ago, month_ago))
     assert tidy.old_schedules(runtime) == [old]
     assert not old.exists() and recent.exists() and other.exists()
+    # Broker records: of a project that stopped a day ago, removed; of a running one, or a recent one, kept.
+    gone, running, fresh = (lock_dir / f"{c * 16}.broker.json" for c in "ef0")
+    running_lock = guard.ProjectLock.try_acquire(lock_dir / f"{'f' * 16}.testhost.worker.lock")
+    assert running_lock is not None
+    try:
+        for path in (gone, running, fresh):
+            path.write_text("{}")
+        day_ago = time.time() - tidy.RECORD_MAX_AGE - 60
+        for path in (gone, running):
+            os.utime(path, (day_ago, day_ago))
+        assert tidy.old_broker_records(lock_dir) == [gone]
+        assert not gone.exists() and running.exists() and fresh.exists()
+    finally:
+        running_lock.release()
+        for path in (running, fresh):
+            path.unlink(missing_ok=True)

@@ -1,5 +1,6 @@
-"""Keep tlrun's state directories from growing: the lock files SIGKILLed launchers left behind, and beat
-schedule files of projects that have not run beat for a month. Only what no live launcher holds, only
+"""Keep tlrun's state directories from growing: the lock files SIGKILLed launchers left behind, the broker
+records of projects that stopped running a day ago, and beat schedule files of projects that have not run
+beat for a month. Only what no live launcher holds, only
 regular files of ours named as tlrun names them; run at each launch, after the launcher took its own locks.
 """
 
@@ -19,6 +20,8 @@ _LOCK_NAME = re.compile(
     r"^[0-9a-f]{16}\.[A-Za-z0-9_.-]+\.(worker|worker-[A-Za-z0-9_-]+|beat|process-[A-Za-z0-9_-]+)\.lock$"
 )
 _SCHEDULE_NAME = re.compile(r"^([0-9a-f]{16})\.celerybeat-schedule(\.(db|dat|dir|bak))?$")
+_RECORD_NAME = re.compile(r"^([0-9a-f]{16})\.broker\.json$")
+RECORD_MAX_AGE = 24 * 3600.0  # a broker record (brokerconf.py) untouched this long, its project not running
 
 
 def _ours(path: Path) -> bool:
@@ -66,11 +69,35 @@ def old_schedules(runtime_dir: Path, now: float | None = None, max_age: float = 
     return removed
 
 
+def old_broker_records(lock_dir: Path, now: float | None = None, max_age: float = RECORD_MAX_AGE) -> list[Path]:
+    """Remove the broker records (`<project>.broker.json`, no secret in them) of projects with no lock file
+    here (run after stale_locks: those left are held) that were not rewritten for `max_age`. A command that
+    wants one and finds none imports the app instead; every launcher writes its project's again."""
+    now = time.time() if now is None else now
+    entries = list(os.scandir(lock_dir))
+    running = {e.name.split(".", 1)[0] for e in entries if e.name.endswith(".lock")}
+    removed = []
+    for entry in entries:
+        match = _RECORD_NAME.match(entry.name)
+        path = Path(entry.path)
+        if match is None or match.group(1) in running or not _ours(path):
+            continue
+        try:
+            if now - os.lstat(path).st_mtime < max_age:
+                continue
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
 def tidy(runtime_dir: Path) -> list[Path]:
     """Both, never failing a launch: a directory that cannot be read is left as it is."""
     removed: list[Path] = []
     try:
         removed += stale_locks(guard.lock_dir())
+        removed += old_broker_records(guard.lock_dir())
         removed += old_schedules(runtime_dir)
     except (OSError, TlrunError):
         pass
