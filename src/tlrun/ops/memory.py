@@ -177,12 +177,15 @@ class Guard(Periodic):
 
     def round(self) -> None:
         targets, now = self.targets(), time.monotonic()
-        if self.shared is not None:  # the cheap look at the shared cgroup: every FAST_EVERY near its limit
-            kills = self.shared.look([(t.node, t.main_pid) for t in targets if t.shared], now)
+        pooled = [(t.node, t.main_pid) for t in targets if t.shared]
+        near = False
+        if self.shared is not None and pooled:  # the cheap look at the shared cgroup: every FAST_EVERY near it
+            kills = self.shared.look(pooled, now)
             with self._lock:
                 self.kills += kills
-            self.every = FAST_EVERY if self.shared.near else SAMPLE_EVERY
-        if now < self._next_pss or (self.shared is not None and self.shared.near):
+            near = self.shared.near
+        self.every = FAST_EVERY if near else SAMPLE_EVERY
+        if now < self._next_pss or near:
             return  # near a shared limit only the cheap look runs: a slow sample would be the kernel's chance
         self._next_pss = now + SAMPLE_EVERY
         for target in targets:
