@@ -92,16 +92,12 @@ def whoami():
 
 
 @app.task
-def spawn_sleeper(new_session=False, empty_env=False):
-    # A background process the task does not wait for (it inherits the worker's environment and marker, unless
-    # `empty_env`: `env -i`, nothing of tlrun's left on it).
+def spawn_sleeper(new_session=False):
+    # A background process the task does not wait for (it inherits the worker's environment and marker).
     import subprocess
 
     proc = subprocess.Popen(
-        ["/usr/bin/env", "-i", "sleep", "1000"] if empty_env else ["sleep", "1000"],
-        start_new_session=new_session,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        ["sleep", "1000"], start_new_session=new_session, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     return proc.pid
 

@@ -217,27 +217,6 @@ def test_a_leftover_in_its_own_session_is_found_by_its_marker(project: Project) 
     wait_for(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, 10, "leftover stopped")
 
 
-def test_what_a_task_lets_go_ends_with_the_launcher(project: Project) -> None:
-    """A task starts `sleep` in a session of its own, and one with an empty environment (`env -i`: no marker):
-    no group kill and no sweep reaches them. The launcher is a child subreaper (Linux, without --init): when the
-    worker stops they come back to it, and they are stopped before it exits."""
-    launched = project.launch("--concurrency", "1", "--grace", "5")
-    launched.wait_output(READY, 30)
-    sleepers = [
-        send_task(project.broker_url, f"{project.app}.spawn_sleeper", True, empty).get(timeout=20)
-        for empty in (False, True)
-    ]
-    procs = [psutil.Process(pid) for pid in sleepers]
-    wait_for(lambda: all(p.name() == "sleep" for p in procs), 10, "`env -i` to exec sleep")
-    assert all(os.getsid(p.pid) != os.getsid(launched.pid) for p in procs)  # out of every group tlrun kills
-    launched.send(signal.SIGINT)
-    assert launched.wait(30) == 0
-    assert "stopped 2 process(es) the workers' tasks left behind" in launched.output()
-    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in procs), [
-        (p.pid, p.is_running() and p.status(), p.is_running() and p.ppid()) for p in procs
-    ]
-
-
 def test_idle_worker_beat_and_private_redis_gone_without_pdeathsig(tmp_path: Path) -> None:
     proj = Project(tmp_path / "projects", f"redis://:dev-pw@127.0.0.1:{free_port()}/0")
     (proj.root / f"{proj.app}.py").write_text((proj.root / f"{proj.app}.py").read_text() + PDEATHSIG_TASK)

@@ -338,9 +338,11 @@ def run(
     `early`: the workers the CLI started held before validation (early.py), adopted by the first spawn."""
     opts = opts or LaunchOptions()
     started = time.monotonic()
-    # A subreaper on Linux, init or not: what tasks let go comes back to us, is reaped, and ends with us.
-    subreaper = not opts.is_pid1 and pid1.become_subreaper()
-    reaper = pid1.Reaper() if opts.init_duties or subreaper else None
+    reaper = None
+    if opts.init_duties:
+        if not opts.is_pid1:
+            pid1.become_subreaper()
+        reaper = pid1.Reaper()
     with contextlib.ExitStack() as stack:
         sup = stack.enter_context(
             Supervisor(

@@ -3,9 +3,7 @@
 - Reap every process re-parented to us (orphans of a worker's pool, anything a task forked), so that no
   zombie is left; our own children stay the Supervisor's to reap.
 - On Linux outside PID 1, become a child subreaper (PR_SET_CHILD_SUBREAPER), so that pool children of a
-  worker whose main process died come to us instead of to the host's init, and go with the group. Every
-  launcher does this on Linux, not only with --init: what a task starts and lets go (a double fork, a new
-  session, an empty environment) comes back to the launcher and is stopped at its end (stop_orphans).
+  worker whose main process died come to us instead of to the host's init, and go with the group.
 Stop signals need nothing special: PID 1 ignores only signals it has no handler for, and tlrun installs
 handlers for SIGINT, SIGTERM and SIGHUP.
 """
@@ -68,31 +66,16 @@ class Reaper:
                 return count + self._reap_listed(known)
             count += self._reap_pid(info.si_pid)
 
-    def drain(self, timeout: float, known: Collection[int] = ()) -> int:
+    def drain(self, timeout: float) -> int:
         """At exit (every child of ours reaped): reap orphans until none is left or `timeout` passes (those
         killed with a worker's group are still dying). A live orphan stays: as PID 1 the kernel ends it
-        with the namespace; elsewhere the host's init inherits it, and the sweep finds it by its marker."""
+        with the namespace; with --init the host's init inherits it, and the sweep finds it by its marker."""
         deadline = time.monotonic() + timeout
-        count = self.reap(known)
+        count = self.reap(())
         while time.monotonic() < deadline and self._has_dying_children():
             time.sleep(0.02)
-            count += self.reap(known)
+            count += self.reap(())
         return count
-
-    def stop_orphans(self, known: Collection[int], grace: float) -> int:
-        """At exit: the live orphans re-parented to us (a task's double fork, `setsid`, `env -i`: no group
-        and no marker leads to them) get SIGTERM, then SIGKILL after `grace`. Our unreaped children: their
-        pids cannot be reused. How many there were."""
-        from tlrun.launch import signals
-
-        try:
-            orphans = [c for c in psutil.Process().children() if c.pid not in known]
-            orphans = [c for c in orphans if c.status() != psutil.STATUS_ZOMBIE]
-        except psutil.Error:
-            return 0
-        if orphans:
-            signals.end_orphans(orphans, grace, lambda: self.reap(known))
-        return len(orphans)
 
     @staticmethod
     def _has_dying_children() -> bool:

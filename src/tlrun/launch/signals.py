@@ -131,21 +131,6 @@ def pause_pool_child(main_pid: int | None, pid: int) -> bool:
     return proc is not None and send(proc, signal.SIGSTOP)
 
 
-def end_orphans(orphans: Sequence[psutil.Process], grace: float, reap: Callable[[], object]) -> None:
-    """SIGTERM to each orphan re-parented to us (pid1.Reaper.stop_orphans), reaping as they exit; SIGKILL to
-    those left after `grace`."""
-    for proc in orphans:
-        send(proc, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(is_alive(p) for p in orphans):
-        reap()
-        time.sleep(0.02)
-    for proc in orphans:
-        if is_alive(proc):
-            send(proc, signal.SIGKILL)
-    reap()
-
-
 def child_exited(child: subprocess.Popen[bytes]) -> bool:
     """Has our child exited? Does not reap it: its pid stays ours until Popen.wait()."""
     if child.returncode is not None:

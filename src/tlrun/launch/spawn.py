@@ -13,7 +13,6 @@ import secrets
 import subprocess
 import sys
 import threading
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -160,15 +159,6 @@ def shim_argv(argv: list[str], lifeline: Lifeline, grace: float) -> list[str]:
     ]
 
 
-_spawned: weakref.WeakSet[subprocess.Popen[bytes]] = weakref.WeakSet()
-
-
-def ours() -> set[int]:
-    """The pids of every child this process spawned that it has not reaped: never an orphan's to reap
-    (pid1.Reaper), whoever waits for it (the supervisor, an early start, a spare)."""
-    return {p.pid for p in list(_spawned) if p.returncode is None}
-
-
 def spawn(
     argv: list[str],
     env: Mapping[str, str],
@@ -194,7 +184,6 @@ def spawn(
         close_fds=True,
         pass_fds=(lifeline.read_fd, *pass_fds),
     )
-    _spawned.add(popen)
     if stdin_data is not None and popen.stdin is not None:
         try:
             popen.stdin.write(stdin_data)  # far below a pipe's buffer: never blocks

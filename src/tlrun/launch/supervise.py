@@ -24,8 +24,6 @@ from tlrun.launch import signals, spawn
 from tlrun.launch._child import REQUEUE_SIGNAL
 from tlrun.launch.pid1 import Reaper
 
-ORPHAN_GRACE = 5.0  # seconds a process a task left behind gets between SIGTERM and SIGKILL, at the launcher's end
-
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -122,11 +120,7 @@ class Supervisor:
         try:
             self.stop_all()
             if self.reaper is not None:
-                # What tasks started and let go (a double fork, a new session) came back to us: it ends with us.
-                stopped = self.reaper.stop_orphans(spawn.ours(), min(self.grace, ORPHAN_GRACE))
-                if stopped:
-                    self._step(f"stopped {stopped} process(es) the workers' tasks left behind")
-                self.reaper.drain(1.0, spawn.ours())
+                self.reaper.drain(1.0)
                 if self.reaper.reaped:
                     self._step(f"reaped {len(self.reaper.reaped)} orphaned process(es) re-parented to tlrun")
         finally:
@@ -256,7 +250,7 @@ class Supervisor:
 
     def _enforce_deadlines(self) -> None:
         if self.reaper is not None:
-            self.reaper.reap({c.popen.pid for c in self._children.values()} | spawn.ours())
+            self.reaper.reap({c.popen.pid for c in self._children.values()})
         now = time.monotonic()
         for child in self._children.values():
             if child.quit_at is not None and now >= child.quit_at and not signals.child_exited(child.popen):
