@@ -216,10 +216,13 @@ def test_a_kernel_oom_kill_counts_toward_the_poison_task_rule(tmp_path: Path) ->
         assert shared.killed_ids == {"task-1": 2} and revoked == ["task-1"]
         shared.close()
     finally:
+        main.send_signal(signal.SIGSTOP)  # it starts no new child meanwhile
+        try:
+            for proc in psutil.Process(main.pid).children():  # its own children: they would outlive it
+                proc.kill()
+        except psutil.Error:
+            pass
         main.kill()
         main.wait(10)
         if main.stdout is not None:
             main.stdout.close()
-        for child in psutil.Process().children(recursive=True):
-            if child.name() == "sleep":
-                child.kill()
