@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -229,7 +230,8 @@ def _readme_commands(section: str) -> list[list[str]]:
 
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the repository under test as a git checkout")
 @pytest.mark.timeout(420)
-def test_quick_start_from_a_fresh_clone(project: Project) -> None:
+@pytest.mark.parametrize("shell", ["this", "system"])
+def test_quick_start_from_a_fresh_clone(project: Project, shell: str) -> None:
     """The README's "Two commands", run as written in a fresh `git clone` of this repository: the install,
     `scripts/example.sh` (terminal 1), `scripts/example.sh send` (terminal 2) printing the task's result,
     then `.venv/bin/tlrun logs`, `ps` and `stop` without -A. The broker is this test's own Redis, given in
@@ -245,6 +247,10 @@ def test_quick_start_from_a_fresh_clone(project: Project) -> None:
     for key in ("VIRTUAL_ENV", "PYTHONPATH", "TEST_RESULT_BACKEND"):
         env.pop(key, None)
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(str(BIN)))
+    if shell == "system":  # a fresh login shell's PATH: the distribution's python3 (Debian 12: 3.11.2)
+        env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
+        if not shutil.which("python3", path=env["PATH"]) or not shutil.which("redis-server", path=env["PATH"]):
+            pytest.skip("no python3 and redis-server in the system's PATH")
     terminal1 = Launched(["bash", "-c", terminal1_command], clone, env, project.base / "terminal1.txt")
     project.started.append(terminal1)
     terminal1.wait_output(READY, 300)  # the install, then tlrun dev
