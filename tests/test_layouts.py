@@ -86,7 +86,8 @@ def test_an_unconfigured_bare_app_is_never_picked_silently(tmp_path: Path) -> No
     files = {
         "pkg/__init__.py": "",
         "pkg/extensions.py": "from celery import Celery\n\ncelery = Celery()\n",
-        "pkg/factory.py": "from pkg.extensions import celery\n\ndef create_app():\n    celery.conf.update(x=1)\n",
+        "pkg/factory.py": "from pkg.extensions import celery\n\ndef create_app():\n    celery.conf.update(x=1)\n"
+        "    return celery\n",
         "pkg/tasks/__init__.py": "",
         "pkg/tasks/celery_app.py": "from pkg.factory import create_app\n\napp = create_app()\n",
     }

@@ -295,7 +295,7 @@ def test_discovery_zero_one_two_candidates(tmp_path: Path) -> None:
     assert (found.app, found.found) == ("proj.celery", "found proj/celery.py: creates Celery('x')")
     custom = _tree(tmp_path / "custom", {"worker.py": "import celery\n\nqueue_app = celery.Celery('w')\n"})
     assert discover_app(custom).app == "worker:queue_app"
-    two = r"2 candidates in .*: proj\.celery \(proj/celery\.py: creates Celery\('x'\)\); tasks \(tasks\.py: creates"
+    two = r"2 candidates in .*:\n  proj\.celery \(proj/celery\.py: creates Celery\('x'\)\)\n  tasks \(tasks\.py: "
     with pytest.raises(ConfigError, match=two):
         discover_app(
             _tree(tmp_path / "two", {"proj/__init__.py": "", "proj/celery.py": APP_LINE, "tasks.py": APP_LINE})

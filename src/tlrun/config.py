@@ -215,17 +215,27 @@ def build_settings(
         return None, ""
 
     app, _ = pick("app", ENV_APP, file_key="app")
-    if not app and stack.app:  # the Procfile's `celery -A`: said like any app tlrun finds
-        app = stack.app
-        notes.append(("info", f"using app {app} ({stack.app_evidence}; pin it with `tlrun init` or [tool.tlrun] app)"))
+    found = None
+    if not app and stack.app:  # the Procfile's `celery -A`: said like any app tlrun finds, checked the same way
+        try:
+            found = discover() if discover is not None else None
+        except ConfigError:
+            found = None  # other run files disagree: the stack's own Procfile decides
+        if found is None or (found.app != stack.app and not found.warnings):
+            app = stack.app
+            pin = "pin it with `tlrun init` or [tool.tlrun] app"
+            notes.append(("info", f"using app {app} ({stack.app_evidence}; {pin})"))
     if not app:
         if discover is None:
             raise ConfigError(
                 "no Celery app given", hint="pass -A/--app (e.g. -A proj.celery) or set CELERY_APP in .env"
             )
-        found = discover()
+        found = found or discover()
         app = found.app
         notes.append(("info", f"using app {app} ({found.found}; pin it with `tlrun init` or [tool.tlrun] app)"))
+        notes.extend(("warning", warning) for warning in found.warnings)
+        if found.import_root and source_dir is None:
+            source_dir = project_root / found.import_root  # where the app imports from: on the workers' path
     broker = cli.get("broker")
     if broker is not None and broker == "":
         raise UsageError("-b/--broker is empty", hint="give a URL such as redis://127.0.0.1:6379/0, or leave it out")
@@ -378,4 +388,4 @@ def _discover(root: Path, source: Any) -> Any:
     """Discovery (and its imports) only when no app was given."""
     from tlrun.project.discover import discover_cached
 
-    return discover_cached(root, source, _runtime_or_none())
+    return discover_cached(root, source, _runtime_or_none(), Path(os.getcwd()).resolve())

@@ -37,9 +37,11 @@ def init(app: str | None, project_dir: Path | None, force: bool) -> None:
 
     in_project_env(project_dir)
     root = project_dir.resolve() if project_dir is not None else find_root(Path.cwd())
-    result = init_project(root, app, force)
+    result = init_project(root, app, force, Path.cwd().resolve())
     if result.found:
         click.echo(f"tlrun: using app {result.app} ({result.found})")
+    for warning in result.warnings:
+        click.echo(f"tlrun: warning: {warning}", err=True)
     if result.source:
         click.echo(f"tlrun: the code lives in {result.source}/ (source = {result.source!r})")
     if result.beat_why:

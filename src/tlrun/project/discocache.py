@@ -21,9 +21,12 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlrun import __version__, safefile
+
+if TYPE_CHECKING:
+    from tlrun.project.discover import Discovery
 
 DISABLE_ENV = "TLRUN_NO_DISCOVERY_CACHE"
 RACY = 2.0  # seconds: a file changed this recently may change again within its mtime's granularity
@@ -75,13 +78,16 @@ def _current(seen: Mapping[str, Any]) -> bool:
     return True
 
 
-def cache_path(runtime: Path, root: Path, code_root: Path) -> Path:
-    key = hashlib.sha256(f"{root}\0{code_root}".encode()).hexdigest()[:20]
+def cache_path(runtime: Path, root: Path, code_root: Path, run_folder: Path | None = None) -> Path:
+    """One answer per root, code root and run folder (the folder tlrun runs from, when it is searched too)."""
+    key = hashlib.sha256(f"{root}\0{code_root}\0{run_folder or ''}".encode()).hexdigest()[:20]
     return runtime / f"discovery-{key}.json"
 
 
-def load(path: Path, root: Path, code_root: Path) -> tuple[str, str] | None:
-    """(app, what was found) when the cached answer still holds, else None."""
+def load(path: Path, root: Path, code_root: Path) -> Discovery | None:
+    """The cached answer when it still holds, else None."""
+    from tlrun.project.discover import Discovery
+
     raw = safefile.read_private(path, MAX_CACHE_BYTES)
     try:
         data = json.loads(raw) if raw is not None else None
@@ -91,16 +97,19 @@ def load(path: Path, root: Path, code_root: Path) -> tuple[str, str] | None:
         return None
     if data.get("root") != str(root) or data.get("code_root") != str(code_root):
         return None
-    app, found = data.get("app"), data.get("found")
+    app, found, import_root = data.get("app"), data.get("found"), data.get("import_root", "")
+    warnings = data.get("warnings", [])
+    if not isinstance(warnings, list) or not all(isinstance(v, str) for v in (import_root, *warnings)):
+        return None
     if not isinstance(app, str) or not isinstance(found, str):
         return None
     try:
-        return (app, found) if _current(data) else None
+        return Discovery(app, found, import_root, tuple(warnings)) if _current(data) else None
     except (TypeError, ValueError, AttributeError):
         return None
 
 
-def store(path: Path, root: Path, code_root: Path, app: str, found: str, seen: Seen) -> None:
+def store(path: Path, root: Path, code_root: Path, found: Discovery, seen: Seen) -> None:
     """Keep the answer, unless a file it rests on changed too recently to trust its mtime."""
     from tlrun.safefile import write_atomic
 
@@ -110,8 +119,10 @@ def store(path: Path, root: Path, code_root: Path, app: str, found: str, seen: S
         "version": __version__,
         "root": str(root),
         "code_root": str(code_root),
-        "app": app,
-        "found": found,
+        "app": found.app,
+        "found": found.found,
+        "import_root": found.import_root,
+        "warnings": list(found.warnings),
         "dirs": seen.dirs,
         "files": seen.files,
     }

@@ -76,6 +76,40 @@ _NOISE = str.maketrans({c: " " for c in "\"'`,[]();|&\\"})
 class Said:
     app: str  # the value as the project writes it
     where: str  # `Procfile: celery -A myapp worker`
+    kind: str = "run"  # "run": a file that runs it (Procfile, compose, scripts...); "docs": prose
+    folder: str = ""  # the file's folder, relative to the root read from ("" for the root itself)
+    workdir: str | None = None  # the folder the command runs in, as the file says (`cd apps &&`, working_dir)
+
+
+_ASSIGN = re.compile(
+    r"""^[ \t]*(?:-[ \t]*|export[ \t]+|ENV[ \t]+)?([A-Za-z_]\w*)(?:[ \t]*[:=][ \t]*|[ \t]+)"""
+    r"""["']?([A-Za-z_][\w.:-]*)["']?[ \t]*$""",
+    re.M,
+)
+_VARIABLE = re.compile(r"\$\{([A-Za-z_]\w*)(?::?-([^}]*))?\}|\$([A-Za-z_]\w*)")
+_CD_INLINE = re.compile(r"(?:^|[\s;&(\"'])cd[ \t]+([\w./${}-]+)[ \t]*(?:&&|;)")
+_WORKDIR = re.compile(
+    r"""^[ \t]*(?:cd[ \t]+([\w./${}-]+)[ \t]*$|WORKDIR[ \t]+(\S+)|WorkingDirectory[ \t]*=[ \t]*(\S+)|"""
+    r"""directory[ \t]*=[ \t]*(\S+)|working_dir[ \t]*:[ \t]*["']?([^"'\s]+))""",
+)
+_SERVICE = re.compile(r"^[ ]{0,2}[\w.-]+:[ \t]*$")
+
+
+def variables(text: str) -> dict[str, str]:
+    """NAME=value, NAME: value, ENV NAME value, export NAME=value lines: what `${NAME}` may stand for."""
+    return {m.group(1): m.group(2) for m in _ASSIGN.finditer(text)}
+
+
+def substitute(text: str, known: dict[str, str]) -> str:
+    """${NAME}, ${NAME:-default} and $NAME replaced from `known` (a default when unknown); others kept."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(3)
+        if name in known:
+            return known[name]
+        return match.group(2) if match.group(2) is not None else match.group(0)
+
+    return _VARIABLE.sub(value, text) if "$" in text else text
 
 
 _ANY_RUN_FILE = re.compile("|".join(fnmatch.translate(pattern) for pattern, _kind in _RUN_FILES))
@@ -99,12 +133,29 @@ def run_files(root: Path, seen: Seen | None = None) -> list[tuple[str, str]]:
     return [(rel, kind) for entry, rel in walk(root, descend, seen) if (kind := _kind(entry.name)) is not None]
 
 
-def said_in(text: str) -> list[tuple[str, str]]:
+def said_in(text: str, known: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """(app, the command as written) for each `celery ... -A APP ... <subcommand>` line of a file's text."""
-    said: list[tuple[str, str]] = []
+    return [(app, command) for app, command, _workdir in _said_with_workdir(text, known or {})]
+
+
+def _said_with_workdir(text: str, known: dict[str, str]) -> list[tuple[str, str, str | None]]:
+    """(app, command, the folder it runs in as written) for each celery line; the folder is a `cd X &&` on
+    the line, else the last cd / WORKDIR / WorkingDirectory / directory / working_dir before it (a compose
+    service's own)."""
+    said: list[tuple[str, str, str | None]] = []
+    workdir: str | None = None
+    block = 0  # where the current compose service's (or Makefile target's) lines start in `said`
     for line in text.splitlines():
+        if _SERVICE.match(line):
+            workdir, block = None, len(said)  # a new compose service, or a Makefile target
+        directive = _WORKDIR.match(line)
+        if directive:
+            workdir = substitute(next(g for g in directive.groups() if g), known)
+            if directive.group(5):  # a compose service's working_dir holds for its command above it too
+                said[block:] = [(a, c, w if w is not None else workdir) for a, c, w in said[block:]]
         if "celery" not in line:
             continue
+        line = substitute(line, known)
         plain = line.translate(_NOISE)
         for match in _CELERY.finditer(plain):
             rest = match.group("rest")
@@ -112,31 +163,55 @@ def said_in(text: str) -> list[tuple[str, str]]:
             if option is None or _SUBCOMMAND.search(rest) is None:
                 continue
             shown = " ".join(("celery" + rest).split())
-            said.append((option.group(1).rstrip("."), shown[:72] + ("..." if len(shown) > 72 else "")))
+            inline = [m.group(1) for m in _CD_INLINE.finditer(line[: line.find("celery")])]
+            where = inline[-1] if inline else workdir
+            said.append((option.group(1).rstrip("."), shown[:72] + ("..." if len(shown) > 72 else ""), where))
     return said
 
 
+def _read(path: str, seen: Seen | None, limit: int = MAX_RUN_FILE_BYTES) -> bytes | None:
+    """A regular file's bytes, never through a symlink and never blocking on a FIFO or device."""
+    try:
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        fd = os.open(path, flags)
+        with os.fdopen(fd, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if seen is not None:
+                seen.file(path, info)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+                return None
+            return fh.read(limit)
+    except OSError:
+        if seen is not None:
+            seen.file(path)
+        return None
+
+
 def read_said(root: Path, seen: Seen | None = None) -> list[Said]:
-    """Every app value the project's run files and docs pass to celery, in the order of run_files."""
+    """Every app value the project's run files and docs pass to celery, in the order of run_files. A shell
+    variable in a command is read from the same file, the root's .env, or a compose file's environment."""
+    texts: list[tuple[str, str, str]] = []
+    shared: dict[str, str] = {}
+    dotenv = _read(os.path.join(str(root), ".env"), seen)
+    if dotenv is not None:
+        shared.update(variables(dotenv.decode("utf-8", "replace")))
+    for rel, kind in run_files(root, seen):
+        data = _read(os.path.join(str(root), rel), seen)
+        if data is None:
+            continue
+        text = data.decode("utf-8", "replace")
+        if kind == "compose" and "environment" in text:
+            shared = {**variables(text), **shared}
+        if "celery" in text:
+            texts.append((rel, kind, text))
     found: list[Said] = []
-    for rel, _kind_name in run_files(root, seen):
-        path = os.path.join(str(root), rel)
-        try:
-            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-            fd = os.open(path, flags)
-            with os.fdopen(fd, "rb") as fh:
-                info = os.fstat(fh.fileno())
-                if seen is not None:
-                    seen.file(path, info)
-                if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_RUN_FILE_BYTES:
-                    continue  # a FIFO or device planted under a run file's name is never read
-                data = fh.read(MAX_RUN_FILE_BYTES)
-        except OSError:
-            continue
-        if b"celery" not in data:
-            continue
-        for app, command in said_in(data.decode("utf-8", "replace")):
-            found.append(Said(app, f"{rel}: `{command}`"))
+    for rel, kind, text in texts:
+        known = {**shared, **variables(text)} if "$" in text else shared
+        for app, command, workdir in _said_with_workdir(text, known):
+            if "$" in app or (workdir is not None and "$" in workdir):
+                continue
+            rank = "docs" if kind == "docs" else "run"
+            found.append(Said(app, f"{rel}: `{command}`", rank, os.path.dirname(rel), workdir))
     return found
 
 

@@ -23,6 +23,10 @@ from tlrun.project.table import replace_table
 DEFAULT_ROLE = "default"
 
 
+class NotAnApp(ConfigError):
+    """The value imports, and gives Celery no app: never written."""
+
+
 @dataclass(frozen=True)
 class InitResult:
     pyproject: Path
@@ -35,6 +39,7 @@ class InitResult:
     note: str | None = None  # why the roles are a guess (the app did not import)
     source: str | None = None  # `source` written for a src/ layout
     beat_why: str | None = None  # the evidence for beat = true beyond a beat_schedule
+    warnings: tuple[str, ...] = ()  # evidence discovery read and did not take
 
 
 def role_name(queue: str) -> str:
@@ -73,11 +78,15 @@ def plan_roles(default_queue: str, queues: Iterable[str]) -> tuple[tuple[str, tu
 
 def _app_routes(root: Path, source: Source, app: str) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], bool]:
     """(roles, beat) from the app's own configuration."""
+    from celery import Celery
+
     from tlrun.config import Settings
     from tlrun.launch.broker import load_app
 
     source_dir = source.directory if source.directory != root else None
     celery_app = load_app(Settings(project_root=root, app=app, broker_url=None, roles=(), source_dir=source_dir))
+    if not isinstance(celery_app, Celery):
+        raise NotAnApp(f"{app!r} imports, but is not a Celery app (it is {type(celery_app).__name__})")
     conf = celery_app.conf
     default_queue = str(conf.task_default_queue or "celery")
     queues = _route_queues(conf.task_routes or {})
@@ -107,7 +116,7 @@ def render_table(
     return table
 
 
-def init_project(root: Path, app: str | None = None, force: bool = False) -> InitResult:
+def init_project(root: Path, app: str | None = None, force: bool = False, cwd: Path | None = None) -> InitResult:
     import tomlkit
     from tomlkit.exceptions import ParseError
 
@@ -128,17 +137,27 @@ def init_project(root: Path, app: str | None = None, force: bool = False) -> Ini
     source = find_source(root, document.unwrap(), declared)
     written_source = source.directory.relative_to(root).as_posix() if source.directory != root else None
     found = None
+    warnings: tuple[str, ...] = ()
     if app is None:
-        discovery = discover_app(root, source)
-        app, found = discovery.app, discovery.found
+        discovery = discover_app(root, source, cwd=cwd)
+        app, found, warnings = discovery.app, discovery.found, discovery.warnings
+        if discovery.import_root and source.directory == root:  # the folder the app imports from
+            source = Source(root / discovery.import_root, f"the app imports from {discovery.import_root}/")
+            written_source = discovery.import_root
     note = None
     try:
         roles, beat = _app_routes(root, source, app)
-    except (AppImportError, TlrunError) as exc:
-        # What the settings say as text: Django-namespaced queues, a database scheduler.
-        default, queues = appconfig.namespaced_queues(root, source.directory)
-        roles, beat = plan_roles(default or "celery", queues), False
-        note = f"{exc}; wrote the roles the settings name as text" if queues else f"{exc}; wrote a single default role"
+    except NotAnApp:
+        raise
+    except AppImportError as exc:
+        if _not_an_app(exc):
+            raise ConfigError(f"{exc}: not written", hint="name the module that creates the app with -A") from None
+        roles, beat, note = _from_text(root, source, str(exc))
+    except TlrunError as exc:
+        roles, beat, note = _from_text(root, source, str(exc))
+    except Exception as exc:  # Django loads its settings lazily: ImproperlyConfigured, no Django
+        missing = f"ModuleNotFoundError: {exc}" if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
+        roles, beat, note = _from_text(root, source, f"the app's settings do not load here ({missing})")
     beat_why = None
     if not beat:
         beat_why = appconfig.beat_evidence(root, source.directory, app)
@@ -157,8 +176,31 @@ def init_project(root: Path, app: str | None = None, force: bool = False) -> Ini
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
     return InitResult(
-        path, text is None, app, found, beat, roles, _dotenv_from_example(root), note, written_source, beat_why
+        path,
+        text is None,
+        app,
+        found,
+        beat,
+        roles,
+        _dotenv_from_example(root),
+        note,
+        written_source,
+        beat_why,
+        warnings,
     )
+
+
+def _not_an_app(exc: AppImportError) -> bool:
+    """Did the module import and hold no app (Celery's find_app: 'has no attribute')?"""
+    return "AttributeError: module" in str(exc) and "has no attribute" in str(exc)
+
+
+def _from_text(root: Path, source: Source, why: str) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], bool, str]:
+    """The roles the settings name as text (Django-namespaced queues), when the app cannot be loaded here."""
+    default, queues = appconfig.namespaced_queues(root, source.directory)
+    roles = plan_roles(default or "celery", queues)
+    wrote = "wrote the roles the settings name as text" if queues else "wrote a single default role"
+    return roles, False, f"{why}; {wrote}"
 
 
 def _dotenv_from_example(root: Path) -> Path | None:
