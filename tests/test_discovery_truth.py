@@ -201,6 +201,8 @@ def test_a_django_project_under_src_reads_the_deploy_files_above_it(
             "src/pkg/settings.py": "DEBUG = True\n",
             "src/orders/__init__.py": "",
             "src/orders/tasks.py": "from celery import shared_task\n\n\n@shared_task\ndef order():\n    return 1\n",
+            "src/legacy/__init__.py": "",
+            "src/legacy/old_celery.py": _app("legacy"),  # a second app in the source: text alone cannot choose
         },
     )
     _walk(base, ["", "src", "src/orders"], monkeypatch, "pkg.celery_app", "src")
@@ -369,3 +371,58 @@ def test_a_root_procfile_app_is_said_and_checked(project: Project) -> None:
     )
     assert ps.returncode == 0, ps.stderr
     assert "using app shop.celery" in ps.stderr and "names common, whose module gives Celery no app" in ps.stderr
+
+
+def test_a_worker_started_from_the_repository_root_imports_from_the_run_files_folder(project: Project) -> None:
+    """The user's path end to end: `tlrun worker` with no app named, in a repository whose compose file runs
+    Celery in apps/: the worker gets apps/ on its path, answers pings, and runs a task of a sibling package."""
+    import re
+    import signal
+
+    from helpers import ping_replies, send_task, wait_for
+
+    ops = f"ops_{uuid.uuid4().hex[:8]}"
+    base = _tree(
+        project.base / f"wd-{uuid.uuid4().hex[:6]}",
+        {
+            ".git/HEAD": "ref: refs/heads/main\n",
+            "docker-compose.yml": "services:\n  worker:\n    working_dir: /app/apps\n"
+            f"    command: celery -A {ops} worker\n",
+            f"apps/{ops}/__init__.py": "from .celery import app as celery_app\n",
+            f"apps/{ops}/celery.py": f"""
+                import os
+
+                from celery import Celery
+
+                app = Celery("{ops}", include=["billing.tasks"])
+                app.conf.result_backend = os.environ.get("TEST_RESULT_BACKEND")
+                app.conf.broker_connection_retry_on_startup = True
+            """,
+            "apps/billing/__init__.py": "",
+            "apps/billing/tasks.py": f"from {ops}.celery import app\n\n\n@app.task\ndef bill():\n    return 42\n",
+        },
+    )
+    out = project.base / f"{ops}.txt"
+    env = {k: v for k, v in project.env().items() if k != "CELERY_APP"}
+    with out.open("w") as fh:
+        worker = subprocess.Popen(
+            [PY, "-m", "tlrun", "worker", "--", "--without-mingle", "--without-gossip"],
+            cwd=base,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: re.search(r"tlrun: \d+ workers? ready: ", out.read_text()), 60, "the worker to be ready")
+        assert f"using app {ops} (docker-compose.yml: `celery -A {ops} worker` (imported from apps/)" in out.read_text()
+        assert len(ping_replies(project.broker_url)) == 1
+        assert send_task(project.broker_url, "billing.tasks.bill").get(timeout=30) == 42
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGINT)
+            try:
+                worker.wait(40)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(10)
+    assert worker.returncode == 0, out.read_text()[-2000:]
