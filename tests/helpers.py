@@ -123,6 +123,16 @@ def echo_env(key, delay=0.0):
 
 
 @app.task
+def last_words(lines):
+    # Lines, then SIGKILL of this process (the OOM killer, kill -9): written, never relayed by the process.
+    import signal
+
+    for i in range(lines):
+        print("last words %d" % i, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task
 def shout(lines):
     # Much more output than a pipe holds (64 KiB): a worker whose output nobody drains blocks here.
     for i in range(lines):

@@ -126,3 +126,19 @@ def test_liveness_holds_through_a_long_broker_outage_and_fails_for_a_stopped_wor
         assert stopped.returncode == 14 and "is stopped" in stopped.stdout, stopped.stdout
     finally:
         os.kill(worker_pid, signal.SIGCONT)
+
+
+def test_a_killed_workers_last_lines_reach_its_log_file(project: Project) -> None:
+    """The worker writes its log itself; SIGKILLed (the OOM killer, kill -9) right after printing, its relay
+    thread never read its last lines: they were still in the pipe, whose read end the launcher also holds,
+    and the launcher puts them into the log file once the worker is gone. Before, they were lost."""
+    from helpers import send_task
+
+    launched = project.launch("--pool", "solo")
+    launched.wait_output(READY, 60)
+    send_task(project.broker_url, f"{project.app}.last_words", 600)
+    launched.wait_output(r"status 137", 30)
+    launched.reap()
+    text = "".join(p.read_text(errors="replace") for p in (project.root / "logs").glob("celery_worker_*.log*"))
+    missing = [i for i in range(600) if f"last words {i}\n" not in text]
+    assert not missing, f"{len(missing)} of 600 lines missing, from {missing[0]}"

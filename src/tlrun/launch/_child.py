@@ -37,6 +37,7 @@ NO_PDEATHSIG_ENV = "TLRUN_NO_PDEATHSIG"
 # CPython on macOS before 3.13), no PR_SET_CHILD_SUBREAPER.
 PORTABLE_ENV = "TLRUN_PORTABLE"
 LOG_ENV = "TLRUN_LOG_FILE"  # the child's own log file: it writes it itself (relay.py)
+RELAY_FDS_ENV = "TLRUN_RELAY_FDS"  # "read,write": the output pipe the launcher made for relay.py, and keeps
 # Modules a step asks to run inside the child before its program starts (the beat lease's fence): each has
 # `install()`, and may have `exit_status(status) -> status`, called once the program has ended.
 HOOKS_ENV = "TLRUN_CHILD_HOOKS"

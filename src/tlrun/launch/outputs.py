@@ -27,6 +27,7 @@ class Outputs:
         self._secrets = secrets
         self._pumps: dict[str, OutputPump] = {}
         self._gates: dict[str, _Gate] = {}
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
     def log_dir(self) -> Path | None:
@@ -73,6 +74,7 @@ class Outputs:
         pump = OutputPump(child, log, Redactor(self._secrets()), on_lines, on_log_error=self._on_log_error)
         pump.log_path = log_path
         self._pumps[name] = pump
+        self._children[name] = child
         return pump.log_path
 
     def rename(self, old: str, new: str) -> None:
@@ -81,6 +83,8 @@ class Outputs:
             self._pumps[new] = self._pumps.pop(old)
         if old in self._gates:
             self._gates[new] = self._gates.pop(old)
+        if old in self._children:
+            self._children[new] = self._children.pop(old)
 
     def release(self, name: str) -> None:
         """Let a held child's console lines through (it is ready)."""
@@ -92,10 +96,35 @@ class Outputs:
         """Wait for the child's last lines, close its log; the last lines kept (for error reports)."""
         self._gates.pop(name, None)
         pump = self._pumps.pop(name, None)
+        child = self._children.pop(name, None)
         if pump is None:
             return ()
         pump.close()
+        if child is not None:
+            self._unread(child, pump)
         return tuple(pump.tail)
+
+    def _unread(self, child: subprocess.Popen[bytes], pump: OutputPump) -> None:
+        """A child that wrote its own log and was killed (SIGKILL, the OOM killer) before its relay read its
+        last lines: they are still in the pipe (spawn.unread), and go into its log file and the tail here."""
+        from tlrun.launch import spawn
+        from tlrun.launch.logfiles import WorkerLog
+
+        data = spawn.unread(child.pid, child.poll() is not None)
+        if not data or pump.log_path is None:
+            return
+        lines = Redactor(self._secrets())(data.decode("utf-8", errors="replace")).rstrip("\n").split("\n")
+        pump.tail.extend(lines)
+        try:
+            log = WorkerLog(pump.log_path)
+        except OSError:
+            return
+        try:
+            log.write_lines(lines)
+        except OSError:
+            pass
+        finally:
+            log.close()
 
 
 class _Gate:

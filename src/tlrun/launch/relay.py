@@ -34,11 +34,12 @@ class Relay:
         self._redact = Redactor(secrets)
         self._console: int | None = os.dup(1)  # the launcher's pipe
         os.set_blocking(self._console, False)
-        read_end, write_end = os.pipe()
+        read_end, write_end = _pipe()
         for target in (1, 2):
             os.dup2(write_end, target)
         os.close(write_end)
         os.set_inheritable(self._console, False)
+        os.set_inheritable(read_end, False)  # a task's subprocess never gets it
         self._read = read_end
         self.dropped = 0  # console lines not shown since the last that got through
         self.dropped_total = 0
@@ -122,6 +123,34 @@ class Relay:
             self._log.close()
 
 
+def _pipe() -> tuple[int, int]:
+    """The pipe the launcher made and keeps a read end of (so that what this process had not relayed when it
+    was killed still reaches its log file: spawn.unread), else a pipe of its own."""
+    import stat
+
+    from tlrun.launch._child import RELAY_FDS_ENV
+
+    given = os.environ.pop(RELAY_FDS_ENV, "")
+    try:
+        read_end, write_end = (int(fd) for fd in given.split(","))
+        if all(stat.S_ISFIFO(os.fstat(fd).st_mode) for fd in (read_end, write_end)):
+            return read_end, write_end
+    except (ValueError, OSError):
+        pass
+    return os.pipe()
+
+
+def close_given() -> None:
+    """The launcher's pipe, when this process relays nothing (no log file): its ends are not left open."""
+    from tlrun.launch._child import RELAY_FDS_ENV
+
+    for fd in os.environ.pop(RELAY_FDS_ENV, "").split(","):
+        try:
+            os.close(int(fd))
+        except (ValueError, OSError):
+            pass
+
+
 def _pieces(lines: list[str]) -> list[tuple[bytes, int]]:
     """Lines grouped into pieces of at most PIPE_BUF bytes (a longer line is cut, on the console only: the log
     file has it whole), with the number of lines in each."""
@@ -148,12 +177,14 @@ def start(log_path: str | None, secrets: list[str]) -> Callable[[], None] | None
     """Start the relay when the child has a log file; its `finish`, or None (then output goes to the
     launcher's pipe as it is: no log file, the console is the log)."""
     if not log_path:
+        close_given()
         return None
     from tlrun.errors import TlrunError
 
     try:
         relay = Relay(log_path, secrets)
     except (OSError, TlrunError):
+        close_given()
         return None
     _current.append(relay)
     return relay.finish

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from tlrun.config import ENV_BROKER, ENV_GUARD, ENV_MARKER, ENV_NODE, ENV_ROLE, Settings, WorkerOptions
+from tlrun.launch._child import LOG_ENV, RELAY_FDS_ENV
 from tlrun.launch.identity import Identity
 
 PYTHON = sys.executable
@@ -159,6 +160,38 @@ def shim_argv(argv: list[str], lifeline: Lifeline, grace: float) -> list[str]:
     ]
 
 
+# The read end of each child's own output pipe (relay.py), by pid: the child's relay thread reads it while the
+# child lives; what it had not read when the child was killed (SIGKILL, the OOM killer: its last lines, the
+# ones that say why) is still in the pipe, and the launcher appends it to the log file (`unread`).
+_unread: dict[int, int] = {}
+MAX_UNREAD = 1 << 20
+
+
+def unread(pid: int, dead: bool) -> bytes:
+    """What child `pid` wrote and its relay never read; b"" while it lives (`dead` False: never read then,
+    the relay is its reader). The descriptor is closed either way."""
+    fd = _unread.pop(pid, None)
+    if fd is None:
+        return b""
+    import select
+
+    data = b""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    try:
+        # O_NONBLOCK would be shared with the child's relay (one open file): a zero-timeout poll instead.
+        while dead and len(data) < MAX_UNREAD and poller.poll(0):
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return data
+
+
 def spawn(
     argv: list[str],
     env: Mapping[str, str],
@@ -173,17 +206,28 @@ def spawn(
     not be on a command line or on disk) is written to the child's standard input, which is then closed."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("tlrun spawns workers from the main thread only")
-    popen = subprocess.Popen(
-        shim_argv(argv, lifeline, grace),
-        cwd=cwd,
-        env=dict(env),
-        stdin=subprocess.DEVNULL if stdin_data is None else subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        close_fds=True,
-        pass_fds=(lifeline.read_fd, *pass_fds),
-    )
+    env = dict(env)
+    own: tuple[int, ...] = ()
+    if LOG_ENV in env:  # the child relays its own output (relay.py) through a pipe this launcher also holds
+        own = os.pipe()
+        env[RELAY_FDS_ENV] = f"{own[0]},{own[1]}"
+    try:
+        popen = subprocess.Popen(
+            shim_argv(argv, lifeline, grace),
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL if stdin_data is None else subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            pass_fds=(lifeline.read_fd, *pass_fds, *own),
+        )
+    finally:
+        if own:
+            os.close(own[1])
+    if own:
+        _unread[popen.pid] = own[0]  # blocking, as the child's relay reads it: `unread` polls before each read
     if stdin_data is not None and popen.stdin is not None:
         try:
             popen.stdin.write(stdin_data)  # far below a pipe's buffer: never blocks
