@@ -221,10 +221,12 @@ def build_settings(
             found = discover() if discover is not None else None
         except ConfigError:
             found = None  # other run files disagree: the stack's own Procfile decides
-        if found is None or (found.app != stack.app and not found.warnings):
-            app = stack.app
+        if found is None or found.app == stack.app or not found.warnings:
+            app = stack.app  # said by the Procfile (and agreed with, or not contradicted, by the source)
             pin = "pin it with `tlrun init` or [tool.tlrun] app"
             notes.append(("info", f"using app {app} ({stack.app_evidence}; {pin})"))
+            if found is not None and found.app == app and found.import_root and source_dir is None:
+                source_dir = project_root / found.import_root
     if not app:
         if discover is None:
             raise ConfigError(
