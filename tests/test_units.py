@@ -338,6 +338,32 @@ def test_an_idle_worker_whose_stop_is_slow_is_not_cold_stopped(project: Project)
     assert "Cold shutdown" not in out
 
 
+SLOW_POOL_EXIT = """
+
+from celery.signals import worker_process_shutdown
+
+
+@worker_process_shutdown.connect
+def _slow_child_exit(**_kwargs):
+    time.sleep(10)  # a pool process slow to go (a loaded machine, a hook of the project's): it holds no task
+"""
+
+
+def test_an_idle_prefork_worker_slow_to_stop_ends_0_before_the_deadline(project: Project) -> None:
+    """Idle prefork children that keep a warm shutdown waiting past the requeue request are stopped then
+    (they hold no task), so the worker ends with status 0 instead of being SIGKILLed at the deadline."""
+    write_code(project, 1)
+    app = project.root / f"{project.app}.py"
+    app.write_text(app.read_text() + SLOW_POOL_EXIT)
+    launched = project.launch("--grace", "6", "--pool", "prefork", "--concurrency", "2")
+    launched.wait_output(READY, 60)
+    launched.send(signal.SIGTERM)
+    assert launched.wait(30) == 0, launched.output()[-2000:]
+    out = launched.output()
+    assert "no task running near the deadline: the warm shutdown goes on (2 idle pool process(es) stopped" in out
+    assert re.search(r"stopped \(status 0\)", out), out[-2000:]
+
+
 # -- the exported services of a project with roles and beat run together under supervisord ---------------------
 def test_exported_roles_and_beat_all_run_under_supervisord(project: Project) -> None:
     import subprocess

@@ -254,7 +254,12 @@ def requeue_if_busy(_signum: int, _frame: object) -> None:
         )
         os.kill(os.getpid(), signal.SIGQUIT)
     else:
-        os.write(2, b"tlrun: no task running near the deadline: the warm shutdown goes on\n")
+        try:
+            stopped = _celery_fix.stop_idle_pool()
+        except Exception:  # Celery changed: the warm shutdown goes on as it is
+            stopped = 0
+        more = f" ({stopped} idle pool process(es) stopped: nothing left to wait for)" if stopped else ""
+        os.write(2, f"tlrun: no task running near the deadline: the warm shutdown goes on{more}\n".encode())
 
 
 WORKER_MODULES = ("celery", "tlrun.launch.entry")
