@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Project, RedisServer, client, wait_for
+from helpers import Project, client, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 READY = r"tlrun: \d+ workers? ready"
@@ -91,41 +91,72 @@ def test_ctrl_z_on_tlrun_dev_stalls_nothing(any_project: Project) -> None:
             pass
 
 
-def test_liveness_holds_through_a_long_broker_outage_and_fails_for_a_stopped_worker(
-    project: Project, redis_server: RedisServer
+@pytest.mark.timeout(420)
+def test_liveness_holds_through_a_three_minute_broker_outage_and_fails_for_a_stopped_worker(
+    project: Project, amqp_vhost: str, tmp_path: Path
 ) -> None:
-    """The broker away for three liveness windows: `health --liveness` says alive all along (the worker is
-    retrying its connection: restarting it would not help, and restarting every pod at once would hurt),
-    readiness says not ready; a SIGSTOPped worker fails liveness within one window."""
-    window = 12  # above the heartbeat's 5 s interval; the documented probe uses 30
-    launched = project.launch("--pool", "prefork", "--concurrency", "1")
-    worker_pid = int(launched.wait_output(READY + r": \S+ \(pid (\d+)\)", 40).group(1))
+    """The broker away for three minutes, on Redis and on RabbitMQ at once (each seen through a proxy that
+    drops its connections and refuses new ones, as a stopped broker does): `health --liveness` with the
+    documented window (30 s) says alive at every probe (the worker is retrying its connection: restarting it
+    would not help, and restarting every pod at once would hurt), readiness says not ready; once the broker
+    is back the worker is ready again; a SIGSTOPped worker fails liveness at once."""
+    from urllib.parse import urlsplit
 
-    def liveness() -> subprocess.CompletedProcess[str]:
-        return project.run("health", "-A", project.app, "--liveness", "--window", str(window))
+    from helpers import TcpProxy
 
-    assert liveness().returncode == 0
-    redis_server.stop()
+    window, outage = 30, 180.0
+    amqp = Project(tmp_path / "amqp-projects", amqp_vhost)
+    proxies: list[TcpProxy] = []
     try:
-        ready = project.run("health", "-A", project.app, "--readiness", "--timeout", "1", "--retries", "0")
-        assert ready.returncode != 0, ready.stdout
-        ends = time.monotonic() + 3 * window
-        said = set()
+        sides = []
+        for proj in (project, amqp):
+            proxy = TcpProxy(("127.0.0.1", urlsplit(proj.broker_url).port or 0))
+            proxies.append(proxy)
+            env = proj.env(CELERY_BROKER_URL=proxy.url(proj.broker_url))
+            launched = proj.launch("--pool", "prefork", "--concurrency", "1", env=env)
+            sides.append((proj, env, launched))
+        pids = [int(launched.wait_output(READY + r": \S+ \(pid (\d+)\)", 60).group(1)) for _p, _e, launched in sides]
+
+        def liveness(proj: Project, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+            return proj.run("health", "-A", proj.app, "--liveness", "--window", str(window), env=env)
+
+        for proj, env, _launched in sides:
+            assert liveness(proj, env).returncode == 0
+        for proxy in proxies:
+            proxy.outage()
+        said: dict[str, set[str]] = {proj.broker_url: set() for proj, _e, _l in sides}
+        ends = time.monotonic() + outage
+        probes = 0
         while time.monotonic() < ends:
-            live = liveness()
-            assert live.returncode == 0, live.stdout + live.stderr
-            said.add("retrying" if "retrying its broker connection" in live.stdout else "other")
-            time.sleep(1)  # a probe's period, not a synchronisation
-        assert "retrying" in said, said
+            for proj, env, _launched in sides:
+                live = liveness(proj, env)
+                assert live.returncode == 0, (proj.broker_url, live.stdout + live.stderr)
+                said[proj.broker_url].add("retrying" if "retrying its broker connection" in live.stdout else "other")
+            probes += 1
+            time.sleep(5)  # a probe's period, not a synchronisation
+        for proj, env, _launched in sides:
+            ready = proj.run("health", "-A", proj.app, "--readiness", "--timeout", "1", "--retries", "0", env=env)
+            assert ready.returncode != 0, ready.stdout
+        assert all("retrying" in found for found in said.values()), said
+        for proxy in proxies:
+            proxy.back()
+        for proj, env, _launched in sides:
+            wait_for(
+                lambda p=proj, e=env: p.run("health", "-A", p.app, "--timeout", "2", env=e).returncode == 0,
+                90,
+                f"ready again on {proj.broker_url}",
+            )
+        for (proj, env, _launched), pid in zip(sides, pids, strict=True):
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                stopped = liveness(proj, env)
+                assert stopped.returncode == 14 and "is stopped" in stopped.stdout, stopped.stdout
+            finally:
+                os.kill(pid, signal.SIGCONT)
     finally:
-        redis_server.restart()
-    wait_for(lambda: project.run("health", "-A", project.app, "--timeout", "2").returncode == 0, 60, "ready again")
-    os.kill(worker_pid, signal.SIGSTOP)
-    try:
-        stopped = liveness()
-        assert stopped.returncode == 14 and "is stopped" in stopped.stdout, stopped.stdout
-    finally:
-        os.kill(worker_pid, signal.SIGCONT)
+        amqp.cleanup()
+        for proxy in proxies:
+            proxy.close()
 
 
 def test_a_killed_workers_last_lines_reach_its_log_file(project: Project) -> None:
