@@ -173,3 +173,47 @@ def test_a_killed_workers_last_lines_reach_its_log_file(project: Project) -> Non
     text = "".join(p.read_text(errors="replace") for p in (project.root / "logs").glob("celery_worker_*.log*"))
     missing = [i for i in range(600) if f"last words {i}\n" not in text]
     assert not missing, f"{len(missing)} of 600 lines missing, from {missing[0]}"
+
+
+def test_the_liveness_probe_answers_without_click_as_the_full_command_does(project: Project) -> None:
+    """The probe a pod runs every few seconds (`tlrun health --liveness`, docs/kubernetes.md's command and
+    the Dockerfile's) is answered before click or the configuration's machinery is imported, with the same
+    lines and exit code as the full command (`-v` makes the full command run): for two declared roles, one
+    running and one not, with the worker alive and then stopped, from the root and with --project-dir."""
+    (project.root / "pyproject.toml").write_text(
+        f'[tool.tlrun]\napp = "{project.app}"\n\n[tool.tlrun.workers.default]\nqueues = ["celery"]\n'
+        '\n[tool.tlrun.workers.other]\nqueues = ["other"]\n'
+    )
+    import sys
+
+    launched = project.launch("--role", "default", app_arg=False)
+    worker = int(launched.wait_output(READY + r": \S+ \(pid (\d+)\)", 60).group(1))
+    env = {k: v for k, v in project.env().items() if k != "CELERY_APP"}
+    outside = project.base
+
+    def both(*args: str, cwd: Path = project.root) -> tuple[tuple[int, str], tuple[int, str]]:
+        fast = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "tlrun", "health", "--liveness", *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert " click" not in fast.stderr and " psutil" not in fast.stderr, "the probe imported click or psutil"
+        full = project.run("health", "--liveness", "-v", *args, env=env, cwd=cwd)
+        ages = re.compile(r"\d+ s")  # the heartbeat's age moves on between the two
+        return (fast.returncode, ages.sub("N s", fast.stdout)), (full.returncode, ages.sub("N s", full.stdout))
+
+    for args, cwd in (((), project.root), (("--window", "30", "--project-dir", str(project.root)), outside)):
+        fast, full = both(*args, cwd=cwd)
+        assert fast == full and fast[0] == 15, (fast, full)  # `other` runs nowhere: dead
+        assert re.search(r"default\d+@\S+: alive \((heartbeat|starting)", fast[1]), fast[1]
+        assert "role other: not alive (no tlrun launcher runs it here)" in fast[1]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        fast, full = both("-A", project.app)
+        assert fast == full and "is stopped" in fast[1], (fast, full)
+    finally:
+        os.kill(worker, signal.SIGCONT)

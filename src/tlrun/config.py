@@ -7,7 +7,6 @@ tested without touching the real environment.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from urllib.parse import urlsplit
 from tlrun import redact
 from tlrun.envfile import read_dotenv
 from tlrun.errors import ConfigError, UsageError
+from tlrun.ids import project_id as project_id
 from tlrun.limits import MAX_SECONDS
 from tlrun.project.file import ProjectFile, RoleSpec
 from tlrun.project.processes import ProcessSpec, Stack
@@ -148,12 +148,6 @@ class Settings:
     @property
     def declared_roles(self) -> bool:
         return any(r.declared for r in self.all_roles)
-
-
-def project_id(root: Path, app: str) -> str:
-    """A short stable id for (project directory, app): the sweep's marker and the lock's name."""
-    digest = hashlib.sha256(f"{os.path.realpath(root)}\0{app}".encode()).hexdigest()
-    return digest[:16]
 
 
 def check_broker_url(url: str, source: str) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tlrun.errors import ConfigError, UsageError
+from tlrun.ids import IMPLICIT_ROLE as IMPLICIT_ROLE
 from tlrun.passthrough import check_queues, excluded_queues, refuse_excluding_every_queue, refuse_owned_options
 from tlrun.project.file import LOGLEVELS, POOLS, ProjectFile, RoleSpec
 
@@ -119,7 +120,6 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
-IMPLICIT_ROLE = "default"
 IMPLICIT_PREFIX = "api"
 # Worker options: (command-line key, environment key, project-file key)
 _ROLE_OPTIONS = (

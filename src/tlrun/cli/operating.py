@@ -339,14 +339,12 @@ def health(node: str | None, timeout: float, retries: int, liveness: bool, windo
     pool, counts while within its time limit). 0 alive, 14 a process that shows no progress, 15 none.
     """
     if liveness:
-        from tlrun.ops.liveness import check_roles
+        from tlrun.ops.liveness import check_roles, report
 
-        settings = _settings(params)
-        results = check_roles(settings, window)
-        for r in results:
-            which = r.node or f"role {r.role}"
-            click.echo(f"tlrun: {which}: {'alive' if r.alive else 'not alive'} ({r.why})")
-        sys.exit(max((r.exit_code for r in results), default=0))
+        lines, code = report(check_roles(_settings(params), window))
+        for line in lines:
+            click.echo(line)
+        sys.exit(code)
     from tlrun.errors import (
         HEALTH_DEAD_EXIT_CODE,
         HEALTH_UNKNOWN_EXIT_CODE,

@@ -12,10 +12,7 @@ import errno
 import fcntl
 import json
 import os
-import pwd
-import socket
 import stat
-import tempfile
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +25,12 @@ from tlrun.config import ENV_GUARD
 from tlrun.errors import LockHeldError, NestedLaunchError, TlrunError, UnsafeStateError
 from tlrun.launch.launchers import Launcher, find_launchers
 from tlrun.launch.procs import Identity
-from tlrun.launch.rundir import private_dir
+from tlrun.launch.rundir import holder_of
+from tlrun.launch.rundir import host_label as host_label
+from tlrun.launch.rundir import lock_dir as lock_dir
+from tlrun.launch.rundir import lock_path as lock_path
+from tlrun.launch.rundir import pid_namespace as pid_namespace
+from tlrun.launch.rundir import read_record as read_record
 from tlrun.launch.rundir import runtime_dir as runtime_dir  # where its callers look for it
 
 
@@ -59,32 +61,6 @@ def check_env_guard(environ: Mapping[str, str], action: str = "start") -> GuardN
     return GuardNote(f"{ENV_GUARD} names launcher pid {launcher.pid}, which is not our parent: going on")
 
 
-def lock_dir() -> Path:
-    """The user's lock directory, derived from the user alone: the home directory of the password database
-    (never $HOME or $XDG_RUNTIME_DIR, which differ between shells, IDEs and service managers), so that
-    every launcher of this user on this host meets the same locks. A user without a usable home directory
-    gets /tmp/tlrun-<uid>."""
-    uid = os.getuid()
-    try:
-        home = Path(pwd.getpwuid(uid).pw_dir)
-    except KeyError:
-        home = Path("/nonexistent")
-    if home.is_dir() and os.access(home, os.W_OK):
-        return private_dir(home / ".cache" / "tlrun-locks")
-    return private_dir(Path(tempfile.gettempdir()) / f"tlrun-{uid}")
-
-
-def lock_path(project_id: str, kind: str, hostname: str | None = None) -> Path:
-    """The lock of a project's role (`kind`: worker, worker-NAME, beat) on this host. The host name is part
-    of it: a home directory shared between hosts (NFS) must not make two hosts' launchers one."""
-    return lock_dir() / f"{project_id}.{host_label(hostname)}.{kind}.lock"
-
-
-def host_label(hostname: str | None = None) -> str:
-    """The host's name as it stands in tlrun's file names."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in (hostname or socket.gethostname()))[:64]
-
-
 def _open_nofollow(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -97,23 +73,6 @@ def _open_nofollow(path: Path) -> int:
         os.close(fd)
         raise UnsafeStateError(f"{path} is not a regular file owned by you: refusing to use it")
     return fd
-
-
-def read_record(path: Path) -> dict[str, Any] | None:
-    """The holder record in a lock file, or None when absent or garbage (never trusted blindly)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, 65536)
-    finally:
-        os.close(fd)
-    try:
-        record = json.loads(data)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def live_records(project_id: str, kinds: list[str]) -> list[tuple[str, dict[str, Any], Identity]]:
@@ -174,24 +133,8 @@ def holder_identity(record: Mapping[str, Any] | None) -> Identity | None:
     the record was written in. A launcher that is a container's PID 1 writes pid 1, a valid holder for every
     reader in its namespace (its probes, `tlrun reload`); a reader in another namespace (the host) cannot
     name it by pid and gets None, as for a record without a pid."""
-    if not record:
-        return None
-    try:
-        pid, ctime = int(record["pid"]), float(record["create_time"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    written_in = record.get("pidns")
-    if written_in is None:  # a record of a tlrun that did not say its namespace: pid 1 is never its holder
-        return Identity(pid, ctime) if pid > 1 else None
-    return Identity(pid, ctime) if pid >= 1 and written_in == pid_namespace() else None
-
-
-def pid_namespace() -> int | None:
-    """This process's PID namespace (the inode of /proc/self/ns/pid), None where there is none to read."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return None
+    holder = holder_of(record)
+    return Identity(*holder) if holder is not None else None
 
 
 class ProjectLock:

@@ -16,14 +16,12 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from tlrun.launch._child import HEARTBEAT_ENV
 
 ENV = HEARTBEAT_ENV  # where the worker writes its heartbeat
 INTERVAL = 5.0
-DEFAULT_WINDOW = 30.0
 
 _state: dict[str, Any] = {"busy_since": None, "limit": None, "reconnecting_since": None}
 # The tasks running in the main process (solo, threads): id -> [name, started, hard limit or None]. The
@@ -152,62 +150,3 @@ def runs_in_pool_children(pool_cls: Any) -> bool:
     except Exception:
         return False
     return impl is not None and getattr(impl, "__module__", "") == "celery.concurrency.prefork"
-
-
-@dataclass(frozen=True)
-class Liveness:
-    alive: bool
-    why: str
-
-
-def _stopped(pid: int) -> bool | None:
-    """True when stopped (SIGSTOP, a debugger), None when gone; from /proc, else psutil."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[1].split()[0]
-        return state in (b"T", b"t")
-    except FileNotFoundError:
-        return None
-    except OSError:
-        import psutil
-
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_STOPPED
-        except psutil.Error:
-            return None
-
-
-def check(
-    pid: int, path: str | None, started: float, window: float = DEFAULT_WINDOW, now: float | None = None
-) -> Liveness:
-    """Is the worker `pid` alive, from its process and its heartbeat file (`started`: when it was spawned)?"""
-    now = time.time() if now is None else now
-    stopped = _stopped(pid)
-    if stopped is None:
-        return Liveness(False, f"worker pid {pid} is gone")
-    if stopped:
-        return Liveness(False, f"worker pid {pid} is stopped (SIGSTOP or a debugger)")
-    try:
-        with open(path or "", "rb") as fh:
-            beat = json.loads(fh.read(4096))
-    except (OSError, ValueError):
-        beat = None
-    if beat is None:
-        if now - started < window:
-            return Liveness(True, f"starting ({now - started:.0f} s, no heartbeat yet)")
-        return Liveness(False, f"no heartbeat in {now - started:.0f} s since its start")
-    age = now - float(beat.get("t", 0))
-    busy_since, limit = beat.get("busy_since"), beat.get("limit")
-    if busy_since is not None:
-        running = now - float(busy_since)
-        if limit is None:
-            return Liveness(True, f"running a task for {running:.0f} s (no time limit)")
-        if running <= float(limit) + window:
-            return Liveness(True, f"running a task for {running:.0f} s (time limit {float(limit):g} s)")
-        return Liveness(False, f"a task has run {running:.0f} s, past its time limit of {float(limit):g} s")
-    if age <= window:
-        reconnecting = beat.get("reconnecting_since")
-        if reconnecting is not None:
-            return Liveness(True, f"retrying its broker connection for {now - float(reconnecting):.0f} s")
-        return Liveness(True, f"heartbeat {age:.0f} s ago")
-    return Liveness(False, f"no heartbeat for {age:.0f} s (window {window:g} s): its event loop is wedged")

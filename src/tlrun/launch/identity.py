@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from tlrun.launch.rundir import create_time_of
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -45,15 +47,9 @@ class Identity:
 
 def _own_create_time() -> float:
     """psutil.Process().create_time(), without importing psutil where /proc has the answer."""
-    try:
-        with open("/proc/self/stat", "rb") as fh:
-            stat = fh.read()
-        with open("/proc/stat", "rb") as fh:
-            btime = next(line for line in fh if line.startswith(b"btime"))
-        # The command name (field 2) may hold spaces and parentheses: count fields after its last ')'.
-        ticks = float(stat[stat.rfind(b")") + 2 :].split()[19])
-        return ticks / os.sysconf("SC_CLK_TCK") + float(btime.split()[1])
-    except (OSError, ValueError, IndexError, StopIteration):
-        import psutil
+    found = create_time_of("self")
+    if found is not None:
+        return found
+    import psutil
 
-        return float(psutil.Process().create_time())
+    return float(psutil.Process().create_time())

@@ -1,14 +1,21 @@
-"""tlrun's per-user state directories, created and checked: a module of its own, light enough for the
-early start (launch/early.py), which needs the runtime directory before the launch core is imported."""
+"""tlrun's per-user state directories, created and checked, and the lock files' names and records: a module
+of its own, light enough for the early start (launch/early.py), which needs the runtime directory before the
+launch core is imported, and for the liveness probe (ops/probe.py)."""
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 import stat
-from collections.abc import Mapping
 from pathlib import Path
 
 from tlrun.errors import UnsafeStateError
+
+TYPE_CHECKING = False  # typing is not imported at run time: the liveness probe's CPU (ops/liveness.py)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 
 def runtime_dir(environ: Mapping[str, str]) -> Path:
@@ -50,3 +57,88 @@ def private_dir(base: Path) -> Path:
             f"{base} must be owned by you with mode 0700 (it is uid {st.st_uid}, mode {st.st_mode & 0o777:o})"
         )
     return base
+
+
+def lock_dir() -> Path:
+    """The user's lock directory, derived from the user alone: the home directory of the password database
+    (never $HOME or $XDG_RUNTIME_DIR, which differ between shells, IDEs and service managers), so that
+    every launcher of this user on this host meets the same locks. A user without a usable home directory
+    gets /tmp/tlrun-<uid>."""
+    uid = os.getuid()
+    try:
+        home = Path(pwd.getpwuid(uid).pw_dir)
+    except KeyError:
+        home = Path("/nonexistent")
+    if home.is_dir() and os.access(home, os.W_OK):
+        return private_dir(home / ".cache" / "tlrun-locks")
+    import tempfile
+
+    return private_dir(Path(tempfile.gettempdir()) / f"tlrun-{uid}")
+
+
+def lock_path(project_id: str, kind: str, hostname: str | None = None) -> Path:
+    """The lock of a project's role (`kind`: worker, worker-NAME, beat) on this host. The host name is part
+    of it: a home directory shared between hosts (NFS) must not make two hosts' launchers one."""
+    return lock_dir() / f"{project_id}.{host_label(hostname)}.{kind}.lock"
+
+
+def host_label(hostname: str | None = None) -> str:
+    """The host's name as it stands in tlrun's file names."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in (hostname or os.uname().nodename))[:64]
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The holder record in a lock file, or None when absent or garbage (never trusted blindly)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def pid_namespace() -> int | None:
+    """This process's PID namespace (the inode of /proc/self/ns/pid), None where there is none to read."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def holder_of(record: Mapping[str, Any] | None) -> tuple[int, float] | None:
+    """(pid, create time) of the process a lock record names, as this reader sees it, in the PID namespace
+    the record was written in. A launcher that is a container's PID 1 writes pid 1, a valid holder for every
+    reader in its namespace (its probes, `tlrun reload`); a reader in another namespace (the host) cannot
+    name it by pid and gets None, as for a record without a pid."""
+    if not record:
+        return None
+    try:
+        pid, ctime = int(record["pid"]), float(record["create_time"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    written_in = record.get("pidns")
+    if written_in is None:  # a record of a tlrun that did not say its namespace: pid 1 is never its holder
+        return (pid, ctime) if pid > 1 else None
+    return (pid, ctime) if pid >= 1 and written_in == pid_namespace() else None
+
+
+def create_time_of(pid: int | str) -> float | None:
+    """A process's create time as psutil computes it on Linux, from /proc (the start time in clock ticks since
+    boot, plus the boot time); None when gone, or where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat_line = fh.read()
+        with open("/proc/stat", "rb") as fh:
+            btime = next(line for line in fh if line.startswith(b"btime"))
+        # The command name (field 2) may hold spaces and parentheses: count fields after its last ')'.
+        ticks = float(stat_line[stat_line.rfind(b")") + 2 :].split()[19])
+        return ticks / os.sysconf("SC_CLK_TCK") + float(btime.split()[1])
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +17,11 @@ from typing import Any
 
 from tlrun.errors import ConfigError
 from tlrun.project.discocache import Seen
-
-PYPROJECT = "pyproject.toml"
-TLRUN_TOML = "tlrun.toml"
-ROOT_MARKERS = (PYPROJECT, TLRUN_TOML, "manage.py", ".git")
-_TLRUN_TABLE = re.compile(rb"^\s*\[\s*tool\s*\.\s*tlrun\s*[\].]", re.M)
-MAX_MARKER_BYTES = 1024 * 1024
+from tlrun.project.rootfind import MAX_MARKER_BYTES as MAX_MARKER_BYTES
+from tlrun.project.rootfind import PYPROJECT as PYPROJECT
+from tlrun.project.rootfind import ROOT_MARKERS as ROOT_MARKERS
+from tlrun.project.rootfind import TLRUN_TOML as TLRUN_TOML
+from tlrun.project.rootfind import find_root as find_root
 
 # Top-level modules that would shadow a package tlrun or the worker imports: never an app candidate, and
 # never found by tlrun's own imports (the project's folders go on sys.path only after these are imported).
@@ -48,16 +46,6 @@ SHADOWED = frozenset(
 )
 
 
-def _has_tlrun_table(directory: Path) -> bool:
-    if (directory / TLRUN_TOML).is_file():
-        return True
-    try:
-        with open(directory / PYPROJECT, "rb") as fh:
-            return _TLRUN_TABLE.search(fh.read(MAX_MARKER_BYTES)) is not None
-    except OSError:
-        return False
-
-
 def read_pyproject(root: Path) -> dict[str, Any]:
     """root/pyproject.toml parsed, or {} when it is missing or unreadable (the strict reading, with its
     errors, is project/file.py's)."""
@@ -72,22 +60,6 @@ def read_pyproject(root: Path) -> dict[str, Any]:
         return document
     except (OSError, UnicodeDecodeError, file.tomllib.TOMLDecodeError, RecursionError):
         return {}
-
-
-def find_root(start: Path) -> Path:
-    """The project root for a command run in `start` (see the module's docstring); `start` itself when no
-    ancestor has a marker."""
-    start = start.resolve()
-    chain = [start, *start.parents]
-    for directory in chain:
-        if _has_tlrun_table(directory):
-            return directory
-    for directory in chain:
-        if any(os.path.lexists(directory / marker) for marker in ROOT_MARKERS):
-            if directory == Path(directory.anchor):
-                break  # a marker at / is the machine's, not a project's
-            return directory
-    return start
 
 
 @dataclass(frozen=True)
