@@ -253,9 +253,10 @@ class Bench:
         return times
 
     # -- throughput: 2,000 tiny tasks at INFO, results through the Redis backend ---------------------------
-    def throughput(self, argv: list[str], tasks: int, launcher: bool) -> dict[str, float]:
+    def throughput(self, argv: list[str], tasks: int, launcher: bool, paused: bool = False) -> dict[str, float]:
         """Seconds from the first send until every result is back; for a launcher also its own CPU per line
-        it relayed (its CPU time over the run divided by the lines that reached its console)."""
+        it relayed (its CPU time over the run divided by the lines that reached its console). `paused`: the
+        launcher is stopped with SIGSTOP (Ctrl-Z) for the whole run, and its console is not read."""
         from celery.result import ResultSet
 
         out = self.dir / f"throughput-{time.monotonic_ns()}.out"
@@ -266,18 +267,24 @@ class Bench:
             client.send_task("benchapp.noop", args=(-1,)).get(timeout=30)  # the pool's first task, untimed
             lines_before = _lines(out)
             cpu_before = _cpu(proc.pid)
+            if paused:
+                os.kill(proc.pid, signal.SIGSTOP)
             t0 = time.monotonic()
             results = ResultSet([client.send_task("benchapp.noop", args=(i,)) for i in range(tasks)])
             results.get(timeout=300)
             elapsed = time.monotonic() - t0
             times = {"run": elapsed}
-            if launcher:
+            if paused:
+                os.kill(proc.pid, signal.SIGCONT)
+            elif launcher:
                 # Lines written during the run reach the console within the pump's next read: wait for them.
                 wait_until(lambda: _lines(out) - lines_before >= 2 * tasks, 30)
                 relayed = _lines(out) - lines_before
                 times["cpu per line"] = (_cpu(proc.pid) - cpu_before) / relayed * 1e6
             return times
         finally:
+            if paused:
+                os.kill(proc.pid, signal.SIGCONT)
             self.stop(proc, signal.SIGINT if launcher else signal.SIGTERM)
 
     def answers_any(self) -> bool:

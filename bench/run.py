@@ -131,6 +131,18 @@ def throughput_figures(bench: Bench, table: Table) -> None:
         "<= 1.02",
     )
     table.value("the launcher's own CPU per relayed line", xs["cpu per line"], "us", "<= 20 us")
+    xs, ys = alternate(
+        table.n,
+        lambda: bench.throughput(tlrun, TASKS, True, paused=True),
+        lambda: bench.throughput(bare, TASKS, False),
+    )
+    table.ratio(
+        f"the same {TASKS:,} tasks with `tlrun worker` stopped by Ctrl-Z (SIGSTOP) throughout",
+        "`celery worker` writing to a file",
+        xs["run"],
+        ys["run"],
+        "<= 1.2",
+    )
 
 
 def crowd(n: int) -> list[subprocess.Popen[bytes]]:

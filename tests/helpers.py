@@ -554,8 +554,10 @@ def _users_lock() -> Iterator[None]:
 
 class TcpProxy:
     """A broker seen through a port of its own: `outage()` drops every connection and stops listening (new
-    connections are refused, as when the broker is down), `back()` listens again on the same port. Lets a
-    test stop a broker it does not own (the local RabbitMQ) for one project only."""
+    connections are refused, as when the broker is down), `back()` listens again on the same port; `pause()`
+    keeps every connection and moves no byte until `resume()` (a broker stopped with SIGSTOP: connections
+    are accepted by the kernel and nothing answers). Lets a test stop a broker it does not own (the local
+    RabbitMQ) for one project only."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -563,7 +565,15 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._listener: socket.socket | None = None
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.back()
+
+    def pause(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     def url(self, url: str) -> str:
         """`url` with its host and port replaced by this proxy's."""
@@ -580,6 +590,7 @@ class TcpProxy:
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def outage(self) -> None:
+        self._flowing.set()  # a paused pipe wakes to find its socket closed
         with self._lock:
             listener, self._listener = self._listener, None
             sockets, self._sockets = self._sockets, []
@@ -598,6 +609,7 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
+            self._flowing.wait()
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
                 upstream.settimeout(None)
@@ -613,10 +625,10 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while chunk := source.recv(65536):
+                self._flowing.wait()  # paused: what arrived is held, and nothing more is read
                 sink.sendall(chunk)
         except OSError:
             pass

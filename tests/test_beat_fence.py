@@ -284,6 +284,46 @@ def test_beat_resumes_within_a_ttl_of_a_paused_redis(beat_project: Project, redi
 
 
 @needs_root
+def test_beat_resumes_within_a_ttl_of_a_paused_rabbitmq(amqp_vhost: str, tmp_path: Path) -> None:
+    """RabbitMQ paused for 10 s under a holder and a standby (both reach it through a proxy that moves no
+    byte meanwhile, as a SIGSTOPped broker): within about a ttl of its return some beat sends again, and
+    never two at once."""
+    from urllib.parse import urlsplit
+
+    from helpers import TcpProxy
+
+    proj = Project(tmp_path / "amqp-projects", amqp_vhost)
+    (proj.root / f"{proj.app}.py").write_text(BEAT_APP.format(name=proj.app))
+    proxy = TcpProxy(("127.0.0.1", urlsplit(amqp_vhost).port or 5672))
+    try:
+        env = proj.env(CELERY_BROKER_URL=proxy.url(amqp_vhost))
+        a = on_host(proj, "hostA", env=env)
+        a.wait_output(r"beat lease taken \(hostA pid", 30)
+        b = on_host(proj, "hostB", env=env)
+        b.wait_output(r"beat held by hostA pid \d+ since \S+; standing by", 30)
+        wait_for(lambda: len(senders(proj.broker_url)) >= 2, 20, "ticks")
+        proxy.pause()
+        try:
+            paused_at = datetime.now()
+            wait_for(lambda: (datetime.now() - paused_at).total_seconds() > 10, 15, "10 s of pause")
+        finally:
+            proxy.resume()
+        back = datetime.now()
+
+        def sent_since() -> bool:
+            return any(t > back for t in [*sends(proj, a), *sends(proj, b)])
+
+        wait_for(sent_since, 3 * TTL + 30, "a tick after RabbitMQ came back")
+        first = min(t for t in [*sends(proj, a), *sends(proj, b)] if t > back)
+        wait_for(lambda: len(senders(proj.broker_url)) >= 8, 30, "more ticks")
+        one_at_a_time(senders(proj.broker_url))
+        assert (first - back).total_seconds() < TTL + TTL / 3 + 3, (first, back)
+    finally:
+        proj.cleanup()
+        proxy.close()
+
+
+@needs_root
 def test_a_holder_whose_lease_connection_the_broker_closes_sends_nothing_more(amqp_vhost: str, tmp_path: Path) -> None:
     """RabbitMQ's counterpart of a vanished key: the broker closes the holder's lease connection (its exclusive
     queue goes with it). The holder learns it within a tick and sends nothing more; the next holder takes over."""
