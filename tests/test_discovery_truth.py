@@ -426,3 +426,29 @@ def test_a_worker_started_from_the_repository_root_imports_from_the_run_files_fo
                 worker.kill()
                 worker.wait(10)
     assert worker.returncode == 0, out.read_text()[-2000:]
+
+
+def test_init_writes_the_import_root_as_source_and_reads_the_routes_there(project: Project) -> None:
+    """`tlrun init` at the root of a repository whose compose file runs Celery in apps/: the app imports from
+    apps/ (init imports it to read its routes), and the table pins both the app and `source = "apps"`."""
+    ops = f"ops_{uuid.uuid4().hex[:8]}"
+    base = _tree(
+        project.base / f"initwd-{uuid.uuid4().hex[:6]}",
+        {
+            ".git/HEAD": "ref: refs/heads/main\n",
+            "docker-compose.yml": "services:\n  worker:\n    working_dir: /app/apps\n"
+            f"    command: celery -A {ops} worker\n",
+            f"apps/{ops}/__init__.py": "from .celery import app as celery_app\n",
+            f"apps/{ops}/celery.py": f"from celery import Celery\n\napp = Celery('{ops}', include=['billing.tasks'])\n"
+            "app.conf.task_routes = {'billing.*': {'queue': 'billing'}}\n",
+            "apps/billing/__init__.py": "",
+            "apps/billing/tasks.py": f"from {ops}.celery import app\n\n\n@app.task\ndef bill():\n    return 1\n",
+        },
+    )
+    done = _init(project, base)
+    assert done.returncode == 0, done.stderr
+    import tomllib
+
+    table = tomllib.loads((base / "pyproject.toml").read_text())["tool"]["tlrun"]
+    assert (table["app"], table["source"]) == (ops, "apps"), table
+    assert table["workers"]["billing"]["queues"] == ["billing"], table
