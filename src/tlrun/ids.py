@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 IMPLICIT_ROLE = "default"  # the role of a project whose file declares none
 
 
-def project_id(root: Path, app: str) -> str:
+def project_id(root: Path | str, app: str) -> str:
     """A short stable id for (project directory, app): the sweep's marker and the lock's name."""
     digest = sha256(f"{os.path.realpath(root)}\0{app}".encode()).hexdigest()
     return str(digest[:16])

@@ -8,13 +8,13 @@ import json
 import os
 import pwd
 import stat
-from pathlib import Path
 
 from tlrun.errors import UnsafeStateError
 
-TYPE_CHECKING = False  # typing is not imported at run time: the liveness probe's CPU (ops/liveness.py)
+TYPE_CHECKING = False  # neither typing nor pathlib at run time in the probe's path: its CPU (ops/liveness.py)
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from pathlib import Path
     from typing import Any
 
 
@@ -22,6 +22,8 @@ def runtime_dir(environ: Mapping[str, str]) -> Path:
     """$XDG_RUNTIME_DIR/tlrun, else a 0700 directory under the user's cache dir; created and checked.
     State that may differ between shells lives here (beat's schedule, the private broker's files): never
     the locks, which must be the same for every shell of the user (see lock_dir)."""
+    from pathlib import Path
+
     xdg = environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         base = Path(xdg) / "tlrun"
@@ -39,8 +41,14 @@ def runtime_dir(environ: Mapping[str, str]) -> Path:
 
 
 def private_dir(base: Path) -> Path:
+    from pathlib import Path
+
+    return Path(_private_dir(str(base)))
+
+
+def _private_dir(base: str) -> str:
     try:
-        base.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(base), exist_ok=True)
         os.mkdir(base, 0o700)
     except FileExistsError:
         pass
@@ -64,22 +72,36 @@ def lock_dir() -> Path:
     (never $HOME or $XDG_RUNTIME_DIR, which differ between shells, IDEs and service managers), so that
     every launcher of this user on this host meets the same locks. A user without a usable home directory
     gets /tmp/tlrun-<uid>."""
+    from pathlib import Path
+
+    return Path(lock_folder())
+
+
+def lock_folder() -> str:
+    """lock_dir, as a string (the liveness probe imports no pathlib)."""
     uid = os.getuid()
     try:
-        home = Path(pwd.getpwuid(uid).pw_dir)
+        home = pwd.getpwuid(uid).pw_dir
     except KeyError:
-        home = Path("/nonexistent")
-    if home.is_dir() and os.access(home, os.W_OK):
-        return private_dir(home / ".cache" / "tlrun-locks")
+        home = "/nonexistent"
+    if os.path.isdir(home) and os.access(home, os.W_OK):
+        return _private_dir(os.path.join(home, ".cache", "tlrun-locks"))
     import tempfile
 
-    return private_dir(Path(tempfile.gettempdir()) / f"tlrun-{uid}")
+    return _private_dir(os.path.join(tempfile.gettempdir(), f"tlrun-{uid}"))
 
 
 def lock_path(project_id: str, kind: str, hostname: str | None = None) -> Path:
     """The lock of a project's role (`kind`: worker, worker-NAME, beat) on this host. The host name is part
     of it: a home directory shared between hosts (NFS) must not make two hosts' launchers one."""
-    return lock_dir() / f"{project_id}.{host_label(hostname)}.{kind}.lock"
+    from pathlib import Path
+
+    return Path(lock_file(project_id, kind, hostname))
+
+
+def lock_file(project_id: str, kind: str, hostname: str | None = None) -> str:
+    """lock_path, as a string (the liveness probe imports no pathlib)."""
+    return os.path.join(lock_folder(), f"{project_id}.{host_label(hostname)}.{kind}.lock")
 
 
 def host_label(hostname: str | None = None) -> str:
@@ -87,7 +109,7 @@ def host_label(hostname: str | None = None) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in (hostname or os.uname().nodename))[:64]
 
 
-def read_record(path: Path) -> dict[str, Any] | None:
+def read_record(path: Path | str) -> dict[str, Any] | None:
     """The holder record in a lock file, or None when absent or garbage (never trusted blindly)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from tlrun.errors import HEALTH_DEAD_EXIT_CODE, HEALTH_UNKNOWN_EXIT_CODE
 from tlrun.launch import rundir
@@ -129,7 +128,7 @@ def check_locks(project_id: str, roles: Sequence[tuple[str, str]], window: float
     found = []
     for role, lock_kind in roles:
         try:
-            record = rundir.read_record(rundir.lock_path(project_id, lock_kind))
+            record = rundir.read_record(rundir.lock_file(project_id, lock_kind))
         except Exception:  # an unusable lock directory: nothing runs from it
             record = None
         if not record or not _holder_alive(record):
@@ -189,7 +188,7 @@ def _options(argv: Sequence[str]) -> dict[str, str] | None:
     return found if "liveness" in found else None
 
 
-def _project(root: Path, app: str | None) -> tuple[str, list[tuple[str, str]]] | None:
+def _project(root: str, app: str | None) -> tuple[str, list[tuple[str, str]]] | None:
     """(app, [(role, lock kind)]) as the full configuration has them, when the project file says so plainly."""
     if sys.version_info >= (3, 11):
         import tomllib
@@ -198,20 +197,22 @@ def _project(root: Path, app: str | None) -> tuple[str, list[tuple[str, str]]] |
 
     from tlrun.project import rootfind
 
-    if not app and (root / ".env").exists():
+    dotenv = os.path.join(root, ".env")
+    if not app and os.path.exists(dotenv):
         try:
-            with open(root / ".env", "rb") as fh:
+            with open(dotenv, "rb") as fh:
                 if b"CELERY_APP" in fh.read(1 << 20):
                     return None  # .env may name the app: the full command reads it
         except OSError:
             return None
     table: Any = None
     for name in (rootfind.PYPROJECT, rootfind.TLRUN_TOML):
-        path = root / name
-        if not path.is_file():
+        path = os.path.join(root, name)
+        if not os.path.isfile(path):
             continue
         try:
-            document = tomllib.loads(path.read_text(encoding="utf-8"))
+            with open(path, "rb") as fh:
+                document = tomllib.loads(fh.read().decode("utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
             return None
         table = document.get("tool", {}).get("tlrun") if name == rootfind.PYPROJECT else document
@@ -228,7 +229,7 @@ def _project(root: Path, app: str | None) -> tuple[str, list[tuple[str, str]]] |
         return None
     if workers:
         return app, [(name, f"worker-{name}") for name in workers]
-    if any((root / name).exists() for name in ("Procfile", "Procfile.dev")):
+    if any(os.path.exists(os.path.join(root, name)) for name in ("Procfile", "Procfile.dev")):
         return None  # a Procfile's worker lines may be the roles
     from tlrun.ids import IMPLICIT_ROLE
 
@@ -247,14 +248,14 @@ def fast_health(argv: Sequence[str]) -> int | None:
     if not 1 <= window <= MAX_WINDOW:
         return None
     from tlrun.ids import project_id
-    from tlrun.project.rootfind import find_root
+    from tlrun.project.rootfind import root_of
 
     if "project_dir" in options:
-        root = Path(options["project_dir"]).resolve()
-        if not root.is_dir():
+        root = os.path.realpath(options["project_dir"])
+        if not os.path.isdir(root):
             return None
     else:
-        root = find_root(Path(os.getcwd()))
+        root = root_of(os.getcwd())
     found = _project(root, options.get("app") or os.environ.get("CELERY_APP") or None)
     if found is None:
         return None

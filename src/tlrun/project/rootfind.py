@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
+
+TYPE_CHECKING = False  # pathlib only where a Path is returned: the liveness probe uses the string forms
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PYPROJECT = "pyproject.toml"
 TLRUN_TOML = "tlrun.toml"
@@ -19,11 +22,11 @@ _TLRUN_TABLE = re.compile(rb"^\s*\[\s*tool\s*\.\s*tlrun\s*[\].]", re.M)
 MAX_MARKER_BYTES = 1024 * 1024
 
 
-def _has_tlrun_table(directory: Path) -> bool:
-    if (directory / TLRUN_TOML).is_file():
+def _has_tlrun_table(directory: str) -> bool:
+    if os.path.isfile(os.path.join(directory, TLRUN_TOML)):
         return True
     try:
-        with open(directory / PYPROJECT, "rb") as fh:
+        with open(os.path.join(directory, PYPROJECT), "rb") as fh:
             return _TLRUN_TABLE.search(fh.read(MAX_MARKER_BYTES)) is not None
     except OSError:
         return False
@@ -32,14 +35,23 @@ def _has_tlrun_table(directory: Path) -> bool:
 def find_root(start: Path) -> Path:
     """The project root for a command run in `start` (see the module's docstring); `start` itself when no
     ancestor has a marker."""
-    start = start.resolve()
-    chain = [start, *start.parents]
+    from pathlib import Path
+
+    return Path(root_of(str(start)))
+
+
+def root_of(start: str) -> str:
+    """find_root, on strings (the liveness probe imports no pathlib)."""
+    start = os.path.realpath(start)
+    chain = [start]
+    while os.path.dirname(chain[-1]) != chain[-1]:
+        chain.append(os.path.dirname(chain[-1]))
     for directory in chain:
         if _has_tlrun_table(directory):
             return directory
     for directory in chain:
-        if any(os.path.lexists(directory / marker) for marker in ROOT_MARKERS):
-            if directory == Path(directory.anchor):
+        if any(os.path.lexists(os.path.join(directory, marker)) for marker in ROOT_MARKERS):
+            if os.path.dirname(directory) == directory:
                 break  # a marker at / is the machine's, not a project's
             return directory
     return start
