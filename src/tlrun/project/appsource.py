@@ -230,14 +230,17 @@ class Index:
         self.root, self.seen = root, seen
         self.sources = scan(root, seen)
         self.rel_of = {module_name(rel): rel for rel in self.sources}
+        # One pass over every module for the word Celery; the rest of a large tree is never looked at again
+        # unless the project has a subclass or a factory, whose users need not name Celery.
+        self._naming = [rel for rel, source in self.sources.items() if b"Celery" in source]
         classes: set[bytes] = set()
-        for source in self.sources.values():
-            if b"Celery" in source and b"class" in source:
-                classes |= _classes_in(source)
+        for rel in self._naming:
+            if b"class" in self.sources[rel]:
+                classes |= _classes_in(self.sources[rel])
         factories: set[bytes] = set()
-        for source in self.sources.values():
-            if b"Celery" in source or (classes and any(c in source for c in classes)):
-                factories |= _factories_in(source, classes) if b"def" in source else set()
+        for rel in self._using(frozenset(classes)):
+            if b"def" in self.sources[rel]:
+                factories |= _factories_in(self.sources[rel], classes)
         self.kinds = frozenset(sorted(classes | factories)[:MAX_KINDS])
         self._parsed: dict[str, Module] = {}
 
@@ -254,14 +257,18 @@ class Index:
 
     def creators(self) -> list[Module]:
         """Every module that creates an app at module level."""
-        kinds = self.kinds
         found = []
-        for rel, source in self.sources.items():
-            if b"Celery" in source or (kinds and any(n in source for n in kinds)):
-                module = self.module(module_name(rel))
-                if module is not None and module.creates:
-                    found.append(module)
+        for rel in self._using(self.kinds):
+            module = self.module(module_name(rel))
+            if module is not None and module.creates:
+                found.append(module)
         return found
+
+    def _using(self, kinds: frozenset[bytes]) -> list[str]:
+        """The modules that name Celery or one of `kinds`, in the scan's order."""
+        if not kinds:
+            return self._naming
+        return [rel for rel, source in self.sources.items() if b"Celery" in source or any(k in source for k in kinds)]
 
     def gives_app(self, value: str, depth: int = 0) -> str | None:
         """Why the -A value names an app under this root ("creates Celery('x')", "imports app from
