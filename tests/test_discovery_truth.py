@@ -377,9 +377,9 @@ def test_a_worker_started_from_the_repository_root_imports_from_the_run_files_fo
     """The user's path end to end: `tlrun worker` with no app named, in a repository whose compose file runs
     Celery in apps/: the worker gets apps/ on its path, answers pings, and runs a task of a sibling package."""
     import re
-    import signal
 
     from helpers import ping_replies, send_task, wait_for
+    from test_layouts import _stop
 
     ops = f"ops_{uuid.uuid4().hex[:8]}"
     base = _tree(
@@ -418,13 +418,7 @@ def test_a_worker_started_from_the_repository_root_imports_from_the_run_files_fo
         assert len(ping_replies(project.broker_url)) == 1
         assert send_task(project.broker_url, "billing.tasks.bill").get(timeout=30) == 42
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGINT)
-            try:
-                worker.wait(40)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(10)
+        _stop(worker)
     assert worker.returncode == 0, out.read_text()[-2000:]
 
 
