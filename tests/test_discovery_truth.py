@@ -156,10 +156,11 @@ def test_a_package_in_the_folder_celery_runs_from_is_the_app(
         },
     )
     _walk(base, ["examples/next-steps", "examples/next-steps/proj"], monkeypatch, "proj.celery", "examples/next-steps")
-    # From the repository root nothing says where to run from: no guess.
+    # From the repository root nothing says where to run from: no guess, but the hint names the folder.
     monkeypatch.chdir(base)
-    with pytest.raises(ConfigError, match="none found"):
+    with pytest.raises(ConfigError, match="none found") as info:
         load_settings({})
+    assert "an app is in examples/next-steps (proj/celery.py): run tlrun from there" in (info.value.hint or "")
 
 
 # 3. Task modules that import each other do not hide the app -----------------------------------------------

@@ -317,3 +317,41 @@ class Index:
             if self.gives_app(f"{home}:{returned.decode()}", depth + 1) is not None:
                 return f"calls {name}() from {home}, which returns its app"
         return None
+
+
+def apps_below(root: Path, most: int = 3) -> list[tuple[str, str]]:
+    """(folder, module file) for folders one or two levels down, out of any package, holding a package whose
+    celery.py or celery_app.py creates an app (a repository's example projects): where to run from. Only
+    names and small files are read."""
+    found: list[tuple[str, str]] = []
+    for first in _folders(root):
+        for folder in [first, *_folders(first)]:
+            for package in _folders(folder, packages=True):
+                for name in ("celery.py", "celery_app.py"):
+                    path = package / name
+                    try:
+                        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_SOURCE_BYTES:
+                            continue
+                        if b"Celery(" in path.read_bytes():
+                            found.append((os.path.relpath(folder, root), f"{package.name}/{name}"))
+                            break
+                    except OSError:
+                        continue
+                if len(found) >= most:
+                    return found
+    return found
+
+
+def _folders(directory: Path, packages: bool = False) -> list[Path]:
+    """Sub-folders worth a look: not hidden, not skipped, not symlinks; packages only, or no package."""
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError:
+        return []
+    chosen = []
+    for entry in entries[:200]:
+        if entry.name.startswith(".") or entry.name in SKIP_DIRS or not entry.is_dir(follow_symlinks=False):
+            continue
+        if os.path.isfile(os.path.join(entry.path, "__init__.py")) == packages:
+            chosen.append(Path(entry.path))
+    return chosen

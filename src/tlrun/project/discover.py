@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 from tlrun.errors import ConfigError
 from tlrun.project import discocache, evidence
-from tlrun.project.appsource import Index
+from tlrun.project.appsource import Index, apps_below
 from tlrun.project.discocache import Seen
 from tlrun.project.layout import ROOT_MARKERS, Source, inside_package
 
@@ -330,7 +330,11 @@ def discover_app(
                 rejected,
             )
         hint = PIN
-        if code_root == root and (root / "src").is_dir():
+        below = apps_below(root)
+        if below:
+            where = "; ".join(f"{folder} ({module})" for folder, module in below)
+            hint = f"an app is in {where}: run tlrun from there (Celery imports from the folder it runs in), or {PIN}"
+        elif code_root == root and (root / "src").is_dir():
             hint = 'packages under src/? set source = "src" under [tool.tlrun] (tlrun init finds it); or ' + PIN
         elif inside_package(root):
             hint = f"{root} is a Python package: run tlrun from the project's root folder, or " + PIN
