@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,19 +20,12 @@ from pathlib import Path
 import pytest
 
 from helpers import PY, Project
+from test_layouts import _tree
 from tlrun.config import load_settings
 from tlrun.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(120)
 BROKER = "redis://127.0.0.1:1/0"  # never connected to: the apps are only imported
-
-
-def _tree(root: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text).lstrip())
-    return root
 
 
 def _app(name: str) -> str:
