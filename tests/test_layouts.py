@@ -185,6 +185,10 @@ def test_commands_as_docs_write_them() -> None:
     assert said_in("celery worker -A proj.celery:app") == [("proj.celery:app", "celery worker -A proj.celery:app")]
     assert said_in("pip install celery -A") == []  # no subcommand, no app
     assert said_in("celery -A $APP worker") == []  # a variable names nothing here
+    # Filled in from what the project sets, to read the app; shown as written (.env holds passwords too).
+    known = {"APP": "shop", "PASSWORD": "hunter2"}
+    line = "celery -A ${APP}.worker worker -b redis://:$PASSWORD@db/0"
+    assert said_in(line, known) == [("shop.worker", "celery -A ${APP}.worker worker -b redis://:$PASSWORD@db/0")]
     assert said_in("django-celery-beat -A x worker") == []
 
 

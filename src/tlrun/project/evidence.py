@@ -155,14 +155,16 @@ def _said_with_workdir(text: str, known: dict[str, str]) -> list[tuple[str, str,
                 said[block:] = [(a, c, w if w is not None else workdir) for a, c, w in said[block:]]
         if "celery" not in line:
             continue
+        # Variables are filled in to read the line, never to show it: .env holds passwords too.
+        as_written = [m.group("rest") for m in _CELERY.finditer(line.translate(_NOISE))]
         line = substitute(line, known)
         plain = line.translate(_NOISE)
-        for match in _CELERY.finditer(plain):
+        for i, match in enumerate(_CELERY.finditer(plain)):
             rest = match.group("rest")
             option = _APP_OPT.search(rest)
             if option is None or _SUBCOMMAND.search(rest) is None:
                 continue
-            shown = " ".join(("celery" + rest).split())
+            shown = " ".join(("celery" + (as_written[i] if i < len(as_written) else "")).split())
             inline = [m.group(1) for m in _CD_INLINE.finditer(line[: line.find("celery")])]
             where = inline[-1] if inline else workdir
             said.append((option.group(1).rstrip("."), shown[:72] + ("..." if len(shown) > 72 else ""), where))
