@@ -176,7 +176,7 @@ def _options(argv: Sequence[str]) -> dict[str, str] | None:
             found["liveness"] = "1"
             continue
         name, eq, value = word.partition("=")
-        if name not in names or name in found:
+        if name not in names:
             return None
         if not eq:
             if not words:
