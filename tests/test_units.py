@@ -145,7 +145,7 @@ def test_tlrun_worker_never_starts_beat_on_its_own(project: Project) -> None:
     assert run_task(project, "task_value") == 1
     for launched in (beat, other, workers):
         launched.send(signal.SIGTERM)
-        assert launched.wait(40) == 0
+        assert launched.wait(40) == 0, launched.output()[-4000:]
 
 
 # -- reload: checked completely before anything stops ---------------------------------------------------------
