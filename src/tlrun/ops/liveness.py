@@ -4,9 +4,9 @@ makes a worker "dead" here; that is readiness's business.
 
 A probe runs every few seconds in every pod, so it must cost little CPU: this module imports the standard
 library and tlrun's light modules only (no click, psutil, dataclasses or the configuration's machinery), and
-`fast_health` answers the documented probe commands (`tlrun health --liveness [-A APP] [--window N]
-[--project-dir D]`) before the command line is even parsed by click. It takes the app and the roles from the
-places the full configuration reads first (the command line, CELERY_APP, the project file's `app` and
+`fast_health` answers the documented probe commands (`tlrun health --liveness [-A APP] [--role R]
+[--window N] [--project-dir D]`) before the command line is even parsed by click. It takes the app and the
+roles from the places the full configuration reads first (the command line, CELERY_APP, the project file's `app` and
 `[tool.tlrun.workers.*]`); anything it does not read itself (a CELERY_APP in .env, a Procfile's roles, an
 app found by discovery, a malformed project file, another option) makes it step aside for the full command,
 which answers the same question the same way.
@@ -164,11 +164,12 @@ def report(results: Sequence[RoleLiveness]) -> tuple[list[str], int]:
 
 # -- the fast path: the documented probe commands, before click --------------------------------------------
 def _options(argv: Sequence[str]) -> dict[str, str] | None:
-    """`health --liveness` with -A/--app, --window, --project-dir only (any order, `--x=v` too); else None."""
+    """`health --liveness` with -A/--app, --role, --window, --project-dir only (any order, `--x=v` too); else
+    None."""
     if not argv or argv[0] != "health":
         return None
     found: dict[str, str] = {}
-    names = {"-A": "app", "--app": "app", "--window": "window", "--project-dir": "project_dir"}
+    names = {"-A": "app", "--app": "app", "--role": "role", "--window": "window", "--project-dir": "project_dir"}
     words = list(argv[1:])
     while words:
         word = words.pop(0)
@@ -260,6 +261,10 @@ def fast_health(argv: Sequence[str]) -> int | None:
     if found is None:
         return None
     app, roles = found
+    if "role" in options:  # one role's pod (tlrun export kubernetes): that role only
+        roles = [(name, kind) for name, kind in roles if name == options["role"]]
+        if not roles:
+            return None  # not a role of the project file: the full command says so
     lines, code = report(check_locks(project_id(root, app), roles, window))
     sys.stdout.write("".join(line + "\n" for line in lines))
     sys.stdout.flush()
