@@ -149,11 +149,15 @@ class Watch(Periodic):
         sample: bool = False,
         queue_owner: QueueOwner | None = None,  # report queue lengths (one launcher per cluster)
         all_queues: Callable[[], list[str]] | None = None,  # the project's queues, every role's
+        standalone: bool = False,
     ) -> None:
-        """`sample`: ask every node for its state at every check (for metrics), not only when messages wait."""
+        """`sample`: ask every node for its state at every check (for metrics), not only when messages wait.
+        `standalone`: a launcher without workers (tlrun beat) that publishes the queue lengths when it holds
+        the lease: a role scaled to zero still has its queue length published (autoscaling wakes it)."""
         import threading
 
         super().__init__(every)
+        self.standalone = standalone
         self.sample = sample
         self._queue_owner = queue_owner
         self._all_queues = all_queues
@@ -177,7 +181,7 @@ class Watch(Periodic):
             del self._first_seen[key]
         try:
             targets = list(self._targets())
-            if not targets:
+            if not targets and not self.standalone:
                 # No worker of ours runs (it died; a restart may come): another launcher publishes the queue
                 # lengths from now on, at once, not when our lease would expire.
                 self._publish({}, owner=False)

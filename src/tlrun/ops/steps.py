@@ -38,7 +38,8 @@ class ConsumeStep(Step):
         self._stuck: dict[str, list[consuming.NotConsuming]] = {}
 
     def started(self, launcher: Launcher) -> None:
-        if not launcher.workers:
+        standalone = not launcher.workers and launcher.beat is not None and self.sample  # tlrun beat --metrics-port
+        if not launcher.workers and not standalone:
             return
 
         def targets() -> list[tuple[str, list[str]]]:
@@ -56,6 +57,7 @@ class ConsumeStep(Step):
             sample=self.sample,
             queue_owner=self._owner(launcher) if self.sample else None,
             all_queues=lambda: sorted({q for r in launcher.s.all_roles for q in consuming.wanted_queues(r.queue_set)}),
+            standalone=standalone,
         ).start()
 
     def _owner(self, launcher: Launcher) -> QueueMetricsLease:
