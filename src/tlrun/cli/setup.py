@@ -78,8 +78,44 @@ def ide(editor: str, force: bool, **params: Any) -> None:
         click.echo(f"tlrun: {written.path.relative_to(settings.project_root)}: {written.action}")
 
 
+def _kube_options(func: Any) -> Any:
+    """The options of `tlrun export kubernetes` (an error with any other kind)."""
+    options = [
+        click.option("--image", help="kubernetes: the image the pods run (the project and tlrun installed)."),
+        click.option("--namespace", help="kubernetes: the namespace of every resource."),
+        click.option("--workdir", default="/app", show_default=True, help="kubernetes: the project in the image."),
+        click.option(
+            "--broker-secret", help="kubernetes: NAME/KEY of the Secret with the broker URL [<name>-broker/url]."
+        ),
+        click.option(
+            "--replicas", type=click.IntRange(min=0), default=1, show_default=True, help="kubernetes: pods per role."
+        ),
+        click.option(
+            "--metrics-port",
+            type=click.IntRange(1, 65535),
+            help="kubernetes: serve metrics on this port in every pod, with a Service and a ServiceMonitor.",
+        ),
+        click.option(
+            "--keda", is_flag=True, help="kubernetes: a KEDA ScaledObject per role (queued + active per worker)."
+        ),
+        click.option(
+            "--min-replicas", type=click.IntRange(min=0), default=0, show_default=True, help="kubernetes, --keda."
+        ),
+        click.option(
+            "--max-replicas", type=click.IntRange(min=1), default=10, show_default=True, help="kubernetes, --keda."
+        ),
+        click.option("--prometheus-url", help="kubernetes, --keda: the Prometheus KEDA queries."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+_KUBE_DEFAULTS = {"workdir": "/app", "replicas": 1, "keda": False, "min_replicas": 0, "max_replicas": 10}
+
+
 @cli.command("export")
-@click.argument("kind", type=click.Choice(["systemd", "supervisor", "procfile"]))
+@click.argument("kind", type=click.Choice(["systemd", "supervisor", "procfile", "kubernetes"]))
 @project_options
 @ROLE_OPTION
 @click.option("--node-prefix", help="Node name prefix (default api).")
@@ -101,6 +137,7 @@ def ide(editor: str, force: bool, **params: Any) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Write the file(s) into this directory instead of printing.",
 )
+@_kube_options
 @handle_errors
 def export_cmd(
     kind: str, beat: bool | None, user: str | None, watchdog_sec: int, output: Path | None, **params: Any
@@ -110,9 +147,22 @@ def export_cmd(
 
     systemd: Type=notify (READY once the workers answer, WATCHDOG=1 while they do, ExecReload for new code
     without downtime), KillMode=mixed with TimeoutStopSec above the grace period; supervisor: stopasgroup=false,
-    killasgroup=true, stopwaitsecs above the grace period; procfile: one line per process.
+    killasgroup=true, stopwaitsecs above the grace period; procfile: one line per process; kubernetes: a
+    Deployment and a PodDisruptionBudget per role and for beat, tlrun as PID 1 with its probes, optionally
+    metrics (Service, ServiceMonitor) and KEDA autoscaling (a kustomization.yaml with -o).
     """
     from tlrun.deploy import export
+
+    kube = {
+        k: params.pop(k)
+        for k in (*_KUBE_DEFAULTS, "image", "namespace", "broker_secret", "metrics_port", "prometheus_url")
+    }
+    if kind != "kubernetes":
+        given = [k for k, v in kube.items() if v is not None and v != _KUBE_DEFAULTS.get(k)]
+        if given:
+            from tlrun.errors import UsageError
+
+            raise UsageError(f"--{given[0].replace('_', '-')} is an option of `tlrun export kubernetes` only")
 
     log_dir = params.get("log_dir")
     settings = _settings(params)
@@ -123,6 +173,9 @@ def export_cmd(
         pass_log_dir=log_dir is not None,
         watchdog_sec=watchdog_sec,
     )
+    if kind == "kubernetes":
+        _export_kubernetes(spec, kube, output)
+        return
     if kind in ("systemd", "supervisor") and user is None:
         # As Celery warns when it runs as root: a task, or a message on the broker, can do anything there.
         click.echo(
@@ -143,3 +196,35 @@ def export_cmd(
 
             safefile.write_atomic(output / name, text)
             click.echo(f"tlrun: wrote {output / name}")
+
+
+def _export_kubernetes(spec: Any, kube: dict[str, Any], output: Path | None) -> None:
+    from tlrun.deploy import kubernetes
+    from tlrun.errors import UsageError
+
+    if not kube["image"]:
+        raise UsageError("tlrun export kubernetes needs --image (the image with the project and tlrun installed)")
+    metrics_port = kube["metrics_port"] or (kubernetes.METRICS_PORT if kube["keda"] else None)
+    opts = kubernetes.KubeOptions(
+        image=kube["image"],
+        namespace=kube["namespace"],
+        workdir=kube["workdir"],
+        broker_secret=kube["broker_secret"] or "",
+        replicas=kube["replicas"],
+        metrics_port=metrics_port,
+        keda=kube["keda"],
+        min_replicas=kube["min_replicas"],
+        max_replicas=kube["max_replicas"],
+        prometheus_url=kube["prometheus_url"] or kubernetes.PROMETHEUS_URL,
+    )
+    files = kubernetes.render(spec, opts)
+    for note in kubernetes.notes(spec, opts):
+        click.echo(f"tlrun: note: {note}", err=True)
+    if output is None:
+        click.echo(next(iter(files.values())), nl=False)
+        return
+    from tlrun import safefile
+
+    for name, text in files.items():
+        safefile.write_atomic(output / name, text)
+        click.echo(f"tlrun: wrote {output / name}")
