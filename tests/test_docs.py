@@ -108,17 +108,36 @@ def test_the_compose_file_runs_a_worker_beat_redis_and_flower() -> None:
     assert "replicas" not in services["beat"].get("deploy", {})  # one beat
 
 
-def test_the_kubernetes_example_gives_tlrun_its_grace_before_the_kubelets_sigkill() -> None:
+def test_the_kubernetes_page_shows_what_tlrun_export_kubernetes_writes(tmp_path: Path) -> None:
+    """docs/kubernetes.md's Deployment is the export's own output for the settings the page names, and it gives
+    tlrun its grace before the kubelet's SIGKILL."""
+    import os
+
     text = (ROOT / "docs" / "kubernetes.md").read_text()
-    manifest = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    shown = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "pyproject.toml").write_text('[tool.tlrun]\napp = "proj.celery"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "TLRUN_"))}
+    args = ["--image", "registry.example.com/proj:1.4", "--grace", "60", "--namespace", "jobs"]
+    done = subprocess.run(
+        [sys.executable, "-m", "tlrun", "export", "kubernetes", *args],
+        cwd=tmp_path,
+        env={**env, "TLRUN_CONCURRENCY": "4"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.split("---\n")[0]
+    assert shown == first[first.index("apiVersion") :], "paste the export's first document into docs/kubernetes.md"
+    manifest = yaml.safe_load(shown)
     pod = manifest["spec"]["template"]["spec"]
     command = pod["containers"][0]["command"]
-    assert command[:3] == ["python", "-m", "tlrun"]
-    _tlrun_accepts(command[3:])
+    assert command[0] == "tlrun"
+    _tlrun_accepts(command[1:])
     grace = float(command[command.index("--grace") + 1])
     assert pod["terminationGracePeriodSeconds"] > grace
     for probe in ("readinessProbe", "livenessProbe"):
-        _tlrun_accepts(pod["containers"][0][probe]["exec"]["command"][3:])
+        _tlrun_accepts(pod["containers"][0][probe]["exec"]["command"][1:])
 
 
 def test_the_readme_ps_example_shows_beats_node_as_ps_prints_it() -> None:

@@ -168,7 +168,10 @@ def _worker(spec: ServiceSpec, opts: KubeOptions, base: str, role: Role) -> list
     rname = dns_name(role.name) if role.declared else "worker"
     name = f"{base}-{rname}"
     labels = _labels(base, "worker", rname)
-    argv = role_argv(spec, role, "worker", "--grace", f"{spec.grace:g}", "--restart", *_metrics_args(opts))
+    # A declared role's options are in the project file the image holds; the implicit role's may come from the
+    # exporting shell's environment (TLRUN_CONCURRENCY, .env), which the pod does not have: written out.
+    own = ["--concurrency", str(role.worker.concurrency)] if role.worker.concurrency and not role.declared else []
+    argv = role_argv(spec, role, "worker", *own, "--grace", f"{spec.grace:g}", "--restart", *_metrics_args(opts))
     container = _container(spec, opts, base, "worker", argv)
     container["readinessProbe"] = {
         "exec": {"command": role_argv(spec, role, "health", "--readiness", "--timeout", "2", "--retries", "1")},
