@@ -44,6 +44,7 @@ HOOKS_ENV = "TLRUN_CHILD_HOOKS"
 # A stack's process (not Celery): run it under a watchdog that stops its whole group with this signal.
 GROUP_ENV = "TLRUN_GROUP_STOP"
 HEARTBEAT_ENV = "TLRUN_HEARTBEAT"  # where a worker writes its liveness heartbeat (heartbeat.py)
+TASK_STATS_ENV = "TLRUN_TASK_STATS"  # the prefix of the file a worker writes its task counts to (taskstats.py)
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 # "Requeue if busy": sent by the launcher to a stopping worker shortly before the grace period ends. The
 # worker turns it into SIGQUIT (Celery's cold shutdown: running late-acked tasks go back to the queue) only
@@ -304,7 +305,16 @@ def run_module(
             from tlrun.launch import heartbeat
 
             heartbeat.install(beat_file)
+        stats_prefix = os.environ.pop(TASK_STATS_ENV, None)
+        if stats_prefix:
+            from tlrun.launch import taskstats
+
+            taskstats.install(stats_prefix)
         signal.signal(REQUEUE_SIGNAL, requeue_if_busy)
+    elif module == "celery" and "beat" in args:  # beat's sends carry their publish time (queue wait metrics)
+        from tlrun.launch import taskstats
+
+        taskstats.stamp_publish_time()
     hooks = _hooks(os.environ.pop(HOOKS_ENV, ""))
     sys.argv = [module, *args]
     status: object = 0

@@ -27,7 +27,7 @@ from typing import Any
 
 from tlrun.config import Role, Settings
 from tlrun.launch import spawn
-from tlrun.launch._child import HEARTBEAT_ENV, LOG_ENV
+from tlrun.launch._child import HEARTBEAT_ENV, LOG_ENV, TASK_STATS_ENV
 from tlrun.launch.entry import DEV_POLL_ENV
 from tlrun.launch.hold import Hold
 from tlrun.launch.identity import Identity
@@ -42,6 +42,11 @@ class Plan:
     env: dict[str, str]
     stem: str  # the log file's stem
     heartbeat: str  # the liveness heartbeat file the worker writes
+
+
+def task_stats_prefix(runtime: Path, project_id: str, role: str, launcher_pid: int) -> str:
+    """Where a role's workers write their task counts: `<prefix>.<worker pid>.json` (taskstats.py)."""
+    return str(runtime / f"{project_id}.{role}.{launcher_pid}.tasks")
 
 
 def plan_worker(
@@ -61,6 +66,7 @@ def plan_worker(
     env = spawn.worker_env(settings, node, Identity.of_self(), broker_url, role.name)
     beat_file = str(runtime / f"{settings.project_id}.{role.name}.{os.getpid()}.alive")
     env[HEARTBEAT_ENV] = beat_file  # the worker's own event loop writes it: `tlrun health --liveness`
+    env[TASK_STATS_ENV] = task_stats_prefix(runtime, settings.project_id, role.name, os.getpid())
     if hold is not None:
         env.update(hold.env(), **({DEV_POLL_ENV: "1"} if dev_poll else {}))
     stem = f"celery_{role.log_stem}_{os.getpid()}"

@@ -348,6 +348,10 @@ class Supervisor:
                 statuses[child.name] = self._finish_stop(child)
         return statuses
 
+    def running_pids(self) -> set[int]:
+        """The pids of the children still running (safe from another thread: nothing is reaped here)."""
+        return {c.popen.pid for c in list(self._children.values()) if not signals.child_exited(c.popen)}
+
     def has_running(self, max_order: int = 0) -> bool:
         """Is any child with stop_order <= max_order (workers, beat) still running?"""
         return any(c.stop_order <= max_order and not signals.child_exited(c.popen) for c in self._children.values())
