@@ -176,14 +176,20 @@ def test_the_container_recipe_as_an_experienced_docker_user_expects_it() -> None
 def test_readme_metrics_section_lists_every_metric_the_endpoint_serves() -> None:
     """Every family the launcher's endpoint can serve (a sample with every field set) has its row."""
     from tlrun.ops import metrics
+    from tlrun.ops.taskmetrics import Totals
 
-    worker = metrics.WorkerSample("api1@h", "default", True, 1, 0, 0, 1.0, 1.0, 2, 2, 10, ("celery",), 1)
-    sample = metrics.LauncherSample((worker,), {"celery": 1}, True, "h", 1, {"t": 1}, True, "app", "proj")
+    worker = metrics.WorkerSample("api1@h", "default", True, 1, 0, 0, 1.0, 1.0, 2, 2, 10, ("celery",), 1, 1, 2)
+    tasks = Totals()
+    tasks.add({"counters": [["succeeded", "t", "celery", "", 1]], "runtime": [["t", "celery", [1.0] + [0.0] * 16]]})
+    tasks.add({"wait": [["t", "celery", [1.0] + [0.0] * 16]]})
+    sample = metrics.LauncherSample(
+        (worker,), {"celery": 1}, True, "h", 1, {"t": 1}, True, "app", "proj", (("default", "h", tasks),)
+    )
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### Metrics") : readme.index("### Containers")]
     names = set()
     for family in metrics.LauncherCollector(lambda: sample).collect():
         names.add(family.name + ("_total" if family.type == "counter" else ""))
-    assert len(names) == 15, sorted(names)
+    assert len(names) == 25, sorted(names)
     for name in sorted(names):
         assert f"| `{name}` |" in section or f"`{name}`," in section, name

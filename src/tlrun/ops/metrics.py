@@ -150,6 +150,8 @@ class WorkerSample:
     rss_bytes: int | None
     not_consuming: tuple[str, ...] = ()  # queues
     hung_tasks: int = 0  # tasks past their hard time limit (or hung_after) now
+    tasks_busy: int | None = None  # active + reserved, as the worker last replied
+    concurrency: int | None = None  # its pool's size (prefork: the CPUs by default), None when unknown
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,13 @@ class LauncherSample:
     broker_up: bool | None = None  # the last check's answer (None: no check yet)
     app: str = ""
     project: str = ""
+    tasks: tuple[tuple[str, str, Any], ...] = ()  # (role, hostname label, taskmetrics.Totals) per role
+
+
+UTILISATION_HELP = (
+    "Tasks the worker holds (active + reserved) per pool process, as it last replied: 1 is full, above 1 "
+    "tasks wait in its prefetch."
+)
 
 
 class LauncherCollector(Collector):
@@ -190,6 +199,7 @@ class LauncherCollector(Collector):
         rss = GaugeMetricFamily("tlrun_worker_rss_bytes", "Resident memory of the worker's main process.", labels=host)
         stuck = GaugeMetricFamily("tlrun_not_consuming", NOT_CONSUMING_HELP, labels=[*host, "queue_name"])
         hung = GaugeMetricFamily("tlrun_hung_tasks", HUNG_HELP, labels=host)
+        utilisation = GaugeMetricFamily("tlrun_worker_utilisation", UTILISATION_HELP, labels=host)
         for w in s.workers:
             at = [host_of(w.node), w.role]
             up.add_metric(at, 1 if w.up else 0)
@@ -211,12 +221,19 @@ class LauncherCollector(Collector):
             for queue in w.not_consuming:
                 stuck.add_metric([*at, queue], 1)
             hung.add_metric(at, w.hung_tasks)
+            if w.tasks_busy is not None and w.concurrency:
+                utilisation.add_metric(at, w.tasks_busy / w.concurrency if w.up else 0.0)
         recovered = CounterMetricFamily("tlrun_hung_task_recoveries", "Hung tasks recovered (--restart).")
         recovered.add_metric([], s.hung_recoveries)
         kills = CounterMetricFamily("tlrun_memory_kills", MEMORY_KILLS_HELP, labels=["task"])
         for task, n in sorted(s.memory_kills.items()):
             kills.add_metric([task], n)
-        families: list[Any] = [up, active, restarts, code, ready, stop, pool, rss, stuck, hung, recovered, kills]
+        families: list[Any] = [up, active, restarts, code, ready, stop, pool, rss, stuck, hung, utilisation]
+        families += [recovered, kills]
+        if s.tasks:
+            from tlrun.ops import taskmetrics
+
+            families += taskmetrics.families(s.tasks)
         if s.queue_lengths:
             length = GaugeMetricFamily("celery_queue_length", "Messages waiting in the queue.", labels=["queue_name"])
             for queue, n in sorted(s.queue_lengths.items()):

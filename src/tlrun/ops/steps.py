@@ -168,6 +168,7 @@ class MetricsStep(Step):
         self.consume, self.restart, self.lease, self.hung = consume, restart, lease, hung
         self.memory = memory
         self._server: Any = None
+        self._tasks: dict[str, Any] = {}  # role -> taskmetrics.RoleTasks
 
     def validate(self, launcher: Launcher) -> None:
         """A port already taken fails here, before anything is stopped."""
@@ -185,6 +186,26 @@ class MetricsStep(Step):
     def close(self, launcher: Launcher) -> None:
         if self._server is not None:
             self._server.shutdown()
+        for tasks in self._tasks.values():
+            tasks.remove()
+
+    def _task_totals(self, launcher: Launcher) -> tuple[tuple[str, str, Any], ...]:
+        """Each role's task counts (read at scrape time from its workers' files), labelled like its workers."""
+        from tlrun.launch import guard
+        from tlrun.launch.early import task_stats_prefix
+        from tlrun.ops import metrics, taskmetrics
+
+        live = launcher.sup.running_pids()
+        out = []
+        for w in launcher.workers:
+            tasks = self._tasks.get(w.role.name)
+            if tasks is None:
+                prefix = task_stats_prefix(
+                    guard.runtime_dir(os.environ), launcher.s.project_id, w.role.name, os.getpid()
+                )
+                tasks = self._tasks[w.role.name] = taskmetrics.RoleTasks(prefix)
+            out.append((w.role.name, metrics.host_of(w.node), tasks.totals(live.__contains__)))
+        return tuple(out)
 
     def sample(self, launcher: Launcher) -> metrics.LauncherSample:
         from tlrun.ops import metrics
@@ -214,6 +235,8 @@ class MetricsStep(Step):
                     rss_bytes=rss,
                     not_consuming=self.consume.not_consuming.get(w.node, ()),
                     hung_tasks=len(self.hung.hung.get(w.node, ())) if self.hung is not None else 0,
+                    tasks_busy=state.busy if state is not None and pid is not None else None,
+                    concurrency=_pool_expected(w.role) or w.role.worker.concurrency,
                 )
             )
         held = self.lease.held() if self.lease is not None else None
@@ -229,6 +252,7 @@ class MetricsStep(Step):
             broker_up=broker_up,
             app=launcher.s.app,
             project=launcher.s.project_name or launcher.s.app,
+            tasks=self._task_totals(launcher),
         )
 
 
