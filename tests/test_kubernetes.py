@@ -261,8 +261,17 @@ def test_beats_two_replicas_one_sends_and_it_publishes_every_queue_with_no_worke
         own["command"] = [str(ports[i]) if word == str(port) else word for word in own["command"]]
         assert own["command"] != container["command"]
         pods.append(Pod(project, name, own, {"TLRUN_CONSUME_CHECK_EVERY": "1"}))
-    pods[0].launched.wait_output(r"beat lease taken \(beat-5c7-a pid", 60)
-    pods[1].launched.wait_output(r"beat held by beat-5c7-a pid \d+ since \S+; standing by", 60)
+    # Started together: either takes the lease, the other stands by.
+    holder = wait_for(
+        lambda: next(
+            (p for p in pods if re.search(r"beat lease taken \(beat-5c7-[ab] pid", p.launched.output())), None
+        ),
+        60,
+        "one beat holding the lease",
+    )
+    standby = pods[1 - pods.index(holder)]
+    host = "beat-5c7-a" if holder is pods[0] else "beat-5c7-b"
+    standby.launched.wait_output(rf"beat held by {host} pid \d+ since \S+; standing by", 60)
     for i in range(4):
         client(project.broker_url).send_task(f"{project.app}.add", (i, i), queue="io.slow")
     client(project.broker_url).send_task(f"{project.app}.add", (1, 1), queue="celery")

@@ -32,6 +32,7 @@ PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"  # prometheus-
 LAUNCHER_MEMORY = 128 * 1024 * 1024  # tlrun and Celery's main process above the role's memory_limit (PSS)
 CPU_PER_PROCESS_M = 100  # millicores requested per pool process: the scheduler's share, not a cap
 LIVENESS_WINDOW = 30
+JOB_LABEL = "tlrun/job"  # the Service label whose value names the scrape job
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
 _SECRET = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-._A-Za-z0-9]+$")
@@ -215,10 +216,12 @@ def _pdb(opts: KubeOptions, name: str, labels: dict[str, str], rule: str) -> dic
 
 def _metrics(opts: KubeOptions, base: str) -> list[dict[str, Any]]:
     labels = {"app.kubernetes.io/name": base, "app.kubernetes.io/component": "metrics"}
+    # The scrape job is named `celery` (the ServiceMonitor's jobLabel): celery-exporter's dashboards and alerts
+    # select job=~"celery|celery-exporter" and job=~".*celery.*".
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(f"{base}-metrics", opts, labels),
+        "metadata": _meta(f"{base}-metrics", opts, {**labels, JOB_LABEL: "celery"}),
         "spec": {
             "clusterIP": "None",  # headless: Prometheus scrapes every pod, the Service only names them
             "selector": {"app.kubernetes.io/name": base},
@@ -230,6 +233,7 @@ def _metrics(opts: KubeOptions, base: str) -> list[dict[str, Any]]:
         "kind": "ServiceMonitor",
         "metadata": _meta(f"{base}-metrics", opts, labels),
         "spec": {
+            "jobLabel": JOB_LABEL,
             "selector": {"matchLabels": labels},
             "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
         },
