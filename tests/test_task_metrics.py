@@ -70,6 +70,7 @@ def stamped() -> Any:
     signals.before_task_publish.disconnect(dispatch_uid="tlrun-stamp-publish-time")
 
 
+@pytest.mark.matrix  # taskstats wraps Celery's Request and per-task request class
 def test_task_metrics_count_every_task_once_through_a_crash_in_celery_exporters_names(
     project: Project, stamped: None
 ) -> None:
@@ -141,7 +142,11 @@ def test_task_metrics_count_every_task_once_through_a_crash_in_celery_exporters_
     assert value(after, "celery_task_runtime_count", name=add) == 25
     for _ in range(5):  # and they stay: the dead worker's file was folded once, not again
         assert counted(25) is not None
-    dashboards_find_series(after)
+    dashboards_find_series(wait_for(complete, 20, "every exported metric with samples, after the restart"))
+    assert list(project.runtime.rglob("*.tasks.*.json"))  # the live worker's counts
+    launched.send(signal.SIGTERM)
+    assert launched.wait(40) == 0, launched.output()[-3000:]
+    assert not list(project.runtime.rglob("*.tasks.*.json"))  # nothing left behind by the launcher
 
 
 # -- the dashboards' queries -------------------------------------------------------------------------------------

@@ -16,11 +16,13 @@ Only when the broker URL is configured (no app import needed to know it) and the
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import os
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,15 @@ class Plan:
 def task_stats_prefix(runtime: Path, project_id: str, role: str, launcher_pid: int) -> str:
     """Where a role's workers write their task counts: `<prefix>.<worker pid>.json` (taskstats.py)."""
     return str(runtime / f"{project_id}.{role}.{launcher_pid}.tasks")
+
+
+def remove_task_stats(runtime: Path, project_id: str, roles: Iterable[str], launcher_pid: int) -> None:
+    """The task count files this launcher's workers wrote (at its close: the metrics step has read them)."""
+    for role in roles:
+        prefix = task_stats_prefix(runtime, project_id, role, launcher_pid)
+        for path in glob.glob(glob.escape(prefix) + ".*.json"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def plan_worker(

@@ -27,7 +27,7 @@ from tlrun.errors import AppImportError, StopError, WorkerStartError
 from tlrun.events import Event, Exited, Notice, Reporter, StrayFound, WorkerOutput
 from tlrun.launch import checks, guard, logfiles, owner, pid1, procs, sweep, tidy, unitctl, unitstop, verify
 from tlrun.launch.broker import resolve_broker
-from tlrun.launch.early import EarlyStart
+from tlrun.launch.early import EarlyStart, remove_task_stats
 from tlrun.launch.locks import UnitLocks
 from tlrun.launch.outputs import Outputs
 from tlrun.launch.startup import Startup
@@ -255,6 +255,8 @@ class Launcher(Startup):
         self.sup.stop_all()
         for step in reversed(self.steps):
             step.close(self)
+        roles = [r.name for r in self.s.all_roles]
+        remove_task_stats(guard.runtime_dir(os.environ), self.s.project_id, roles, os.getpid())
 
     # -- supervise -----------------------------------------------------------------------------------
     def _wake(self) -> bool:
