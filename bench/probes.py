@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from harness import Bench
-from run import Table, alternate, render, update_readme
+from run import Table, alternate, render, update_page
 
 
 def _interpreter_cpu(bench: Bench) -> float:
@@ -58,4 +58,4 @@ def probes(n: int, out: Path) -> None:
     text = render(table)
     out.write_text(text)
     print("\n" + text)
-    update_readme(text, "probes")
+    update_page(text, "probes")

@@ -1,11 +1,11 @@
 """tlrun against bare Celery and what users run today, measured side by side in one run.
 
-    scripts/bench.sh [--pairs N] [--only NAME,...] [--no-readme]
+    scripts/bench.sh [--pairs N] [--only NAME,...] [--no-page]
 
 Each figure alternates tlrun (A) and its baseline (B): A B A B ..., after one untimed warm-up of each side;
 min, median and max of each side and the ratio of the medians. The baselines get the same Celery flags tlrun
 passes (`dev`: without mingle and gossip, the same 0.1 s poll interval). Writes bench/results.md and, for a
-full run, the README's Performance table (between its bench markers): the table is never edited by hand.
+full run, the table of docs/performance.md (between its bench markers): the table is never edited by hand.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from harness import PY, ROOT, Bench
 
 Stats = tuple[float, float, float]  # min, median, max
 Row = tuple[str, str, Stats | None, Stats | None, str, str]  # measure, compared with, A, B, value, target
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "performance.md"
 MARKERS = {
     "bench": ("<!-- bench:begin (scripts/bench.sh writes this table) -->", "<!-- bench:end -->"),
     "probes": ("<!-- probes:begin (scripts/bench.sh --probes writes this table) -->", "<!-- probes:end -->"),
@@ -323,7 +323,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--only", default="", help=f"comma-separated figures: {', '.join(FIGURES)}")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's table")
+    parser.add_argument("--no-page", action="store_true", help="do not rewrite the table in docs/performance.md")
     parser.add_argument("--probes", action="store_true", help="Only the health probes (bench/probes.md).")
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
@@ -348,8 +348,8 @@ def main() -> None:
     out = args.out if chosen == list(FIGURES) else args.out.with_name("results-partial.md")
     out.write_text(text)
     print("\n" + text)
-    if chosen == list(FIGURES) and not args.no_readme:
-        update_readme(text)
+    if chosen == list(FIGURES) and not args.no_page:
+        update_page(text)
 
 
 def render(table: Table) -> str:
@@ -373,16 +373,16 @@ def render(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(text: str, block: str = "bench") -> None:
-    """Replace the README's table between the block's markers with `text`."""
+def update_page(text: str, block: str = "bench") -> None:
+    """Replace the table of docs/performance.md between the block's markers with `text`."""
     begin, end = MARKERS[block]
-    readme = README.read_text()
-    if begin not in readme or end not in readme:
-        print(f"bench: README.md has no {begin!r} ... {end!r} markers: table not written there", flush=True)
+    page = PAGE.read_text()
+    if begin not in page or end not in page:
+        print(f"bench: {PAGE.name} has no {begin!r} ... {end!r} markers: table not written there", flush=True)
         return
-    head, rest = readme.split(begin, 1)
+    head, rest = page.split(begin, 1)
     _, tail = rest.split(end, 1)
-    README.write_text(f"{head}{begin}\n{text}{end}{tail}")
+    PAGE.write_text(f"{head}{begin}\n{text}{end}{tail}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A tiny Celery app for trying tlrun: `scripts/example.sh`, then `scripts/example.sh send`.
 
-It uses the settings tlrun recommends against task loss (see README, "Recommended Celery settings").
+It uses the settings tlrun recommends against task loss (see docs/celery-settings.md).
 The broker comes from CELERY_BROKER_URL (tlrun passes it to the worker), else REDIS_URL, else local Redis;
 results go to the same Redis (CELERY_RESULT_BACKEND overrides), so `add.delay(2, 3).get()` works.
 """

@@ -1,4 +1,5 @@
-"""The README is the user's manual: its exit-code table and configuration keys match the code."""
+"""The README and the reference site (docs/, MkDocs) are the user's manual: their tables match the code, the
+site builds strictly, and the README's links land on a page and a heading that exist."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_readme_exit_codes_match_errors() -> None:
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "configuration.md").read_text()
     for code, text in EXIT_CODES.items():
         assert f"| {code} | {text} |" in readme
 
 
 def test_readme_lists_every_refused_passthrough_option() -> None:
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "commands.md").read_text()
     for names in [*passthrough.OWNED_OPTIONS, *passthrough.ROLE_OWNED_OPTIONS]:
         row = ", ".join(f"`{name}`" for name in names)
         assert f"| {row}" in readme, row
@@ -143,7 +144,7 @@ def test_the_kubernetes_page_shows_what_tlrun_export_kubernetes_writes(tmp_path:
 def test_the_readme_ps_example_shows_beats_node_as_ps_prints_it() -> None:
     from tlrun.launch.units import BeatUnit
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "commands.md").read_text()
     example = readme.split("    $ tlrun ps\n", 1)[1].split("\n\n", 1)[0].splitlines()
     header = example[0].split()
     beat = next(line.split() for line in example[1:] if line.split()[1] == "beat")
@@ -185,11 +186,41 @@ def test_readme_metrics_section_lists_every_metric_the_endpoint_serves() -> None
     sample = metrics.LauncherSample(
         (worker,), {"celery": 1}, True, "h", 1, {"t": 1}, True, "app", "proj", (("default", "h", tasks),)
     )
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Metrics") : readme.index("### Containers")]
+    section = (ROOT / "docs" / "metrics.md").read_text()
     names = set()
     for family in metrics.LauncherCollector(lambda: sample).collect():
         names.add(family.name + ("_total" if family.type == "counter" else ""))
     assert len(names) == 25, sorted(names)
     for name in sorted(names):
         assert f"| `{name}` |" in section or f"`{name}`," in section, name
+
+
+def test_the_docs_site_builds_strictly(tmp_path: Path) -> None:
+    """`mkdocs build --strict`: a broken link or anchor, or a page left out of the navigation, fails."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "site" / "kubernetes" / "index.html").is_file()
+
+
+def test_the_readmes_links_land_on_a_page_and_a_heading() -> None:
+    """The README is outside the site: its relative links are checked here, anchors by the site's own slugs."""
+    import re
+
+    from markdown.extensions.toc import slugify
+
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count("\n") <= 300, "the README fits its first job: the reference goes to docs/"
+    links = re.findall(r"\]\(([^)#\s]+)(?:#([^)\s]+))?\)", readme)
+    assert len(links) >= 10, links
+    for target, anchor in links:
+        path = ROOT / target
+        assert path.is_file(), target
+        if anchor:
+            headings = re.findall(r"^#{1,6} (.+)$", path.read_text(), re.M)
+            assert anchor in {slugify(h, "-") for h in headings}, (target, anchor)

@@ -272,6 +272,48 @@ def test_quick_start_from_a_fresh_clone(project: Project, shell: str) -> None:
     assert terminal1.wait(30) == 0, terminal1.output()
 
 
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the repository under test as a git checkout")
+@pytest.mark.timeout(420)
+def test_install_into_your_project_as_the_readme_says(project: Project) -> None:
+    """The README's "Install into your project", as written, in a project of one's own with its own venv: the
+    plain venv's install line from a fresh clone (`~/src/tlrun`: the test's HOME), then `tlrun init`, `tlrun
+    dev` (Ctrl-C) and `tlrun worker` (SIGTERM) from the venv's bin on PATH, no -A anywhere."""
+    blocks = _readme_commands("Install into your project")
+    install, in_project = blocks
+    assert install[0] == "git clone <this repository> ~/src/tlrun" and in_project == [
+        "tlrun init",
+        "tlrun dev",
+        "tlrun worker",
+    ]
+    plain = next(line for line in install if line.startswith(".venv/bin/python -m pip install"))
+    home = project.base / "home"
+    (home / "src").mkdir(parents=True)
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(home / "src" / "tlrun")], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(project.root / ".venv")], check=True, timeout=120)
+    env = project.env(HOME=str(home))
+    for key in ("VIRTUAL_ENV", "PYTHONPATH", "TEST_RESULT_BACKEND"):
+        env.pop(key, None)
+    system_path = [p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(str(BIN))]
+    installed = subprocess.run(
+        ["bash", "-c", plain], cwd=project.root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
+    env["PATH"] = os.pathsep.join([str(project.root / ".venv" / "bin"), *system_path])  # the venv's bin first
+    init = subprocess.run(
+        ["bash", "-c", in_project[0]], cwd=project.root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert init.returncode == 0, init.stdout + init.stderr
+    assert f'app = "{project.app}"' in (project.root / "pyproject.toml").read_text()
+    for command, stop in ((in_project[1], signal.SIGINT), (in_project[2], signal.SIGTERM)):
+        launched = Launched(["bash", "-c", f"exec {command}"], project.root, env, project.base / f"{command}.txt")
+        project.started.append(launched)
+        launched.wait_output(READY, 120)
+        argv = psutil.Process(launched.pid).cmdline()
+        assert argv[1] == str(project.root / ".venv" / "bin" / "tlrun"), argv  # the venv's own tlrun
+        launched.send(stop)  # Ctrl-C in its terminal; a service manager's stop
+        assert launched.wait(60) == 0, launched.output()[-3000:]
+
+
 # -- the IDE configurations, run as the IDE runs them ------------------------------------------------------------
 IDE_APP = """
 from celery import Celery
@@ -345,7 +387,7 @@ def _pycharm_commands(root: Path) -> dict[str, tuple[list[str], dict[str, str]]]
 
 
 def test_the_ide_configurations_match_between_pycharm_and_vscode(project: Project) -> None:
-    """The three configurations the README names exist for both IDEs, with the same command lines (the test
+    """The three configurations the docs name exist for both IDEs, with the same command lines (the test
     below runs PyCharm's)."""
     _ide_project(project)
     pycharm = {name: argv[2:] for name, (argv, _env) in _pycharm_commands(project.root).items()}

@@ -1,4 +1,4 @@
-"""What new users hit first: exit codes that match the README's table, logs of every unit, -v anywhere, and
+"""What new users hit first: exit codes that match the docs' table, logs of every unit, -v anywhere, and
 messages that say what happened (each test failed before its fix)."""
 
 from __future__ import annotations

@@ -330,7 +330,7 @@ def _pending_job_pipe(child: int) -> bool:
 @pytest.mark.matrix
 @pytest.mark.parametrize("fix", ["on", "off"])
 def test_a_task_handed_to_a_pool_child_as_the_stop_begins_does_not_stall_the_stop(project: Project, fix: str) -> None:
-    """Celery's defect (README, "Recommended Celery settings"): at a warm shutdown `AsynPool.flush()` drops
+    """Celery's defect (docs/celery-settings.md): at a warm shutdown `AsynPool.flush()` drops
     every job no child has acknowledged, even one already written to a child's pipe; the child runs it, nobody
     reads its result, and billiard's child waits ~30 s for the parent to count it. The race, made certain: the
     only pool child is stopped (SIGSTOP) while a job is written to it, the stop begins, and the child resumes

@@ -1,6 +1,6 @@
 """One error hierarchy; each class carries the exit code the CLI uses for it.
 
-The table in README.md ("Exit codes") is generated from EXIT_CODES below; keep them together.
+The table in docs/configuration.md ("Exit codes") is generated from EXIT_CODES below; keep them together.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tlrun.errors import ConfigError, TlrunError
 
 # Options of `celery worker` that tlrun owns, or that would defeat what it guarantees: refused after `--` and in
-# a role's extra_args (README, "Passthrough"). Short forms take their value attached too (`-nname`).
+# a role's extra_args (docs/commands.md, "Passthrough"). Short forms take their value attached too (`-nname`).
 OWNED_OPTIONS: dict[tuple[str, ...], str] = {
     ("-D", "--detach"): "tlrun supervises the worker in the foreground: a detached worker runs unsupervised",
     ("--pidfile",): "tlrun holds a lock per role instead (a pidfile goes stale when its worker dies)",

@@ -120,7 +120,7 @@ def _load_launch_json(path: Path, text: str, force: bool) -> tuple[dict[str, obj
         if not force:
             raise ConfigError(
                 f"{path} is not JSON ({exc}); tlrun will not rewrite it",
-                hint="fix it, add the three entries by hand (README, IDE section), or use --force to replace it",
+                hint="fix it, add the three entries by hand (docs/commands.md), or use --force to replace it",
             ) from None
         return {"version": "0.2.0", "configurations": []}, "replaced (it was not JSON)"
     if not force:

@@ -1,6 +1,6 @@
 """One fix to Celery's prefork pool, applied inside a worker that tlrun runs in its own process (`_child.py`).
 
-The defect (Celery 5.x, billiard 4.x; README, "Recommended Celery settings"): at a warm shutdown the
+The defect (Celery 5.x, billiard 4.x; docs/celery-settings.md): at a warm shutdown the
 consumer calls `AsynPool.flush()`, which drops from the pool's job cache every job no pool child has
 acknowledged yet, including a job whose message is already written to a child's pipe. That child runs it
 anyway. Its result then goes unread, because the pool's shutdown reader runs only while the cache is not

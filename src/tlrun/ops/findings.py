@@ -18,7 +18,7 @@ from tlrun.ops import inventory
 from tlrun.ops.inventory import STANDBY
 from tlrun.project.appconfig import Dialect
 
-RECOMMENDED = "see README: Recommended Celery settings"
+RECOMMENDED = "see docs/celery-settings.md"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 

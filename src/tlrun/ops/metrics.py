@@ -5,7 +5,7 @@ prometheus-client: `tlrun doctor --format prometheus` / `--textfile`, and the la
 celery-exporter names, for what a launcher knows cheaply: `celery_worker_up` and `celery_worker_tasks_active`
 (label `hostname`: the node name), `celery_queue_length` (label `queue_name`; from a launcher only on the
 host holding the beat lease, so that hosts do not report one queue several times). Every metric is
-documented in the README's "Metrics" section.
+documented in docs/metrics.md.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def render_table(
     import tomlkit
 
     table = tomlkit.table()
-    table.add(tomlkit.comment("Written by `tlrun init`. Keys: see tlrun's README, section Configuration."))
+    table.add(tomlkit.comment("Written by `tlrun init`. Keys: see tlrun's docs/configuration.md."))
     table.add("app", app)
     if source is not None:
         table.add("source", source)
