@@ -570,3 +570,17 @@ def test_stale_lock_files_and_old_schedules_are_pruned_and_live_ones_kept(tmp_pa
         running_lock.release()
         for path in (running, fresh):
             path.unlink(missing_ok=True)
+    # Task count files: a gone launcher's (or one named with this launcher's pid) removed; a live one's kept.
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        dead_pid = 999999999
+        gone_counts = runtime / f"{'1' * 16}.default.{dead_pid}.tasks.4242.json"
+        reused = runtime / f"{'1' * 16}.default.{os.getpid()}.tasks.4243.json"
+        kept = runtime / f"{'1' * 16}.io_bound.{live.pid}.tasks.4244.json"
+        for path in (gone_counts, reused, kept):
+            path.write_text("{}")
+        assert sorted(tidy.dead_task_counts(runtime)) == sorted([gone_counts, reused])
+        assert kept.exists() and other.exists()
+    finally:
+        live.kill()
+        live.wait(10)

@@ -1,6 +1,6 @@
-"""Keep tlrun's state directories from growing: the lock files SIGKILLed launchers left behind, the broker
-records of projects that stopped running a day ago, and beat schedule files of projects that have not run
-beat for a month. Only what no live launcher holds, only
+"""Keep tlrun's state directories from growing: the lock files SIGKILLed launchers left behind (and their
+workers' task count files), the broker records of projects that stopped running a day ago, and beat
+schedule files of projects that have not run beat for a month. Only what no live launcher holds, only
 regular files of ours named as tlrun names them; run at each launch, after the launcher took its own locks.
 """
 
@@ -22,6 +22,7 @@ _LOCK_NAME = re.compile(
 _SCHEDULE_NAME = re.compile(r"^([0-9a-f]{16})\.celerybeat-schedule(\.(db|dat|dir|bak))?$")
 _RECORD_NAME = re.compile(r"^([0-9a-f]{16})\.broker\.json$")
 RECORD_MAX_AGE = 24 * 3600.0  # a broker record (brokerconf.py) untouched this long, its project not running
+_TASKS_NAME = re.compile(r"^[0-9a-f]{16}\.[A-Za-z0-9_.-]+\.(\d+)\.tasks\.\d+\.json$")  # early.task_stats_prefix
 
 
 def _ours(path: Path) -> bool:
@@ -92,6 +93,37 @@ def old_broker_records(lock_dir: Path, now: float | None = None, max_age: float 
     return removed
 
 
+def dead_task_counts(runtime_dir: Path) -> list[Path]:
+    """Remove the task count files (taskstats.py) of launchers that are gone (SIGKILLed: a launcher removes
+    its own at its close), and any named with this launcher's pid (a gone launcher's, whose pid it reuses:
+    its workers have written nothing yet)."""
+    removed = []
+    for entry in os.scandir(runtime_dir):
+        match = _TASKS_NAME.match(entry.name)
+        path = Path(entry.path)
+        if match is None or not _ours(path):
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _alive(pid):
+            continue
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: alive
+    return True
+
+
 def tidy(runtime_dir: Path) -> list[Path]:
     """Both, never failing a launch: a directory that cannot be read is left as it is."""
     removed: list[Path] = []
@@ -99,6 +131,7 @@ def tidy(runtime_dir: Path) -> list[Path]:
         removed += stale_locks(guard.lock_dir())
         removed += old_broker_records(guard.lock_dir())
         removed += old_schedules(runtime_dir)
+        removed += dead_task_counts(runtime_dir)
     except (OSError, TlrunError):
         pass
     return removed
