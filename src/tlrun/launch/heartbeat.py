@@ -34,7 +34,13 @@ _worker_limit: list[float | None] = [None]  # the worker's own --time-limit (the
 def _write(path: str) -> None:
     with _lock:
         record = {"t": time.time(), "pid": os.getpid(), **_state, "tasks": dict(_tasks)}
-    tmp = f"{path}.{threading.get_ident()}.tmp"  # the threads pool's tasks write from their own threads
+    write_json(path, record)
+
+
+def write_json(path: str, record: dict[str, Any]) -> None:
+    """Replace `path` with `record`, atomically, never following a link; a failure is silent (the worker
+    goes on). The temporary file is per thread: the threads pool's tasks write from their own threads."""
+    tmp = f"{path}.{threading.get_ident()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as fh:

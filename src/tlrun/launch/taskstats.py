@@ -18,7 +18,6 @@ adds it for every other producer (the web application). A message without it has
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -93,15 +92,9 @@ STATS = Stats()
 def write(path: str, stats: Stats = STATS, force: bool = False) -> None:
     if not (stats.changed or force):
         return
-    record = stats.snapshot()
-    tmp = f"{path}.{threading.get_ident()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    from tlrun.launch.heartbeat import write_json
+
+    write_json(path, stats.snapshot())
 
 
 def _queue(request: Any) -> str:

@@ -15,7 +15,6 @@ import contextlib
 import glob
 import json
 import os
-import stat
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -75,20 +74,14 @@ class Totals:
 
 
 def _read(path: str) -> dict[str, Any] | None:
+    """A worker's count file: the user's own regular file (never a FIFO or a link someone put there)."""
+    from pathlib import Path
+
+    from tlrun.safefile import read_private
+
+    data = read_private(Path(path), MAX_FILE)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # never a FIFO or a device someone put there
-            return None
-        data = os.read(fd, MAX_FILE)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    try:
-        record = json.loads(data)
+        record = json.loads(data) if data is not None else None
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
