@@ -211,6 +211,9 @@ def test_the_liveness_probe_answers_without_click_as_the_full_command_does(proje
         assert fast == full and fast[0] == 15, (fast, full)  # `other` runs nowhere: dead
         assert re.search(r"default\d+@\S+: alive \((heartbeat|starting)", fast[1]), fast[1]
         assert "role other: not alive (no tlrun launcher runs it here)" in fast[1]
+    # A role's pod probes its own role (tlrun export kubernetes): the other role is not its business.
+    fast, full = both("--role", "default")
+    assert fast == full and fast[0] == 0 and "other" not in fast[1], (fast, full)
     os.kill(worker, signal.SIGSTOP)
     try:
         fast, full = both("-A", project.app)

@@ -155,8 +155,8 @@ def test_kubernetes_example_is_valid_yaml() -> None:
         for doc in yaml.safe_load_all(block):
             assert doc["kind"] == "Deployment"
             container = doc["spec"]["template"]["spec"]["containers"][0]
-            assert container["command"][:4] == ["python", "-m", "tlrun", "worker"]
-            assert container["readinessProbe"]["exec"]["command"][3] == "health"
+            assert container["command"][:2] == ["tlrun", "worker"]  # tlrun as the container's PID 1
+            assert container["readinessProbe"]["exec"]["command"][1] == "health"
             grace = int(container["command"][container["command"].index("--grace") + 1])
             assert doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
 
