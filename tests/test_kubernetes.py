@@ -178,7 +178,14 @@ def test_export_kubernetes_refuses_what_it_cannot_render(roles_project: Project)
     assert no_image.returncode == 2 and "--image" in no_image.stderr and "Traceback" not in no_image.stderr
     other_kind = project.run("export", "systemd", "--keda")
     assert other_kind.returncode == 2 and "export kubernetes" in other_kind.stderr
-    for bad in (["--namespace", "Jobs_1"], ["--image", "a b"], ["--broker-secret", "nokey"], ["--workdir", "app"]):
+    for bad in (
+        ["--namespace", "Jobs_1"],
+        ["--image", "a b"],
+        ["--broker-secret", "nokey"],
+        ["--workdir", "app"],
+        ["--prometheus-url", 'http://x"y'],
+        ["--min-replicas", "5", "--max-replicas", "2"],
+    ):
         done = export(project, *bad)
         assert done.returncode == 3 and bad[0] in done.stderr and "Traceback" not in done.stderr, done.stderr
     (project.root / "pyproject.toml").write_text(PROJECT.format(app=project.app).replace("concurrency = 3\n", ""))

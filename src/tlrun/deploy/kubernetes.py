@@ -67,6 +67,8 @@ def _check(spec: ServiceSpec, opts: KubeOptions) -> str:
         raise ConfigError(f"--workdir {opts.workdir[:80]!r} must be an absolute path in the image")
     if opts.broker_secret and not _SECRET.match(opts.broker_secret):
         raise ConfigError(f"--broker-secret {opts.broker_secret[:80]!r}: expected NAME/KEY of a Secret")
+    if not re.match(r"^https?://[^\s\"'\\]+$", opts.prometheus_url):
+        raise ConfigError(f"--prometheus-url {opts.prometheus_url[:80]!r} is not an http(s) URL")
     if not 0 <= opts.min_replicas <= opts.max_replicas:
         raise ConfigError(f"--min-replicas {opts.min_replicas} is above --max-replicas {opts.max_replicas}")
     base = dns_name(spec.name)
