@@ -48,8 +48,8 @@ concurrency = 3
 """
 
 
-def export(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
-    return project.run("export", "kubernetes", "--image", "registry.example.com/proj:1.0", *args)
+def export(project: Project, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return project.run("export", "kubernetes", "--image", "registry.example.com/proj:1.0", *args, env=env)
 
 
 def documents(text: str) -> list[dict[str, Any]]:
@@ -190,7 +190,12 @@ def test_export_kubernetes_refuses_what_it_cannot_render(roles_project: Project)
         assert done.returncode == 3 and bad[0] in done.stderr and "Traceback" not in done.stderr, done.stderr
     (project.root / "pyproject.toml").write_text(PROJECT.format(app=project.app).replace("concurrency = 3\n", ""))
     done = export(project, "--keda")
-    assert done.returncode == 3 and "role io_bound" in done.stderr and "concurrency" in done.stderr, done.stderr
+    assert done.returncode == 3 and "role io_bound" in done.stderr, done.stderr
+    assert "set concurrency in [tool.tlrun.workers.io_bound]" in done.stderr, done.stderr
+    (project.root / "pyproject.toml").write_text(f'[tool.tlrun]\napp = "{project.app}"\n')  # the implicit role
+    done = export(project, "--keda")
+    assert done.returncode == 3 and "TLRUN_CONCURRENCY=N" in done.stderr, done.stderr
+    assert export(project, "--keda", env=project.env(TLRUN_CONCURRENCY="4")).returncode == 0
 
 
 # -- what the manifests run, run as written ---------------------------------------------------------------------

@@ -83,7 +83,9 @@ def _check(spec: ServiceSpec, opts: KubeOptions) -> str:
             raise ConfigError(
                 f"role {role.name}: --keda scales on queued + active tasks per worker, which needs the role's "
                 "concurrency",
-                hint=f"set concurrency in [tool.tlrun.workers.{role.name}] (or --concurrency)",
+                hint=f"set concurrency in [tool.tlrun.workers.{role.name}]"
+                if role.declared
+                else "export with TLRUN_CONCURRENCY=N in the environment (the worker's --concurrency)",
             )
     return base
 
