@@ -5,6 +5,7 @@ metrics can answer find series."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -132,6 +134,10 @@ def test_task_metrics_count_every_task_once_through_a_crash_in_celery_exporters_
 
     # The worker dies by SIGKILL; its launcher restarts it. Counts go on from where they were, never back.
     os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10, "dead")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # the first scrapes after its death, all at once
+        bursts = list(pool.map(lambda _i: value(families(port), "celery_task_succeeded_total", name=add), range(8)))
+    assert set(bursts) == {20}, bursts  # its counts folded once, whichever scrape did it
     launched.wait_output(r"restart", 30)
     wait_for(lambda: re.findall(READY, launched.output()).__len__() >= 2, 40, "the restarted worker ready")
     more = [c.send_task(add, (i, 1)) for i in range(5)]

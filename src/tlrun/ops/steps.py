@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 from tlrun.config import Role
@@ -169,6 +170,7 @@ class MetricsStep(Step):
         self.memory = memory
         self._server: Any = None
         self._tasks: dict[str, Any] = {}  # role -> taskmetrics.RoleTasks
+        self._tasks_lock = threading.Lock()  # scrapes come on threads of their own
 
     def validate(self, launcher: Launcher) -> None:
         """A port already taken fails here, before anything is stopped."""
@@ -198,12 +200,13 @@ class MetricsStep(Step):
         live = launcher.sup.running_pids()
         out = []
         for w in launcher.workers:
-            tasks = self._tasks.get(w.role.name)
-            if tasks is None:
-                prefix = task_stats_prefix(
-                    guard.runtime_dir(os.environ), launcher.s.project_id, w.role.name, os.getpid()
-                )
-                tasks = self._tasks[w.role.name] = taskmetrics.RoleTasks(prefix)
+            with self._tasks_lock:
+                tasks = self._tasks.get(w.role.name)
+                if tasks is None:
+                    prefix = task_stats_prefix(
+                        guard.runtime_dir(os.environ), launcher.s.project_id, w.role.name, os.getpid()
+                    )
+                    tasks = self._tasks[w.role.name] = taskmetrics.RoleTasks(prefix)
             out.append((w.role.name, metrics.host_of(w.node), tasks.totals(live.__contains__)))
         return tuple(out)
 

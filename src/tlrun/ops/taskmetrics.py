@@ -91,8 +91,11 @@ class RoleTasks:
     """The task counts of one role of this launcher, across its workers' generations."""
 
     def __init__(self, prefix: str) -> None:
+        import threading
+
         self.prefix = prefix
         self.base = Totals()
+        self._lock = threading.Lock()  # scrapes come on threads of their own: a gone worker is folded once
 
     def files(self) -> Iterator[tuple[int, str]]:
         for path in glob.glob(glob.escape(self.prefix) + ".*.json"):
@@ -102,6 +105,10 @@ class RoleTasks:
 
     def totals(self, live: Callable[[int], bool]) -> Totals:
         """The base plus every live worker's file; a gone worker's file is read a last time, folded, removed."""
+        with self._lock:
+            return self._totals(live)
+
+    def _totals(self, live: Callable[[int], bool]) -> Totals:
         current = Totals()
         for pid, path in sorted(self.files()):
             record = _read(path)
