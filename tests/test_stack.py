@@ -96,6 +96,15 @@ def _get(url: str, auth: str | None = None) -> int:
         return int(exc.code)
 
 
+def _answers(url: str) -> bool:
+    try:
+        return _get(url) == 200
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ConnectionRefusedError):
+            return False
+        raise
+
+
 def _tree(pid: int) -> list[int]:
     try:
         proc = psutil.Process(pid)
@@ -142,7 +151,8 @@ reload = true
     assert restarted.returncode == 0, restarted.stderr
     after = wait_for(lambda: (p := _pids(project)).get("web") not in (None, before["web"]) and p, 10, "web again")
     assert {k: after[k] for k in ("default", "deaf", "polite")} == {k: before[k] for k in ("default", "deaf", "polite")}
-    wait_for(lambda: _get(url) == 200, 10, "web answering on its port again")
+    # Its new process exists before it listens: a refused connection means "not yet", until the deadline.
+    wait_for(lambda: _answers(url), 10, "web answering on its port again")
 
     stopped = project.run("stop", "polite")
     assert stopped.returncode == 0, stopped.stderr
