@@ -127,7 +127,7 @@ def _resources(role: Role) -> dict[str, Any]:
     return out
 
 
-def _container(spec: ServiceSpec, opts: KubeOptions, base: str, name: str, argv: list[str]) -> dict[str, Any]:
+def _container(opts: KubeOptions, base: str, name: str, argv: list[str]) -> dict[str, Any]:
     secret, key = _secret(base, opts)
     container: dict[str, Any] = {"name": name, "image": opts.image, "workingDir": opts.workdir, "command": argv}
     container["env"] = [
@@ -177,7 +177,7 @@ def _worker(spec: ServiceSpec, opts: KubeOptions, base: str, role: Role) -> list
     # exporting shell's environment (TLRUN_CONCURRENCY, .env), which the pod does not have: written out.
     own = ["--concurrency", str(role.worker.concurrency)] if role.worker.concurrency and not role.declared else []
     argv = role_argv(spec, role, "worker", *own, "--grace", f"{spec.grace:g}", "--restart", *_metrics_args(opts))
-    container = _container(spec, opts, base, "worker", argv)
+    container = _container(opts, base, "worker", argv)
     container["readinessProbe"] = {
         "exec": {"command": role_argv(spec, role, "health", "--readiness", "--timeout", "2", "--retries", "1")},
         "initialDelaySeconds": 5,
@@ -197,7 +197,7 @@ def _worker(spec: ServiceSpec, opts: KubeOptions, base: str, role: Role) -> list
     replicas = None if opts.keda else opts.replicas  # KEDA's HPA owns the count: an apply must not reset it
     out = [_deployment(spec, opts, name, labels, container, replicas), _pdb(opts, name, labels, "maxUnavailable")]
     if opts.keda:
-        out.append(_scaled_object(spec, opts, base, role, name))
+        out.append(_scaled_object(opts, base, role, name, labels))
     return out
 
 
@@ -205,7 +205,7 @@ def _beat(spec: ServiceSpec, opts: KubeOptions, base: str) -> list[dict[str, Any
     name = f"{base}-beat"
     labels = _labels(base, "beat")
     argv = ["tlrun", "beat", "-A", spec.app, "--grace", f"{spec.grace:g}", *_metrics_args(opts)]
-    container = _container(spec, opts, base, "beat", argv)
+    container = _container(opts, base, "beat", argv)
     return [_deployment(spec, opts, name, labels, container, 2), _pdb(opts, name, labels, "minAvailable")]
 
 
@@ -251,7 +251,7 @@ def promql_regex(names: list[str]) -> str:
     return "|".join(escaped).replace("\\", "\\\\").replace('"', '\\"')
 
 
-def scale_query(spec: ServiceSpec, opts: KubeOptions, base: str, role: Role) -> str:
+def scale_query(opts: KubeOptions, base: str, role: Role) -> str:
     """(queued + active) of the role, summed over the cluster: KEDA divides it by the threshold (concurrency)."""
     from tlrun.ops.consuming import wanted_queues
 
@@ -264,12 +264,12 @@ def scale_query(spec: ServiceSpec, opts: KubeOptions, base: str, role: Role) -> 
     )
 
 
-def _scaled_object(spec: ServiceSpec, opts: KubeOptions, base: str, role: Role, target: str) -> dict[str, Any]:
+def _scaled_object(opts: KubeOptions, base: str, role: Role, target: str, labels: dict[str, str]) -> dict[str, Any]:
     assert role.worker.concurrency
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
-        "metadata": _meta(target, opts, _labels(base, "worker", dns_name(role.name) if role.declared else "worker")),
+        "metadata": _meta(target, opts, labels),
         "spec": {
             "scaleTargetRef": {"name": target},
             "minReplicaCount": opts.min_replicas,
@@ -282,7 +282,7 @@ def _scaled_object(spec: ServiceSpec, opts: KubeOptions, base: str, role: Role, 
                     "type": "prometheus",
                     "metadata": {
                         "serverAddress": opts.prometheus_url,
-                        "query": scale_query(spec, opts, base, role),
+                        "query": scale_query(opts, base, role),
                         "threshold": str(role.worker.concurrency),
                         "activationThreshold": "0",
                         "ignoreNullValues": "false",
