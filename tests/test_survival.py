@@ -129,10 +129,44 @@ def test_poisoned_lock_record_is_never_signalled(project: Project, poison: str) 
         # Once the lock is free, the poisoned record is simply replaced: tlrun recovers.
         launched = project.launch()
         launched.wait_output(READY, 30)
-        assert json.loads(path.read_text())["pid"] == launched.pid
+        assert (guard.read_record(path) or {}).get("pid") == launched.pid
     finally:
         bystander.kill()
         bystander.wait(5)
+
+
+def test_a_lock_record_being_rewritten_is_never_read_empty_or_torn(tmp_path: Path) -> None:
+    """A launcher rewrites its record as its state changes (starting, ready, reloading) while ps, probes and
+    stop read it from other processes: every read sees one whole record, the old or the new."""
+    path = tmp_path / "records.lock"
+    reader = (
+        "import sys\n"
+        "from tlrun.launch.rundir import read_record\n"
+        "bad = []\n"
+        "for _ in range(20000):\n"
+        "    record = read_record(sys.argv[1])\n"
+        "    if record is None or record.get('n') is None:\n"
+        "        bad.append(open(sys.argv[1], 'rb').read()[:80])\n"
+        "print(len(bad), bad[:3])\n"
+    )
+    lock = guard.ProjectLock.try_acquire(path)
+    assert lock is not None
+    with lock:
+        lock.write({"n": 0, "state": "starting"})
+        proc = subprocess.Popen([PY, "-c", reader, str(path)], stdout=subprocess.PIPE, text=True)
+        try:
+            n = 0
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                n += 1  # records of alternating lengths: a shorter one after a longer one, and back
+                lock.write({"n": n, "state": "ready" if n % 2 else "reloading", "pad": "x" * (n % 3) * 200})
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+            proc.wait(5)
+    assert n > 100, "the reader ended before the writer got going: nothing was tested"
+    bad, _, samples = out.partition(" ")
+    assert bad == "0", f"{bad} of 20000 reads saw no whole record while it was rewritten {n} times: {samples}"
 
 
 # 5 -------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -15,6 +14,7 @@ import psutil
 import pytest
 
 from helpers import PY, Launched, Project, RedisServer, gone, ping_replies, wait_for
+from tlrun.launch.rundir import read_record
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -47,7 +47,7 @@ def test_worker_reaches_verdict_and_sigint_ends_everything(project: Project) -> 
     assert ping_replies(project.broker_url) == [node]
     # The worker runs in its own process group, not the launcher's.
     assert os.getpgid(worker_pid) == worker_pid != os.getpgid(launched.pid)
-    record = json.loads(lock_file(project).read_text())
+    record = read_record(lock_file(project)) or {}
     assert record["pid"] == launched.pid and record["node"] == node and record["worker_pid"] == worker_pid
     log = Path(project.root / "logs" / f"celery_worker_{launched.pid}.log")
     assert log.stat().st_mode & 0o777 == 0o600

@@ -170,8 +170,14 @@ class ProjectLock:
     def write(self, record: Mapping[str, Any]) -> None:
         assert self._fd is not None
         data = json.dumps(dict(record), sort_keys=True).encode()
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
+        # Readers (ps, health probes, stop, the test suite) read the file at any moment: never show them an
+        # empty or half-written record. One write replaces the old record whole (padded with blanks, which JSON
+        # ignores, to cover a longer old one); only then is the file cut to the new length. (Truncating first
+        # left a window in which a reader saw an empty file: a probe read "no launcher".)
+        size = os.fstat(self._fd).st_size
+        os.pwrite(self._fd, data.ljust(size, b" "), 0)
+        if size > len(data):
+            os.ftruncate(self._fd, len(data))
 
     def release(self) -> None:
         if self._fd is not None:

@@ -8,6 +8,7 @@ import json
 import os
 import pwd
 import stat
+import time
 
 from tlrun.errors import UnsafeStateError
 
@@ -110,15 +111,42 @@ def host_label(hostname: str | None = None) -> str:
 
 
 def read_record(path: Path | str) -> dict[str, Any] | None:
-    """The holder record in a lock file, or None when absent or garbage (never trusted blindly)."""
+    """The holder record in a lock file, or None when absent, empty or garbage (never trusted blindly).
+
+    The holder rewrites its record in place (the lock is the file's inode, so it cannot be replaced by a
+    rename), and a read that meets a write can see part of each. A read counts when the next read gives the
+    same bytes and they parse. Bytes that hold still but do not parse are read again for a moment (a writer
+    preempted in the middle of its write) before they are called garbage; bytes that keep changing are a
+    writer at work, read until they hold still."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        data = os.read(fd, 65536)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # never read a FIFO or a device planted under a lock's name
+        deadline = time.monotonic() + RECORD_SETTLE
+        data = os.pread(fd, 65536, 0)
+        while True:
+            again = os.pread(fd, 65536, 0)
+            if again == data:
+                record = _parse(data)
+                if record is not None or not data or time.monotonic() > deadline:
+                    return record  # a whole record; a file not written yet (never a torn write); garbage
+                time.sleep(0.005)
+            elif time.monotonic() > deadline + 1:
+                return _parse(again)  # never still for a second: take what parses, if anything
+            data = again
+    except OSError:
+        return None
     finally:
         os.close(fd)
+
+
+RECORD_SETTLE = 0.5
+
+
+def _parse(data: bytes) -> dict[str, Any] | None:
     try:
         record = json.loads(data)
     except ValueError:
