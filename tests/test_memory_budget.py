@@ -226,3 +226,60 @@ def test_a_kernel_oom_kill_counts_toward_the_poison_task_rule(tmp_path: Path) ->
         main.wait(10)
         if main.stdout is not None:
             main.stdout.close()
+
+
+@pytest.mark.parametrize("workers_answer", [True, False])
+def test_a_kill_names_the_task_the_frozen_child_runs_now_not_the_books_older_answer(
+    tmp_path: Path, workers_answer: bool
+) -> None:
+    """The book of running tasks is up to a question old: the child it lists as running a small task has taken
+    the runaway one since (redelivered after its last kill). The guard freezes the child, asks the workers
+    again, and blames what they say it runs now; only when they do not answer, the book's entry. (The shared
+    cgroup's end-to-end test met this on a busy machine: a small task was blamed for the runaway's kill.)"""
+    import subprocess
+    import sys
+
+    from tlrun.launch import signals
+    from tlrun.ops.budget import Cgroup, SharedBudget
+
+    (tmp_path / "memory.limit_in_bytes").write_text(str(LIMIT))
+    (tmp_path / "memory.usage_in_bytes").write_text(str(LIMIT + (64 << 20)))  # past the limit: the guard acts
+    (tmp_path / "memory.stat").write_text("total_inactive_file 0\n")
+    (tmp_path / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+    main = subprocess.Popen([sys.executable, "-c", MAIN], stdout=subprocess.PIPE, text=True)
+    asked_while: list[str] = []
+    killed: list[int] = []
+    try:
+        assert main.stdout is not None
+        child = int(main.stdout.readline())
+
+        def running_now(nodes: list[str]) -> dict[int, tuple[str, str]] | None:
+            asked_while.append(psutil.Process(child).status())
+            return {child: ("mem.fast", "task-fast")} if workers_answer else None
+
+        def kill(main_pid: int, pid: int, started: list[psutil.Process]) -> bool:
+            killed.append(pid)
+            return signals.kill_pool_child(main_pid, pid, also=started)
+
+        shared = SharedBudget(
+            Cgroup(tmp_path, 1), LIMIT, lambda nodes: None, kill, lambda i: True, {}, signals.pause_pool_child,
+            running_now,
+        )  # fmt: skip
+        shared.book._book, shared.book._known = {child: ("mem.note", "task-note")}, True  # the last answer
+        kills = shared.look([("w1@host", main.pid)], 0.0)
+        assert killed == [child]
+        assert asked_while == [psutil.STATUS_STOPPED], "asked while the child was frozen"
+        expected = ("mem.fast", "task-fast") if workers_answer else ("mem.note", "task-note")
+        assert [(k.pid, k.task, k.task_id) for k in kills] == [(child, *expected)]
+        shared.close()
+    finally:
+        main.send_signal(signal.SIGSTOP)  # it starts no new child meanwhile
+        try:
+            for proc in psutil.Process(main.pid).children():  # its own children: they would outlive it
+                proc.kill()
+        except psutil.Error:
+            pass
+        main.kill()
+        main.wait(10)
+        if main.stdout is not None:
+            main.stdout.close()

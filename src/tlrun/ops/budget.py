@@ -180,9 +180,11 @@ class SharedBudget:
         revoke: Callable[[str], bool],
         killed_ids: dict[str, int],
         pause: Callable[[int, int], bool] = lambda _main, _pid: False,
+        running_now: Callable[[list[str]], dict[int, tuple[str, str]] | None] | None = None,
     ) -> None:
         self.cgroup, self.limit = cgroup, limit
         self._kill, self._revoke, self.killed_ids, self._pause = kill, revoke, killed_ids, pause
+        self._running_now = running_now  # a fresh answer, asked while the child to kill is frozen
         self._prev: dict[int, tuple[int, float]] = {}  # pool child -> (resident size, when) at the last look
         self._nodes: list[str] = []
         self.book = TaskBook(lambda: running(list(self._nodes)))
@@ -272,10 +274,20 @@ class SharedBudget:
             return None  # no task to blame
         grown = max(candidates, key=(lambda pid: rates.get(pid, 0.0)) if rates is not None else growth)
         node, main, _size, started = trees[grown]
-        task, task_id = book.get(grown, (None, None)) if known else (None, None)
+        # Frozen at once: it grows no more while the workers are asked what it runs. The book is up to a
+        # question old, and a child that finished a small task took the runaway one since (a task redelivered
+        # after its last kill): blaming the book's task would count, and at its second kill revoke, an innocent
+        # one. The book answers only when the workers do not.
+        frozen = self._pause(main, grown)
+        fresh = self._running_now(list(self._nodes)) if frozen and self._running_now is not None else None
+        if fresh is not None:
+            task, task_id = fresh.get(grown, (None, None))
+        else:
+            task, task_id = book.get(grown, (None, None)) if known else (None, None)
         revoked = False
         if task_id is not None and self.killed_ids.get(task_id, 0) >= 1:
-            self._pause(main, grown)  # frozen at once; the revoke must reach the workers before the kill
+            if not frozen:
+                self._pause(main, grown)  # the revoke must reach the workers before the kill
             revoked = self._revoke(task_id)
         killed = self._kill(main, grown, started)
         if task_id is not None and killed:
