@@ -83,15 +83,17 @@ def test_a_typo_in_the_apps_name_and_an_unknown_broker_host_are_said_as_such(pro
 
 def test_celery_missing_from_the_environment_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """Not `internal error: PackageNotFoundError`: what is missing and the command that installs it."""
-    import importlib.metadata
+    import importlib.util
 
     from tlrun.errors import ConfigError
     from tlrun.launch import checks
 
-    def no_celery(name: str) -> str:
-        raise importlib.metadata.PackageNotFoundError(name)
+    find_spec = importlib.util.find_spec
 
-    monkeypatch.setattr(importlib.metadata, "version", no_celery)
+    def no_celery(name: str, package: str | None = None) -> object:
+        return None if name == "celery" else find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_celery)
     with pytest.raises(ConfigError, match="Celery is not installed in") as caught:
         checks.celery_version()
     assert caught.value.exit_code == 3 and "pip install 'celery[redis]'" in str(caught.value.hint)

@@ -11,21 +11,38 @@ from tlrun.errors import AppImportError, BrokerError, ConfigError, UsageError, W
 
 
 def celery_version() -> tuple[int, ...]:
-    """The installed Celery's version, without importing Celery; a ConfigError when there is none."""
-    from importlib.metadata import PackageNotFoundError, version
+    """The installed Celery's version, without importing Celery; a ConfigError when there is none.
 
-    try:
-        installed = version("celery")
-    except PackageNotFoundError:
+    Read from the `__version__` line of its package (one small file); importlib.metadata, which scans every
+    distribution on sys.path, only when that line is not there (it costs the launcher 12-30 ms of CPU)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("celery")
+    if spec is None or spec.origin is None:
         raise ConfigError(
             f"Celery is not installed in {sys.prefix}, the environment tlrun runs in",
             hint=f"install it there, with your broker's extra: {sys.executable} -m pip install 'celery[redis]'",
-        ) from None
+        )
+    try:
+        with open(spec.origin, encoding="utf-8") as fh:
+            found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", fh.read(8192), re.MULTILINE)
+    except (OSError, ValueError):
+        found = None
+    installed = found.group(1) if found else _distribution_version()
     parts = []
     for piece in installed.split(".")[:3]:
         digits = "".join(itertools.takewhile(str.isdigit, piece))
         parts.append(int(digits or 0))
     return tuple(parts)
+
+
+def _distribution_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("celery")
+    except PackageNotFoundError:
+        return "0"
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
