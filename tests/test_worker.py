@@ -13,7 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import PY, Launched, Project, RedisServer, gone, ping_replies, wait_for
+from helpers import PY, Launched, Project, RedisServer, gone, ping_replies, reap, wait_for
+from tlrun.launch.hold import Hold
 from tlrun.launch.rundir import read_record
 
 pytestmark = pytest.mark.timeout(90)
@@ -34,6 +35,48 @@ def worker_tree(pid: int) -> list[int]:
 
 def lock_file(proj: Project) -> Path:
     return proj.lock_file()
+
+
+@pytest.mark.matrix
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
+def test_a_held_worker_says_when_it_consumes_and_keeps_no_channel_to_its_launcher(project: Project, pool: str) -> None:
+    """The launcher pings a released worker only once it says `consuming` (each ping costs the launcher CPU):
+    the word comes once the worker answers pings, and no process of the worker keeps the socket afterwards
+    (a pool child forked before it holds a copy until it closes it)."""
+    hold = Hold()
+    node = f"held-{pool}@{HOST}"
+    argv = [PY, "-m", "tlrun.launch.entry", "-A", project.app, "worker", "-n", node, "-P", pool, "-c", "2"]
+    argv += ["--without-mingle", "--without-gossip", "--loglevel", "INFO"]
+    env = {**project.env(), **hold.env()}
+    with open(project.base / f"held-{pool}.out", "wb") as out:
+        proc = subprocess.Popen(
+            argv, cwd=project.root, env=env, stdout=out, stderr=subprocess.STDOUT, pass_fds=(hold.child_fd,),
+            start_new_session=True,
+        )  # fmt: skip
+    hold.spawned()
+    try:
+        alive = lambda: proc.poll() is None  # noqa: E731
+        assert hold.wait_prepared(time.monotonic() + 60, alive), "the worker never said it imported its app"
+        assert ping_replies(project.broker_url) == [], "a held worker connected before `go`"
+        watcher = hold._ours.dup()  # the launcher's end, to see EOF once every copy of the worker's end is closed
+        hold.release()
+        said = wait_for(lambda: hold.wait_consuming(0.5, alive) or None, 60, "the worker's `consuming`")
+        assert said and hold._said and not hold._eof, "the word itself came, not an EOF"
+        assert node in ping_replies(project.broker_url), "it said it consumes: it answers pings"
+        watcher.setblocking(False)
+
+        def closed_everywhere() -> bool:
+            try:
+                return watcher.recv(64) == b""
+            except BlockingIOError:
+                return False
+
+        wait_for(closed_everywhere, 30, "every process of the worker to close its end of the hold socket")
+        watcher.close()
+        assert proc.poll() is None
+    finally:
+        hold.close()
+        reap(proc)
 
 
 @pytest.mark.matrix

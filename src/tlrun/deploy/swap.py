@@ -56,7 +56,7 @@ class ReloadStep(Step):
         self._why = ""
         self._started = 0.0
         self._count = 0
-        self._released: list[WorkerUnit] = []  # successors released, to be verified on the loop's next turn
+        self._released: list[tuple[WorkerUnit, Hold]] = []  # successors released, verified on the next turn
         self._requests: dict[str, str] = {}  # unit child -> id of the `tlrun reload` request it answers
         self._generations: dict[str, int] = {}  # unit child -> generation of its prepared successor
         self._retiring: dict[str, str] = {}  # child of an old worker finishing its tasks -> its node name
@@ -232,13 +232,13 @@ class ReloadStep(Step):
         unit.poll_interval = hold.poll_interval
         launcher.set_state(unit, STARTING)
         hold.release()
-        self._released.append(unit)
+        self._released.append((unit, hold))
 
     def _verify_released(self, launcher: Launcher) -> None:
         released, self._released = self._released, []
         deadline = time.monotonic() + launcher.s.ready_timeout
-        for unit in released:
-            if launcher.wait_ready([unit], deadline) is not None:
+        for unit, hold in released:
+            if launcher.wait_ready([unit], deadline, {unit.child: hold}) is not None:
                 if not launcher.sup.stop_requested:
                     message = f"reload: {unit.node} did not answer after its release"
                     launcher.report(Notice(message, "warning"))
@@ -262,7 +262,9 @@ class ReloadStep(Step):
                 name = prepared[w.child][0]
                 alive = functools.partial(launcher.alive, name)
                 assert w.next_node is not None
-                if verify.wait_ready(broker, w.next_node, deadline, alive, launcher.stop_asked, launcher.sup.pid(name)):
+                said = functools.partial(prepared[w.child][1].wait_consuming, alive=alive)
+                pid = launcher.sup.pid(name)
+                if verify.wait_ready(broker, w.next_node, deadline, alive, launcher.stop_asked, pid, said=said):
                     answered.append(w)
         if launcher.sup.stop_requested:
             return

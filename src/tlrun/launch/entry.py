@@ -12,7 +12,8 @@ Three things differ from `python -m celery`, and nothing else:
   one is gone). Then the worker says
   `ready <poll interval>` and waits for `go` before it connects: on a reload the next worker imports the new
   code while the old one still serves, and the two never consume at the same time. EOF instead of `go` (the
-  launcher gave up on this worker, or died) ends it before it ever connects.
+  launcher gave up on this worker, or died) ends it before it ever connects. Once it consumes, it says
+  `consuming` (the launcher's cue to ping it) and closes the socket.
 - with TLRUN_SPARE=1 as well, it first imports Celery itself (most of a worker's start-up), says `spare` and
   waits for `load` before it imports the app: tlrun dev --reload keeps one such spare per role, so that a
   save costs only the import of the new code.
@@ -69,6 +70,29 @@ def _broker_options(app: Any) -> str:
 def _wait_for(sock: socket.socket, word: bytes) -> None:
     if sock.recv(16).strip() != word:
         os._exit(0)  # not released (EOF: the launcher gave up on us, or died): never connect
+
+
+def _say_when_consuming(sock: socket.socket) -> None:
+    """Once the worker consumes (Celery's worker_ready), say `consuming` on the hold socket and close it: the
+    launcher pings the node only then, instead of every 25 ms while the worker connects (most of its CPU at
+    start). Never blocks: a launcher that is gone or not reading loses the word, never the worker's time."""
+    from celery import signals
+
+    def consuming(**_: Any) -> None:
+        try:
+            sock.send(b"consuming\n", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except OSError:
+            pass
+        sock.close()
+
+    main = os.getpid()
+
+    def in_pool_child(**_: Any) -> None:
+        if os.getpid() != main:  # the solo pool sends this signal in the worker's own process
+            sock.close()  # a pool child's copy of the socket (forked before worker_ready): not its to use
+
+    signals.worker_ready.connect(consuming, weak=False)
+    signals.worker_process_init.connect(in_pool_child, weak=False)
 
 
 def _warm_up() -> None:
@@ -134,9 +158,9 @@ def main() -> None:
             interval = tune(app, shorten)
             options = _broker_options(app)
     if sock is not None:
-        with sock:
-            sock.sendall(f"ready {interval if interval is not None else ''} {options}\n".encode())
-            _wait_for(sock, b"go")
+        sock.sendall(f"ready {interval if interval is not None else ''} {options}\n".encode())
+        _wait_for(sock, b"go")
+        _say_when_consuming(sock)
     from celery.__main__ import main as celery_main
 
     sys.argv = ["celery", *argv]

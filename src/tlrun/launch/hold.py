@@ -1,5 +1,6 @@
 """The launcher's end of a held worker (see tlrun/launch/entry.py): the worker imports its app, says
-`ready <poll interval>`, and connects to the broker only after `go`. Closing instead ends it unconnected."""
+`ready <poll interval>`, and connects to the broker only after `go`. Closing instead ends it unconnected. Once
+it consumes it says `consuming`: the launcher's cue to ping it."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class Hold:
         self.broker_options: dict[str, Any] | None = None  # the app's connection settings (brokerconf.py)
         self.prepared = False
         self._buffer = b""
+        self._eof = False
+        self._said = False  # the released worker said `consuming` (or can say nothing more)
 
     @property
     def child_fd(self) -> int:
@@ -60,26 +63,44 @@ class Hold:
             if word != "spare":  # a spare announces itself first; anything else is not our protocol
                 return False
 
+    def wait_consuming(self, timeout: float, alive: Callable[[], bool]) -> bool:
+        """Up to `timeout` for the released worker's word that it consumes (True, as when it closed the socket
+        without it: nothing more will come, ping it as before); False while it has not said it yet, or has
+        exited. Returns as soon as the word comes."""
+        if self._said or self._ours.fileno() < 0:  # said, or closed here: nothing to wait for
+            self._said = True
+            return True
+        try:
+            line = self._line(time.monotonic() + timeout, alive)
+        except OSError:
+            line = None
+            self._eof = True
+        if line == "consuming" or self._eof:
+            self._said = True
+            self._ours.close()
+        return self._said
+
     def _line(self, deadline: float, alive: Callable[[], bool]) -> str | None:
         while b"\n" not in self._buffer:
-            if time.monotonic() >= deadline or not alive():
+            if time.monotonic() >= deadline or not alive() or self._ours.fileno() < 0:
                 return None
-            readable, _, _ = select.select([self._ours], [], [], 0.05)
+            readable, _, _ = select.select([self._ours], [], [], max(0.0, min(0.05, deadline - time.monotonic())))
             if not readable:
                 continue
             chunk = self._ours.recv(4096)
             if not chunk:
-                return None  # it exited (the app did not import)
+                self._eof = True
+                return None  # it exited (the app did not import), or closed the socket
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode()
 
     def release(self) -> None:
+        """`go`: the worker connects. The socket stays open for its `consuming` (wait_consuming closes it)."""
         try:
             self._ours.sendall(b"go\n")
         except OSError:
             pass  # it is gone: the supervisor sees that
-        self._ours.close()
 
     def close(self) -> None:
         self._ours.close()

@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -122,12 +122,19 @@ class Startup:
         except OSError:
             pass  # the commands that read it import the app instead
 
-    def wait_ready(self, workers: Sequence[WorkerUnit], deadline: float) -> WorkerUnit | None:
-        """Ping each worker until it answers; the first that does not (exited, or out of time), else None."""
+    def wait_ready(
+        self, workers: Sequence[WorkerUnit], deadline: float, holds: Mapping[str, Hold] | None = None
+    ) -> WorkerUnit | None:
+        """Ping each worker until it answers; the first that does not (exited, or out of time), else None.
+        `holds`: the released workers' holds, by child name (they say when they consume: pinged from then)."""
         with Broker(self.broker_url) as broker:
             for w in workers:
                 alive = functools.partial(self.sup.running, w.child)
-                if not verify.wait_ready(broker, w.node, deadline, alive, self.stop_asked, self.sup.pid(w.child)):
+                hold = (holds or {}).get(w.child)
+                said = functools.partial(hold.wait_consuming, alive=alive) if hold is not None else None
+                if not verify.wait_ready(
+                    broker, w.node, deadline, alive, self.stop_asked, self.sup.pid(w.child), said=said
+                ):
                     return w
                 self.outputs.release(w.child)
                 w.since = datetime.now().strftime("%H:%M:%S")
@@ -162,7 +169,7 @@ class Startup:
                     hold.close()  # a worker not prepared in time ends unconnected; its failure is reported below
             elif self.broker_url.startswith(("redis://", "rediss://")):
                 w.poll_interval = 1.0  # kombu's BRPOP timeout when the app sets none
-        failed = self.wait_ready(workers, deadline)
+        failed = self.wait_ready(workers, deadline, holds)
         if self.sup.stop_requested:
             return False
         if failed is not None:

@@ -25,6 +25,9 @@ T = TypeVar("T")
 # reply), or after this long. A ping sent before the new worker subscribed to its mailbox is lost (fanout),
 # so a short poll keeps that loss to 25 ms (the bench's outside probe pings every 20 ms).
 READY_POLL = 0.025
+# A worker that says when it consumes (a held one: hold.py) is pinged from then on; until then only this
+# often, in case its word is lost (each ping costs the launcher milliseconds of CPU in Celery's control code).
+UNSAID_POLL = 0.5
 
 
 @dataclass(frozen=True)
@@ -152,16 +155,23 @@ def wait_ready(
     still_running: Callable[[], bool],
     should_stop: Callable[[], bool],
     pid: int | None = None,
+    said: Callable[[float], bool] | None = None,
 ) -> bool:
     """Ping the node until it answers (True); False when the worker exited, a stop was asked, or time ran out.
     With `pid`, only a reply from that process counts (tlrun's own ping, answered with the pid by the workers
-    its shim runs): another worker already answering with the same name never passes for ours."""
+    its shim runs): another worker already answering with the same name never passes for ours. `said(t)`:
+    waits up to t seconds for the worker's own word that it consumes; until it comes, one ping per UNSAID_POLL
+    instead of one per READY_POLL."""
     while True:
         if should_stop() or not still_running():
             return False
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
+        if said is not None and not said(min(UNSAID_POLL, remaining)):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or should_stop() or not still_running():
+                return False
         if pid is not None:
             if broker.answers_as(node, pid, min(READY_POLL, remaining)):
                 return True
