@@ -112,6 +112,48 @@ def kill_left(pids: list[int]) -> list[int]:
     return left
 
 
+def own_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` alone."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of `pid` and every descendant: the live ones' own, plus what each has reaped (the CPU of
+    its exited children, counted by the kernel once they are waited for)."""
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+class Burners:
+    """A busy machine: one CPU burner per core, each a process of its own (killed by pid on exit)."""
+
+    def __enter__(self) -> Burners:
+        self.procs = [
+            subprocess.Popen([PY, "-c", "while True: pass"], start_new_session=True) for _ in range(os.cpu_count() or 1)
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait(10)
+
+
 def family(pid: int) -> list[int]:
     try:
         return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
@@ -240,9 +282,14 @@ class Bench:
                 times["ready signal"] = float(stamp.read_text().split()[0]) - t0
             if "pong" not in times and pong:
                 times["pong"] = pong[0] - t0
+                # CPU seconds by then (within one 10 ms poll): the whole tree, and the spawned process alone
+                # (tlrun's launcher; bare Celery's main process)
+                times["tree cpu"] = tree_cpu(proc.pid)
+                times["own cpu"] = own_cpu(proc.pid)
             if verdict and "verdict" not in times and self.output_has(out, r"workers? ready:"):
                 times["verdict"] = now - t0  # seen within one 10 ms poll of its write
-            return len(times) == (3 if verdict else 2)
+                times["launcher cpu"] = own_cpu(proc.pid)
+            return len(times) == (6 if verdict else 4)
 
         try:
             wait_until(check, 60)

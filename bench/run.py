@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import PY, ROOT, Bench
+from harness import PY, ROOT, Bench, Burners
 
 Stats = tuple[float, float, float]  # min, median, max
 Row = tuple[str, str, Stats | None, Stats | None, str, str]  # measure, compared with, A, B, value, target
@@ -96,8 +96,16 @@ def _fmt(s: Stats, unit: str) -> str:
     return f"{_one(s[1], unit)} ({_one(s[0], unit)}-{_one(s[2], unit)})"
 
 
-def start_figures(bench: Bench, table: Table, command: str) -> None:
-    """`tlrun dev`/`worker` and a bare worker with the same flags, to the same end points."""
+def start_figures(bench: Bench, table: Table, command: str, busy: bool = False) -> None:
+    """`tlrun dev`/`worker` and a bare worker with the same flags, to the same end points, with the CPU each
+    used by then. `busy`: with a CPU burner on each core throughout (a laptop running an IDE and a browser)."""
+    if busy:
+        with Burners():
+            return _start_figures(bench, table, command, " on a busy machine (a CPU burner per core)")
+    return _start_figures(bench, table, command, "")
+
+
+def _start_figures(bench: Bench, table: Table, command: str, where: str) -> None:
     tlrun = [PY, "-m", "tlrun", command, "-A", "benchapp", "-c", "2"]
     bare = [PY, "-m", "celery", "-A", "benchapp", "worker", "-n", "bare@bench", "--loglevel", "INFO", "-c", "2"]
     env = {}
@@ -106,15 +114,22 @@ def start_figures(bench: Bench, table: Table, command: str) -> None:
         env = {"BENCH_POLL": "0.1"}  # tlrun dev's poll interval on Redis, set by the app for both sides
     xs, ys = alternate(table.n, lambda: bench.start(tlrun, True, env), lambda: bench.start(bare, False, env))
     what = f"`celery worker{' ' + ' '.join(DEV_FLAGS) if command == 'dev' else ''}`"
+    tl = f"`tlrun {command}`{where}"
+    if not where:
+        table.ratio(f"{tl} start to the worker's `worker_ready`", what, xs["ready signal"], ys["ready signal"], "-")
     table.ratio(
-        f"`tlrun {command}` start to the worker's `worker_ready`", what, xs["ready signal"], ys["ready signal"], "-"
+        f"{tl} start to its first own pong", f"{what}, the same", xs["pong"], ys["pong"], "<= 1.2" if where else "-"
     )
     table.ratio(
-        f"`tlrun {command}` start to its first own pong", f"{what}, the same", xs["pong"], ys["pong"], "<= 1.10"
+        f"{tl}: CPU of the whole tree (launcher, worker, pool) by its first pong",
+        f"{what}: its tree's CPU, the same",
+        xs["tree cpu"],
+        ys["tree cpu"],
+        "<= 1.15",
     )
-    table.ratio(
-        f"`tlrun {command}` start to its verdict line", f"{what} to its first pong", xs["verdict"], ys["pong"], "<= 1.3"
-    )
+    table.value(f"{tl}: the launcher's own CPU by its verdict line", xs["launcher cpu"], "s", "<= 0.10 s")
+    if not where:
+        table.ratio(f"{tl} start to its verdict line", f"{what} to its first pong", xs["verdict"], ys["pong"], "<= 1.3")
 
 
 def throughput_figures(bench: Bench, table: Table) -> None:
@@ -196,6 +211,14 @@ def figure(name: str) -> Callable[[Callable[[Bench, Table], None]], Callable[[Be
 
 figure("start-dev")(lambda bench, table: start_figures(bench, table, "dev"))
 figure("start-worker")(lambda bench, table: start_figures(bench, table, "worker"))
+
+
+@figure("start-busy")
+def _start_busy(bench: Bench, table: Table) -> None:
+    start_figures(bench, table, "dev", busy=True)
+    start_figures(bench, table, "worker", busy=True)
+
+
 figure("throughput")(throughput_figures)
 
 
@@ -325,6 +348,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
     parser.add_argument("--no-page", action="store_true", help="do not rewrite the table in docs/performance.md")
     parser.add_argument("--probes", action="store_true", help="Only the health probes (bench/probes.md).")
+    parser.add_argument(
+        "--busy", action="store_true", help="Only the start figures, idle and with a CPU burner on each core."
+    )
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         sys.exit("bench: redis-server is not on PATH")
@@ -332,7 +358,9 @@ def main() -> None:
         from probes import probes
 
         return probes(args.pairs, ROOT / "bench" / "probes.md")
-    chosen = [name for name in args.only.split(",") if name] or list(FIGURES)
+    chosen = [name for name in args.only.split(",") if name] or (
+        ["start-dev", "start-worker", "start-busy"] if args.busy else list(FIGURES)
+    )
     unknown = [name for name in chosen if name not in FIGURES]
     if unknown:
         sys.exit(f"bench: unknown figure(s) {', '.join(unknown)}; known: {', '.join(FIGURES)}")
