@@ -159,10 +159,68 @@ def test_liveness_holds_through_a_three_minute_broker_outage_and_fails_for_a_sto
             proxy.close()
 
 
+def test_the_relay_takes_a_chunk_out_of_the_pipe_only_once_it_is_written() -> None:
+    """What the relay thread holds when its process is SIGKILLed is lost unless it is still in the pipe: a
+    chunk stays there (readable by the launcher) until the relay has written it; then it is taken out."""
+    import fcntl
+    import termios
+    import threading
+
+    from tlrun.launch import relay
+
+    read_end, write_end = os.pipe()
+    written: list[str] = []
+    holding, go_on = threading.Event(), threading.Event()
+
+    def slow_relay(text: str) -> None:
+        holding.set()
+        go_on.wait(30)  # the relay thread, between its read and its write (descheduled, or killed here)
+        written.append(text)
+
+    def in_pipe() -> int:
+        return int.from_bytes(fcntl.ioctl(read_end, termios.FIONREAD, b"\0\0\0\0"), "little")
+
+    thread = threading.Thread(target=relay.drain_written_first, args=(read_end, slow_relay, lambda t: t))
+    thread.start()
+    try:
+        os.write(write_end, b"line one\nline two\n")
+        assert holding.wait(30)
+        assert in_pipe() == len(b"line one\nline two\n"), "read out of the pipe before it was written"
+        go_on.set()
+        wait_for(lambda: in_pipe() == 0, 30, "the written chunk to leave the pipe")
+        assert written == ["line one\nline two\n"]
+    finally:
+        go_on.set()
+        os.close(write_end)
+        thread.join(30)
+        os.close(read_end)
+    assert not thread.is_alive()
+
+
+def test_the_launcher_skips_the_lines_a_killed_relay_wrote_but_left_in_the_pipe(tmp_path: Path) -> None:
+    """Whole lines the log file ends with, from the start of what is left in the pipe, and no more. (A line
+    printed again, identical to the log's last one, is taken for the relay's own write: the copy dropped
+    repeats a line the log has, where a chunk lost would have been lines it has not.)"""
+    from tlrun.launch.outputs import logged_already
+
+    log = tmp_path / "w.log"
+    log.write_text("ready\nA\nB\nB\n")
+    assert logged_already(log, ["A", "B", "B", "C"]) == 3  # written, then killed before the take-out
+    assert logged_already(log, ["B", "C"]) == 1  # the log ends with this B: the relay's last write
+    assert logged_already(log, ["B", "B", "C"]) == 2
+    assert logged_already(log, ["C", "D"]) == 0
+    log.write_text("xA\n")
+    assert logged_already(log, ["A"]) == 0  # only whole lines
+    log.write_text("partial")
+    assert logged_already(log, ["partial"]) == 0
+    assert logged_already(tmp_path / "none.log", ["A"]) == 0
+
+
 def test_a_killed_workers_last_lines_reach_its_log_file(project: Project) -> None:
     """The worker writes its log itself; SIGKILLed (the OOM killer, kill -9) right after printing, its relay
-    thread never read its last lines: they were still in the pipe, whose read end the launcher also holds,
-    and the launcher puts them into the log file once the worker is gone. Before, they were lost."""
+    thread never wrote its last lines: they are still in the pipe (the relay takes a chunk out only once it is
+    written), whose read end the launcher also holds, and the launcher puts them into the log file once the
+    worker is gone, each once. Before, they were lost."""
     from helpers import send_task
 
     launched = project.launch("--pool", "solo")
@@ -173,6 +231,8 @@ def test_a_killed_workers_last_lines_reach_its_log_file(project: Project) -> Non
     text = "".join(p.read_text(errors="replace") for p in (project.root / "logs").glob("celery_worker_*.log*"))
     missing = [i for i in range(600) if f"last words {i}\n" not in text]
     assert not missing, f"{len(missing)} of 600 lines missing, from {missing[0]}"
+    doubled = [i for i in range(600) if text.count(f"last words {i}\n") > 1]
+    assert not doubled, f"{len(doubled)} lines written twice, from {doubled[0]}"
 
 
 def test_the_liveness_probe_answers_without_click_as_the_full_command_does(project: Project) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 from collections.abc import Callable
@@ -114,6 +115,9 @@ class Outputs:
         if not data or pump.log_path is None:
             return
         lines = Redactor(self._secrets())(data.decode("utf-8", errors="replace")).rstrip("\n").split("\n")
+        lines = lines[logged_already(pump.log_path, lines) :]
+        if not lines:
+            return
         pump.tail.extend(lines)
         try:
             log = WorkerLog(pump.log_path)
@@ -169,3 +173,35 @@ class _Observed:
         self._observe(lines)
         if self._out is not None:
             self._out(lines)
+
+
+def logged_already(path: Path, lines: list[str]) -> int:
+    """How many of `lines` (from the start) the log file already ends with: the child's relay wrote them, and
+    was killed before it took them out of the pipe (relay.drain_written_first). At most one chunk's worth."""
+    from tlrun.launch.logfiles import open_for_reading
+    from tlrun.launch.pump import CHUNK
+
+    window = 2 * CHUNK
+    try:
+        with open_for_reading(path) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(max(0, size - window))
+            tail = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return 0
+    if not tail.endswith("\n"):
+        return 0
+    last = tail[:-1].rpartition("\n")[2]
+    whole = size <= window  # the tail is the whole file: it starts at a line's start
+    total, candidates = 0, []
+    for k, line in enumerate(lines, 1):
+        total += len(line) + 1
+        if total > window:
+            break
+        if line == last:
+            candidates.append(k)
+    for k in reversed(candidates):  # the longest whole-line prefix of `lines` at the very end of the log
+        text = "\n".join(lines[:k]) + "\n"
+        if tail.endswith(text) and (tail[-len(text) - 1 : -len(text)] == "\n" or (whole and len(tail) == len(text))):
+            return k
+    return 0
