@@ -98,3 +98,42 @@ def test_a_huge_line_is_relayed_in_pieces_and_still_masked(tmp_path: Path) -> No
     text = "".join(line for chunk in chunks for line in chunk)
     assert "s3cr" not in text and "***" in text
     assert len(text) == len(filler) + 3 + 10
+
+
+FINISH = """
+import os, subprocess, sys
+from tlrun.launch import relay
+finish = relay.start(sys.argv[1], [])
+# A pool child, or a task's subprocess, that still holds the pipe when the worker stops at its launcher's death
+holder = subprocess.Popen(["sleep", "300"], start_new_session=True)
+with open(sys.argv[2], "w") as fh:
+    fh.write(str(holder.pid))
+print("the last line before the stop", flush=True)
+finish(600)  # at most 600 s: it must return once its lines are written, not wait for the holder's EOF
+os._exit(0)
+"""
+
+
+def test_the_relay_finishes_once_its_lines_are_written_though_a_child_still_holds_the_pipe(tmp_path: Path) -> None:
+    """A worker whose launcher died (fastexit.py) finishes its relay, then kills its group: the relay must not
+    wait for the end of a pipe its pool children still hold (it waited its whole timeout, then lost nothing
+    more than now: a SIGKILLed launcher's idle tree took 1 s to go instead of a few milliseconds)."""
+    import subprocess
+    import sys
+
+    from helpers import wait_for
+
+    log, holder_file = tmp_path / "w.log", tmp_path / "holder.pid"
+    proc = subprocess.Popen([sys.executable, "-c", FINISH, str(log), str(holder_file)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: proc.poll() is not None, 30, "the relay's finish to return while the holder lives")
+        assert proc.returncode == 0
+        assert "the last line before the stop\n" in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if holder_file.exists() and holder_file.read_text():
+            try:
+                os.kill(int(holder_file.read_text()), 9)
+            except ProcessLookupError:
+                pass
