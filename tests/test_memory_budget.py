@@ -181,6 +181,20 @@ while True:  # a worker's main process that replaces its pool child whenever it 
 """
 
 
+def _end_main(main: Any) -> None:
+    """The MAIN process and the child it runs now, by pid."""
+    main.send_signal(signal.SIGSTOP)  # it starts no new child meanwhile
+    try:
+        for proc in psutil.Process(main.pid).children():  # its own children: they would outlive it
+            proc.kill()
+    except psutil.Error:
+        pass
+    main.kill()
+    main.wait(10)
+    if main.stdout is not None:
+        main.stdout.close()
+
+
 def test_a_kernel_oom_kill_counts_toward_the_poison_task_rule(tmp_path: Path) -> None:
     """The kernel's OOM killer takes a pool child (here: a real child SIGKILLed while the cgroup's oom_kill
     count goes up, in a cgroup directory written by the test): the kill is counted for the task that child ran,
@@ -216,16 +230,7 @@ def test_a_kernel_oom_kill_counts_toward_the_poison_task_rule(tmp_path: Path) ->
         assert shared.killed_ids == {"task-1": 2} and revoked == ["task-1"]
         shared.close()
     finally:
-        main.send_signal(signal.SIGSTOP)  # it starts no new child meanwhile
-        try:
-            for proc in psutil.Process(main.pid).children():  # its own children: they would outlive it
-                proc.kill()
-        except psutil.Error:
-            pass
-        main.kill()
-        main.wait(10)
-        if main.stdout is not None:
-            main.stdout.close()
+        _end_main(main)
 
 
 @pytest.mark.parametrize("workers_answer", [True, False])
@@ -273,13 +278,4 @@ def test_a_kill_names_the_task_the_frozen_child_runs_now_not_the_books_older_ans
         assert [(k.pid, k.task, k.task_id) for k in kills] == [(child, *expected)]
         shared.close()
     finally:
-        main.send_signal(signal.SIGSTOP)  # it starts no new child meanwhile
-        try:
-            for proc in psutil.Process(main.pid).children():  # its own children: they would outlive it
-                proc.kill()
-        except psutil.Error:
-            pass
-        main.kill()
-        main.wait(10)
-        if main.stdout is not None:
-            main.stdout.close()
+        _end_main(main)

@@ -47,20 +47,26 @@ def drain(fd: int, relay: Callable[[str], None], redact: Callable[[str], str]) -
             break
         if not chunk:
             break
-        pending += chunk
-        cut = pending.rfind(b"\n")
-        if cut >= 0:
-            relay(redact(pending[: cut + 1].decode("utf-8", errors="replace")))
-            pending = pending[cut + 1 :]
-        elif len(pending) > MAX_PENDING:
-            # Masked whole first: a secret cut by the end of `pending` lies within its last KEEP bytes.
-            text = redact(pending.decode("utf-8", errors="replace"))
-            relay(text[:-KEEP] + "\n")
-            pending = text[-KEEP:].encode()
+        pending = relay_lines(pending + chunk, relay, redact)
         if len(chunk) < LIGHT:
             time.sleep(COALESCE)
     if pending:
         relay(redact(pending.decode("utf-8", errors="replace")))
+
+
+def relay_lines(pending: bytes, relay: Callable[[str], None], redact: Callable[[str], str]) -> bytes:
+    """Relay the whole lines `pending` starts with (redacted), or the head of a line too long to wait for;
+    returns what still waits for its newline."""
+    cut = pending.rfind(b"\n")
+    if cut >= 0:
+        relay(redact(pending[: cut + 1].decode("utf-8", errors="replace")))
+        return pending[cut + 1 :]
+    if len(pending) > MAX_PENDING:
+        # Masked whole first: a secret cut by the end of `pending` lies within its last KEEP bytes.
+        text = redact(pending.decode("utf-8", errors="replace"))
+        relay(text[:-KEEP] + "\n")
+        return text[-KEEP:].encode()
+    return pending
 
 
 class OutputPump:

@@ -181,7 +181,7 @@ def drain_written_first(fd: int, relay: Callable[[str], None], redact: Callable[
     import errno
     import time
 
-    from tlrun.launch.pump import CHUNK, COALESCE, KEEP, LIGHT, MAX_PENDING
+    from tlrun.launch.pump import CHUNK, COALESCE, LIGHT, relay_lines
 
     tee = _tee()
     if tee is None:
@@ -204,16 +204,7 @@ def drain_written_first(fd: int, relay: Callable[[str], None], redact: Callable[
             started = True
             if n == 0:
                 break  # every writer is gone
-            chunk = _read_exactly(scratch_read, n)
-            pending += chunk
-            cut = pending.rfind(b"\n")
-            if cut >= 0:
-                relay(redact(pending[: cut + 1].decode("utf-8", errors="replace")))
-                pending = pending[cut + 1 :]
-            elif len(pending) > MAX_PENDING:
-                text = redact(pending.decode("utf-8", errors="replace"))
-                relay(text[:-KEEP] + "\n")
-                pending = text[-KEEP:].encode()
+            pending = relay_lines(pending + _read_exactly(scratch_read, n), relay, redact)
             _read_exactly(fd, n)  # now written (or held in `pending`): out of the pipe
             if n < LIGHT:
                 time.sleep(COALESCE)
