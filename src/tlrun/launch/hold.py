@@ -82,7 +82,7 @@ class Hold:
 
     def _line(self, deadline: float, alive: Callable[[], bool]) -> str | None:
         while b"\n" not in self._buffer:
-            if time.monotonic() >= deadline or not alive() or self._ours.fileno() < 0:
+            if time.monotonic() >= deadline or not alive():
                 return None
             readable, _, _ = select.select([self._ours], [], [], max(0.0, min(0.05, deadline - time.monotonic())))
             if not readable:

@@ -144,8 +144,6 @@ class Relay:
         import fcntl
         import termios
 
-        if self._writing:
-            return False
         try:
             waiting = int.from_bytes(fcntl.ioctl(self._read, termios.FIONREAD, b"\0\0\0\0"), "little")
         except OSError:

@@ -132,9 +132,12 @@ class Startup:
                 alive = functools.partial(self.sup.running, w.child)
                 hold = (holds or {}).get(w.child)
                 said = functools.partial(hold.wait_consuming, alive=alive) if hold is not None else None
-                if not verify.wait_ready(
+                answered = verify.wait_ready(
                     broker, w.node, deadline, alive, self.stop_asked, self.sup.pid(w.child), said=said
-                ):
+                )
+                if hold is not None:
+                    hold.close()  # its word came, or matters no more: not an open socket for the worker's life
+                if not answered:
                     return w
                 self.outputs.release(w.child)
                 w.since = datetime.now().strftime("%H:%M:%S")
