@@ -128,7 +128,19 @@ def pause_pool_child(main_pid: int | None, pid: int) -> bool:
     """SIGSTOP one pool child of our worker (the memory guard freezes a runaway task while it revokes it, then
     kills it): only when `pid` is a live child of `main_pid` right now."""
     proc = _pool_child(main_pid, pid)
-    return proc is not None and send(proc, signal.SIGSTOP)
+    if proc is None or not send(proc, signal.SIGSTOP):
+        return False
+    # The signal is delivered asynchronously: frozen means the kernel says so (a busy machine may take a
+    # moment to schedule it), so that nothing the caller asks next races a child still running.
+    deadline = time.monotonic() + 0.2
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_STOPPED:
+                return True
+        except psutil.Error:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def child_exited(child: subprocess.Popen[bytes]) -> bool:
