@@ -285,10 +285,12 @@ class Supervisor:
             signals.signal_child(child.popen, signal.SIGQUIT if cold else signal.SIGTERM)
 
     def _finish_stop(self, child: _Child) -> int:
+        pause = 0.001  # a killed worker is gone within milliseconds: look again soon, then every POLL
         while not signals.child_exited(child.popen):
             self.flush_steps()
             self._enforce_deadlines()
-            time.sleep(POLL)
+            time.sleep(pause)
+            pause = min(POLL, pause * 2)
         return self._reap(child)
 
     def stop(self, name: str, cold: bool = False, grace: float | None = None) -> int | None:
