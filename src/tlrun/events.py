@@ -51,6 +51,7 @@ class Reloaded:
     report: ReadyReport
     why: str = ""  # what asked for it when no file did: `tlrun reload`, `SIGHUP`
     retiring: tuple[str, ...] = ()  # old workers finishing their tasks beside the new ones (a reload beside)
+    base: int = 0  # installed modules the new workers' spares had imported before the save (launch/base.py)
 
 
 @dataclass(frozen=True)

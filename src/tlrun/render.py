@@ -170,7 +170,9 @@ class ConsoleRenderer:
                 f"tlrun: reloaded: {cause}; new worker"
                 f"{'s' if len(event.report.nodes) > 1 else ''} "
                 + ", ".join(f"{n.node} (pid {n.pid})" for n in event.report.nodes)
-                + f" ready, swap took {event.seconds:.1f} s{retiring}",
+                + f" ready, swap took {event.seconds:.1f} s"
+                + (f" ({event.base} installed modules imported before the save)" if event.base else "")
+                + retiring,
                 "green",
             )
         elif isinstance(event, UnitReady):

@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from tlrun.deploy import beat_reload
+from tlrun.deploy.spares import Spares
 from tlrun.events import Notice, Reloaded, Reloading, Saved
 from tlrun.launch import checks, drain, verify
 from tlrun.launch.broker import Broker
@@ -49,8 +50,7 @@ class ReloadStep(Step):
     def __init__(self, watcher: Watcher | None = None, overlap: bool = False) -> None:
         self.watcher = watcher
         self.overlap = overlap
-        self.keep_spares = watcher is not None and not overlap
-        self._spares: dict[str, tuple[str, Hold]] = {}  # unit child -> spare child, hold
+        self.spares = Spares(keep=watcher is not None and not overlap)
         self._next: dict[str, tuple[str, Hold]] = {}  # unit child -> prepared successor waiting for the old one
         self._changes: tuple[str, ...] = ()
         self._why = ""
@@ -71,7 +71,7 @@ class ReloadStep(Step):
             launcher.record(w, reload_requests=True)  # `tlrun reload` may ask this launcher
         if launcher.beat is not None and not launcher.workers:
             launcher.record(launcher.beat, reload_requests=True)  # `tlrun beat`: reload restarts beat
-        self._spawn_spares(launcher)
+        self.spares.spawn(launcher)
 
     def on_start_failed(self, launcher: Launcher, error: Exception) -> bool:
         if self.watcher is None:
@@ -119,7 +119,7 @@ class ReloadStep(Step):
             if not launcher.sup.stop_requested:
                 launcher.report(Notice(f"reload: the old worker {node} finished its tasks and stopped ({status})"))
             return True
-        for table in (self._spares, self._next):
+        for table in (self.spares.table, self._next):
             for owner, (name, hold) in list(table.items()):
                 if name == child:
                     hold.close()
@@ -130,7 +130,7 @@ class ReloadStep(Step):
     def close(self, launcher: Launcher) -> None:
         if self.watcher is not None:
             self.watcher.close()
-        for _name, hold in [*self._spares.values(), *self._next.values()]:
+        for _name, hold in [*self.spares.table.values(), *self._next.values()]:
             hold.close()
 
     # -- a reload ------------------------------------------------------------------------------------
@@ -158,7 +158,12 @@ class ReloadStep(Step):
         deadline = time.monotonic() + launcher.s.ready_timeout
         for w in workers:
             name, hold = prepared[w.child]
-            if not hold.wait_prepared(deadline, functools.partial(launcher.alive, name)):
+            ready = hold.wait_prepared(deadline, functools.partial(launcher.alive, name))
+            if not ready and hold.unusable:  # the spare's base is stale or impure: a fresh worker instead
+                self.spares.unusable(launcher, name, hold.unusable)
+                name, hold = prepared[w.child] = self._prepare(launcher, w)
+                ready = hold.wait_prepared(deadline, functools.partial(launcher.alive, name))
+            if not ready:
                 self._abandon(launcher, workers, prepared, failed=w)
                 return
             launcher.keep_broker_options(hold.broker_options)  # the new code's broker settings verify it
@@ -177,7 +182,7 @@ class ReloadStep(Step):
             [w for w in workers if w.state != STOPPING], "reload", then=lambda unit: self._release(launcher, unit)
         )
         if not self._released:  # else after their verification: a spare's start would slow theirs
-            self._spawn_spares(launcher)
+            self.spares.spawn(launcher)
 
     def _prepare(self, launcher: Launcher, w: WorkerUnit) -> tuple[str, Hold]:
         """The role's spare, told to import the app now; else a new held worker. Either is named
@@ -185,15 +190,9 @@ class ReloadStep(Step):
         one, it runs under its own generation's node name."""
         self._count += 1
         name = f"{w.child}+next.{self._count}"
-        spare = self._spares.pop(w.child, None)
+        spare = self.spares.take(launcher, w, name)
         if spare is not None:
-            spare_name, hold = spare
-            if launcher.sup.running(spare_name) and hold.load():
-                launcher.sup.rename(spare_name, name)
-                launcher.outputs.rename(spare_name, name)
-                return name, hold
-            hold.close()
-            launcher.end_child(spare_name)
+            return name, spare
         hold = Hold()
         node = None
         if self.overlap:
@@ -230,6 +229,7 @@ class ReloadStep(Step):
         launcher.sup.rename(name, unit.child)
         launcher.outputs.rename(name, unit.child)
         unit.poll_interval = hold.poll_interval
+        unit.hold = hold
         launcher.set_state(unit, STARTING)
         hold.release()
         self._released.append((unit, hold))
@@ -245,7 +245,7 @@ class ReloadStep(Step):
                     self._answer(launcher, unit, False, message)
                 continue
             self._done(launcher, [unit])
-        self._spawn_spares(launcher)
+        self.spares.spawn(launcher)
 
     # -- beside (production) ---------------------------------------------------------------------------
     def _swap_beside(
@@ -335,7 +335,8 @@ class ReloadStep(Step):
     def _done(self, launcher: Launcher, units: list[WorkerUnit], retiring: tuple[str, ...] = ()) -> None:
         seconds = time.monotonic() - self._started
         report = launcher.ready_report(units, seconds)
-        launcher.report(Reloaded(self._changes, seconds, report, self._why, retiring))
+        base = sum(w.hold.base_modules for w in units if w.hold is not None)
+        launcher.report(Reloaded(self._changes, seconds, report, self._why, retiring, base))
         launcher.report(Reloading(self._why, done=True))
         for w in units:
             pid = launcher.sup.pid(w.child)
@@ -382,13 +383,4 @@ class ReloadStep(Step):
         launcher.report(Notice(f"reload failed: {error}; {keeps}", "warning"))
         for w in workers:
             self._answer(launcher, w, False, f"{error}; {keeps}")
-        self._spawn_spares(launcher)
-
-    def _spawn_spares(self, launcher: Launcher) -> None:
-        if launcher.sup.stop_requested or not self.keep_spares:
-            return
-        for w in launcher.workers:
-            if w.alive and w.child not in self._spares:
-                name, hold = f"{w.child}+spare", Hold(spare=True)
-                w.spawn(launcher, name, hold, announce=False)
-                self._spares[w.child] = (name, hold)
+        self.spares.spawn(launcher)

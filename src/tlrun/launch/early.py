@@ -30,7 +30,7 @@ from typing import Any
 from tlrun.config import Role, Settings
 from tlrun.launch import spawn
 from tlrun.launch._child import HEARTBEAT_ENV, LOG_ENV, TASK_STATS_ENV
-from tlrun.launch.entry import DEV_POLL_ENV
+from tlrun.launch.entry import BASE_ENV, DEV_POLL_ENV
 from tlrun.launch.hold import Hold
 from tlrun.launch.identity import Identity
 
@@ -51,11 +51,17 @@ def task_stats_prefix(runtime: Path, project_id: str, role: str, launcher_pid: i
     return str(runtime / f"{project_id}.{role}.{launcher_pid}.tasks")
 
 
+def base_file(runtime: Path, project_id: str, role: str, launcher_pid: int) -> str:
+    """Where a role's workers of tlrun dev write the modules its next spare imports (base.py)."""
+    return str(runtime / f"{project_id}.{role}.{launcher_pid}.modules")
+
+
 def remove_task_stats(runtime: Path, project_id: str, roles: Iterable[str], launcher_pid: int) -> None:
-    """The task count files this launcher's workers wrote (at its close: the metrics step has read them)."""
+    """The task count files this launcher's workers wrote (at its close: the metrics step has read them), and
+    the lists of their modules (base.py)."""
     for role in roles:
         prefix = task_stats_prefix(runtime, project_id, role, launcher_pid)
-        for path in glob.glob(glob.escape(prefix) + ".*.json"):
+        for path in [*glob.glob(glob.escape(prefix) + ".*.json"), base_file(runtime, project_id, role, launcher_pid)]:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
@@ -80,6 +86,8 @@ def plan_worker(
     env[TASK_STATS_ENV] = task_stats_prefix(runtime, settings.project_id, role.name, os.getpid())
     if hold is not None:
         env.update(hold.env(), **({DEV_POLL_ENV: "1"} if dev_poll else {}))
+        if dev_poll:  # tlrun dev: what the role's next spare imports before a save (base.py)
+            env[BASE_ENV] = base_file(runtime, settings.project_id, role.name, os.getpid())
     stem = f"celery_{role.log_stem}_{os.getpid()}"
     if log_dir is not None:
         env[LOG_ENV] = str(log_dir / f"{stem}.log")  # where it writes once its launcher is gone (_child.py)

@@ -10,13 +10,15 @@ Three things differ from `python -m celery`, and nothing else:
   `autodiscover_tasks()` and `django.setup()`); a failure there is printed as a traceback and ends this
   process with status 2, unconnected (Celery itself would find it only in the new worker, after the old
   one is gone). Then the worker says
-  `ready <poll interval>` and waits for `go` before it connects: on a reload the next worker imports the new
-  code while the old one still serves, and the two never consume at the same time. EOF instead of `go` (the
+  `ready <poll interval>`, builds its worker and starts its pool, and waits for `go` before its consumer
+  connects: on a reload the next worker imports the new code and forks its pool children while the old one
+  still serves, and the two never consume at the same time. EOF instead of `go` (the
   launcher gave up on this worker, or died) ends it before it ever connects. Once it consumes, it says
   `consuming` (the launcher's cue to ping it) and closes the socket.
-- with TLRUN_SPARE=1 as well, it first imports Celery itself (most of a worker's start-up), says `spare` and
-  waits for `load` before it imports the app: tlrun dev --reload keeps one such spare per role, so that a
-  save costs only the import of the new code.
+- with TLRUN_SPARE as well, it first imports Celery itself (most of a worker's start-up) and its role's base
+  (base.py: what the last worker imported from outside the project), says `spare` and waits for `load` before
+  it imports the app: tlrun dev --reload keeps one such spare per role, so that a save costs only the import
+  of the project's own code. A base gone stale or impure says `unusable <why>` instead and exits.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ DEV_POLL_INTERVAL = 0.1
 KOMBU_POLL_INTERVAL = 1.0  # the Redis transport's BRPOP timeout when the app sets none
 HOLD_FD_ENV = "TLRUN_HOLD_FD"
 DEV_POLL_ENV = "TLRUN_DEV_POLL"  # "1": shorten the poll interval (tlrun dev); otherwise only report it
-SPARE_ENV = "TLRUN_SPARE"  # "1": import Celery, say `spare`, and wait for `load` before importing the app
+SPARE_ENV = "TLRUN_SPARE"  # import Celery, say `spare`, and wait for `load` before importing the app
+SPARE_WITH_BASE = "1"  # SPARE_ENV's value for a spare that also imports its role's base (base.py)
+SPARE_PLAIN = "plain"  # ... and for one that imports Celery only
+BASE_ENV = "TLRUN_BASE_FILE"  # base.py's: where a worker writes its installed modules, and a spare reads them
 
 
 def app_name(argv: list[str]) -> str | None:
@@ -72,13 +77,69 @@ def _wait_for(sock: socket.socket, word: bytes) -> None:
         os._exit(0)  # not released (EOF: the launcher gave up on us, or died): never connect
 
 
-def _say_when_consuming(sock: socket.socket) -> None:
+def _can_hold_in_worker(app: Any, argv: list[str]) -> bool:
+    """A spare may build its worker and start its pool before `go` (they touch no broker) beside the old
+    worker, unless that runs code of the user's or shares a file with the old one: a receiver of the signals
+    Celery sends meanwhile (worker_init, worker_process_init... may bind a port the old worker holds), or a
+    `--statedb` (Celery opens it as it builds the worker)."""
+    import weakref
+
+    from celery import signals
+
+    flags = any(a in ("-S", "--statedb") or a.startswith("--statedb=") for a in argv)
+    if app.conf.worker_state_db or flags:
+        return False
+    hooks = (
+        signals.celeryd_init,
+        signals.celeryd_after_setup,
+        signals.worker_init,
+        signals.worker_before_create_process,
+        signals.worker_process_init,
+    )
+    for hook in hooks:
+        for _key, receiver in list(hook.receivers or []):
+            fn = receiver() if isinstance(receiver, weakref.ReferenceType) else receiver
+            if fn is not None and not str(getattr(fn, "__module__", "")).startswith(("celery.", "kombu.", "tlrun.")):
+                return False
+    return True
+
+
+def _hold_after_pool(app: Any, sock: socket.socket) -> None:
+    """Wait for `go` inside the worker's start, once its pool runs and before its consumer connects (Celery
+    orders the `last` Consumer step after every other): on a reload the spare builds its worker and forks its
+    pool children while the old one drains, and after `go` only connects. Not released (EOF), it kills its own
+    group, pool children included: they never connected either. Spares only: a first start's worker waits for
+    the launcher's sweep before it has pool children (they would look like a stray's)."""
+    from celery import bootsteps
+
+    class TlrunHold(bootsteps.StartStopStep):  # type: ignore[misc]
+        label = "tlrun hold"
+        requires = ("celery.worker.components:Pool",)
+
+        def start(self, parent: Any) -> None:
+            if sock.recv(16).strip() != b"go":
+                _flush_output()
+                if os.getpgrp() == os.getpid():
+                    from tlrun.launch._child import kill_own_group
+
+                    kill_own_group()
+                os._exit(0)
+
+    app.steps["worker"].add(TlrunHold)
+
+
+def _say_when_consuming(sock: socket.socket, base_file: str | None = None) -> None:
     """Once the worker consumes (Celery's worker_ready), say `consuming` on the hold socket and close it: the
     launcher pings the node only then, instead of every 25 ms while the worker connects (most of its CPU at
-    start). Never blocks: a launcher that is gone or not reading loses the word, never the worker's time."""
+    start). Never blocks: a launcher that is gone or not reading loses the word, never the worker's time.
+    With `base_file` (tlrun dev), first write there what the role's next spare imports (base.py)."""
     from celery import signals
 
     def consuming(**_: Any) -> None:
+        if base_file:
+            from tlrun.launch import base
+
+            base.record(base_file)
         try:
             sock.send(b"consuming\n", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         except OSError:
@@ -130,15 +191,24 @@ def main() -> None:
     argv = sys.argv[1:]
     hold = os.environ.pop(HOLD_FD_ENV, None)
     shorten = os.environ.pop(DEV_POLL_ENV, "") == "1"
-    spare = os.environ.pop(SPARE_ENV, "") == "1"
+    spare = os.environ.pop(SPARE_ENV, "")
+    base_file = os.environ.pop(BASE_ENV, None)
     sock = socket.socket(fileno=int(hold)) if hold is not None else None
     if sock is not None and spare:
         _warm_up()
-        sock.sendall(b"spare\n")
+        from tlrun.launch.base import Base
+
+        built = Base(base_file if spare == SPARE_WITH_BASE else None).build()
+        sock.sendall(f"spare {built.imported}\n".encode())
         _wait_for(sock, b"load")
+        why = built.unusable()
+        if why:
+            sock.sendall(f"unusable {why}\n".encode())
+            os._exit(0)
     name = app_name(argv)
     interval = None
     options = ""
+    app = None
     if name is not None:
         from celery.app.utils import find_app  # before the project's folder can shadow it
 
@@ -159,8 +229,12 @@ def main() -> None:
             options = _broker_options(app)
     if sock is not None:
         sock.sendall(f"ready {interval if interval is not None else ''} {options}\n".encode())
-        _wait_for(sock, b"go")
-        _say_when_consuming(sock)
+        if spare and app is not None and _can_hold_in_worker(app, argv):
+            _say_when_consuming(sock, base_file)  # before the pool forks: its children close their copy
+            _hold_after_pool(app, sock)
+        else:
+            _wait_for(sock, b"go")
+            _say_when_consuming(sock, base_file)
     from celery.__main__ import main as celery_main
 
     sys.argv = ["celery", *argv]

@@ -11,14 +11,17 @@ from collections.abc import Callable
 from typing import Any
 
 from tlrun.launch import brokerconf
-from tlrun.launch.entry import HOLD_FD_ENV, SPARE_ENV
+from tlrun.launch.entry import HOLD_FD_ENV, SPARE_ENV, SPARE_PLAIN, SPARE_WITH_BASE
 
 
 class Hold:
-    def __init__(self, spare: bool = False) -> None:
+    def __init__(self, spare: bool = False, base: bool = True) -> None:
         self._ours, self._theirs = socket.socketpair()
         self._child_fd = self._theirs.fileno()  # the number the child's environment names, kept after spawned()
         self.spare = spare  # it imports Celery, says `spare`, and imports the app only after `load`
+        self.base = base  # a spare: it imports its role's base too (base.py)
+        self.unusable = ""  # a spare's word that its base is stale or impure (it exited instead of loading)
+        self.base_modules = 0  # a spare: how many installed modules its base imported before the save
         self.poll_interval: float | None = None  # the worker's transport poll interval on Redis
         self.broker_options: dict[str, Any] | None = None  # the app's connection settings (brokerconf.py)
         self.prepared = False
@@ -31,7 +34,9 @@ class Hold:
         return self._child_fd
 
     def env(self) -> dict[str, str]:
-        return {HOLD_FD_ENV: str(self.child_fd), **({SPARE_ENV: "1"} if self.spare else {})}
+        if not self.spare:
+            return {HOLD_FD_ENV: str(self.child_fd)}
+        return {HOLD_FD_ENV: str(self.child_fd), SPARE_ENV: SPARE_WITH_BASE if self.base else SPARE_PLAIN}
 
     def load(self) -> bool:
         """A spare: import the app now (its code as saved). False when the spare is gone."""
@@ -60,8 +65,12 @@ class Hold:
                 self.broker_options = brokerconf.decode(options) if options else None
                 self.prepared = True
                 return True
+            if word == "unusable":
+                self.unusable = value or "unusable"
+                return False
             if word != "spare":  # a spare announces itself first; anything else is not our protocol
                 return False
+            self.base_modules = int(value) if value.isdigit() else 0
 
     def wait_consuming(self, timeout: float, alive: Callable[[], bool]) -> bool:
         """Up to `timeout` for the released worker's word that it consumes (True, as when it closed the socket

@@ -298,7 +298,7 @@ def scan(
                 launcher=env.get(ENV_GUARD),
                 role_name=env.get(ENV_ROLE),
                 queues=cmd.queues,
-                spare=env.get("TLRUN_SPARE") == "1",
+                spare=bool(env.get("TLRUN_SPARE")),
             )
         )
     return found

@@ -22,6 +22,7 @@ class LocalProcess:
     pid: int
     ppid: int
     kind: str  # "worker" | "beat" | "leftover" (what a task started) | "process" | "flower" | "broker" (dev's stack)
+    # | "base" (tlrun dev --reload's spare of a role: installed modules imported, waiting for the next save)
     role: str | None  # the worker role it serves (tlrun's marker, or its queues); None for beat or unknown
     node: str | None
     app: str | None
@@ -82,8 +83,8 @@ def local_processes(
     # A process in another UTS namespace runs on another host as far as tlrun is concerned (Linux only).
     mine = [p for p in rows if p.uid == uid and procs.same_host_namespace(p.pid)]
     for proc in procs.main_processes(mine):
-        if proc.spare and proc.pid not in workers and _live_launcher(proc) is not None:
-            continue  # tlrun dev's spare: Celery imported, waiting for the next save; not a worker yet
+        # tlrun dev's spare: its role's base imported (launch/base.py), waiting for the next save; no node yet
+        base = proc.spare and proc.pid not in workers and _live_launcher(proc) is not None
         is_project = settings is not None and procs.project_match(
             proc, settings.project_id, settings.app, settings.project_root, uid
         )
@@ -93,7 +94,7 @@ def local_processes(
         if proc.role == procs.LEFTOVER and proc.process is None and launcher is not None:
             continue  # a running task's subprocess: its launcher answers for it
         state, rss, cpu, children = _stats(proc.pid)
-        kind, record = proc.role, {}
+        kind, record = ("base" if base else proc.role), {}
         if proc.role == procs.LEFTOVER and proc.process is not None:  # a process of tlrun dev's stack
             kind = proc.process if proc.process in ("flower", "broker") else "process"
             record = units.get(proc.process, {}) if launcher is not None else {}
@@ -107,7 +108,7 @@ def local_processes(
                 ppid=proc.ppid,
                 kind=kind,
                 role=role if proc.process is None else None,
-                node=proc.node if proc.role != procs.LEFTOVER else proc.command,
+                node=None if base else proc.node if proc.role != procs.LEFTOVER else proc.command,
                 app=proc.app,
                 cwd=proc.cwd,
                 state=state,
