@@ -91,10 +91,13 @@ class Hold:
 
     def _line(self, deadline: float, alive: Callable[[], bool]) -> str | None:
         while b"\n" not in self._buffer:
-            if time.monotonic() >= deadline or not alive():
-                return None
-            readable, _, _ = select.select([self._ours], [], [], max(0.0, min(0.05, deadline - time.monotonic())))
+            # What a child said before it exited still counts (a spare says `unusable` and exits at once).
+            gone = time.monotonic() >= deadline or not alive()
+            wait = 0.0 if gone else max(0.0, min(0.05, deadline - time.monotonic()))
+            readable, _, _ = select.select([self._ours], [], [], wait)
             if not readable:
+                if gone:
+                    return None
                 continue
             chunk = self._ours.recv(4096)
             if not chunk:
