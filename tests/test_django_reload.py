@@ -204,3 +204,42 @@ def test_an_installed_module_that_looks_for_the_projects_turns_the_base_off_once
     assert launched.output().count("spares pre-import Celery only") == 1
     launched.send(signal.SIGINT)
     assert launched.wait(60) == 0
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
+def test_every_pool_reloads_from_its_base_and_a_handler_of_worker_init_keeps_the_old_order(
+    project: Project, pool: str
+) -> None:
+    """Each pool's spare builds its worker and starts its pool before `go`, beside the old worker; with a
+    handler of the user's on worker_init it waits for `go` first (the handler may bind what the old one
+    holds), and the reload is as right."""
+    from test_dev import call, write_app
+
+    write_app(project, 1)
+    launched = project.launch("--reload", "--pool", pool, command="dev")
+    launched.wait_output(READY, 60)
+    wait_for(lambda: len(_base_rows(project)) == 1, 60, "the role's base in ps")
+    first = _save_and_wait(launched, lambda: write_app(project, 2), project.broker_url, f"{project.app}.value", 2)
+    assert first.group(1) is not None and int(first.group(1)) > 0
+    hooked = project.root / f"{project.app}.py"
+    (old,) = [row["pid"] for row in json.loads(project.run("ps", "--json").stdout) if row["kind"] == "worker"]
+    (project.root / "old.txt").write_text(str(old))
+    handler = (
+        "\nfrom celery.signals import worker_init\n\n\n"
+        "def _seen(**kw):\n"
+        "    old = open(os.path.join(os.getcwd(), 'old.txt')).read()\n"
+        "    with open(os.path.join(os.getcwd(), 'inits.txt'), 'a') as fh:\n"
+        "        fh.write('alive ' if os.path.exists('/proc/' + old) else 'gone ')\n\n\n"
+        "worker_init.connect(_seen, weak=False)\n"
+    )
+
+    def save_with_handler() -> None:
+        write_app(project, 3)
+        hooked.write_text(hooked.read_text() + handler)
+
+    wait_for(lambda: len(_base_rows(project)) == 1, 60, "the next base in ps")
+    _save_and_wait(launched, save_with_handler, project.broker_url, f"{project.app}.value", 3)
+    assert (project.root / "inits.txt").read_text() == "gone "  # the user's handler ran once the old one was
+    assert call(project, "value") == 3
+    launched.send(signal.SIGINT)
+    assert launched.wait(60) == 0

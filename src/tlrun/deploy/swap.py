@@ -64,6 +64,7 @@ class ReloadStep(Step):
     # -- the step's hooks ------------------------------------------------------------------------------
     def prepare(self, launcher: Launcher) -> None:
         if self.watcher is not None:
+            self.watcher.on_change = launcher.sup.wakeup.set
             self.watcher.start()  # before the first start: a save made while the workers start is seen
 
     def started(self, launcher: Launcher) -> None:
@@ -155,6 +156,7 @@ class ReloadStep(Step):
                 self._requests[w.child] = request
         launcher.report(Reloading(why or "a save"))
         prepared = {w.child: self._prepare(launcher, w) for w in workers}
+        paused = self._pause(launcher, workers)
         deadline = time.monotonic() + launcher.s.ready_timeout
         for w in workers:
             name, hold = prepared[w.child]
@@ -164,6 +166,8 @@ class ReloadStep(Step):
                 name, hold = prepared[w.child] = self._prepare(launcher, w)
                 ready = hold.wait_prepared(deadline, functools.partial(launcher.alive, name))
             if not ready:
+                if paused is not None and not launcher.sup.stop_requested:
+                    drain.resume(launcher.broker_url, paused)  # the old code serves on
                 self._abandon(launcher, workers, prepared, failed=w)
                 return
             launcher.keep_broker_options(hold.broker_options)  # the new code's broker settings verify it
@@ -179,10 +183,22 @@ class ReloadStep(Step):
                 launcher.end_child(stale[0])
             self._next[w.child] = prepared[w.child]
         launcher.stop_units(
-            [w for w in workers if w.state != STOPPING], "reload", then=lambda unit: self._release(launcher, unit)
+            [w for w in workers if w.state != STOPPING],
+            "reload",
+            then=lambda unit: self._release(launcher, unit),
+            paused_at=paused.at if paused is not None else None,
         )
         if not self._released:  # else after their verification: a spare's start would slow theirs
             self.spares.spawn(launcher)
+
+    def _pause(self, launcher: Launcher, workers: list[WorkerUnit]) -> drain.Paused | None:
+        """In place, on Redis, every old worker serving: they stop fetching now, while their successors import
+        (their drain's first step, ahead of it: its wait for an in-flight BRPOP is over by the time they have
+        imported). A successor that does not import resumes them (drain.resume)."""
+        redis = launcher.broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
+        if self.overlap or not launcher.opts.fast_stop or not redis or any(w.state != READY for w in workers):
+            return None
+        return drain.pause(launcher.broker_url, [w.node for w in workers])
 
     def _prepare(self, launcher: Launcher, w: WorkerUnit) -> tuple[str, Hold]:
         """The role's spare, told to import the app now; else a new held worker. Either is named

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 IGNORED_DIRS = (
@@ -38,6 +38,7 @@ class Watcher:
         self._changed: set[str] = set()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tlrun-reload", daemon=True)
+        self.on_change: Callable[[], None] = lambda: None  # wakes the supervisor's loop (supervise.py)
 
     def start(self) -> Watcher:
         self._thread.start()
@@ -62,6 +63,7 @@ class Watcher:
         ):
             with self._lock:
                 self._changed.update(os.path.relpath(path, self.root) for _, path in changes)
+            self.on_change()
 
     def pending(self) -> bool:
         with self._lock:

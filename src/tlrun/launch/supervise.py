@@ -13,6 +13,7 @@ import collections
 import logging
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -84,6 +85,8 @@ class Supervisor:
         self.requeue_margin = requeue_margin
         self.defer_first_stop = defer_first_stop
         self._on_step = on_step or (lambda _msg: None)
+        # Set by a helper thread with news for the loop (a save): wait() looks at once, not at its next poll.
+        self.wakeup = threading.Event()
         # What a signal handler has to say waits here for the main loop: a handler runs between any two
         # bytecodes of the main thread, which may be inside a write to the same stream (a reentrant write
         # raises RuntimeError) or hold the lock of the password masking on it (a deadlock).
@@ -276,7 +279,8 @@ class Supervisor:
             if interrupt is not None and interrupt():
                 return None
             self._enforce_deadlines()
-            time.sleep(POLL)
+            self.wakeup.wait(POLL)
+            self.wakeup.clear()
         return None
 
     def _begin_stop(self, child: _Child, cold: bool, grace: float | None = None) -> None:

@@ -45,13 +45,15 @@ class DrainResult:
     seconds: float
 
 
-def drain_all(launcher: Launcher, workers: Sequence[WorkerUnit]) -> dict[str, DrainResult]:
+def drain_all(
+    launcher: Launcher, workers: Sequence[WorkerUnit], paused_at: float | None = None
+) -> dict[str, DrainResult]:
     """Drain every worker at once (fast stop only): one broadcast per step for all of them; child name ->
-    result, with the time the drain of all took."""
+    result, with the time the drain of all took. `paused_at`: see drain.drain_many."""
     if not launcher.opts.fast_stop or not workers:
         return {}
     began = time.monotonic()
-    verdicts = drain.drain_many(launcher.broker_url, {w.node: w.poll_interval for w in workers})
+    verdicts = drain.drain_many(launcher.broker_url, {w.node: w.poll_interval for w in workers}, paused_at)
     seconds = time.monotonic() - began
     return {w.child: DrainResult(verdicts[w.node].ok, verdicts[w.node].why, seconds) for w in workers}
 
