@@ -500,6 +500,61 @@ class Bench:
         # installs no handler for it.
         return self._reloads(argv, self.dir / "watchfiles.out", signal.SIGTERM)
 
+    # -- a Django project of realistic weight (tests/djangosite.py) ------------------------------------------
+    def _django(self) -> tuple[Path, Any]:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import djangosite
+
+        root = self.dir / "djsite"
+        if not root.exists():
+            djangosite.write_site(root, self.url)
+        djangosite.save_task(root, 1)
+        return root, djangosite
+
+    def _django_value(self, wanted: int) -> None:
+        from celery.exceptions import TimeoutError as ResultTimeout
+
+        def serving() -> bool:
+            try:
+                return int(self._client().send_task("catalog.tasks.value").get(timeout=10)) == wanted
+            except ResultTimeout:
+                return False
+
+        wait_until(serving, 60)
+
+    def _django_reloads(self, argv: list[str], sig: int, saves: int = 3) -> float:
+        root, site = self._django()
+        proc = self.spawn(argv, root / "reload.out", cwd=root)
+        self._django_value(1)
+        times = []
+        for n in range(2, 2 + saves):
+            time.sleep(SAVE_INTERVAL)  # untimed, as in the other reload measures
+            t0 = time.monotonic()
+            site.save_task(root, n)
+            self._django_value(n)
+            times.append(time.monotonic() - t0)
+        self.stop(proc, sig)
+        return statistics.median(times)
+
+    def django_reload(self) -> float:
+        """Save of a task module until a task returns the new value, `tlrun dev --reload` on the Django site."""
+        return self._django_reloads([PY, "-m", "tlrun", "dev", "--reload"], signal.SIGINT)
+
+    def django_cold_start(self) -> float:
+        """The same `tlrun dev --reload`, from its start until a task returns the value."""
+        root, _site = self._django()
+        t0 = time.monotonic()
+        proc = self.spawn([PY, "-m", "tlrun", "dev", "--reload"], root / "cold.out", cwd=root)
+        self._django_value(1)
+        took = time.monotonic() - t0
+        self.stop(proc, signal.SIGINT)
+        return took
+
+    def django_watchfiles_reload(self) -> float:
+        worker = f"{PY} -m celery -A site_pkg.celery worker -n peer@bench -c 2"
+        argv = [PY, "-m", "watchfiles", "--filter", "python", worker, str(self.dir / "djsite")]
+        return self._django_reloads(argv, signal.SIGTERM)
+
     def tlrun_dev_stop(self) -> float:
         """Ctrl-C of an idle `tlrun dev` until the launcher and the worker tree are gone."""
         out = self.dir / "devstop.out"

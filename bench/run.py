@@ -280,6 +280,25 @@ def _dev(bench: Bench, table: Table) -> None:
     )
 
 
+@figure("django")
+def _django(bench: Bench, table: Table) -> None:
+    table.pair(
+        "reload on a Django project (DRF, django-celery-beat, 4 apps): save of a task module until a task "
+        "returns the new value, `tlrun dev --reload`",
+        "a cold start of the same `tlrun dev --reload` until a task answers",
+        bench.django_reload,
+        bench.django_cold_start,
+        "<= 0.3, median <= 0.6 s",
+    )
+    table.pair(
+        "the same reload on the Django project",
+        "`watchfiles --filter python 'celery worker'`, the same",
+        bench.django_reload,
+        bench.django_watchfiles_reload,
+        "<= 0.35",
+    )
+
+
 @figure("roles")
 def _roles(bench: Bench, table: Table) -> None:
     table.pair(

@@ -59,6 +59,9 @@ def test_a_django_project_reloads_tasks_models_and_settings_from_a_base_of_insta
     wait_for(lambda: len(_base_rows(project)) == 1, 60, "the role's base in ps")
     (base,) = _base_rows(project)
     assert base["node"] is None and base["launcher_pid"] == launched.pid and base["project"] is True
+    assert base["name"] == base["role"] and isinstance(base["pss_bytes"], int) and base["pss_bytes"] > 0
+    table = project.run("ps").stdout
+    assert re.search(rf"^{base['pid']}\s+base\s+{base['role']}\s+-\s", table, re.M), table
 
     task = _save_and_wait(launched, lambda: djangosite.save_task(root, 2), url, "catalog.tasks.value", 2)
     assert task.group(1) is not None and int(task.group(1)) > 300, task.group(0)  # Django, DRF, beat, Celery...

@@ -40,12 +40,13 @@ class LocalProcess:
     name: str | None = None  # the unit's name: its role, `beat`, a process's name, `flower`, `broker`
     port: int | None = None  # where a stack's process serves
     escaped: tuple[int, ...] = ()  # a stack process's descendants in a session of their own (its watchdog holds them)
+    pss_bytes: int | None = None  # a base's proportional set size: the memory it adds beside the workers
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["uptime"] = self.uptime_s
         if data["name"] is None:
-            data["name"] = self.role if self.kind == "worker" else "beat" if self.kind == "beat" else None
+            data["name"] = self.role if self.kind in ("worker", "base") else "beat" if self.kind == "beat" else None
         return data
 
 
@@ -58,6 +59,15 @@ def _stats(pid: int) -> tuple[str, int, float, int]:
             return proc.status(), proc.memory_info().rss, times.user + times.system, len(children)
     except (psutil.Error, OSError):
         return "gone", 0, 0.0, 0
+
+
+def _pss(pid: int) -> int | None:
+    from tlrun.ops.memory import pss
+
+    try:
+        return pss(psutil.Process(pid))
+    except (psutil.Error, OSError):
+        return None
 
 
 def _live_launcher(proc: procs.CeleryProcess) -> int | None:
@@ -124,6 +134,7 @@ def local_processes(
                 name=proc.process,
                 port=record.get("port") if isinstance(record.get("port"), int) else None,
                 escaped=escaped_from(proc.pid) if kind == "process" else (),
+                pss_bytes=_pss(proc.pid) if base else None,
             )
         )
     if settings is not None:
