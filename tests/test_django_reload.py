@@ -59,9 +59,10 @@ def test_a_django_project_reloads_tasks_models_and_settings_from_a_base_of_insta
     wait_for(lambda: len(_base_rows(project)) == 1, 60, "the role's base in ps")
     (base,) = _base_rows(project)
     assert base["node"] is None and base["launcher_pid"] == launched.pid and base["project"] is True
-    assert base["name"] == base["role"] and isinstance(base["pss_bytes"], int) and base["pss_bytes"] > 0
+    assert base["role"] == "default" and base["name"] is None  # the role's, not a unit of its own
+    assert isinstance(base["pss_bytes"], int) and base["pss_bytes"] > 0
     table = project.run("ps").stdout
-    assert re.search(rf"^{base['pid']}\s+base\s+{base['role']}\s+-\s", table, re.M), table
+    assert re.search(rf"^{base['pid']}\s+base\s+-\s+-\s", table, re.M), table
 
     task = _save_and_wait(launched, lambda: djangosite.save_task(root, 2), url, "catalog.tasks.value", 2)
     assert task.group(1) is not None and int(task.group(1)) > 300, task.group(0)  # Django, DRF, beat, Celery...
@@ -244,5 +245,28 @@ def test_every_pool_reloads_from_its_base_and_a_handler_of_worker_init_keeps_the
     _save_and_wait(launched, save_with_handler, project.broker_url, f"{project.app}.value", 3)
     assert (project.root / "inits.txt").read_text() == "gone "  # the user's handler ran once the old one was
     assert call(project, "value") == 3
+    launched.send(signal.SIGINT)
+    assert launched.wait(60) == 0
+
+
+def test_beat_restarts_once_the_new_worker_answers_and_a_stopped_roles_base_goes_with_it(project: Project) -> None:
+    """Beat's restart (its stop takes 0.3-0.5 s with Django) waits for no task: it follows the new worker's
+    answer. `tlrun stop default` ends the role's base too: no save will take it."""
+    from test_dev import write_app
+
+    write_app(project, 1)
+    launched = project.launch("--reload", "--beat", command="dev")
+    launched.wait_output(READY, 60)
+    wait_for(lambda: len(_base_rows(project)) == 1, 60, "the role's base in ps")
+    beats = launched.output().count("starting beat")
+    _save_and_wait(launched, lambda: write_app(project, 2), project.broker_url, f"{project.app}.value", 2)
+    wait_for(lambda: launched.output().count("starting beat") > beats, 30, "beat's restart")
+    output = launched.output()
+    assert output.rindex("starting beat") > output.rindex("reloaded: ")
+    wait_for(lambda: len(_base_rows(project)) == 1, 60, "the next base in ps")
+    stop = project.run("stop", "default")
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    wait_for(lambda: _base_rows(project) == [], 30, "the stopped role's base to go")
+    assert [row["kind"] for row in json.loads(project.run("ps", "--json").stdout)] == ["beat"]
     launched.send(signal.SIGINT)
     assert launched.wait(60) == 0

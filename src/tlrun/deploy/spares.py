@@ -30,6 +30,17 @@ class Spares:
                 w.spawn(launcher, name, hold, announce=False)
                 self.table[w.child] = (name, hold)
 
+    def orphaned(self, launcher: Launcher) -> list[str]:
+        """Spares whose role's worker is gone (`tlrun stop ROLE`): nothing will take them."""
+        alive = {w.child for w in launcher.workers if w.alive}
+        return [owner for owner in self.table if owner not in alive]
+
+    def prune(self, launcher: Launcher) -> None:
+        for owner in self.orphaned(launcher):
+            name, hold = self.table.pop(owner)
+            hold.close()
+            launcher.end_child(name)
+
     def take(self, launcher: Launcher, w: WorkerUnit, name: str) -> Hold | None:
         """The role's spare, told to import the app now and renamed `name`; None when there is none alive."""
         spare = self.table.pop(w.child, None)

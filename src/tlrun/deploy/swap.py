@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tlrun.deploy import beat_reload
 from tlrun.deploy.spares import Spares
 from tlrun.events import Notice, Reloaded, Reloading, Saved
-from tlrun.launch import checks, drain, verify
+from tlrun.launch import checks, drain, unitstop, verify
 from tlrun.launch.broker import Broker
 from tlrun.launch.hold import Hold
 from tlrun.launch.steps import Step
@@ -60,6 +60,7 @@ class ReloadStep(Step):
         self._requests: dict[str, str] = {}  # unit child -> id of the `tlrun reload` request it answers
         self._generations: dict[str, int] = {}  # unit child -> generation of its prepared successor
         self._retiring: dict[str, str] = {}  # child of an old worker finishing its tasks -> its node name
+        self._beat_pending = False  # beat restarts with the new code once the swap's successors answer
 
     # -- the step's hooks ------------------------------------------------------------------------------
     def prepare(self, launcher: Launcher) -> None:
@@ -88,9 +89,11 @@ class ReloadStep(Step):
             or (self.watcher is not None and self.watcher.pending())
             or launcher.sup.reload_pending
             or bool(launcher.unit_stops.reloads)
+            or bool(self.spares.orphaned(launcher))
         )
 
     def act(self, launcher: Launcher) -> None:
+        self.spares.prune(launcher)
         if self._released:
             self._verify_released(launcher)
         if self.watcher is not None and self.watcher.pending():
@@ -156,7 +159,7 @@ class ReloadStep(Step):
                 self._requests[w.child] = request
         launcher.report(Reloading(why or "a save"))
         prepared = {w.child: self._prepare(launcher, w) for w in workers}
-        paused = self._pause(launcher, workers)
+        paused = None if self.overlap else unitstop.pause_for_swap(launcher, workers)
         deadline = time.monotonic() + launcher.s.ready_timeout
         for w in workers:
             name, hold = prepared[w.child]
@@ -171,8 +174,8 @@ class ReloadStep(Step):
                 self._abandon(launcher, workers, prepared, failed=w)
                 return
             launcher.keep_broker_options(hold.broker_options)  # the new code's broker settings verify it
-        beat_reload.restart_beat(launcher)
         if self.overlap:
+            beat_reload.restart_beat(launcher)
             self._swap_beside(launcher, workers, prepared)
             return
         # The new code imports: swap. A successor still waiting from an earlier save has older code.
@@ -188,17 +191,16 @@ class ReloadStep(Step):
             then=lambda unit: self._release(launcher, unit),
             paused_at=paused.at if paused is not None else None,
         )
+        # Beat again once the successors released now answer: its stop (0.3-0.5 s with Django) delays no task.
+        self._beat_pending = True
         if not self._released:  # else after their verification: a spare's start would slow theirs
+            self._restart_beat(launcher)
             self.spares.spawn(launcher)
 
-    def _pause(self, launcher: Launcher, workers: list[WorkerUnit]) -> drain.Paused | None:
-        """In place, on Redis, every old worker serving: they stop fetching now, while their successors import
-        (their drain's first step, ahead of it: its wait for an in-flight BRPOP is over by the time they have
-        imported). A successor that does not import resumes them (drain.resume)."""
-        redis = launcher.broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
-        if self.overlap or not launcher.opts.fast_stop or not redis or any(w.state != READY for w in workers):
-            return None
-        return drain.pause(launcher.broker_url, [w.node for w in workers])
+    def _restart_beat(self, launcher: Launcher) -> None:
+        if self._beat_pending:
+            self._beat_pending = False
+            beat_reload.restart_beat(launcher)
 
     def _prepare(self, launcher: Launcher, w: WorkerUnit) -> tuple[str, Hold]:
         """The role's spare, told to import the app now; else a new held worker. Either is named
@@ -261,6 +263,7 @@ class ReloadStep(Step):
                     self._answer(launcher, unit, False, message)
                 continue
             self._done(launcher, [unit])
+        self._restart_beat(launcher)
         self.spares.spawn(launcher)
 
     # -- beside (production) ---------------------------------------------------------------------------

@@ -58,6 +58,18 @@ def drain_all(
     return {w.child: DrainResult(verdicts[w.node].ok, verdicts[w.node].why, seconds) for w in workers}
 
 
+def pause_for_swap(launcher: Launcher, workers: Sequence[WorkerUnit]) -> drain.Paused | None:
+    """A reload in place, on Redis, every old worker serving: they stop fetching now, while their successors
+    import (their drain's first step, ahead of it: its wait for an in-flight BRPOP is over by the time they
+    have imported). A successor that does not import resumes them (drain.resume)."""
+    from tlrun.launch.units import READY
+
+    redis = launcher.broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
+    if not launcher.opts.fast_stop or not redis or any(w.state != READY for w in workers):
+        return None
+    return drain.pause(launcher.broker_url, [w.node for w in workers])
+
+
 def request_path(project_id: str, launcher_pid: int, kind: str = "stop") -> Path:
     """`stop` (units to stop), `reload` (roles to reload: `tlrun reload`) or `restart`, one file of each per
     launcher, in the user's lock directory: the one place every shell of the user agrees on (a launcher under

@@ -46,7 +46,7 @@ class LocalProcess:
         data = asdict(self)
         data["uptime"] = self.uptime_s
         if data["name"] is None:
-            data["name"] = self.role if self.kind in ("worker", "base") else "beat" if self.kind == "beat" else None
+            data["name"] = self.role if self.kind == "worker" else "beat" if self.kind == "beat" else None
         return data
 
 
