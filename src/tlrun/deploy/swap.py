@@ -6,8 +6,8 @@ worker that does not import its app and task modules never connects: the old one
 request is answered with the error.
 
 Two ways to swap after that same preparation:
-- in place (tlrun dev): the old worker stops (an idle one is drained and killed at once, a busy one finishes
-  its tasks) and the successor takes its node name;
+- in place (tlrun dev): the old worker stops (on Redis it stops fetching at the save, drain.pause; an idle one
+  is drained and killed at once, a busy one finishes its tasks) and the successor takes its node name;
 - beside (tlrun worker, `overlap`): the successor runs under its generation's node name (`api4242-2@host`,
   claimed on the broker like every node name) and answers its own ping while the old one still serves; only
   then does the old one stop fetching (`cancel_consumer` on each queue) and finish its running tasks with the
@@ -169,8 +169,7 @@ class ReloadStep(Step):
                 name, hold = prepared[w.child] = self._prepare(launcher, w)
                 ready = hold.wait_prepared(deadline, functools.partial(launcher.alive, name))
             if not ready:
-                if paused is not None and not launcher.sup.stop_requested:
-                    drain.resume(launcher.broker_url, paused)  # the old code serves on
+                unitstop.resume_paused(launcher, workers, paused)  # the old code serves on
                 self._abandon(launcher, workers, prepared, failed=w)
                 return
             launcher.keep_broker_options(hold.broker_options)  # the new code's broker settings verify it
@@ -186,13 +185,9 @@ class ReloadStep(Step):
                 launcher.end_child(stale[0])
             self._next[w.child] = prepared[w.child]
         launcher.stop_units(
-            [w for w in workers if w.state != STOPPING],
-            "reload",
-            then=lambda unit: self._release(launcher, unit),
-            paused_at=paused.at if paused is not None else None,
+            [w for w in workers if w.state != STOPPING], "reload", then=lambda unit: self._release(launcher, unit)
         )
-        # Beat again once the successors released now answer: its stop (0.3-0.5 s with Django) delays no task.
-        self._beat_pending = True
+        self._beat_pending = True  # beat again once the successors released now answer: its stop delays no task
         if not self._released:  # else after their verification: a spare's start would slow theirs
             self._restart_beat(launcher)
             self.spares.spawn(launcher)

@@ -194,16 +194,11 @@ class Launcher(Startup):
 
     # -- stop ----------------------------------------------------------------------------------------
     def stop_units(
-        self,
-        units: Sequence[Unit],
-        why: str,
-        then: Callable[[Unit], None] | None = None,
-        announce: bool = False,
-        paused_at: float | None = None,
+        self, units: Sequence[Unit], why: str, then: Callable[[Unit], None] | None = None, announce: bool = False
     ) -> None:
         """Stop units, each the fastest safe way and all at once: idle workers drained together through the
         broker and killed (with fast stop), anything else with the warm ladder, whose end the supervise loop
-        sees. `then(unit)` runs once the unit's process is gone. `paused_at`: drain.drain_many's."""
+        sees. `then(unit)` runs once the unit's process is gone."""
         running = [u for u in units if self.sup.running(u.child)]
         for u in units:
             if u not in running:
@@ -212,7 +207,7 @@ class Launcher(Startup):
             u.state, u.stop_began, u.announce_exit, u.after_stop = STOPPING, time.monotonic(), announce, then
         workers = [u for u in running if isinstance(u, WorkerUnit)]
         self.sup.begin_stop([u.child for u in running if u not in workers])  # beat: at once, not after drains
-        drained = unitstop.drain_all(self, workers, paused_at)
+        drained = unitstop.drain_all(self, workers)
         idle = [u for u in workers if u.child in drained and drained[u.child].ok]
         self.sup.kill_each([u.child for u in idle])  # they hold nothing: every group at once, then each reaped
         for u in idle:

@@ -92,6 +92,7 @@ class WorkerUnit(Unit):
         self.heartbeat = ""  # its worker's liveness file (heartbeat.py): also the tasks its main process runs
         self.renamed_from: str | None = None
         self.poll_interval: float | None = None  # its transport's poll interval on Redis, when known
+        self.paused_at: float | None = None  # when it was seen consuming nothing, paused for a swap (unitstop.py)
         self.hold: Hold | None = None  # the hold of its last spawn (an adopted early worker brings its own)
 
     def rename(self, taken: set[str]) -> str:

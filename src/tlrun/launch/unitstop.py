@@ -45,14 +45,15 @@ class DrainResult:
     seconds: float
 
 
-def drain_all(
-    launcher: Launcher, workers: Sequence[WorkerUnit], paused_at: float | None = None
-) -> dict[str, DrainResult]:
+def drain_all(launcher: Launcher, workers: Sequence[WorkerUnit]) -> dict[str, DrainResult]:
     """Drain every worker at once (fast stop only): one broadcast per step for all of them; child name ->
-    result, with the time the drain of all took. `paused_at`: see drain.drain_many."""
+    result, with the time the drain of all took. Workers paused ahead of it (pause_for_swap) count from then."""
     if not launcher.opts.fast_stop or not workers:
         return {}
     began = time.monotonic()
+    paused_at = max((w.paused_at for w in workers if w.paused_at is not None), default=None)
+    for w in workers:
+        w.paused_at = None
     verdicts = drain.drain_many(launcher.broker_url, {w.node: w.poll_interval for w in workers}, paused_at)
     seconds = time.monotonic() - began
     return {w.child: DrainResult(verdicts[w.node].ok, verdicts[w.node].why, seconds) for w in workers}
@@ -67,7 +68,18 @@ def pause_for_swap(launcher: Launcher, workers: Sequence[WorkerUnit]) -> drain.P
     redis = launcher.broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
     if not launcher.opts.fast_stop or not redis or any(w.state != READY for w in workers):
         return None
-    return drain.pause(launcher.broker_url, [w.node for w in workers])
+    paused = drain.pause(launcher.broker_url, [w.node for w in workers])
+    for w in workers:
+        w.paused_at = paused.at if paused is not None else None
+    return paused
+
+
+def resume_paused(launcher: Launcher, workers: Sequence[WorkerUnit], paused: drain.Paused | None) -> None:
+    """Their successors did not import: the paused workers consume again (unless the launcher stops)."""
+    for w in workers:
+        w.paused_at = None
+    if paused is not None and not launcher.sup.stop_requested:
+        drain.resume(launcher.broker_url, paused)
 
 
 def request_path(project_id: str, launcher_pid: int, kind: str = "stop") -> Path:
