@@ -270,3 +270,24 @@ def test_beat_restarts_once_the_new_worker_answers_and_a_stopped_roles_base_goes
     assert [row["kind"] for row in json.loads(project.run("ps", "--json").stdout)] == ["beat"]
     launched.send(signal.SIGINT)
     assert launched.wait(60) == 0
+
+
+def test_ctrl_c_while_a_spare_imports_its_base_stops_it_at_once(project: Project) -> None:
+    """SIGTERM reaches a spare in the middle of its base's import (the shim raises SystemExit there, before
+    Celery runs): it ends then, not after the 30 s grace period."""
+    site = _extra_site(project)
+    package = f"tlslow_{project.app[-6:]}"
+    seen = project.base / "importing"
+    seen.mkdir()
+    (site / f"{package}.py").write_text(
+        f"import os\nimport time\n\nopen(os.path.join({str(seen)!r}, str(os.getpid())), 'w').close()\ntime.sleep(8)\n"
+    )
+    _write_extra_app(project, package, 1)
+    launched = project.launch("--reload", command="dev", env=project.env(PYTHONPATH=str(site)))
+    launched.wait_output(READY, 60)
+    wait_for(lambda: len(_base_rows(project)) == 1, 30, "the role's base in ps")
+    spare = _base_rows(project)[0]["pid"]
+    wait_for(lambda: (seen / str(spare)).exists(), 30, "the spare inside its base's 8 s import")
+    launched.send(signal.SIGINT)
+    assert launched.wait(15) == 0  # the grace period is 30 s
+    assert "grace period over" not in launched.output()

@@ -134,7 +134,7 @@ class Base:
                     continue
                 try:
                     importlib.import_module(name)
-                except (Exception, SystemExit):
+                except Exception:  # not SystemExit: the shim's answer to SIGTERM before Celery runs (a stop)
                     self.failed += 1
                 if lookups.wanted:
                     self.impure = f"{name} (it looked for {lookups.wanted[0]})"
