@@ -116,7 +116,8 @@ def _fake_launcher(project: Project) -> subprocess.Popen[bytes]:
 def test_doctor_reports_two_launchers_and_never_takes_a_lock(project: Project) -> None:
     fakes = [_fake_launcher(project) for _ in range(2)]
     try:
-        wait_for(lambda: all(psutil.Process(f.pid).cmdline()[-1] == project.app for f in fakes), 10, "fakes")
+        # A process between fork and exec has an empty command line: not yet, rather than an IndexError.
+        wait_for(lambda: all((psutil.Process(f.pid).cmdline() or [""])[-1] == project.app for f in fakes), 10, "fakes")
         doctor = subprocess.run(
             [
                 "strace",
